@@ -1,0 +1,34 @@
+# Two set-up commands matter: `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export FLWR_TELEMETRY_ENABLED := 0
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch goes in first and pinned, so the project's loose `torch>=2.4` never pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,ble]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/decentsim simulate --population synthetic:10000 --days 60 --seed 1 --grad forward --out out/demo
+
+test: install
+	$(PY) -m pytest -n 2 -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: install
+	$(VENV)/bin/decentsim bench sim --agents 1000000 --degree 10 --steps 10
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,1 @@
+"""decentsim command line."""

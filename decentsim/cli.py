@@ -1,0 +1,66 @@
+"""The ``decentsim`` command line.
+
+Each subcommand lives beside the code it drives, as a module exposing
+``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them together.
+Benchmarks (``decentsim bench NAME``) expose ``add_arguments(parser)`` and
+``run(args) -> dict`` and print that dict as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+#: subcommand -> module path
+COMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("sim.cli_simulate", "run the central simulator"),
+    "calibrate": ("sim.cli_calibrate", "fit parameters to an observed series"),
+}
+
+#: bench name -> module path
+BENCHES: dict[str, tuple[str, str]] = {
+    "sim": ("sim.bench", "central simulator throughput"),
+    "securesum": ("protocols.secure_sum.bench", "two-server slot sums"),
+    "ble": ("protocols.ble.bench", "simulated radio + exposure scoring"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser; only the module of the chosen subcommand is imported (start-up stays fast)."""
+    parser = argparse.ArgumentParser(prog="decentsim", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    chosen = [a for a in argv if not a.startswith("-")][:2]
+
+    def add(subparsers: argparse._SubParsersAction, name: str, module: str, help_text: str,
+            kind: str, selected: bool) -> None:
+        p = subparsers.add_parser(name, help=help_text, description=help_text)
+        if selected:
+            importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module, _kind=kind)
+
+    for name, (module, help_text) in COMMANDS.items():
+        add(sub, name, module, help_text, "command", chosen[:1] == [name])
+    bench = sub.add_parser("bench", help="benchmarks; each prints one JSON line")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    for name, (module, help_text) in BENCHES.items():
+        add(bench_sub, name, module, help_text, "bench", chosen == ["bench", name])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # A privacy product sends no telemetry, whichever transport ends up imported.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    module = importlib.import_module(args._module)
+    if args._kind == "bench":
+        print(json.dumps(module.run(args)), flush=True)
+        return 0
+    return int(module.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

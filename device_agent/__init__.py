@@ -1,0 +1,1 @@
+"""decentsim: device_agent package."""

@@ -1,0 +1,1 @@
+"""decentsim: proto package."""

@@ -1,0 +1,1 @@
+"""decentsim: protocols package."""
