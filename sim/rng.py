@@ -53,13 +53,18 @@ def _mix64_py(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _purpose_key(seed: int, purpose: int) -> int:
+    if seed < 0 or purpose < 0:
+        raise ValueError(f"seed and purpose must be >= 0, got {seed}, {purpose}")
+    k = _mix64_py(seed * _GOLDEN + 0x632BE59BD9B4E019)
+    return _mix64_py(k ^ (purpose * 0xD1B54A32D192ED03))
+
+
 def stream_key(seed: int, step: int, purpose: int) -> int:
     """The 64-bit key of the stream for one (seed, step, purpose), as an unsigned int."""
-    if seed < 0 or step < 0 or purpose < 0:
-        raise ValueError(f"seed, step and purpose must be >= 0, got {seed}, {step}, {purpose}")
-    k = _mix64_py(seed * _GOLDEN + 0x632BE59BD9B4E019)
-    k = _mix64_py(k ^ (purpose * 0xD1B54A32D192ED03))
-    return _mix64_py(k + step * _GOLDEN)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return _mix64_py(_purpose_key(seed, purpose) + step * _GOLDEN)
 
 
 def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -73,9 +78,18 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
-def bits(seed: int, ids: torch.Tensor, step: int, purpose: int) -> torch.Tensor:
-    """64 random bits (as int64) per counter in ``ids`` for one (seed, step, purpose)."""
-    key = _signed(stream_key(seed, step, purpose))
+def bits(seed: int, ids: torch.Tensor, step: int | torch.Tensor, purpose: int) -> torch.Tensor:
+    """64 random bits (as int64) per counter in ``ids`` for (seed, step, purpose).
+
+    ``step`` is one int, or an int tensor broadcastable to ``ids`` (each counter its own step).
+    """
+    if isinstance(step, torch.Tensor):
+        if bool((step < 0).any()):
+            raise ValueError("step must be >= 0")
+        base = _signed(_purpose_key(seed, purpose))
+        key = _mix64(step.to(torch.int64) * _signed(_GOLDEN) + base)
+    else:
+        key = _signed(stream_key(seed, step, purpose))
     x = (ids.to(torch.int64) + 1) * _signed(_GOLDEN) + key
     return _mix64(x)
 
@@ -83,7 +97,7 @@ def bits(seed: int, ids: torch.Tensor, step: int, purpose: int) -> torch.Tensor:
 def uniform(
     seed: int,
     ids: torch.Tensor,
-    step: int,
+    step: int | torch.Tensor,
     purpose: int,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:

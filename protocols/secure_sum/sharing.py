@@ -1,0 +1,91 @@
+"""Two-server additive sharing in Z_2^64 with PRG-expanded masks.
+
+A batch of encoded vectors ``x`` (int64, any shape) is split as ``a = x − r`` (sent as a vector to
+the coordinator C) and ``b = r`` (sent to the aggregator A as a 16-byte seed), where
+``r = PRG(seed)`` is AES-128 in CTR mode keyed by a fresh ``os.urandom`` seed. Each seed is used
+for exactly one expansion, so a fixed counter block is safe. ``a + b = x`` modulo 2^64.
+
+Numpy is used only for wrap-around arithmetic on the PRG output, never as a source of randomness.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from .errors import WrongLength
+
+SEED_BYTES = 16
+#: initial CTR block; a domain-separation constant (seeds are single-use, so it may be fixed)
+PRG_IV = b"decentsim/prg/v1"
+_WORD = np.dtype("<i8")
+
+
+def new_seed() -> bytes:
+    """A fresh uniformly random PRG seed from the OS CSPRNG."""
+    return os.urandom(SEED_BYTES)
+
+
+def _check_seed(seed: bytes) -> None:
+    if len(seed) != SEED_BYTES:
+        raise WrongLength(f"PRG seed must be {SEED_BYTES} bytes, got {len(seed)}")
+
+
+def _keystream(seed: bytes, n_bytes: int) -> bytes:
+    enc = Cipher(algorithms.AES(seed), modes.CTR(PRG_IV)).encryptor()
+    return enc.update(bytes(n_bytes))
+
+
+def expand_seed(seed: bytes, n_words: int) -> npt.NDArray[np.int64]:
+    """Expand ``seed`` to ``n_words`` uniform int64 ring elements (little-endian words).
+
+    Raises:
+        WrongLength: the seed is not :data:`SEED_BYTES` long.
+    """
+    _check_seed(seed)
+    if n_words < 0:
+        raise WrongLength(f"n_words must be >= 0, got {n_words}")
+    return np.frombuffer(_keystream(seed, 8 * n_words), dtype=_WORD).astype(np.int64)
+
+
+def expand_seeds(seeds: Sequence[bytes], dim: int) -> npt.NDArray[np.int64]:
+    """Expand one seed per row: returns shape ``(len(seeds), dim)``.
+
+    One AES context per seed is inherent (each row is an independent share); the words are
+    gathered into a single buffer and converted once.
+    """
+    for s in seeds:
+        _check_seed(s)
+    stream = b"".join([_keystream(s, 8 * dim) for s in seeds])
+    return np.frombuffer(stream, dtype=_WORD).astype(np.int64).reshape(len(seeds), dim)
+
+
+def split_with_seed(encoded: npt.NDArray[np.int64], seed: bytes) -> npt.NDArray[np.int64]:
+    """The C-share ``a = x − PRG(seed)`` of a whole batch (any shape), masked by one seed."""
+    x = np.ascontiguousarray(encoded, dtype=np.int64)
+    return x - expand_seed(seed, x.size).reshape(x.shape)
+
+
+def split_rows(
+    encoded: npt.NDArray[np.int64], seeds: Sequence[bytes]
+) -> npt.NDArray[np.int64]:
+    """C-shares of ``(n, dim)`` rows, row ``i`` masked by ``seeds[i]``."""
+    x = np.ascontiguousarray(encoded, dtype=np.int64)
+    if x.ndim != 2 or x.shape[0] != len(seeds):
+        raise WrongLength(f"need one seed per row: shape {x.shape}, {len(seeds)} seeds")
+    return x - expand_seeds(seeds, x.shape[1])
+
+
+def reconstruct(
+    share_c: npt.NDArray[np.int64], share_a: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Recombine two share arrays (or two share sums): ``a + b`` modulo 2^64."""
+    a = np.asarray(share_c, dtype=np.int64)
+    b = np.asarray(share_a, dtype=np.int64)
+    if a.shape != b.shape:
+        raise WrongLength(f"share shapes differ: {a.shape} vs {b.shape}")
+    return a + b

@@ -1,0 +1,343 @@
+"""The epidemic model as separately named pieces of ``z(t+1) = f(z, ⊕M, θ, ℓ)``.
+
+- ``behaviour`` (ℓ): an agent's own choices — archetype contact scaling, isolating when ill.
+- ``infectiousness``: the per-sender factor of a message (θ, the sender's state, ℓ).
+- ``message``: what flows along one contact edge, ``M_ij = weight_ij × infectiousness_j``.
+- ``aggregate`` (⊕): the sum of incoming messages per receiver — the only place where agents'
+  data meet; centrally a scatter-add, decentralized a private neighbourhood sum.
+- ``update`` (f): SEIRD progression and stochastic infection/death, returning the agent's
+  observations ``y_i(t)`` (new infection, new death).
+
+All functions act on any subset of agents (``Agents``): the central runner passes everyone; a
+device passes its one agent, and draws the same random numbers (``sim.rng``) for it.
+
+Differentiability: quantities that depend on θ are dual tensors (``sim.dual``: value plus p
+tangents in the last axis). Discrete events use straight-through estimators (``sim.sampling``):
+the value is the hard 0/1 event, the derivative that of its probability. The hard stage is kept
+alongside as an int8 so that masks never depend on θ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from sim import dual, rng
+from sim.params import PARAM_NAMES
+from sim.rng import Purpose
+from sim.sampling import Estimator, bernoulli
+
+#: Disease stages; ``State.stage`` holds these codes, ``State.x`` one soft indicator per stage.
+S, E, I, R, D = range(5)
+STAGES: tuple[str, ...] = ("S", "E", "I", "R", "D")
+
+#: Observation channels of ``y_i(t)``.
+OBSERVATIONS: tuple[str, ...] = ("new_infections", "new_deaths")
+
+_BETA, _MORTALITY, _INIT = (PARAM_NAMES.index(n) for n in ("beta", "mortality", "init_frac"))
+
+
+@dataclass(frozen=True)
+class Archetype:
+    """A behavioural archetype (ℓ): how much an agent mixes, and whether it isolates when ill."""
+
+    name: str
+    share: float
+    contact_scale: float
+    isolation_prob: float
+
+
+@dataclass(frozen=True)
+class Lockdown:
+    """Scale contact layer ``layer``'s weights by ``scale`` on days ``start_day <= t < end_day``."""
+
+    layer: str
+    start_day: int
+    scale: float
+    end_day: int | None = None
+
+    def active(self, day: int) -> bool:
+        return day >= self.start_day and (self.end_day is None or day < self.end_day)
+
+
+@dataclass(frozen=True)
+class Vaccination:
+    """On ``day``, a ``fraction`` of agents is vaccinated: susceptibility × (1 − efficacy)."""
+
+    day: int
+    fraction: float
+    efficacy: float = 0.9
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Fixed (non-calibrated) model settings. Defaults are COVID-19-like, per age group.
+
+    Age-indexed tuples follow ``sim.populations.AGE_GROUPS`` (U19, 20t29, 30t39, 40t49, 50t64,
+    65A).
+    """
+
+    susceptibility: tuple[float, ...] = (0.6, 1.0, 1.0, 1.0, 1.1, 1.2)
+    age_mortality: tuple[float, ...] = (0.005, 0.02, 0.05, 0.15, 0.6, 3.0)
+    latent_days: tuple[int, int] = (2, 4)  # inclusive range; drawn per agent
+    infectious_days: tuple[int, int] = (4, 7)
+    #: relative infectiousness by day since onset of infectiousness (last value repeats)
+    profile: tuple[float, ...] = (0.7, 1.0, 1.0, 0.8, 0.6, 0.4, 0.3)
+    archetypes: tuple[Archetype, ...] = (
+        Archetype("cautious", 0.3, 0.7, 0.8),
+        Archetype("average", 0.5, 1.0, 0.4),
+        Archetype("carefree", 0.2, 1.2, 0.0),
+    )
+    isolation_delay: int = 1  # days after onset before an isolating agent isolates
+    isolation_effect: float = 0.8  # fraction of outgoing contact removed while isolating
+    #: seed from ``Population.initially_infected`` instead of drawing ``init_frac``
+    use_population_seeds: bool = False
+    lockdowns: tuple[Lockdown, ...] = ()
+    vaccinations: tuple[Vaccination, ...] = ()
+    estimator: Estimator = field(default_factory=Estimator)
+
+    def __post_init__(self) -> None:
+        if len(self.susceptibility) != 6 or len(self.age_mortality) != 6:
+            raise ValueError("susceptibility and age_mortality need one value per age group (6)")
+        for name, (lo, hi) in (("latent_days", self.latent_days),
+                               ("infectious_days", self.infectious_days)):
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{name} must satisfy 1 <= min <= max, got {(lo, hi)}")
+        if abs(sum(a.share for a in self.archetypes) - 1.0) > 1e-9:
+            raise ValueError("archetype shares must sum to 1")
+        if not self.profile or min(self.profile) < 0:
+            raise ValueError("profile must be a non-empty sequence of non-negative values")
+
+    def with_interventions(self, lockdowns: tuple[Lockdown, ...] = (),
+                           vaccinations: tuple[Vaccination, ...] = ()) -> ModelConfig:
+        return replace(self, lockdowns=self.lockdowns + lockdowns,
+                       vaccinations=self.vaccinations + vaccinations)
+
+    def layer_scale(self, layer: str, day: int) -> float:
+        """The lockdown multiplier of ``layer`` on ``day``."""
+        s = 1.0
+        for lock in self.lockdowns:
+            if lock.layer == layer and lock.active(day):
+                s *= lock.scale
+        return s
+
+
+@dataclass(frozen=True)
+class Agents:
+    """Per-agent constants for a set of agents: what a device knows about its own agent.
+
+    Everything here is a pure function of (seed, agent id, age group), so any subset is
+    consistent with the whole.
+    """
+
+    ids: torch.Tensor  # int64 (n,) global agent ids (the randomness counters)
+    age_group: torch.Tensor  # int64 (n,)
+    latent_days: torch.Tensor  # int32 (n,)
+    infectious_days: torch.Tensor  # int32 (n,)
+    archetype: torch.Tensor  # int64 (n,) index into ModelConfig.archetypes
+    seeded: torch.Tensor  # bool (n,) data-driven initial infections
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.ids.device
+
+
+def make_agents(ids: torch.Tensor, age_group: torch.Tensor, config: ModelConfig, seed: int,
+                seeded: torch.Tensor | None = None) -> Agents:
+    """Draw the per-agent constants (durations, archetype) for agents ``ids``."""
+    ids = ids.to(torch.int64)
+
+    def duration(purpose: Purpose, lo_hi: tuple[int, int]) -> torch.Tensor:
+        lo, hi = lo_hi
+        u = rng.uniform(seed, ids, 0, purpose)
+        return (lo + torch.floor(u * (hi - lo + 1))).to(torch.int32)
+
+    shares = torch.tensor([a.share for a in config.archetypes], dtype=torch.float64,
+                          device=ids.device)
+    u = rng.uniform(seed, ids, 0, Purpose.ARCHETYPE)
+    archetype = torch.searchsorted(torch.cumsum(shares, 0)[:-1], u, right=True)
+    return Agents(
+        ids=ids,
+        age_group=age_group.to(torch.int64),
+        latent_days=duration(Purpose.LATENT_DAYS, config.latent_days),
+        infectious_days=duration(Purpose.INFECTIOUS_DAYS, config.infectious_days),
+        archetype=archetype,
+        seeded=(seeded.to(torch.bool) if seeded is not None
+                else torch.zeros_like(ids, dtype=torch.bool)),
+    )
+
+
+@dataclass(frozen=True)
+class State:
+    """An agent set's state z(t).
+
+    ``stage``: int8 hard stage (S E I R D). ``t_exposed``: int32 day of exposure (−1: never).
+    ``x``: dual (n, 5, 1+p) soft stage indicators; their values equal ``one_hot(stage)``
+    exactly, their tangents are ``dz/dθ``.
+    """
+
+    stage: torch.Tensor
+    t_exposed: torch.Tensor
+    x: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """ℓ for one day: multipliers on outgoing and incoming contact weight (no θ-dependence)."""
+
+    out_scale: torch.Tensor
+    in_scale: torch.Tensor
+
+
+def _table(values: tuple[float, ...], index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=index.device)[index]
+
+
+def initial_state(agents: Agents, theta: torch.Tensor, config: ModelConfig, seed: int) -> State:
+    """z(0): each agent starts infectious with probability ``init_frac`` (or per the data seeds).
+
+    Seeds enter stage I on day 0 as if exposed ``latent_days`` earlier. ``theta`` is a dual
+    (p, 1+p) (see ``sim.dual``); its dtype sets the state's.
+    """
+    n, width = agents.n, theta.shape[-1]
+    dtype = theta.dtype
+    if config.use_population_seeds:
+        b = dual.constant(agents.seeded.to(dtype), width)
+    else:
+        u = rng.uniform(seed, agents.ids, 0, Purpose.INITIAL_INFECTION, dtype)
+        p = theta[_INIT].expand(n, width)
+        b = bernoulli(p, u, config.estimator)
+    hard = dual.value(b).detach() > 0.5
+    zero = theta.new_zeros((n, width))
+    x = torch.stack([dual.constant(theta.new_ones(n), width) - b, zero, b, zero, zero], dim=1)
+    stage = torch.where(hard, I, S).to(torch.int8)
+    t_exposed = torch.where(hard, -agents.latent_days, -1).to(torch.int32)
+    return State(stage=stage, t_exposed=t_exposed, x=x)
+
+
+def _days_since_onset(agents: Agents, state: State, day: int) -> torch.Tensor:
+    return day - state.t_exposed - agents.latent_days
+
+
+def vaccinated(agents: Agents, config: ModelConfig, seed: int, day: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Susceptibility multiplier from vaccination campaigns that happened on or before ``day``."""
+    mult = torch.ones(agents.n, dtype=dtype, device=agents.device)
+    for vac in config.vaccinations:
+        if day >= vac.day:
+            u = rng.uniform(seed, agents.ids, vac.day, Purpose.VACCINATION, dtype)
+            mult = torch.where(u < vac.fraction, mult * (1.0 - vac.efficacy), mult)
+    return mult
+
+
+def behaviour(agents: Agents, state: State, config: ModelConfig, seed: int, day: int) -> Behaviour:
+    """ℓ: archetype-driven mixing and isolation.
+
+    Every agent scales its contacts by its archetype's ``contact_scale``. An infectious agent
+    whose archetype isolates (drawn once per infection episode) cuts its outgoing contact by
+    ``isolation_effect`` from ``isolation_delay`` days after onset.
+    """
+    dtype = state.x.dtype
+    contact = _table(tuple(a.contact_scale for a in config.archetypes), agents.archetype, dtype)
+    iso_prob = _table(tuple(a.isolation_prob for a in config.archetypes), agents.archetype, dtype)
+    # Drawn at step = day of exposure: one decision per episode, the same on every later day.
+    episode = state.t_exposed.clamp(min=0).to(torch.int64)
+    u = rng.uniform(seed, agents.ids, episode, Purpose.ISOLATION, dtype)
+    isolating = ((state.stage == I) & (_days_since_onset(agents, state, day) >= config.isolation_delay)
+                 & (u < iso_prob))
+    out_scale = torch.where(isolating, contact * (1.0 - config.isolation_effect), contact)
+    return Behaviour(out_scale=out_scale, in_scale=contact)
+
+
+def infectiousness(agents: Agents, state: State, beh: Behaviour, theta: torch.Tensor,
+                   config: ModelConfig, day: int) -> torch.Tensor:
+    """Per-sender factor of every message: ``beta × x_I × profile(days since onset) × out_scale``.
+
+    Returns a dual (n, 1+p).
+    """
+    dtype = state.x.dtype
+    k = _days_since_onset(agents, state, day).clamp(0, len(config.profile) - 1).to(torch.int64)
+    prof = torch.where(state.stage == I, _table(config.profile, k, dtype), 0.0) * beh.out_scale
+    return dual.scale(dual.mul(state.x[:, I], theta[_BETA].expand(agents.n, -1)), prof)
+
+
+def message(q_src: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``M_ij = weight_ij × q_j`` for each edge j→i; ``q_src`` is the sender's dual (E, 1+p).
+
+    Linear in ``q_src``, so value and tangents are scaled alike.
+    """
+    return q_src * weight.unsqueeze(-1)
+
+
+def aggregate(messages: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
+    """⊕: sum the messages (E, 1+p) per receiver ``dst`` → (n, 1+p). A scatter-add."""
+    out = messages.new_zeros((n, messages.shape[-1]))
+    return out.index_add(0, dst, messages)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What ``update`` returns: z(t+1) and the agents' observations ``y_i(t)``."""
+
+    state: State
+    y: torch.Tensor  # dual (n, 2, 1+p): new_infections, new_deaths
+
+
+def update(agents: Agents, state: State, incoming: torch.Tensor, beh: Behaviour,
+           theta: torch.Tensor, config: ModelConfig, seed: int, day: int) -> StepResult:
+    """f: one day of disease dynamics for ``agents`` given their neighbourhood sums ``incoming``.
+
+    1. Infection: force = susceptibility(age) × vaccination × in_scale × incoming;
+       P(infected) = 1 − exp(−force), sampled straight-through for susceptible agents.
+    2. Progression: E→I after ``latent_days``; I→R/D after ``infectious_days``, death with
+       P = mortality × age_mortality(age), sampled straight-through.
+    """
+    dtype, n, width = state.x.dtype, agents.n, state.x.shape[-1]
+    susc = (_table(config.susceptibility, agents.age_group, dtype)
+            * vaccinated(agents, config, seed, day, dtype) * beh.in_scale)
+    p_inf = dual.one_minus_exp_neg(dual.scale(incoming, susc))
+    b_inf = bernoulli(p_inf, rng.uniform(seed, agents.ids, day, Purpose.INFECTION, dtype),
+                      config.estimator)
+    is_s = (state.stage == S).to(dtype)
+    new_inf = dual.scale(dual.mul(b_inf, state.x[:, S]), is_s)
+
+    since = day - state.t_exposed
+    onset = ((state.stage == E) & (since == agents.latent_days)).to(dtype)
+    ending = ((state.stage == I) & (since == agents.latent_days + agents.infectious_days)).to(dtype)
+    flow_ei = dual.scale(state.x[:, E], onset)
+    flow_out = dual.scale(state.x[:, I], ending)
+
+    rr = _table(config.age_mortality, agents.age_group, dtype)
+    p_die = dual.scale(theta[_MORTALITY].expand(n, width), rr).clone()
+    # Clamp to a probability; where clamped the derivative is zero, as autograd's clamp has it.
+    over = dual.value(p_die) > 1.0
+    p_die[over] = dual.constant(p_die.new_ones(int(over.sum())), width)
+    b_die = bernoulli(p_die, rng.uniform(seed, agents.ids, day, Purpose.DEATH, dtype),
+                      config.estimator)
+    deaths = dual.mul(b_die, flow_out)
+    recoveries = flow_out - deaths
+
+    x = state.x
+    x = torch.stack([
+        x[:, S] - new_inf,
+        x[:, E] + new_inf - flow_ei,
+        x[:, I] + flow_ei - flow_out,
+        x[:, R] + recoveries,
+        x[:, D] + deaths,
+    ], dim=1)
+
+    infected_now = dual.value(new_inf).detach() > 0.5
+    died_now = dual.value(deaths).detach() > 0.5
+    stage = state.stage.clone()
+    stage[onset > 0] = I
+    stage[ending > 0] = R
+    stage[died_now] = D
+    stage[infected_now] = E
+    t_exposed = torch.where(infected_now, torch.full_like(state.t_exposed, day), state.t_exposed)
+    y = torch.stack([new_inf, deaths], dim=1)
+    return StepResult(State(stage=stage, t_exposed=t_exposed, x=x), y)

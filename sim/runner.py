@@ -1,0 +1,248 @@
+"""The central, vectorized simulator: every agent at once, on CPU or GPU.
+
+Per day it calls the named model functions of ``sim.model`` on all agents. The aggregate
+``⊕`` of ``message`` over each contact layer is computed as one sparse CSR matrix product
+``A_l @ q`` (rows = receivers, columns = senders, values = edge weights), which equals
+``aggregate(message(q[src], w), dst)`` (``tests/sim/test_model.py`` checks it) and is
+2–3× faster than a scatter-add on CPU, with a deterministic summation order per receiver.
+
+Three gradient modes share this one code path:
+
+- ``"none"``: values only (dual width 1, no autograd).
+- ``"forward"``: every quantity carries p tangents (dual width 1 + p); memory O(N·p) whatever
+  the number of days, nothing stored per step but the aggregates ``Y_t`` and ``dY_t/dθ``.
+- ``"reverse"``: autograd through the whole run (dual width 1); memory grows with days.
+
+dtype: float32 (default) is ~2× faster and is what the benchmark uses; float64 is for
+gradient-agreement tests and long calibrations where tangents accumulate many terms.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from sim import dual
+from sim.model import (
+    OBSERVATIONS,
+    STAGES,
+    Agents,
+    ModelConfig,
+    State,
+    behaviour,
+    infectiousness,
+    initial_state,
+    make_agents,
+    update,
+)
+from sim.params import PARAM_NAMES, Theta
+from sim.populations import AGE_GROUPS, Population
+
+# CSR support is marked beta in torch; the operations used here (matmul, transpose-free
+# construction) have been stable since 2.0, so the warning is noise for users.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+GradMode = str  # "none" | "forward" | "reverse"
+LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def total_infections(y: torch.Tensor) -> torch.Tensor:
+    """The default loss: total new infections over the run. ``y`` is (T, 2, G) values."""
+    return y[:, 0].sum()
+
+
+class _CSRMatmul(torch.autograd.Function):
+    """``A @ Q`` with a fast backward ``Aᵀ @ grad`` from a precomputed transposed CSR."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, a_t: torch.Tensor,
+                q: torch.Tensor) -> torch.Tensor:
+        ctx.a_t = a_t
+        return a @ q
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+                 ) -> tuple[None, None, torch.Tensor]:
+        return None, None, ctx.a_t @ grad
+
+
+@dataclass(frozen=True)
+class _Layer:
+    name: str
+    a: torch.Tensor  # CSR (N, N): receivers × senders
+    a_t: torch.Tensor  # CSR of the transpose
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    order = torch.argsort(rows * n + cols)
+    rows, cols, w = rows[order], cols[order], w[order]
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+    return torch.sparse_csr_tensor(crow, cols, w, (n, n), check_invariants=False)
+
+
+@dataclass
+class RunResult:
+    """The outcome of a run.
+
+    ``y``: dual (T, 2, G, 1+p) of daily aggregates — observations ``new_infections``,
+    ``new_deaths`` by age group (``AGE_GROUPS``); its value part is differentiable in reverse
+    mode. ``stage_counts``: (T+1, 5) agents per stage (S E I R D), row 0 the initial state.
+    """
+
+    days: int
+    agents: int
+    mode: GradMode
+    y: torch.Tensor
+    stage_counts: torch.Tensor
+    theta: Theta
+    _theta_tensor: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def new_infections(self) -> torch.Tensor:
+        """(T,) daily new infections, all ages."""
+        return dual.value(self.y)[:, 0].sum(-1).detach()
+
+    @property
+    def new_deaths(self) -> torch.Tensor:
+        """(T,) daily new deaths, all ages."""
+        return dual.value(self.y)[:, 1].sum(-1).detach()
+
+    def loss_and_grad(self, loss_fn: LossFn = total_infections) -> tuple[float, torch.Tensor | None]:
+        """L(Y) and dL/dθ (a (p,) tensor; None in mode "none").
+
+        Forward mode: ``dL/dθ = Σ_t ∂L/∂Y_t · dY_t/dθ`` (autograd only over the small Y).
+        Reverse mode: backpropagation through the whole run.
+        """
+        yv = dual.value(self.y)
+        if self.mode == "forward":
+            leaf = yv.detach().requires_grad_(True)
+            loss = loss_fn(leaf)
+            (g,) = torch.autograd.grad(loss, leaf)
+            grad = torch.einsum("tkg,tkgp->p", g, dual.tangent(self.y))
+            return float(loss.detach()), grad
+        if self.mode == "reverse":
+            assert self._theta_tensor is not None
+            loss = loss_fn(yv)
+            # The graph is kept so that several losses can be asked of one run.
+            (grad,) = torch.autograd.grad(loss, self._theta_tensor, retain_graph=True)
+            return float(loss.detach()), grad
+        return float(loss_fn(yv)), None
+
+    def daily(self) -> dict[str, list[float]]:
+        return {"new_infections": self.new_infections.tolist(),
+                "new_deaths": self.new_deaths.tolist()}
+
+
+class CentralSimulator:
+    """Runs a population under a model configuration; build once, run many θ.
+
+    >>> sim = CentralSimulator(populations.synthetic(1000), ModelConfig(), seed=1)
+    >>> result = sim.run(Theta(beta=0.3), days=30, mode="forward")
+    >>> loss, grad = result.loss_and_grad()
+    """
+
+    def __init__(self, population: Population, config: ModelConfig | None = None, seed: int = 0,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        self.population = population
+        self.config = config or ModelConfig()
+        self.seed = seed
+        self.device = torch.device(device)
+        self.dtype = dtype
+        n = population.n_agents
+        known = {layer.name for layer in population.layers}
+        for lock in self.config.lockdowns:
+            if lock.layer not in known:
+                raise ValueError(f"lockdown names layer {lock.layer!r}; layers: {sorted(known)}")
+        self.agents: Agents = make_agents(
+            torch.arange(n, device=self.device), population.age_group.to(self.device),
+            self.config, seed,
+            None if population.initially_infected is None
+            else population.initially_infected.to(self.device))
+        self.layers = tuple(
+            _Layer(layer.name,
+                   _csr(layer.dst.to(self.device), layer.src.to(self.device),
+                        layer.weight.to(self.device, dtype), n),
+                   _csr(layer.src.to(self.device), layer.dst.to(self.device),
+                        layer.weight.to(self.device, dtype), n))
+            for layer in population.layers)
+        self.age_onehot = torch.nn.functional.one_hot(
+            self.agents.age_group, len(AGE_GROUPS)).to(dtype)
+
+    def neighbourhood_sums(self, q: torch.Tensor, day: int) -> torch.Tensor:
+        """⊕ over all layers: Σ_l lockdown_l(day) · A_l @ q, for a dual q (N, 1+p)."""
+        total = torch.zeros_like(q)
+        for layer in self.layers:
+            s = self.config.layer_scale(layer.name, day)
+            if s == 0.0:
+                continue
+            if q.requires_grad:
+                part = _CSRMatmul.apply(layer.a, layer.a_t, q)
+            else:
+                part = layer.a @ q
+            total = total + (part if s == 1.0 else part * s)
+        return total
+
+    def theta_dual(self, theta: Theta | torch.Tensor, mode: GradMode) -> torch.Tensor:
+        """θ as a dual (p, width): tangents = identity in forward mode."""
+        t = theta if isinstance(theta, torch.Tensor) else theta.as_tensor()
+        t = t.to(self.device, self.dtype)
+        if mode == "forward":
+            return dual.make(t.detach(), torch.eye(len(PARAM_NAMES), dtype=self.dtype,
+                                                   device=self.device))
+        return t.unsqueeze(-1)
+
+    def run(self, theta: Theta | torch.Tensor, days: int, mode: GradMode = "none",
+            progress: bool = False) -> RunResult:
+        """Simulate ``days`` days.
+
+        ``theta``: a ``Theta`` or a (p,) tensor; in reverse mode pass a tensor with
+        ``requires_grad=True`` to backpropagate into it (e.g. an optimizer's parameter or a
+        calibration network's output).
+        """
+        if mode not in ("none", "forward", "reverse"):
+            raise ValueError(f"mode must be none, forward or reverse, got {mode!r}")
+        if days < 1:
+            raise ValueError(f"days must be >= 1, got {days}")
+        checked = theta if isinstance(theta, Theta) else Theta.from_tensor(theta)
+        if mode == "reverse":
+            leaf = theta if isinstance(theta, torch.Tensor) and theta.requires_grad else (
+                checked.as_tensor(self.dtype, self.device).requires_grad_(True))
+        else:
+            leaf = None
+        with torch.set_grad_enabled(mode == "reverse"):
+            th = self.theta_dual(leaf if leaf is not None else theta, mode)
+            state = initial_state(self.agents, th, self.config, self.seed)
+            ys, counts = [], [self._counts(state)]
+            for day in tqdm(range(days), desc="simulate", unit="day", disable=not progress,
+                            leave=False):
+                state, y = self.step(state, th, day)
+                ys.append(y)
+                counts.append(self._counts(state))
+        return RunResult(days=days, agents=self.agents.n, mode=mode, y=torch.stack(ys),
+                         stage_counts=torch.stack(counts), theta=checked, _theta_tensor=leaf)
+
+    def step(self, state: State, theta: torch.Tensor, day: int) -> tuple[State, torch.Tensor]:
+        """One day for everyone: ℓ, messages, ⊕, f; returns z(t+1) and Y_t (2, G, width)."""
+        beh = behaviour(self.agents, state, self.config, self.seed, day)
+        q = infectiousness(self.agents, state, beh, theta, self.config, day)
+        incoming = self.neighbourhood_sums(q, day)
+        out = update(self.agents, state, incoming, beh, theta, self.config, self.seed, day)
+        # Y_t[k, g] = Σ_{i in age group g} y_i,k — a (G × N) @ (N × 2·width) product.
+        y = out.y
+        n, k, w = y.shape
+        agg = (self.age_onehot.T @ y.reshape(n, k * w)).reshape(-1, k, w).permute(1, 0, 2)
+        return out.state, agg
+
+    @staticmethod
+    def _counts(state: State) -> torch.Tensor:
+        return torch.bincount(state.stage.to(torch.int64), minlength=len(STAGES)).cpu()
+
+
+__all__ = ["OBSERVATIONS", "CentralSimulator", "RunResult", "total_infections"]
