@@ -70,9 +70,7 @@ def split_with_seed(encoded: npt.NDArray[np.int64], seed: bytes) -> npt.NDArray[
     return x - expand_seed(seed, x.size).reshape(x.shape)
 
 
-def split_rows(
-    encoded: npt.NDArray[np.int64], seeds: Sequence[bytes]
-) -> npt.NDArray[np.int64]:
+def split_rows(encoded: npt.NDArray[np.int64], seeds: Sequence[bytes]) -> npt.NDArray[np.int64]:
     """C-shares of ``(n, dim)`` rows, row ``i`` masked by ``seeds[i]``."""
     x = np.ascontiguousarray(encoded, dtype=np.int64)
     if x.ndim != 2 or x.shape[0] != len(seeds):

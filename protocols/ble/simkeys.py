@@ -1,0 +1,87 @@
+"""Deterministic TEKs for *simulated* devices, and RPIs for many (device, interval) pairs.
+
+A real device draws its TEKs with :func:`protocols.ble.gaen.new_tek` (``os.urandom``). A simulated
+population instead derives them from one 16-byte run secret so runs are reproducible and a
+device pool can recompute the same identifiers the simulated radio broadcast::
+
+    TEK(device, rolling_start) = AES-128(run_secret, device (uint64 BE) || rolling_start (uint32 BE)
+                                         || "TEK" || 0x00)
+
+AES is a pseudorandom permutation, so distinct (device, day) blocks give independent-looking
+TEKs to anyone without the run secret; all TEKs of a batch come from one AES-ECB call. Everything
+downstream (RPIK, AEMK, RPI, AEM) is the unmodified v1.2 schedule of :mod:`protocols.ble.gaen`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from protocols.ble import gaen
+from protocols.ble.errors import CryptoInputError
+
+_TAG = b"TEK\x00"
+
+
+class SimulatedKeyring:
+    """TEKs and RPIs of a simulated population, derived from a per-run secret."""
+
+    def __init__(self, run_secret: bytes) -> None:
+        if not isinstance(run_secret, bytes) or len(run_secret) != 16:
+            raise CryptoInputError("run_secret must be 16 bytes")
+        self._secret = run_secret
+
+    def teks(self, devices: np.ndarray, rolling_starts: np.ndarray) -> np.ndarray:
+        """TEKs (shape ``(n, 16)``) of ``devices`` for the days starting at ``rolling_starts``."""
+        dev = np.asarray(devices, dtype=np.int64)
+        start = np.broadcast_to(np.asarray(rolling_starts, dtype=np.int64), dev.shape)
+        if dev.ndim != 1:
+            raise CryptoInputError(f"devices must be 1-D, got shape {dev.shape}")
+        if dev.size and (dev.min() < 0 or start.min() < 0 or start.max() >= 2**32):
+            raise CryptoInputError("devices must be >= 0 and rolling starts in [0, 2**32)")
+        if dev.size and (start % gaen.TEK_ROLLING_PERIOD != 0).any():
+            raise CryptoInputError("rolling starts must be multiples of 144")
+        blocks = np.empty((dev.size, 16), dtype=np.uint8)
+        blocks[:, :8] = dev.astype(">u8").view(np.uint8).reshape(-1, 8)
+        blocks[:, 8:12] = start.astype(">u4").view(np.uint8).reshape(-1, 4)
+        blocks[:, 12:] = np.frombuffer(_TAG, dtype=np.uint8)
+        enc = Cipher(algorithms.AES(self._secret), modes.ECB()).encryptor()
+        out = enc.update(blocks.tobytes()) + enc.finalize()
+        return np.frombuffer(out, dtype=np.uint8).reshape(-1, 16).copy()
+
+    def key(self, device: int, enin: int) -> gaen.TemporaryExposureKey:
+        """The :class:`~protocols.ble.gaen.TemporaryExposureKey` of ``device`` covering ``enin``."""
+        start = (enin // gaen.TEK_ROLLING_PERIOD) * gaen.TEK_ROLLING_PERIOD
+        tek = bytes(self.teks(np.array([device]), np.array([start]))[0])
+        return gaen.TemporaryExposureKey(tek, start)
+
+    def rpis(self, devices: np.ndarray, enins: np.ndarray) -> np.ndarray:
+        """RPIs broadcast by ``devices[i]`` during ``enins[i]``, shape ``(n, 16)``.
+
+        The TEKs come from one AES call; then each distinct (device, day) key needs its own
+        HKDF and AES key schedule, because ``cryptography`` has no multi-key batch API. That is
+        the one loop here: one iteration per distinct key (not per pair), a few microseconds each.
+        """
+        dev = np.asarray(devices, dtype=np.int64)
+        enin = np.asarray(enins, dtype=np.int64)
+        if dev.shape != enin.shape or dev.ndim != 1:
+            raise CryptoInputError("devices and enins must be 1-D arrays of equal length")
+        out = np.empty((dev.size, gaen.RPI_LEN), dtype=np.uint8)
+        if dev.size == 0:
+            return out
+        start = (enin // gaen.TEK_ROLLING_PERIOD) * gaen.TEK_ROLLING_PERIOD
+        order = np.lexsort((enin, start, dev))
+        d_sorted, s_sorted = dev[order], start[order]
+        change = np.ones(order.size, dtype=bool)
+        change[1:] = (d_sorted[1:] != d_sorted[:-1]) | (s_sorted[1:] != s_sorted[:-1])
+        key_starts = np.flatnonzero(change)
+        teks = self.teks(d_sorted[key_starts], s_sorted[key_starts])
+        bounds = np.append(key_starts, order.size) * 16
+        blocks = gaen.padded_blocks(enin[order])
+        chunks = []
+        for k in range(key_starts.size):
+            enc = Cipher(algorithms.AES(gaen.rpik(bytes(teks[k]))), modes.ECB()).encryptor()
+            chunks.append(enc.update(blocks[bounds[k] : bounds[k + 1]]))
+        rows = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(-1, gaen.RPI_LEN)
+        out[order] = rows
+        return out

@@ -1,0 +1,105 @@
+"""Secure slot sums: fixed-point additive sharing between two non-colluding servers.
+
+Transport-free building blocks (codec, PRG sharing, sealed envelopes, slots, accumulator) and
+the posting modes (``mailbox``, ``shuffled``, and the insecure ``plaintext`` baseline) as
+state machines over byte messages. ``LEAKAGE.md`` states what each party learns per mode.
+"""
+
+from .accumulator import BatchResult, PhaseState, ShareAccumulator, group_sum
+from .config import Deployment, Mode, PhaseSpec, RoundSpec, SlotKind
+from .envelope import KeyPair, box_open, box_seal, open_envelope, seal
+from .errors import (
+    AgreementError,
+    AlreadyFetched,
+    AuthenticationFailed,
+    ConflictingSubmission,
+    EncodingError,
+    EnvelopeError,
+    InvalidSlotName,
+    MessageError,
+    NotRegistrant,
+    OverflowBoundError,
+    PhaseClosed,
+    PhaseError,
+    PhaseNotReleased,
+    RegistrationError,
+    SecureSumError,
+    SlotAlreadyRegistered,
+    SlotError,
+    SubmissionError,
+    TruncatedEnvelope,
+    UnknownPhase,
+    UnknownSlot,
+    WrongLength,
+    WrongRecipient,
+)
+from .fixed_point import FixedPointCodec
+from .protocol import (
+    AggregatorServer,
+    CoordinatorServer,
+    DeviceClient,
+    InMemoryNetwork,
+    InsecurePlaintextWarning,
+    PhaseReport,
+    csprng_permutation,
+)
+from .sharing import expand_seed, expand_seeds, new_seed, reconstruct, split_rows, split_with_seed
+from .slots import SlotTable, aggregate_slot, pseudonym_slot, validate_aggregate_name
+
+__all__ = [
+    "AggregatorServer",
+    "AgreementError",
+    "AlreadyFetched",
+    "AuthenticationFailed",
+    "BatchResult",
+    "ConflictingSubmission",
+    "CoordinatorServer",
+    "Deployment",
+    "DeviceClient",
+    "EncodingError",
+    "EnvelopeError",
+    "FixedPointCodec",
+    "InMemoryNetwork",
+    "InsecurePlaintextWarning",
+    "InvalidSlotName",
+    "KeyPair",
+    "MessageError",
+    "Mode",
+    "NotRegistrant",
+    "OverflowBoundError",
+    "PhaseClosed",
+    "PhaseError",
+    "PhaseNotReleased",
+    "PhaseReport",
+    "PhaseSpec",
+    "PhaseState",
+    "RegistrationError",
+    "RoundSpec",
+    "SecureSumError",
+    "ShareAccumulator",
+    "SlotAlreadyRegistered",
+    "SlotError",
+    "SlotKind",
+    "SlotTable",
+    "SubmissionError",
+    "TruncatedEnvelope",
+    "UnknownPhase",
+    "UnknownSlot",
+    "WrongLength",
+    "WrongRecipient",
+    "aggregate_slot",
+    "box_open",
+    "box_seal",
+    "csprng_permutation",
+    "expand_seed",
+    "expand_seeds",
+    "group_sum",
+    "new_seed",
+    "open_envelope",
+    "pseudonym_slot",
+    "reconstruct",
+    "seal",
+    "split_rows",
+    "split_with_seed",
+    "validate_aggregate_name",
+]

@@ -1,0 +1,104 @@
+"""Static configuration of a secure-sum deployment: modes, rounds and phases."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .errors import SecureSumError, UnknownPhase
+from .fixed_point import FixedPointCodec
+from .slots import aggregate_slot
+
+
+class Mode(enum.Enum):
+    """How devices post their shares (see ``LEAKAGE.md`` for what each mode reveals)."""
+
+    MAILBOX = "mailbox"
+    SHUFFLED = "shuffled"
+    #: insecure baseline: servers see raw values; never a default, warns when used
+    PLAINTEXT = "plaintext"
+
+
+class SlotKind(enum.Enum):
+    """Which slots a phase sums into."""
+
+    #: registered recipient pseudonyms; only the registrant fetches the sum
+    PSEUDONYM = "pseudonym"
+    #: declared named slots; the coordinator opens the sums
+    AGGREGATE = "aggregate"
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """One posting phase of a round.
+
+    Args:
+        name: phase name, unique within the round (e.g. ``"messages"``, ``"observations"``).
+        dim: length of every contributed vector.
+        kind: pseudonym or aggregate slots.
+        items_per_device: the fixed number of items each device posts (padded with zero-valued
+            dummies), so per-device counts leak nothing.
+        aggregate_slots: the named slots of an aggregate phase.
+    """
+
+    name: str
+    dim: int
+    kind: SlotKind
+    items_per_device: int
+    aggregate_slots: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name.encode()) > 64:
+            raise SecureSumError(f"phase name must be 1..64 bytes, got {self.name!r}")
+        if self.dim < 1:
+            raise SecureSumError(f"phase {self.name!r}: dim must be >= 1, got {self.dim}")
+        if self.items_per_device < 1:
+            raise SecureSumError(
+                f"phase {self.name!r}: items_per_device must be >= 1, got {self.items_per_device}"
+            )
+        if self.kind is SlotKind.AGGREGATE and not self.aggregate_slots:
+            raise SecureSumError(f"aggregate phase {self.name!r} declares no slots")
+        if self.kind is SlotKind.PSEUDONYM and self.aggregate_slots:
+            raise SecureSumError(f"pseudonym phase {self.name!r} cannot declare named slots")
+        for n in self.aggregate_slots:
+            aggregate_slot(n)  # validates the name
+
+    def aggregate_ids(self) -> list[bytes]:
+        """Identifiers of the declared aggregate slots, in declaration order."""
+        return [aggregate_slot(n) for n in self.aggregate_slots]
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """A round: an id and its ordered phases."""
+
+    round_id: int
+    phases: tuple[PhaseSpec, ...]
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.round_id < 2**64:
+            raise SecureSumError(f"round_id must fit in 64 unsigned bits, got {self.round_id}")
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise SecureSumError(f"round {self.round_id}: duplicate phase names {names}")
+
+    def phase(self, name: str) -> PhaseSpec:
+        """The phase called ``name``; raises :class:`UnknownPhase`."""
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise UnknownPhase(f"round {self.round_id} has no phase {name!r}")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What every party knows: the mode, the codec, the servers' public keys.
+
+    ``deployment_key`` keys the pseudonym-slot hash (shared with enrolled devices).
+    """
+
+    mode: Mode
+    codec: FixedPointCodec
+    coordinator_public: bytes
+    aggregator_public: bytes
+    deployment_key: bytes = b""

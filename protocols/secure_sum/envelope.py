@@ -1,0 +1,151 @@
+"""HPKE-style sealed envelopes: X25519 + HKDF-SHA256 + ChaCha20-Poly1305.
+
+``seal(recipient_pk, plaintext, info, aad)`` draws a fresh ephemeral X25519 key, derives a
+single-use AEAD key and nonce from the shared secret with HKDF-SHA256 (the derivation binds the
+protocol label, ``info``, the ephemeral key and the recipient key), and encrypts with
+ChaCha20-Poly1305 over ``aad``. Layout (all fixed-size but the ciphertext)::
+
+    version (1) ‖ recipient key id (8) ‖ ephemeral public key (32) ‖ ciphertext ‖ tag (16)
+
+The key id lets ``open`` say "wrong recipient" instead of a bare authentication failure; it
+is the same for every envelope to one server, so it reveals nothing but the recipient.
+A fresh ephemeral key per envelope means two envelopes from one sender cannot be linked.
+
+Symmetric boxes (``box_seal``/``box_open``) carry replies under a key the device sent inside a
+sealed envelope (the relay cannot read them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import AuthenticationFailed, EnvelopeError, TruncatedEnvelope, WrongRecipient
+
+VERSION = 1
+KEY_ID_BYTES = 8
+PUBLIC_KEY_BYTES = 32
+TAG_BYTES = 16
+NONCE_BYTES = 12
+HEADER_BYTES = 1 + KEY_ID_BYTES + PUBLIC_KEY_BYTES
+#: bytes an envelope adds to its plaintext
+OVERHEAD = HEADER_BYTES + TAG_BYTES
+_LABEL = b"decentsim/seal/v1"
+_BOX_LABEL = b"decentsim/box/v1"
+
+
+def key_id(public_key: bytes) -> bytes:
+    """The 8-byte identifier of an X25519 public key."""
+    return hashlib.sha256(b"decentsim/keyid/v1" + public_key).digest()[:KEY_ID_BYTES]
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A server's long-term X25519 key pair. Never logged; ``repr`` shows only the key id."""
+
+    private: X25519PrivateKey
+    public: bytes
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        """A fresh key pair from the OS CSPRNG."""
+        sk = X25519PrivateKey.generate()
+        return cls(sk, sk.public_key().public_bytes_raw())
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> KeyPair:
+        """Load a key pair from its 32-byte private key."""
+        sk = X25519PrivateKey.from_private_bytes(raw)
+        return cls(sk, sk.public_key().public_bytes_raw())
+
+    def __repr__(self) -> str:
+        return f"KeyPair(key_id={key_id(self.public).hex()})"
+
+
+def _derive(shared: bytes, enc: bytes, recipient: bytes, info: bytes) -> tuple[bytes, bytes]:
+    context = _LABEL + len(info).to_bytes(4, "big") + info + enc + recipient
+    okm = HKDF(hashes.SHA256(), 32 + NONCE_BYTES, salt=_LABEL, info=context).derive(shared)
+    return okm[:32], okm[32:]
+
+
+def seal(recipient_public: bytes, plaintext: bytes, info: bytes, aad: bytes = b"") -> bytes:
+    """Seal ``plaintext`` to ``recipient_public``; ``info`` and ``aad`` must match on open."""
+    if len(recipient_public) != PUBLIC_KEY_BYTES:
+        raise EnvelopeError(
+            f"recipient public key must be {PUBLIC_KEY_BYTES} bytes, got {len(recipient_public)}"
+        )
+    eph = X25519PrivateKey.generate()
+    enc = eph.public_key().public_bytes_raw()
+    shared = eph.exchange(X25519PublicKey.from_public_bytes(recipient_public))
+    key, nonce = _derive(shared, enc, recipient_public, info)
+    ct = ChaCha20Poly1305(key).encrypt(nonce, plaintext, aad)
+    return bytes([VERSION]) + key_id(recipient_public) + enc + ct
+
+
+def open_envelope(keypair: KeyPair, envelope: bytes, info: bytes, aad: bytes = b"") -> bytes:
+    """Open an envelope sealed to ``keypair``.
+
+    Raises:
+        TruncatedEnvelope: shorter than header + tag.
+        EnvelopeError: unknown version or an invalid ephemeral key.
+        WrongRecipient: sealed to another public key.
+        AuthenticationFailed: tampered ciphertext/header, or a different info/aad.
+    """
+    if len(envelope) < OVERHEAD:
+        raise TruncatedEnvelope(
+            f"envelope is {len(envelope)} bytes; at least {OVERHEAD} (header + tag) needed"
+        )
+    if envelope[0] != VERSION:
+        raise EnvelopeError(f"unsupported envelope version {envelope[0]} (expected {VERSION})")
+    if envelope[1 : 1 + KEY_ID_BYTES] != key_id(keypair.public):
+        raise WrongRecipient("envelope was sealed to a different public key")
+    enc = envelope[1 + KEY_ID_BYTES : HEADER_BYTES]
+    try:
+        shared = keypair.private.exchange(X25519PublicKey.from_public_bytes(enc))
+    except ValueError as err:  # low-order point: all-zero shared secret
+        raise AuthenticationFailed("envelope carries an invalid ephemeral public key") from err
+    key, nonce = _derive(shared, enc, keypair.public, info)
+    try:
+        return ChaCha20Poly1305(key).decrypt(nonce, envelope[HEADER_BYTES:], aad)
+    except InvalidTag as err:
+        raise AuthenticationFailed(
+            "envelope authentication failed: tampered bytes or wrong info/aad binding"
+        ) from err
+
+
+def _box_key(secret: bytes, info: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=_BOX_LABEL, info=_BOX_LABEL + info).derive(secret)
+
+
+def box_seal(secret: bytes, plaintext: bytes, info: bytes, aad: bytes = b"") -> bytes:
+    """Encrypt under a shared 32-byte secret: ``nonce (12) ‖ ciphertext ‖ tag``."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + ChaCha20Poly1305(_box_key(secret, info)).encrypt(nonce, plaintext, aad)
+
+
+def box_open(secret: bytes, box: bytes, info: bytes, aad: bytes = b"") -> bytes:
+    """Decrypt a :func:`box_seal` box.
+
+    Raises:
+        TruncatedEnvelope: shorter than nonce + tag.
+        AuthenticationFailed: wrong secret, tampering, or a different info/aad.
+    """
+    if len(box) < NONCE_BYTES + TAG_BYTES:
+        raise TruncatedEnvelope(
+            f"box is {len(box)} bytes; at least {NONCE_BYTES + TAG_BYTES} needed"
+        )
+    try:
+        return ChaCha20Poly1305(_box_key(secret, info)).decrypt(
+            box[:NONCE_BYTES], box[NONCE_BYTES:], aad
+        )
+    except InvalidTag as err:
+        raise AuthenticationFailed(
+            "box authentication failed: wrong key, tampered bytes or wrong info/aad"
+        ) from err

@@ -1,0 +1,244 @@
+"""Slots: where contributions are summed.
+
+Two kinds share one 16-byte identifier space (domain-separated hashes, so they never collide):
+
+* **pseudonym slots** — ``HMAC-SHA256(deployment_key, label ‖ round ‖ RPI)[:16]``. The beacon's
+  owner and everyone who heard the beacon derive the same slot; a server sees only the hash.
+  Binding the round makes a day's slots unlinkable to another day's.
+* **named aggregate slots** — ``SHA-256(label ‖ name)[:16]`` for canonical names matching one of
+  :data:`AGGREGATE_PATTERNS` (``global/day/17``, ``grad/epoch/3``, ``region/BK/day/17``).
+
+:class:`SlotTable` maps identifiers to dense indices with one vectorized ``searchsorted`` (on
+the first 8 bytes, then a full 16-byte comparison), so accumulation needs no Python loop over
+items. :class:`Registry` records which device owns each pseudonym slot and enforces
+"only the registrant fetches, once per server".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import (
+    AlreadyFetched,
+    InvalidSlotName,
+    NotRegistrant,
+    SlotAlreadyRegistered,
+    SlotError,
+    UnknownSlot,
+    WrongLength,
+)
+
+SLOT_ID_BYTES = 16
+RPI_BYTES = 16
+DEVICE_ID_BYTES = 16
+_PSEUDONYM_LABEL = b"decentsim/pseudonym-slot/v1"
+_AGGREGATE_LABEL = b"decentsim/aggregate-slot/v1\x00"
+_NUM = r"(0|[1-9][0-9]{0,8})"  # canonical decimal: one spelling per number
+#: allowed named aggregate slots; canonical spellings only
+AGGREGATE_PATTERNS: tuple[re.Pattern[str], ...] = (
+    re.compile(rf"global/day/{_NUM}"),
+    re.compile(rf"grad/epoch/{_NUM}"),
+    re.compile(rf"region/[A-Za-z0-9_-]{{1,32}}/day/{_NUM}"),
+)
+
+
+def pseudonym_slot(rpi: bytes, round_id: int, deployment_key: bytes = b"") -> bytes:
+    """The pseudonym slot of a beacon identifier (RPI) for one round.
+
+    Raises:
+        WrongLength: ``rpi`` is not 16 bytes.
+    """
+    if len(rpi) != RPI_BYTES:
+        raise WrongLength(f"RPI must be {RPI_BYTES} bytes, got {len(rpi)}")
+    if not 0 <= round_id < 2**64:
+        raise SlotError(f"round_id must fit in 64 unsigned bits, got {round_id}")
+    msg = _PSEUDONYM_LABEL + round_id.to_bytes(8, "big") + rpi
+    return hmac.new(deployment_key or _PSEUDONYM_LABEL, msg, hashlib.sha256).digest()[
+        :SLOT_ID_BYTES
+    ]
+
+
+def validate_aggregate_name(name: str) -> str:
+    """Return ``name`` if it is a canonical aggregate slot name.
+
+    Raises:
+        InvalidSlotName: it matches none of :data:`AGGREGATE_PATTERNS`.
+    """
+    if not any(p.fullmatch(name) for p in AGGREGATE_PATTERNS):
+        allowed = ", ".join(p.pattern for p in AGGREGATE_PATTERNS)
+        raise InvalidSlotName(f"invalid aggregate slot name {name!r}; allowed: {allowed}")
+    return name
+
+
+def aggregate_slot(name: str) -> bytes:
+    """The identifier of a named aggregate slot (validated first)."""
+    validate_aggregate_name(name)
+    return hashlib.sha256(_AGGREGATE_LABEL + name.encode()).digest()[:SLOT_ID_BYTES]
+
+
+def as_id_matrix(slot_ids: bytes | Sequence[bytes], what: str = "slot id") -> npt.NDArray[np.uint8]:
+    """Slot ids as an ``(n, 16)`` uint8 matrix from concatenated bytes or a sequence."""
+    raw = slot_ids if isinstance(slot_ids, bytes) else b"".join(slot_ids)
+    if not isinstance(slot_ids, bytes) and any(len(s) != SLOT_ID_BYTES for s in slot_ids):
+        raise WrongLength(f"every {what} must be {SLOT_ID_BYTES} bytes")
+    if len(raw) % SLOT_ID_BYTES:
+        raise WrongLength(f"{what}s: {len(raw)} bytes is not a multiple of {SLOT_ID_BYTES}")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, SLOT_ID_BYTES)
+
+
+def _prefix(ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
+    return np.ascontiguousarray(ids[:, :8]).view(">u8").ravel().astype(np.uint64)
+
+
+class SlotTable:
+    """A set of slot ids with dense indices ``0..n-1`` in insertion order."""
+
+    def __init__(self, slot_ids: Iterable[bytes] = ()) -> None:
+        self._ids: list[bytes] = []
+        self._index: dict[bytes, int] = {}
+        self._prefixes: dict[bytes, int] = {}
+        self._sorted: npt.NDArray[np.uint64] | None = None
+        self._order: npt.NDArray[np.int64] | None = None
+        self._matrix: npt.NDArray[np.uint8] | None = None
+        self.add_many(list(slot_ids))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, slot_id: object) -> bool:
+        return slot_id in self._index
+
+    @property
+    def ids(self) -> list[bytes]:
+        """The slot ids in index order."""
+        return list(self._ids)
+
+    def ids_at(self, indices: Sequence[int]) -> list[bytes]:
+        """The slot ids at the given indices (no copy of the whole table)."""
+        return [self._ids[i] for i in indices]
+
+    def index(self, slot_id: bytes) -> int:
+        """The index of one slot id; raises :class:`UnknownSlot`."""
+        try:
+            return self._index[slot_id]
+        except KeyError:
+            raise UnknownSlot(f"unknown slot {slot_id.hex()[:16]}…") from None
+
+    def check_new(self, slot_ids: Sequence[bytes]) -> None:
+        """Raise unless every id is well-formed, new here, and unique within ``slot_ids``."""
+        seen: set[bytes] = set()
+        for s in slot_ids:
+            if len(s) != SLOT_ID_BYTES:
+                raise WrongLength(f"slot id must be {SLOT_ID_BYTES} bytes, got {len(s)}")
+            if s in self._index or s in seen:
+                raise SlotAlreadyRegistered(f"slot {s.hex()[:16]}… is already registered")
+            if s[:8] in self._prefixes and self._ids[self._prefixes[s[:8]]] != s:
+                # 2^-64-probability event; refusing keeps the 8-byte index exact
+                raise SlotError(f"slot {s.hex()[:16]}… collides with another slot's prefix")
+            seen.add(s)
+
+    def add_many(self, slot_ids: Sequence[bytes]) -> None:
+        """Add new slot ids (all or nothing)."""
+        self.check_new(slot_ids)
+        for s in slot_ids:
+            self._index[s] = len(self._ids)
+            self._prefixes[s[:8]] = len(self._ids)
+            self._ids.append(s)
+        self._sorted = None
+
+    def lookup(self, ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
+        """Indices of an ``(n, 16)`` id matrix, vectorized.
+
+        Raises:
+            UnknownSlot: some id is not in the table (the first one is named).
+        """
+        idx, ok = self.find(ids)
+        if not ok.all():
+            bad = bytes(ids[int(np.argmin(ok))])
+            raise UnknownSlot(f"unknown slot {bad.hex()[:16]}… (not registered or declared)")
+        return idx
+
+    def find(
+        self, ids: npt.NDArray[np.uint8]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """Indices of an ``(n, 16)`` id matrix and a mask of ids present (vectorized)."""
+        if ids.shape[0] == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+        if self._sorted is None:
+            self._matrix = as_id_matrix(b"".join(self._ids)) if self._ids else None
+            pre = _prefix(self._matrix) if self._matrix is not None else np.zeros(0, np.uint64)
+            self._order = np.argsort(pre, kind="stable").astype(np.int64)
+            self._sorted = pre[self._order]
+        assert self._order is not None
+        q = _prefix(ids)
+        pos = np.minimum(np.searchsorted(self._sorted, q), max(len(self._ids) - 1, 0))
+        ok = np.zeros(len(q), dtype=bool)
+        idx = np.zeros(len(q), dtype=np.int64)
+        if len(self._ids):
+            idx = self._order[pos]
+            assert self._matrix is not None
+            ok = (self._sorted[pos] == q) & (self._matrix[idx] == ids).all(axis=1)
+        return idx, ok
+
+
+@dataclass
+class Registration:
+    """Who owns a pseudonym slot; ``fetch_secret`` is held by the aggregator only."""
+
+    owner: bytes
+    fetch_secret: bytes | None = None
+    fetched: set[str] = field(default_factory=set)
+
+
+class Registry:
+    """Pseudonym slot ownership for one round, as held by one server."""
+
+    def __init__(self) -> None:
+        self.table = SlotTable()
+        self._owners: dict[bytes, Registration] = {}
+
+    def register(
+        self, device_id: bytes, slot_ids: Sequence[bytes], fetch_secret: bytes | None = None
+    ) -> None:
+        """Register slots for ``device_id`` (all or nothing).
+
+        Raises:
+            WrongLength: a malformed id.
+            SlotAlreadyRegistered: a slot is taken (or repeated in the request).
+        """
+        if len(device_id) != DEVICE_ID_BYTES:
+            raise WrongLength(f"device id must be {DEVICE_ID_BYTES} bytes, got {len(device_id)}")
+        self.table.add_many(slot_ids)
+        for s in slot_ids:
+            self._owners[s] = Registration(device_id, fetch_secret)
+
+    def owner(self, slot_id: bytes) -> Registration:
+        """The registration of ``slot_id``; raises :class:`UnknownSlot`."""
+        reg = self._owners.get(slot_id)
+        if reg is None:
+            raise UnknownSlot(f"slot {slot_id.hex()[:16]}… is not registered")
+        return reg
+
+    def authorize_fetch(self, device_id: bytes, slot_id: bytes, phase: str) -> Registration:
+        """Check that ``device_id`` may fetch ``slot_id`` in ``phase`` now (does not mark it).
+
+        Raises:
+            UnknownSlot: not registered.
+            NotRegistrant: registered by another device.
+            AlreadyFetched: already fetched from this server.
+        """
+        reg = self.owner(slot_id)
+        if not hmac.compare_digest(reg.owner, device_id):
+            raise NotRegistrant(f"slot {slot_id.hex()[:16]}… is registered to another device")
+        if phase in reg.fetched:
+            raise AlreadyFetched(
+                f"slot {slot_id.hex()[:16]}… was already fetched in phase {phase!r}"
+            )
+        return reg

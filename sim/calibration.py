@@ -1,0 +1,231 @@
+"""Calibration: fit θ so that the simulated aggregates match an observed series.
+
+Mode 1 (``fit_params``): θ itself is optimised by a torch optimizer (Adam), in log space so it
+stays positive, with gradients from the simulator (forward tangents by default).
+
+Mode 2 (``fit_network``): a small calibration network (a GRU over the observed series) maps
+features to θ, and is trained end to end: ``dL/dθ`` from the simulator is backpropagated into
+the network's weights (``θ.backward(dL/dθ)``).
+
+The loss compares the model's new infections, summed per observation period (7 days for a
+weekly series), with the observed counts on a log1p scale — robust to the range from a handful
+to hundreds of cases — scaled by a fixed ascertainment rate (the fraction of infections that
+become reported cases).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sim.params import PARAM_BOUNDS, PARAM_NAMES, Theta
+from sim.runner import CentralSimulator
+
+
+class TargetFileError(ValueError):
+    """The observed-series CSV is unusable; the message names file, line and field."""
+
+
+@dataclass(frozen=True)
+class ObservedSeries:
+    """An observed count series: ``values`` per period of ``period_days`` days, with labels."""
+
+    values: torch.Tensor
+    period_days: int
+    labels: tuple[str, ...] = ()
+    source: str = ""
+
+    def __len__(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def days(self) -> int:
+        return len(self) * self.period_days
+
+    def head(self, periods: int) -> ObservedSeries:
+        """The first ``periods`` periods."""
+        return ObservedSeries(self.values[:periods], self.period_days, self.labels[:periods],
+                              self.source)
+
+
+def load_target(path: str | Path, column: str = "cases_week",
+                filters: dict[str, str] | None = None, label_column: str = "date",
+                period_days: int = 7) -> ObservedSeries:
+    """Read one column of a CSV as an observed series, after row filters (e.g. nta_id=QN0103).
+
+    Rows repeating an earlier label with the same value are dropped (the NYC file repeats its
+    first weeks); a repeated label with a different value, a missing column, or an empty,
+    non-numeric or negative value is an error naming the file, line and field.
+    """
+    path = Path(path)
+    filters = filters or {}
+    try:
+        fh = path.open(newline="")
+    except OSError as e:
+        raise TargetFileError(f"{path}: cannot open ({e.strerror})") from None
+    with fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        for name in (column, label_column, *filters):
+            if name not in header:
+                raise TargetFileError(f"{path}:1: missing column {name!r} (have {header})")
+        seen: dict[str, float] = {}
+        for lineno, row in enumerate(reader, start=2):
+            if any(row[k] != v for k, v in filters.items()):
+                continue
+            raw = (row[column] or "").strip()
+            try:
+                v = float(raw)
+            except ValueError:
+                raise TargetFileError(
+                    f"{path}:{lineno}: field {column!r}: {raw!r} is not a number") from None
+            if not math.isfinite(v) or v < 0:
+                raise TargetFileError(
+                    f"{path}:{lineno}: field {column!r}: {raw!r} must be a finite count >= 0")
+            label = row[label_column]
+            if label in seen and seen[label] != v:
+                raise TargetFileError(
+                    f"{path}:{lineno}: field {column!r}: {label_column} {label!r} repeats with "
+                    f"a different value ({seen[label]} vs {v})")
+            seen.setdefault(label, v)
+    if not seen:
+        raise TargetFileError(f"{path}: no rows match the filters {filters}")
+    labels = sorted(seen)
+    return ObservedSeries(torch.tensor([seen[k] for k in labels], dtype=torch.float64),
+                          period_days, tuple(labels), str(path))
+
+
+def series_loss(target: ObservedSeries, ascertainment: float = 1.0
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A loss on the run's aggregates ``y`` (T, 2, G): mean squared log1p error per period."""
+
+    def loss(y: torch.Tensor) -> torch.Tensor:
+        n = len(target)
+        daily = y[: target.days, 0].sum(-1)
+        predicted = daily.reshape(n, target.period_days).sum(-1) * ascertainment
+        obs = target.values.to(daily.dtype)
+        return ((torch.log1p(predicted) - torch.log1p(obs)) ** 2).mean()
+
+    return loss
+
+
+@dataclass
+class FitResult:
+    """The fitted θ, the loss per epoch, the θ per epoch and the final run's daily series."""
+
+    theta: Theta
+    losses: list[float]
+    thetas: list[dict[str, float]]
+    fitted_daily: list[float] = field(default_factory=list)
+
+
+def _clamp_theta(values: torch.Tensor) -> torch.Tensor:
+    lo = torch.tensor([PARAM_BOUNDS[n][0] for n in PARAM_NAMES], dtype=values.dtype)
+    hi = torch.tensor([PARAM_BOUNDS[n][1] for n in PARAM_NAMES], dtype=values.dtype)
+    return torch.minimum(torch.maximum(values, lo + 1e-9), hi)
+
+
+def _fit_mask(fit: Sequence[str]) -> torch.Tensor:
+    unknown = set(fit) - set(PARAM_NAMES)
+    if unknown:
+        raise ValueError(f"cannot fit unknown parameter(s) {sorted(unknown)}")
+    return torch.tensor([n in fit for n in PARAM_NAMES], dtype=torch.float64)
+
+
+def fit_params(sim: CentralSimulator, loss_fn: Callable[[torch.Tensor], torch.Tensor], days: int,
+               start: Theta, epochs: int = 50, lr: float = 0.05,
+               fit: Sequence[str] = ("beta",), grad: str = "forward",
+               progress: bool = False) -> FitResult:
+    """Mode 1: Adam on log θ for the parameters named in ``fit`` (others stay at ``start``)."""
+    mask = _fit_mask(fit)
+    fixed = start.as_tensor()
+    log_theta = torch.log(fixed).requires_grad_(True)
+    opt = torch.optim.Adam([log_theta], lr=lr)
+    losses: list[float] = []
+    thetas: list[dict[str, float]] = []
+    bar = tqdm(range(epochs), desc="calibrate", unit="epoch", disable=not progress)
+    for _ in bar:
+        # Parameters not being fitted stay exactly at their start values.
+        theta = torch.where(mask > 0, _clamp_theta(torch.exp(log_theta.detach())), fixed)
+        result = sim.run(theta, days, grad)
+        loss, g = result.loss_and_grad(loss_fn)
+        assert g is not None
+        opt.zero_grad()
+        # chain rule through θ = exp(log θ); parameters not being fitted get no gradient
+        log_theta.grad = (g.to(torch.float64) * theta * mask)
+        opt.step()
+        losses.append(loss)
+        thetas.append(Theta.from_tensor(theta).to_dict())
+        bar.set_postfix(loss=f"{loss:.4g}")
+    best = min(range(epochs), key=losses.__getitem__)
+    final = Theta(**thetas[best])
+    return FitResult(final, losses, thetas, sim.run(final, days).new_infections.tolist())
+
+
+class CalibrationNet(torch.nn.Module):
+    """Features (T, F) → θ: a GRU over the series, its last hidden state → bounded θ.
+
+    Each fitted parameter is produced as ``exp(log lo + sigmoid(h) · (log hi − log lo))``
+    within a per-parameter range, so θ is always valid.
+    """
+
+    def __init__(self, n_features: int, ranges: dict[str, tuple[float, float]],
+                 hidden: int = 16) -> None:
+        super().__init__()
+        self.names = tuple(ranges)
+        self.gru = torch.nn.GRU(n_features, hidden, batch_first=True, dtype=torch.float64)
+        self.head = torch.nn.Linear(hidden, len(self.names), dtype=torch.float64)
+        self.register_buffer("log_lo", torch.log(torch.tensor([ranges[n][0] for n in self.names],
+                                                               dtype=torch.float64)))
+        self.register_buffer("log_hi", torch.log(torch.tensor([ranges[n][1] for n in self.names],
+                                                               dtype=torch.float64)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        _, h = self.gru(features.unsqueeze(0))
+        z = torch.sigmoid(self.head(h[-1, 0]))
+        return torch.exp(self.log_lo + z * (self.log_hi - self.log_lo))
+
+
+def series_features(target: ObservedSeries) -> torch.Tensor:
+    """The network's input: log1p counts, standardised, and the period index in [0, 1]."""
+    x = torch.log1p(target.values)
+    x = (x - x.mean()) / (x.std() + 1e-9)
+    t = torch.linspace(0, 1, len(target), dtype=torch.float64)
+    return torch.stack([x, t], dim=-1)
+
+
+def fit_network(sim: CentralSimulator, target: ObservedSeries,
+                loss_fn: Callable[[torch.Tensor], torch.Tensor], start: Theta,
+                ranges: dict[str, tuple[float, float]], epochs: int = 50, lr: float = 0.02,
+                grad: str = "forward", seed: int = 0, progress: bool = False) -> FitResult:
+    """Mode 2: train a ``CalibrationNet`` end to end through the simulator."""
+    _fit_mask(tuple(ranges))
+    torch.manual_seed(seed)  # the network's own initialisation; the simulator has no global RNG
+    net = CalibrationNet(2, ranges)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    features = series_features(target)
+    index = [PARAM_NAMES.index(n) for n in net.names]
+    losses: list[float] = []
+    thetas: list[dict[str, float]] = []
+    bar = tqdm(range(epochs), desc="calibrate (network)", unit="epoch", disable=not progress)
+    for _ in bar:
+        fitted = net(features)
+        theta = start.as_tensor().clone()
+        theta[index] = fitted.detach()
+        loss, g = sim.run(theta, target.days, grad).loss_and_grad(loss_fn)
+        assert g is not None
+        opt.zero_grad()
+        fitted.backward(g.to(torch.float64)[index])
+        opt.step()
+        losses.append(loss)
+        thetas.append(Theta.from_tensor(theta).to_dict())
+        bar.set_postfix(loss=f"{loss:.4g}")
+    best = min(range(epochs), key=losses.__getitem__)
+    final = Theta(**thetas[best])
+    return FitResult(final, losses, thetas, sim.run(final, target.days).new_infections.tolist())

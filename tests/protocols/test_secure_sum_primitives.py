@@ -1,0 +1,287 @@
+"""Codec, PRG sharing, envelopes, slots and the accumulator of protocols.secure_sum."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from protocols.secure_sum import (
+    AgreementError,
+    AuthenticationFailed,
+    ConflictingSubmission,
+    EncodingError,
+    FixedPointCodec,
+    InvalidSlotName,
+    KeyPair,
+    OverflowBoundError,
+    PhaseClosed,
+    PhaseError,
+    PhaseNotReleased,
+    ShareAccumulator,
+    SlotAlreadyRegistered,
+    SlotTable,
+    TruncatedEnvelope,
+    UnknownSlot,
+    WrongLength,
+    WrongRecipient,
+    aggregate_slot,
+    box_open,
+    box_seal,
+    expand_seed,
+    group_sum,
+    open_envelope,
+    pseudonym_slot,
+    reconstruct,
+    seal,
+    split_rows,
+    split_with_seed,
+)
+from protocols.secure_sum.envelope import HEADER_BYTES, OVERHEAD
+from protocols.secure_sum.sharing import PRG_IV
+from protocols.secure_sum.slots import as_id_matrix
+
+VECTORS = Path(__file__).parent / "vectors"
+
+
+def load(name: str) -> dict:
+    return json.loads((VECTORS / f"secure_sum_{name}.json").read_text())
+
+
+# -- fixed point -----------------------------------------------------------------------------
+def test_fixed_point_vectors() -> None:
+    v = load("fixed_point")
+    codec = FixedPointCodec(**v["codec"])
+    for case in v["cases"]:
+        assert int(codec.encode([case["value"]])[0]) == case["encoded"], case
+        assert codec.decode(np.array([case["encoded"]], dtype=np.int64))[0] == pytest.approx(
+            case["value"], abs=2.0**-16
+        )
+    for case in v["ring_sums"]:
+        assert int(np.array(case["encoded"], dtype=np.int64).sum()) == case["sum"]
+    for bad in v["invalid_codecs"]:
+        with pytest.raises(OverflowBoundError, match="overflow bound violated"):
+            FixedPointCodec(**bad)
+    for x in v["out_of_range"]:
+        with pytest.raises(EncodingError):
+            codec.encode([x])
+
+
+def test_codec_errors_are_specific() -> None:
+    codec = FixedPointCodec(frac_bits=16, max_abs=10.0, max_summands=4)
+    with pytest.raises(EncodingError, match=r"exceeds max_abs=10\.0"):
+        codec.encode([[1.0, 10.5]])
+    with pytest.raises(EncodingError, match="non-finite"):
+        codec.encode([np.nan])
+    with pytest.raises(OverflowBoundError, match="5 summands exceed max_summands=4"):
+        codec.check_summands(5)
+    with pytest.raises(EncodingError, match="must be int64"):
+        codec.decode(np.array([1.0]))
+    # the bound is tight: 2^60 · 7 fits, 2^60 · 8 = 2^63 does not
+    FixedPointCodec(frac_bits=40, max_abs=2.0**20, max_summands=7)
+    with pytest.raises(OverflowBoundError):
+        FixedPointCodec(frac_bits=40, max_abs=2.0**20, max_summands=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    x=arrays(
+        np.float64,
+        st.tuples(st.integers(1, 12), st.integers(1, 9)),
+        elements=st.floats(-1000.0, 1000.0, allow_nan=False),
+    )
+)
+def test_share_split_reconstructs_exactly(x: np.ndarray) -> None:
+    codec = FixedPointCodec(frac_bits=30, max_abs=1000.0, max_summands=2**20)
+    enc = codec.encode(x)
+    seed = os.urandom(16)
+    a = split_with_seed(enc, seed)
+    b = expand_seed(seed, enc.size).reshape(enc.shape)
+    np.testing.assert_array_equal(reconstruct(a, b), enc)
+    seeds = [os.urandom(16) for _ in range(enc.shape[0])]
+    a_rows = split_rows(enc, seeds)
+    b_rows = np.stack([expand_seed(s, enc.shape[1]) for s in seeds])
+    np.testing.assert_array_equal(a_rows + b_rows, enc)
+    # decoding the ring sum of both columns recovers the float sum within one ulp of scale
+    np.testing.assert_allclose(codec.decode((a + b).sum(axis=0)), x.sum(axis=0), atol=1e-6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    dim=st.integers(1, 5),
+    slots=st.integers(1, 7),
+    data=st.data(),
+)
+def test_group_sum_matches_python_ring_sum(n: int, dim: int, slots: int, data) -> None:
+    idx = np.array(data.draw(st.lists(st.integers(0, slots - 1), min_size=n, max_size=n)))
+    big = st.integers(-(2**63), 2**63 - 1)
+    rows = np.array(
+        data.draw(st.lists(st.lists(big, min_size=dim, max_size=dim), min_size=n, max_size=n)),
+        dtype=np.int64,
+    )
+    sums, counts = group_sum(idx, rows, slots)
+    for s in range(slots):
+        for j in range(dim):
+            ref = sum(int(r) for r in rows[idx == s, j]) % 2**64
+            assert int(sums[s, j]) % 2**64 == ref
+        assert counts[s] == (idx == s).sum()
+
+
+def test_prg_vectors_and_independent_aes_check() -> None:
+    for case in load("prg")["cases"]:
+        seed = bytes.fromhex(case["seed"])
+        assert expand_seed(seed, len(case["words"])).tolist() == case["words"]
+    # first keystream block = AES-ECB_seed(initial counter block): independent of our CTR use
+    seed = bytes(range(16))
+    block = Cipher(algorithms.AES(seed), modes.ECB()).encryptor().update(PRG_IV)
+    assert expand_seed(seed, 2).astype("<i8").tobytes() == block
+    with pytest.raises(WrongLength, match="PRG seed must be 16 bytes, got 15"):
+        expand_seed(b"x" * 15, 4)
+
+
+def _chi2_bytes_p(raw: bytes) -> float:
+    from scipy.stats import chisquare
+
+    counts = np.bincount(np.frombuffer(raw, dtype=np.uint8), minlength=256)
+    return float(chisquare(counts).pvalue)
+
+
+def test_prg_output_and_c_share_are_uniform_bytes() -> None:
+    codec = FixedPointCodec()
+    x = codec.encode(np.ones((400, 16)))  # highly structured plaintext
+    seed = os.urandom(16)
+    share_c = split_with_seed(x, seed)
+    assert _chi2_bytes_p(share_c.tobytes()) > 1e-4
+    assert _chi2_bytes_p(expand_seed(seed, x.size).tobytes()) > 1e-4
+    assert _chi2_bytes_p(x.tobytes()) < 1e-12  # the control fails
+
+
+# -- envelopes -------------------------------------------------------------------------------
+def test_envelope_vector_opens() -> None:
+    v = load("envelope")
+    kp = KeyPair.from_private_bytes(bytes.fromhex(v["recipient_private"]))
+    assert kp.public.hex() == v["recipient_public"]
+    plain = open_envelope(kp, bytes.fromhex(v["envelope"]), v["info"].encode(), v["aad"].encode())
+    assert plain == v["plaintext"].encode()
+
+
+def test_envelope_roundtrip_and_every_failure() -> None:
+    kp, other = KeyPair.generate(), KeyPair.generate()
+    env = seal(kp.public, b"secret share", b"info", b"aad")
+    assert len(env) == OVERHEAD + len(b"secret share")
+    assert open_envelope(kp, env, b"info", b"aad") == b"secret share"
+    assert seal(kp.public, b"secret share", b"info", b"aad") != env  # fresh ephemeral key
+    with pytest.raises(WrongRecipient, match="different public key"):
+        open_envelope(other, env, b"info", b"aad")
+    with pytest.raises(AuthenticationFailed, match="tampered bytes or wrong info/aad"):
+        open_envelope(kp, env, b"other-info", b"aad")
+    with pytest.raises(AuthenticationFailed):
+        open_envelope(kp, env, b"info", b"other-aad")
+    for pos in (HEADER_BYTES - 1, HEADER_BYTES, len(env) - 1):  # ephemeral key, body, tag
+        bad = bytearray(env)
+        bad[pos] ^= 0x01
+        with pytest.raises(AuthenticationFailed):
+            open_envelope(kp, bytes(bad), b"info", b"aad")
+    with pytest.raises(TruncatedEnvelope, match="at least 57"):
+        open_envelope(kp, env[: OVERHEAD - 1], b"info", b"aad")
+    with pytest.raises(AuthenticationFailed):
+        open_envelope(kp, env[:-1], b"info", b"aad")
+
+
+def test_box_roundtrip_and_tamper() -> None:
+    secret = os.urandom(32)
+    box = box_seal(secret, b"sum", b"i", b"a")
+    assert box_open(secret, box, b"i", b"a") == b"sum"
+    with pytest.raises(AuthenticationFailed, match="box authentication failed"):
+        box_open(os.urandom(32), box, b"i", b"a")
+    with pytest.raises(TruncatedEnvelope):
+        box_open(secret, box[:20], b"i", b"a")
+
+
+# -- slots -----------------------------------------------------------------------------------
+def test_slot_vectors_and_names() -> None:
+    v = load("slots")
+    for case in v["pseudonym"]:
+        slot = pseudonym_slot(
+            bytes.fromhex(case["rpi"]), case["round"], bytes.fromhex(case["deployment_key"])
+        )
+        assert slot.hex() == case["slot"]
+    for case in v["aggregate"]:
+        assert aggregate_slot(case["name"]).hex() == case["slot"]
+    for name in v["invalid_names"]:
+        with pytest.raises(InvalidSlotName, match="invalid aggregate slot name"):
+            aggregate_slot(name)
+    with pytest.raises(WrongLength, match="RPI must be 16 bytes"):
+        pseudonym_slot(b"short", 1)
+
+
+def test_slot_table_lookup_vectorized() -> None:
+    ids = [os.urandom(16) for _ in range(50)]
+    table = SlotTable(ids)
+    q = [ids[i] for i in (3, 0, 49, 3)]
+    assert table.lookup(as_id_matrix(q)).tolist() == [3, 0, 49, 3]
+    with pytest.raises(UnknownSlot, match="unknown slot"):
+        table.lookup(as_id_matrix([ids[1], os.urandom(16)]))
+    with pytest.raises(SlotAlreadyRegistered):
+        table.add_many([os.urandom(16), ids[7]])
+    assert len(table) == 50  # all-or-nothing
+
+
+# -- accumulator -----------------------------------------------------------------------------
+def test_accumulator_idempotence_conflict_bound_and_lifecycle() -> None:
+    codec = FixedPointCodec(frac_bits=8, max_abs=100.0, max_summands=3)
+    acc = ShareAccumulator(n_slots=3, dim=2, codec=codec)
+    k1, k2, k3 = (os.urandom(16) for _ in range(3))
+    rows = np.array([[1, 2], [3, 4]], dtype=np.int64)
+    assert acc.submit(k1, np.array([0, 1]), rows)
+    assert not acc.submit(k1, np.array([0, 1]), rows)  # replay: ignored
+    with pytest.raises(ConflictingSubmission, match="different content"):
+        acc.submit(k1, np.array([0, 1]), rows + 1)
+    with pytest.raises(WrongLength, match="do not match"):
+        acc.submit(k2, np.array([0]), np.zeros((1, 3), dtype=np.int64))
+    assert acc.submit(k2, np.array([0, 0]), rows)
+    with pytest.raises(OverflowBoundError, match="max_summands=3"):
+        acc.submit(k3, np.array([0, 2]), rows)  # slot 0 would get a 4th summand
+    assert acc.unit_count == 2
+    with pytest.raises(PhaseNotReleased):
+        acc.sums()
+    acc.close()
+    with pytest.raises(PhaseClosed):
+        acc.submit(k3, np.array([2]), rows[:1])
+    surviving = np.sort(np.frombuffer(k1 + k2, dtype=acc.sorted_keys().dtype))
+    acc.agree(surviving)
+    sums, counts = acc.sums()
+    assert sums.tolist() == [[5, 8], [3, 4], [0, 0]] and counts.tolist() == [3, 1, 0]
+    with pytest.raises(PhaseError, match="already agreed"):
+        acc.agree(surviving[:1])
+
+
+def test_accumulator_agreement_checks_expected_digest() -> None:
+    acc = ShareAccumulator(1, 1, FixedPointCodec())
+    acc.submit(os.urandom(16), np.array([0]), np.ones((1, 1), dtype=np.int64))
+    acc.close()
+    with pytest.raises(AgreementError, match="digests differ"):
+        acc.agree(acc.sorted_keys(), expected=b"\x00" * 32)
+    with pytest.raises(PhaseNotReleased):
+        acc.sums()  # state unchanged by the refused agreement
+
+
+def test_submit_many_reports_replays_conflicts_and_bound() -> None:
+    codec = FixedPointCodec(frac_bits=8, max_abs=100.0, max_summands=2)
+    acc = ShareAccumulator(2, 1, codec)
+    keys = [os.urandom(16) for _ in range(4)]
+    idx = np.array([0, 0, 0, 1])
+    rows = np.arange(4, dtype=np.int64).reshape(4, 1)
+    res = acc.submit_many([*keys, keys[3], keys[3]], np.r_[idx, 1, 1], np.r_[rows, [[3], [9]]])
+    assert (res.accepted, res.replayed, res.conflicting, res.over_bound) == (3, 1, 1, 1)
+    acc.close()
+    acc.agree(acc.sorted_keys())
+    assert acc.sums()[0].ravel().tolist() == [0 + 1, 3]

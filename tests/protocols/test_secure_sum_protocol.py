@@ -1,0 +1,525 @@
+"""Posting modes end to end over the in-memory transport: sums, dropouts, replays, refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protocols.secure_sum import (
+    AlreadyFetched,
+    ConflictingSubmission,
+    DeviceClient,
+    EncodingError,
+    FixedPointCodec,
+    InMemoryNetwork,
+    InsecurePlaintextWarning,
+    InvalidSlotName,
+    Mode,
+    NotRegistrant,
+    OverflowBoundError,
+    PhaseClosed,
+    PhaseNotReleased,
+    PhaseSpec,
+    RoundSpec,
+    SlotAlreadyRegistered,
+    SlotKind,
+    UnknownSlot,
+    WrongLength,
+    group_sum,
+)
+from protocols.secure_sum.messages import (
+    MailboxPost,
+    RelayMailbox,
+    RelayShuffled,
+    ShuffledForC,
+    ShuffledPost,
+    decode,
+)
+
+ROUND = 7
+SECURE = [Mode.MAILBOX, Mode.SHUFFLED]
+
+
+def make_net(mode: Mode, **kw) -> InMemoryNetwork:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecurePlaintextWarning)
+        return InMemoryNetwork(mode, **kw)
+
+
+class World:
+    """A round with a pseudonym phase and an aggregate phase; every device owns one slot."""
+
+    def __init__(
+        self,
+        mode: Mode,
+        n: int,
+        dim: int = 3,
+        k: int = 2,
+        codec: FixedPointCodec | None = None,
+        **kw,
+    ) -> None:
+        self.net = make_net(mode, codec=codec, **kw)
+        self.spec = RoundSpec(
+            ROUND,
+            (
+                PhaseSpec("messages", dim, SlotKind.PSEUDONYM, k),
+                PhaseSpec("obs", dim, SlotKind.AGGREGATE, 1, ("global/day/7", "region/BK/day/7")),
+            ),
+        )
+        self.net.open_round(self.spec)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InsecurePlaintextWarning)
+            self.devices = [self.net.device() for _ in range(n)]
+        self.slots = [d.register(ROUND, [os.urandom(16)])[0] for d in self.devices]
+        self.net.coordinator.close_registration(ROUND)
+        self.codec = self.net.deployment.codec
+        self.dim = dim
+        self.c = self.net.coordinator
+
+    def ring_sums(self, posts: list[tuple[int, list[int], np.ndarray]]) -> np.ndarray:
+        """Expected ring sums per device slot for (device, target devices, values) posts."""
+        idx = np.array([t for _, ts, _ in posts for t in ts], dtype=np.int64)
+        rows = [self.codec.encode(v) for _, _, v in posts]
+        enc = np.concatenate(rows) if rows else np.zeros((0, self.dim), dtype=np.int64)
+        return group_sum(idx, enc, len(self.devices))[0]
+
+    def post(self, i: int, targets: list[int], values: np.ndarray) -> bool:
+        return self.devices[i].post(self.spec, "messages", [self.slots[t] for t in targets], values)
+
+    def fetch_all(self, who: list[int] | None = None) -> np.ndarray:
+        who = list(range(len(self.devices))) if who is None else who
+        return np.stack([self.devices[i].fetch_ring(ROUND, "messages", self.slots[i]) for i in who])
+
+
+def server_state(net: InMemoryNetwork) -> tuple:
+    """A digest of every piece of server state, to prove refusals change nothing."""
+    out = []
+    for server in (net.coordinator, net.aggregator):
+        for rid, rnd in sorted(server.rounds.items()):
+            out.append((rid, rnd.registration_open, tuple(rnd.registry.table.ids)))
+            out.append(
+                tuple(
+                    sorted((s, tuple(sorted(r.fetched))) for s, r in rnd.registry._owners.items())
+                )
+            )
+            out.append(tuple(sorted(rnd.closed)))
+            for name, box in sorted(rnd.outbox.items()):
+                out.append((name, tuple(box)))
+            for name, acc in sorted(rnd.accumulators.items()):
+                slot, share = acc.rows()
+                out.append(
+                    (
+                        name,
+                        acc.state,
+                        acc.unit_count,
+                        hashlib.sha256(slot.tobytes() + share.tobytes()).hexdigest(),
+                    )
+                )
+    return tuple(out)
+
+
+# -- exact sums (property-based) ---------------------------------------------------------------
+@st.composite
+def scenario(draw: st.DrawFn, max_devices: int) -> tuple[int, int, int, list]:
+    n = draw(st.integers(1, max_devices))
+    dim = draw(st.integers(1, 4))
+    k = draw(st.integers(1, 3))
+    value = st.one_of(
+        st.sampled_from([0.0, 1000.0, -1000.0, 2.0**-20, -(2.0**-20)]),
+        st.floats(-1000.0, 1000.0, allow_nan=False),
+    )
+    posts = []
+    for i in range(n):
+        m = draw(st.integers(0, k))
+        targets = draw(st.lists(st.integers(0, n - 1), min_size=m, max_size=m))
+        vals = draw(st.lists(st.lists(value, min_size=dim, max_size=dim), min_size=m, max_size=m))
+        posts.append((i, targets, np.array(vals, dtype=np.float64).reshape(m, dim)))
+    return n, dim, k, posts
+
+
+def _check_exact(mode: Mode, sc: tuple[int, int, int, list]) -> None:
+    n, dim, k, posts = sc
+    codec = FixedPointCodec(frac_bits=20, max_abs=1000.0, max_summands=4096)
+    w = World(mode, n, dim=dim, k=k, codec=codec)
+    for i, targets, vals in posts:
+        w.post(i, targets, vals)
+        w.devices[i].post(w.spec, "obs", ["global/day/7"] * len(vals[:1]), vals[:1])
+    w.c.close_phase(ROUND, "messages")
+    w.c.close_phase(ROUND, "obs")
+    np.testing.assert_array_equal(w.fetch_all(), w.ring_sums(posts))
+    expected_obs = sum(
+        (codec.encode(v[:1]).sum(axis=0) for _, _, v in posts), np.zeros(dim, dtype=np.int64)
+    )
+    opened = w.c.open_aggregates_ring(ROUND, "obs")
+    np.testing.assert_array_equal(opened["global/day/7"], expected_obs)
+    np.testing.assert_array_equal(opened["region/BK/day/7"], np.zeros(dim, dtype=np.int64))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario(6))
+def test_mailbox_sums_exact(sc) -> None:
+    _check_exact(Mode.MAILBOX, sc)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario(4))
+def test_shuffled_sums_exact(sc) -> None:
+    _check_exact(Mode.SHUFFLED, sc)
+
+
+def test_plaintext_sums_exact_and_warns() -> None:
+    with pytest.warns(InsecurePlaintextWarning, match="INSECURE"):
+        InMemoryNetwork(Mode.PLAINTEXT)
+    w = World(Mode.PLAINTEXT, 3)
+    posts = [(0, [1, 2], np.array([[1.0, 2, 3], [-4, 5, 6]])), (1, [2], np.array([[0.5, 0, -1]]))]
+    for p in posts:
+        w.post(*p)
+    w.c.close_phase(ROUND, "messages")
+    np.testing.assert_array_equal(w.fetch_all(), w.ring_sums(posts))
+
+
+def test_boundary_values_at_the_overflow_bound() -> None:
+    # ceil(2^20 · 2^40) · 7 < 2^63: seven maximal contributions must sum exactly, either sign
+    codec = FixedPointCodec(frac_bits=40, max_abs=2.0**20, max_summands=7)
+    for sign in (1.0, -1.0):
+        w = World(Mode.MAILBOX, 7, dim=1, k=1, codec=codec)
+        for i in range(7):
+            w.devices[i].post(w.spec, "obs", ["global/day/7"], [[sign * 2.0**20]])
+        w.c.close_phase(ROUND, "obs")
+        assert w.c.open_aggregates(ROUND, "obs")["global/day/7"].tolist() == [sign * 7 * 2**20]
+
+
+def test_overflow_detected_and_state_unchanged() -> None:
+    codec = FixedPointCodec(frac_bits=16, max_abs=10.0, max_summands=3)
+    w = World(Mode.MAILBOX, 4, dim=1, k=1, codec=codec)
+    for i in range(3):
+        w.devices[i].post(w.spec, "obs", ["global/day/7"], [[1.0]])
+    before = server_state(w.net)
+    with pytest.raises(OverflowBoundError, match="max_summands=3"):
+        w.devices[3].post(w.spec, "obs", ["global/day/7"], [[1.0]])
+    assert server_state(w.net) == before
+    with pytest.raises(EncodingError, match="exceeds max_abs"):
+        w.devices[3].post(w.spec, "obs", ["global/day/7"], [[10.5]])
+
+
+# -- dropouts --------------------------------------------------------------------------------
+def _drop_relayed_part(victim: bytes) -> Callable[[bytes], bytes]:
+    """A C→A filter that loses one device's A-part (mailbox) or outer envelope (shuffled)."""
+
+    def f(raw: bytes) -> bytes:
+        m = decode(raw)
+        if isinstance(m, RelayMailbox):
+            keep = [i for i, d in enumerate(m.device_ids) if d != victim]
+            return RelayMailbox(
+                m.round_id,
+                m.phase,
+                *(
+                    tuple(col[i] for i in keep)
+                    for col in (m.device_ids, m.slot_ids, m.sealed_for_a)
+                ),
+            ).to_bytes()
+        if isinstance(m, RelayShuffled):
+            keep = [i for i, d in enumerate(m.device_ids) if d != victim]
+            return RelayShuffled(
+                m.round_id,
+                m.phase,
+                tuple(m.device_ids[i] for i in keep),
+                tuple(m.outers[i] for i in keep),
+                m.items_for_a,
+            ).to_bytes()
+        return raw
+
+    return f
+
+
+@pytest.mark.parametrize("mode", SECURE)
+def test_dropouts_at_every_phase(mode: Mode) -> None:
+    w = World(mode, 6, k=2)
+    vals = {i: np.array([[i, 1.0, -2.0], [0.5, -i, 3.0]]) for i in range(6)}
+    targets = {i: [(i + 1) % 6, (i + 3) % 6] for i in range(6)}
+    # device 0: dropped before posting; device 1: post reached C, its A-bound part was lost;
+    # device 2: excluded by C at the deadline; device 3: drops before fetching its sum
+    for i in (1, 2, 3, 4, 5):
+        w.post(i, targets[i], vals[i])
+    w.net.c_to_a_filter = _drop_relayed_part(w.devices[1].device_id)
+    assert w.c.exclude_device(ROUND, "messages", w.devices[2].device_id)
+    report = w.c.close_phase(ROUND, "messages")
+    w.net.c_to_a_filter = None
+    surviving = [(i, targets[i], vals[i]) for i in (3, 4, 5)]
+    assert report.surviving == (3 if mode is Mode.MAILBOX else 3 * 2)
+    expected = w.ring_sums(surviving)
+    fetchers = [0, 1, 2, 4, 5]
+    np.testing.assert_array_equal(w.fetch_all(fetchers), expected[fetchers])
+
+
+def test_shuffled_lost_return_item_is_excluded_exactly() -> None:
+    w = World(Mode.SHUFFLED, 4, k=2)
+    posts = [
+        (i, [(i + 1) % 4, (i + 2) % 4], np.array([[i + 1.0, 2, 3], [-1, i, 0.25]]))
+        for i in range(4)
+    ]
+    for p in posts:
+        w.post(*p)
+
+    def lose_one(raw: bytes) -> bytes:
+        m = decode(raw)
+        if isinstance(m, ShuffledForC):
+            return ShuffledForC(
+                m.round_id, m.phase, m.items_for_c[1:], m.accepted, m.replayed, m.rejected
+            ).to_bytes()
+        return raw
+
+    w.net.a_to_c_filter = lose_one
+    report = w.c.close_phase(ROUND, "messages")
+    assert report.surviving == 7 and report.accepted_by_aggregator == 8
+    missing = (w.ring_sums(posts) - w.fetch_all()).sum(axis=0)
+    # exactly one posted item is missing, nothing else
+    items = [w.codec.encode(row) for _, _, v in posts for row in v]
+    assert sum(np.array_equal(missing, it) for it in items) >= 1
+
+
+@pytest.mark.parametrize("mode", SECURE)
+def test_tampered_relay_part_is_excluded_at_both_servers(mode: Mode) -> None:
+    w = World(mode, 3, k=1)
+    posts = [(i, [(i + 1) % 3], np.array([[float(i + 1), 0, 0]])) for i in range(3)]
+    for p in posts:
+        w.post(*p)
+    victim = w.devices[0].device_id
+
+    def tamper(raw: bytes) -> bytes:
+        m = decode(raw)
+        if isinstance(m, RelayMailbox):
+            parts = list(m.sealed_for_a)
+            i = m.device_ids.index(victim)
+            parts[i] = parts[i][:-1] + bytes([parts[i][-1] ^ 1])
+            return RelayMailbox(
+                m.round_id, m.phase, m.device_ids, m.slot_ids, tuple(parts)
+            ).to_bytes()
+        if isinstance(m, RelayShuffled):
+            outers = list(m.outers)
+            i = m.device_ids.index(victim)
+            outers[i] = outers[i][:60] + bytes([outers[i][60] ^ 1]) + outers[i][61:]
+            return RelayShuffled(
+                m.round_id, m.phase, m.device_ids, tuple(outers), m.items_for_a
+            ).to_bytes()
+        return raw
+
+    w.net.c_to_a_filter = tamper
+    report = w.c.close_phase(ROUND, "messages")
+    assert report.rejected_by_aggregator == 1
+    np.testing.assert_array_equal(w.fetch_all(), w.ring_sums(posts[1:]))
+
+
+# -- retries and replays ---------------------------------------------------------------------
+@pytest.mark.parametrize("mode", SECURE)
+def test_retries_and_replays_never_double_count(mode: Mode) -> None:
+    w = World(mode, 3, k=1)
+    posts = [(i, [(i + 1) % 3], np.array([[1.0, -1.0, float(i)]])) for i in range(3)]
+    for p in posts:
+        assert w.post(*p)
+    assert not w.devices[0].resend(ROUND, "messages")  # a retry: accepted, counted once
+    before = server_state(w.net)
+    with pytest.raises(ConflictingSubmission, match="different"):
+        w.post(0, [1], np.array([[9.0, 9.0, 9.0]]))
+    assert server_state(w.net) == before
+
+    def duplicate(raw: bytes) -> bytes:  # the relay replays everything twice
+        m = decode(raw)
+        if isinstance(m, RelayMailbox):
+            return RelayMailbox(
+                m.round_id, m.phase, m.device_ids * 2, m.slot_ids * 2, m.sealed_for_a * 2
+            ).to_bytes()
+        if isinstance(m, RelayShuffled):
+            return RelayShuffled(
+                m.round_id, m.phase, m.device_ids * 2, m.outers * 2, m.items_for_a * 2
+            ).to_bytes()
+        return raw
+
+    w.net.c_to_a_filter = duplicate
+    report = w.c.close_phase(ROUND, "messages")
+    assert report.surviving == 3
+    np.testing.assert_array_equal(w.fetch_all(), w.ring_sums(posts))
+
+
+# -- refusals, each specific and leaving state unchanged -------------------------------------
+@pytest.mark.parametrize("mode", [*SECURE, Mode.PLAINTEXT])
+def test_bad_posts_rejected_state_unchanged(mode: Mode) -> None:
+    w = World(mode, 3, k=2)
+    w.post(0, [1], np.array([[1.0, 2.0, 3.0]]))
+    before = server_state(w.net)
+    dev = w.devices[1]
+    with pytest.raises(WrongLength, match=r"shape \(1, 3\)"):
+        dev.post(w.spec, "messages", [w.slots[0]], np.ones((1, 4)))
+    with pytest.raises(WrongLength, match="exceed items_per_device=2"):
+        dev.post(w.spec, "messages", [w.slots[0]] * 3, np.ones((3, 3)))
+    with pytest.raises(UnknownSlot, match="unknown slot"):
+        dev.post(w.spec, "messages", [os.urandom(16)], np.ones((1, 3)))
+    with pytest.raises(InvalidSlotName, match="invalid aggregate slot name"):
+        dev.post(w.spec, "obs", ["global/day/07"], np.ones((1, 3)))
+    with pytest.raises(UnknownSlot):
+        dev.post(w.spec, "obs", ["global/day/8"], np.ones((1, 3)))  # valid name, not declared
+    if mode is not Mode.SHUFFLED:
+        raw = dev.build_post(w.spec, "messages", [w.slots[0]], np.ones((1, 3)))
+        m = MailboxPost.from_bytes(raw)
+        short = MailboxPost(
+            m.device_id, m.round_id, m.phase, m.dim, m.slot_ids, m.share_c[:-8], m.sealed_for_a
+        )
+        with pytest.raises(WrongLength, match="share block"):
+            w.c.handle_device(short.to_bytes(), dev.device_id)
+    assert server_state(w.net) == before
+    w.c.close_phase(ROUND, "messages")
+    with pytest.raises(PhaseClosed, match="closed"):
+        dev.post(w.spec, "messages", [w.slots[0]], np.ones((1, 3)))
+
+
+@pytest.mark.parametrize("mode", SECURE)
+def test_fetch_only_by_registrant_once_per_server(mode: Mode) -> None:
+    w = World(mode, 3, k=1)
+    w.post(0, [1], np.array([[1.0, 2.0, 3.0]]))
+    owner, thief = w.devices[1], w.devices[2]
+    with pytest.raises(PhaseNotReleased):
+        owner.fetch(ROUND, "messages", w.slots[1])
+    w.c.close_phase(ROUND, "messages")
+    before = server_state(w.net)
+    with pytest.raises(NotRegistrant, match="registered to another device"):
+        thief.fetch(ROUND, "messages", w.slots[1])
+    # a thief claiming the owner's id over its own authenticated channel
+    impostor = DeviceClient(
+        owner.device_id, w.net.deployment, lambda raw: w.c.handle_device(raw, thief.device_id)
+    )
+    impostor._secrets[ROUND] = os.urandom(32)
+    with pytest.raises(NotRegistrant, match="authenticated peer"):
+        impostor.fetch(ROUND, "messages", w.slots[1])
+    # C itself forging the owner's fetch: it lacks the fetch secret, so A refuses
+    forged = DeviceClient(
+        owner.device_id, w.net.deployment, lambda raw: w.c.handle_device(raw, owner.device_id)
+    )
+    forged._secrets[ROUND] = os.urandom(32)
+    with pytest.raises(NotRegistrant, match="fetch proof does not match"):
+        forged.fetch(ROUND, "messages", w.slots[1])
+    with pytest.raises(UnknownSlot):
+        owner.fetch(ROUND, "messages", os.urandom(16))
+    assert server_state(w.net) == before
+    assert owner.fetch(ROUND, "messages", w.slots[1]).tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(AlreadyFetched, match="already fetched"):
+        owner.fetch(ROUND, "messages", w.slots[1])
+
+
+def test_registration_refusals() -> None:
+    w = make_net(Mode.MAILBOX)
+    spec = RoundSpec(1, (PhaseSpec("messages", 2, SlotKind.PSEUDONYM, 1),))
+    w.open_round(spec)
+    a, b = w.device(), w.device()
+    rpi = os.urandom(16)
+    a.register(1, [rpi])
+    before = server_state(w)
+    with pytest.raises(SlotAlreadyRegistered, match="already registered"):
+        b.register(1, [os.urandom(16), rpi])
+    assert server_state(w) == before
+    w.coordinator.close_registration(1)
+    with pytest.raises(PhaseClosed, match="registration is closed"):
+        b.register(1, [os.urandom(16)])
+
+
+# -- what the servers see ----------------------------------------------------------------------
+def _chi2_p(raw: bytes) -> float:
+    from scipy.stats import chisquare
+
+    return float(chisquare(np.bincount(np.frombuffer(raw, np.uint8), minlength=256)).pvalue)
+
+
+@pytest.mark.parametrize("mode", [*SECURE, Mode.PLAINTEXT])
+def test_each_server_view_of_shares_is_uniform_unless_plaintext(mode: Mode) -> None:
+    w = World(mode, 40, dim=8, k=4)
+    for i in range(40):  # highly structured data: small positive integers
+        w.post(i, [(i + j) % 40 for j in range(4)], np.full((4, 8), float(i % 3)))
+    w.c.close_phase(ROUND, "messages")
+    c_view = w.c.share_rows(ROUND, "messages")[1].tobytes()
+    a_view = w.net.aggregator.share_rows(ROUND, "messages")[1].tobytes()
+    if mode is Mode.PLAINTEXT:
+        assert _chi2_p(c_view) < 1e-12  # the control: C sees raw values
+    else:
+        assert _chi2_p(c_view) > 1e-5
+        assert _chi2_p(a_view) > 1e-5
+
+
+def _run_linkage(mode: Mode, n: int, c_permutation=None) -> tuple[float, float]:
+    """Every device sends one item to the next device's slot; C then A try to name senders.
+
+    Returns the fraction of slots whose sender C (resp. A) identifies from everything it saw:
+    all device requests with their authenticated senders, all relay traffic, the order in
+    which items reached it, and the plaintext of every item it can open.
+    """
+    kw = {"tap": True}
+    if c_permutation is not None:
+        kw["c_permutation"] = c_permutation
+        kw["a_permutation"] = c_permutation
+    w = World(mode, n, k=1, **kw)
+    for i in range(n):
+        w.post(i, [(i + 1) % n], np.ones((1, 3)))
+    w.c.close_phase(ROUND, "messages")
+    truth = {w.slots[(i + 1) % n]: w.devices[i].device_id for i in range(n)}
+    posts = [
+        (decode(req), req)
+        for link, req, _ in w.net.log
+        if link == "device->c" and isinstance(decode(req), (MailboxPost, ShuffledPost))
+    ]
+    senders = [m.device_id for m, _ in posts]
+    guess_c: dict[bytes, bytes] = {}
+    guess_a: dict[bytes, bytes] = {}
+    if mode is Mode.MAILBOX:
+        for m, _ in posts:  # C reads the slot list of every post
+            guess_c[m.slot_ids[:16]] = m.device_id
+        relay = next(
+            decode(r)
+            for link, r, _ in w.net.log
+            if link == "c->a" and isinstance(decode(r), RelayMailbox)
+        )
+        for d, s in zip(relay.device_ids, relay.slot_ids, strict=True):
+            guess_a[s[:16]] = d
+    else:
+        from protocols.secure_sum.envelope import open_envelope
+        from protocols.secure_sum.protocol import INFO_ITEM_A, INFO_ITEM_C, phase_aad
+
+        aad = phase_aad(ROUND, "messages")
+        back = next(
+            decode(resp)
+            for link, _, resp in w.net.log
+            if link == "c->a" and isinstance(decode(resp), ShuffledForC)
+        )
+        raw_posts = b"".join(req for _, req in posts)
+        assert not any(env in raw_posts for env in back.items_for_c)
+        for pos, env in enumerate(back.items_for_c):
+            slot = open_envelope(w.net.c_keys, env, INFO_ITEM_C, aad)[16:32]
+            # byte-matching first (C never saw these bytes), else arrival position
+            found = [m.device_id for m, req in posts if env in req]
+            guess_c[slot] = found[0] if found else senders[pos % n]
+        relay = next(
+            decode(r)
+            for link, r, _ in w.net.log
+            if link == "c->a" and isinstance(decode(r), RelayShuffled)
+        )
+        for pos, env in enumerate(relay.items_for_a):
+            slot = open_envelope(w.net.a_keys, env, INFO_ITEM_A, aad)[16:32]
+            guess_a[slot] = relay.device_ids[pos % n]
+    acc_c = np.mean([guess_c.get(s) == d for s, d in truth.items()])
+    acc_a = np.mean([guess_a.get(s) == d for s, d in truth.items()])
+    return float(acc_c), float(acc_a)
+
+
+def test_linkage_attack_succeeds_in_mailbox_fails_in_shuffled() -> None:
+    n = 32
+    assert _run_linkage(Mode.MAILBOX, n) == (1.0, 1.0)
+    # the same attack has teeth: without the servers' shuffles it names every sender
+    identity = lambda m: np.arange(m, dtype=np.int64)  # noqa: E731
+    assert _run_linkage(Mode.SHUFFLED, n, c_permutation=identity) == (1.0, 1.0)
+    # with CSPRNG shuffles it is at chance (1/32); P(Binomial(32, 1/32) >= 8) < 1e-5
+    acc_c, acc_a = _run_linkage(Mode.SHUFFLED, n)
+    assert acc_c <= 0.25 and acc_a <= 0.25

@@ -1,0 +1,117 @@
+"""Calibration recovers planted parameters; targets load with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sim import populations
+from sim.calibration import (
+    ObservedSeries,
+    TargetFileError,
+    fit_network,
+    fit_params,
+    load_target,
+    series_loss,
+)
+from sim.params import Theta
+from sim.runner import CentralSimulator
+
+PLANTED = Theta(beta=0.25, mortality=0.15, init_frac=0.01)
+
+
+@pytest.fixture(scope="module")
+def planted() -> tuple[CentralSimulator, torch.Tensor]:
+    sim = CentralSimulator(populations.synthetic(3000, seed=2), seed=4, dtype=torch.float64)
+    y = sim.run(PLANTED, 42).y[..., 0].sum(-1).detach()  # (T, 2): infections, deaths
+    assert y[:, 0].sum() > 300, "the planted epidemic must take off"
+    return sim, y
+
+
+def weekly_log_loss(observed: torch.Tensor):
+    obs = observed.reshape(6, 7, 2).sum(1)
+
+    def loss(y: torch.Tensor) -> torch.Tensor:
+        sim_w = y[:42].sum(-1).reshape(6, 7, 2).sum(1)
+        return ((torch.log1p(sim_w) - torch.log1p(obs)) ** 2).mean()
+
+    return loss
+
+
+@pytest.mark.parametrize("start", [Theta(beta=0.15, mortality=0.3, init_frac=0.01),
+                                   Theta(beta=0.4, mortality=0.08, init_frac=0.01),
+                                   Theta(beta=0.18, mortality=0.1, init_frac=0.01)])
+def test_params_mode_recovers_planted_theta(planted, start: Theta) -> None:
+    sim, observed = planted
+    result = fit_params(sim, weekly_log_loss(observed), 42, start, epochs=60, lr=0.05,
+                        fit=("beta", "mortality"))
+    assert min(result.losses) < 0.1 * result.losses[0]
+    assert result.theta.beta == pytest.approx(PLANTED.beta, rel=0.10)
+    assert result.theta.mortality == pytest.approx(PLANTED.mortality, rel=0.10)
+    assert result.theta.init_frac == start.init_frac  # not fitted, not moved
+
+
+def test_reverse_mode_calibration_also_recovers(planted) -> None:
+    sim, observed = planted
+    start = PLANTED.replace(beta=0.15)
+    result = fit_params(sim, weekly_log_loss(observed), 42, start, epochs=40, lr=0.05,
+                        fit=("beta",), grad="reverse")
+    assert result.theta.beta == pytest.approx(PLANTED.beta, rel=0.10)
+
+
+def test_network_mode_recovers_planted_beta(planted) -> None:
+    sim, observed = planted
+    target = ObservedSeries(observed[:, 0].reshape(6, 7).sum(-1), 7)
+    start = PLANTED.replace(beta=0.15)
+    result = fit_network(sim, target, series_loss(target), start, {"beta": (0.05, 1.0)},
+                         epochs=50, lr=0.05)
+    assert min(result.losses) < 0.1 * result.losses[0]
+    assert result.theta.beta == pytest.approx(PLANTED.beta, rel=0.10)
+
+
+def test_unknown_fit_parameter_is_rejected(planted) -> None:
+    sim, observed = planted
+    with pytest.raises(ValueError, match="gamma"):
+        fit_params(sim, weekly_log_loss(observed), 42, PLANTED, epochs=1, fit=("gamma",))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cases.csv"
+    p.write_text(text)
+    return p
+
+
+def test_load_target_filters_and_drops_exact_repeats(tmp_path: Path) -> None:
+    p = _write(tmp_path, "date,nta_id,cases_week\n2020/08/08,QN0103,3\n2020/08/08,BK01,99\n"
+                         "2020/08/15,QN0103,10\n2020/08/08,QN0103,3\n")
+    t = load_target(p, filters={"nta_id": "QN0103"})
+    assert t.values.tolist() == [3.0, 10.0]
+    assert t.labels == ("2020/08/08", "2020/08/15")
+    assert t.days == 14
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("date,cases\n2020/08/08,3\n", ":1: missing column 'cases_week'"),
+    ("date,cases_week\n2020/08/08,3\n2020/08/15,abc\n", ":3: field 'cases_week': 'abc'"),
+    ("date,cases_week\n2020/08/08,\n", ":2: field 'cases_week': ''"),
+    ("date,cases_week\n2020/08/08,-4\n", ":2: field 'cases_week': '-4'"),
+    ("date,cases_week\n2020/08/08,nan\n", ":2: field 'cases_week': 'nan'"),
+    ("date,cases_week\n2020/08/08,3\n2020/08/08,5\n", ":3: field 'cases_week': date '2020/08/08'"),
+    ("date,cases_week\n", "no rows match"),
+])
+def test_bad_target_files_name_file_line_and_field(tmp_path: Path, text: str, where: str) -> None:
+    p = _write(tmp_path, text)
+    with pytest.raises(TargetFileError) as e:
+        load_target(p)
+    assert str(p) in str(e.value)
+    assert where in str(e.value)
+
+
+def test_astoria_target_loads(astoria_dir: Path) -> None:
+    t = load_target(astoria_dir / "nyc_neighborhood_weekly_cases.csv",
+                    filters={"nta_id": "QN0103"})
+    assert len(t) > 30
+    assert t.labels == tuple(sorted(set(t.labels)))  # the repeated first weeks collapsed
+    assert t.values[:4].tolist() == [3.0, 10.0, 10.0, 15.0]
