@@ -34,8 +34,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = [a for a in argv if not a.startswith("-")][:2]
 
-    def add(subparsers: argparse._SubParsersAction, name: str, module: str, help_text: str,
-            kind: str, selected: bool) -> None:
+    def add(
+        subparsers: argparse._SubParsersAction,
+        name: str,
+        module: str,
+        help_text: str,
+        kind: str,
+        selected: bool,
+    ) -> None:
         p = subparsers.add_parser(name, help=help_text, description=help_text)
         if selected:
             importlib.import_module(module).add_arguments(p)

@@ -25,8 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    p.add_argument("--modes", default="none,forward,reverse",
-                   help="which modes to time (reverse stores every step: the largest memory)")
+    p.add_argument(
+        "--modes",
+        default="none,forward,reverse",
+        help="which modes to time (reverse stores every step: the largest memory)",
+    )
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -42,8 +45,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     theta = Theta(beta=0.3, mortality=0.01, init_frac=0.001)
     sim.run(theta, 2)  # warm-up: allocator, kernels
     edges = pop.n_edges
-    out: dict[str, Any] = {"agents": args.agents, "edges": edges, "steps": args.steps,
-                           "device": str(device), "dtype": args.dtype}
+    out: dict[str, Any] = {
+        "agents": args.agents,
+        "edges": edges,
+        "steps": args.steps,
+        "device": str(device),
+        "dtype": args.dtype,
+    }
     peaks = {}
     for mode in args.modes.split(","):
         if device.type == "cuda":

@@ -50,13 +50,18 @@ class ObservedSeries:
 
     def head(self, periods: int) -> ObservedSeries:
         """The first ``periods`` periods."""
-        return ObservedSeries(self.values[:periods], self.period_days, self.labels[:periods],
-                              self.source)
+        return ObservedSeries(
+            self.values[:periods], self.period_days, self.labels[:periods], self.source
+        )
 
 
-def load_target(path: str | Path, column: str = "cases_week",
-                filters: dict[str, str] | None = None, label_column: str = "date",
-                period_days: int = 7) -> ObservedSeries:
+def load_target(
+    path: str | Path,
+    column: str = "cases_week",
+    filters: dict[str, str] | None = None,
+    label_column: str = "date",
+    period_days: int = 7,
+) -> ObservedSeries:
     """Read one column of a CSV as an observed series, after row filters (e.g. nta_id=QN0103).
 
     Rows repeating an earlier label with the same value are dropped (the NYC file repeats its
@@ -84,25 +89,33 @@ def load_target(path: str | Path, column: str = "cases_week",
                 v = float(raw)
             except ValueError:
                 raise TargetFileError(
-                    f"{path}:{lineno}: field {column!r}: {raw!r} is not a number") from None
+                    f"{path}:{lineno}: field {column!r}: {raw!r} is not a number"
+                ) from None
             if not math.isfinite(v) or v < 0:
                 raise TargetFileError(
-                    f"{path}:{lineno}: field {column!r}: {raw!r} must be a finite count >= 0")
+                    f"{path}:{lineno}: field {column!r}: {raw!r} must be a finite count >= 0"
+                )
             label = row[label_column]
             if label in seen and seen[label] != v:
                 raise TargetFileError(
                     f"{path}:{lineno}: field {column!r}: {label_column} {label!r} repeats with "
-                    f"a different value ({seen[label]} vs {v})")
+                    f"a different value ({seen[label]} vs {v})"
+                )
             seen.setdefault(label, v)
     if not seen:
         raise TargetFileError(f"{path}: no rows match the filters {filters}")
     labels = sorted(seen)
-    return ObservedSeries(torch.tensor([seen[k] for k in labels], dtype=torch.float64),
-                          period_days, tuple(labels), str(path))
+    return ObservedSeries(
+        torch.tensor([seen[k] for k in labels], dtype=torch.float64),
+        period_days,
+        tuple(labels),
+        str(path),
+    )
 
 
-def series_loss(target: ObservedSeries, ascertainment: float = 1.0
-                ) -> Callable[[torch.Tensor], torch.Tensor]:
+def series_loss(
+    target: ObservedSeries, ascertainment: float = 1.0
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A loss on the run's aggregates ``y`` (T, 2, G): mean squared log1p error per period."""
 
     def loss(y: torch.Tensor) -> torch.Tensor:
@@ -138,10 +151,17 @@ def _fit_mask(fit: Sequence[str]) -> torch.Tensor:
     return torch.tensor([n in fit for n in PARAM_NAMES], dtype=torch.float64)
 
 
-def fit_params(sim: CentralSimulator, loss_fn: Callable[[torch.Tensor], torch.Tensor], days: int,
-               start: Theta, epochs: int = 50, lr: float = 0.05,
-               fit: Sequence[str] = ("beta",), grad: str = "forward",
-               progress: bool = False) -> FitResult:
+def fit_params(
+    sim: CentralSimulator,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    days: int,
+    start: Theta,
+    epochs: int = 50,
+    lr: float = 0.05,
+    fit: Sequence[str] = ("beta",),
+    grad: str = "forward",
+    progress: bool = False,
+) -> FitResult:
     """Mode 1: Adam on log θ for the parameters named in ``fit`` (others stay at ``start``)."""
     mask = _fit_mask(fit)
     fixed = start.as_tensor()
@@ -158,7 +178,7 @@ def fit_params(sim: CentralSimulator, loss_fn: Callable[[torch.Tensor], torch.Te
         assert g is not None
         opt.zero_grad()
         # chain rule through θ = exp(log θ); parameters not being fitted get no gradient
-        log_theta.grad = (g.to(torch.float64) * theta * mask)
+        log_theta.grad = g.to(torch.float64) * theta * mask
         opt.step()
         losses.append(loss)
         thetas.append(Theta.from_tensor(theta).to_dict())
@@ -175,16 +195,21 @@ class CalibrationNet(torch.nn.Module):
     within a per-parameter range, so θ is always valid.
     """
 
-    def __init__(self, n_features: int, ranges: dict[str, tuple[float, float]],
-                 hidden: int = 16) -> None:
+    def __init__(
+        self, n_features: int, ranges: dict[str, tuple[float, float]], hidden: int = 16
+    ) -> None:
         super().__init__()
         self.names = tuple(ranges)
         self.gru = torch.nn.GRU(n_features, hidden, batch_first=True, dtype=torch.float64)
         self.head = torch.nn.Linear(hidden, len(self.names), dtype=torch.float64)
-        self.register_buffer("log_lo", torch.log(torch.tensor([ranges[n][0] for n in self.names],
-                                                               dtype=torch.float64)))
-        self.register_buffer("log_hi", torch.log(torch.tensor([ranges[n][1] for n in self.names],
-                                                               dtype=torch.float64)))
+        self.register_buffer(
+            "log_lo",
+            torch.log(torch.tensor([ranges[n][0] for n in self.names], dtype=torch.float64)),
+        )
+        self.register_buffer(
+            "log_hi",
+            torch.log(torch.tensor([ranges[n][1] for n in self.names], dtype=torch.float64)),
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _, h = self.gru(features.unsqueeze(0))
@@ -200,10 +225,18 @@ def series_features(target: ObservedSeries) -> torch.Tensor:
     return torch.stack([x, t], dim=-1)
 
 
-def fit_network(sim: CentralSimulator, target: ObservedSeries,
-                loss_fn: Callable[[torch.Tensor], torch.Tensor], start: Theta,
-                ranges: dict[str, tuple[float, float]], epochs: int = 50, lr: float = 0.02,
-                grad: str = "forward", seed: int = 0, progress: bool = False) -> FitResult:
+def fit_network(
+    sim: CentralSimulator,
+    target: ObservedSeries,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    start: Theta,
+    ranges: dict[str, tuple[float, float]],
+    epochs: int = 50,
+    lr: float = 0.02,
+    grad: str = "forward",
+    seed: int = 0,
+    progress: bool = False,
+) -> FitResult:
     """Mode 2: train a ``CalibrationNet`` end to end through the simulator."""
     _fit_mask(tuple(ranges))
     torch.manual_seed(seed)  # the network's own initialisation; the simulator has no global RNG

@@ -19,19 +19,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_population_arguments(p)
     p.add_argument("--target", required=True, help="CSV with the observed series")
     p.add_argument("--column", default="cases_week", help="column of counts in --target")
-    p.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE",
-                   help="keep rows where COLUMN equals VALUE (repeatable)")
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="keep rows where COLUMN equals VALUE (repeatable)",
+    )
     p.add_argument("--period", type=int, default=7, help="days per row of the target (7: weekly)")
-    p.add_argument("--days", type=int,
-                   help="days to fit (the first days/period rows); default: the whole series")
+    p.add_argument(
+        "--days",
+        type=int,
+        help="days to fit (the first days/period rows); default: the whole series",
+    )
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--mode", choices=("params", "network"), default="params",
-                   help="params: fit θ directly; network: train a GRU features→θ")
+    p.add_argument(
+        "--mode",
+        choices=("params", "network"),
+        default="params",
+        help="params: fit θ directly; network: train a GRU features→θ",
+    )
     p.add_argument("--fit", default="beta,init_frac", help="parameters to fit, comma-separated")
     p.add_argument("--theta", default="", help="starting values, name=value,...")
-    p.add_argument("--ascertainment", type=float, default=1.0,
-                   help="fraction of infections that are reported as cases")
+    p.add_argument(
+        "--ascertainment",
+        type=float,
+        default=1.0,
+        help="fraction of infections that are reported as cases",
+    )
     p.add_argument("--grad", choices=("forward", "reverse"), default="forward")
     p.add_argument("--out", default="out/calibrate")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -58,17 +74,37 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"decentsim calibrate: --fit names unknown parameter(s) {sorted(unknown)}")
     pop = populations.from_spec(args.population, seed=args.seed)
-    sim = CentralSimulator(pop, model_config(args), seed=args.seed, device=args.device,
-                           dtype=DTYPES[args.dtype])
+    sim = CentralSimulator(
+        pop, model_config(args), seed=args.seed, device=args.device, dtype=DTYPES[args.dtype]
+    )
     loss_fn = series_loss(target, args.ascertainment)
     progress = sys.stderr.isatty()
     if args.mode == "params":
-        result = fit_params(sim, loss_fn, target.days, start, args.epochs, args.lr, fit,
-                            args.grad, progress=progress)
+        result = fit_params(
+            sim,
+            loss_fn,
+            target.days,
+            start,
+            args.epochs,
+            args.lr,
+            fit,
+            args.grad,
+            progress=progress,
+        )
     else:
         ranges = {n: (max(PARAM_BOUNDS[n][0], 1e-5), min(PARAM_BOUNDS[n][1], 2.0)) for n in fit}
-        result = fit_network(sim, target, loss_fn, start, ranges, args.epochs, args.lr,
-                             args.grad, seed=args.seed, progress=progress)
+        result = fit_network(
+            sim,
+            target,
+            loss_fn,
+            start,
+            ranges,
+            args.epochs,
+            args.lr,
+            args.grad,
+            seed=args.seed,
+            progress=progress,
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {
@@ -86,12 +122,21 @@ def run(args: argparse.Namespace) -> int:
         "thetas": result.thetas,
     }
     (out / "theta.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_calibration(result.losses, target.values, result.fitted_daily, target.period_days, out,
-                     target.labels, args.ascertainment)
+    plot_calibration(
+        result.losses,
+        target.values,
+        result.fitted_daily,
+        target.period_days,
+        out,
+        target.labels,
+        args.ascertainment,
+    )
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"fitted {', '.join(f'{k}={v:.4g}' for k, v in result.theta.to_dict().items())}; "
-              f"loss {result.losses[0]:.4g} -> {min(result.losses):.4g}; wrote {out}/theta.json, "
-              "loss.png, fit.png")
+        print(
+            f"fitted {', '.join(f'{k}={v:.4g}' for k, v in result.theta.to_dict().items())}; "
+            f"loss {result.losses[0]:.4g} -> {min(result.losses):.4g}; wrote {out}/theta.json, "
+            "loss.png, fit.png"
+        )
     return 0

@@ -15,8 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_population_arguments(p)
     p.add_argument("--days", type=int, default=60)
     p.add_argument("--theta", default="", help="name=value,... (beta, mortality, init_frac)")
-    p.add_argument("--grad", choices=("forward", "reverse"),
-                   help="also compute loss = total new infections and dloss/dθ")
+    p.add_argument(
+        "--grad",
+        choices=("forward", "reverse"),
+        help="also compute loss = total new infections and dloss/dθ",
+    )
     p.add_argument("--out", help="directory for trajectory.csv, summary.json and plots")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
@@ -28,8 +31,15 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"decentsim simulate: {e}") from None
     pop = populations.from_spec(args.population, seed=args.seed)
     simulation = env.create_from_template(
-        models.epidemiology, pop, theta=theta, config=model_config(args), seed=args.seed,
-        days=args.days, device=args.device, dtype=DTYPES[args.dtype])
+        models.epidemiology,
+        pop,
+        theta=theta,
+        config=model_config(args),
+        seed=args.seed,
+        days=args.days,
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+    )
     simulation.execute(grad=args.grad or "none", progress=sys.stderr.isatty())
     summary = simulation.save(args.out) if args.out else simulation.summary()
     if args.json:
@@ -37,12 +47,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         total = int(sum(summary["daily"]["new_infections"]))
         deaths = int(sum(summary["daily"]["new_deaths"]))
-        print(f"{summary['agents']:,} agents, {summary['days']} days: {total:,} infections, "
-              f"{deaths:,} deaths ({summary['wall_s']:.2f} s)")
+        print(
+            f"{summary['agents']:,} agents, {summary['days']} days: {total:,} infections, "
+            f"{deaths:,} deaths ({summary['wall_s']:.2f} s)"
+        )
         if "grad" in summary:
-            print("d(total infections)/dθ: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in summary["grad"].items()))
+            print(
+                "d(total infections)/dθ: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in summary["grad"].items())
+            )
         if args.out:
-            print(f"wrote {args.out}/trajectory.csv, summary.json, stages.png, daily.png, "
-                  "by_age.png")
+            print(
+                f"wrote {args.out}/trajectory.csv, summary.json, stages.png, daily.png, by_age.png"
+            )
     return 0

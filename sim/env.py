@@ -1,9 +1,9 @@
 """The Python API: bind a model template to a population, execute, visualize.
 
-    from sim import env, models, populations
-    simulation = env.create_from_template(models.epidemiology, populations.synthetic(10_000))
-    simulation.execute()
-    simulation.visualize("out/")
+from sim import env, models, populations
+simulation = env.create_from_template(models.epidemiology, populations.synthetic(10_000))
+simulation.execute()
+simulation.visualize("out/")
 """
 
 from __future__ import annotations
@@ -27,22 +27,33 @@ from sim.runner import CentralSimulator, GradMode, LossFn, RunResult, total_infe
 class Simulation:
     """A model bound to a population, a seed and θ; ``execute`` runs it on the central simulator."""
 
-    def __init__(self, template: ModelTemplate, population: Population, *,
-                 theta: Theta | None = None, config: ModelConfig | None = None, seed: int = 0,
-                 days: int = 60, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        template: ModelTemplate,
+        population: Population,
+        *,
+        theta: Theta | None = None,
+        config: ModelConfig | None = None,
+        seed: int = 0,
+        days: int = 60,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.template = template
         self.population = population
         self.theta = theta or template.theta
         self.config = config or template.config
         self.seed = seed
         self.days = days
-        self.simulator = CentralSimulator(population, self.config, seed=seed, device=device,
-                                          dtype=dtype)
+        self.simulator = CentralSimulator(
+            population, self.config, seed=seed, device=device, dtype=dtype
+        )
         self.result: RunResult | None = None
         self.wall_s = 0.0
 
-    def execute(self, days: int | None = None, grad: GradMode = "none",
-                progress: bool = False) -> RunResult:
+    def execute(
+        self, days: int | None = None, grad: GradMode = "none", progress: bool = False
+    ) -> RunResult:
         """Run for ``days`` (default: the simulation's); ``grad`` = none | forward | reverse."""
         t0 = time.perf_counter()
         self.result = self.simulator.run(self.theta, days or self.days, grad, progress=progress)
@@ -104,7 +115,8 @@ class Simulation:
         return summary
 
 
-def create_from_template(template: ModelTemplate, population: Population, **kwargs: Any
-                         ) -> Simulation:
+def create_from_template(
+    template: ModelTemplate, population: Population, **kwargs: Any
+) -> Simulation:
     """A ``Simulation`` of ``template`` on ``population`` (keyword options as ``Simulation``)."""
     return Simulation(template, population, **kwargs)

@@ -29,7 +29,7 @@ from sim.rng import Purpose
 from sim.sampling import Estimator, bernoulli
 
 #: Disease stages; ``State.stage`` holds these codes, ``State.x`` one soft indicator per stage.
-S, E, I, R, D = range(5)
+S, E, I, R, D = range(5)  # noqa: E741 (I is the epidemiological name)
 STAGES: tuple[str, ...] = ("S", "E", "I", "R", "D")
 
 #: Observation channels of ``y_i(t)``.
@@ -100,8 +100,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if len(self.susceptibility) != 6 or len(self.age_mortality) != 6:
             raise ValueError("susceptibility and age_mortality need one value per age group (6)")
-        for name, (lo, hi) in (("latent_days", self.latent_days),
-                               ("infectious_days", self.infectious_days)):
+        for name, (lo, hi) in (
+            ("latent_days", self.latent_days),
+            ("infectious_days", self.infectious_days),
+        ):
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name} must satisfy 1 <= min <= max, got {(lo, hi)}")
         if abs(sum(a.share for a in self.archetypes) - 1.0) > 1e-9:
@@ -109,10 +111,14 @@ class ModelConfig:
         if not self.profile or min(self.profile) < 0:
             raise ValueError("profile must be a non-empty sequence of non-negative values")
 
-    def with_interventions(self, lockdowns: tuple[Lockdown, ...] = (),
-                           vaccinations: tuple[Vaccination, ...] = ()) -> ModelConfig:
-        return replace(self, lockdowns=self.lockdowns + lockdowns,
-                       vaccinations=self.vaccinations + vaccinations)
+    def with_interventions(
+        self, lockdowns: tuple[Lockdown, ...] = (), vaccinations: tuple[Vaccination, ...] = ()
+    ) -> ModelConfig:
+        return replace(
+            self,
+            lockdowns=self.lockdowns + lockdowns,
+            vaccinations=self.vaccinations + vaccinations,
+        )
 
     def layer_scale(self, layer: str, day: int) -> float:
         """The lockdown multiplier of ``layer`` on ``day``."""
@@ -147,8 +153,13 @@ class Agents:
         return self.ids.device
 
 
-def make_agents(ids: torch.Tensor, age_group: torch.Tensor, config: ModelConfig, seed: int,
-                seeded: torch.Tensor | None = None) -> Agents:
+def make_agents(
+    ids: torch.Tensor,
+    age_group: torch.Tensor,
+    config: ModelConfig,
+    seed: int,
+    seeded: torch.Tensor | None = None,
+) -> Agents:
     """Draw the per-agent constants (durations, archetype) for agents ``ids``."""
     ids = ids.to(torch.int64)
 
@@ -157,8 +168,9 @@ def make_agents(ids: torch.Tensor, age_group: torch.Tensor, config: ModelConfig,
         u = rng.uniform(seed, ids, 0, purpose)
         return (lo + torch.floor(u * (hi - lo + 1))).to(torch.int32)
 
-    shares = torch.tensor([a.share for a in config.archetypes], dtype=torch.float64,
-                          device=ids.device)
+    shares = torch.tensor(
+        [a.share for a in config.archetypes], dtype=torch.float64, device=ids.device
+    )
     u = rng.uniform(seed, ids, 0, Purpose.ARCHETYPE)
     archetype = torch.searchsorted(torch.cumsum(shares, 0)[:-1], u, right=True)
     return Agents(
@@ -167,8 +179,9 @@ def make_agents(ids: torch.Tensor, age_group: torch.Tensor, config: ModelConfig,
         latent_days=duration(Purpose.LATENT_DAYS, config.latent_days),
         infectious_days=duration(Purpose.INFECTIOUS_DAYS, config.infectious_days),
         archetype=archetype,
-        seeded=(seeded.to(torch.bool) if seeded is not None
-                else torch.zeros_like(ids, dtype=torch.bool)),
+        seeded=(
+            seeded.to(torch.bool) if seeded is not None else torch.zeros_like(ids, dtype=torch.bool)
+        ),
     )
 
 
@@ -224,8 +237,9 @@ def _days_since_onset(agents: Agents, state: State, day: int) -> torch.Tensor:
     return day - state.t_exposed - agents.latent_days
 
 
-def vaccinated(agents: Agents, config: ModelConfig, seed: int, day: int,
-               dtype: torch.dtype) -> torch.Tensor:
+def vaccinated(
+    agents: Agents, config: ModelConfig, seed: int, day: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Susceptibility multiplier from vaccination campaigns that happened on or before ``day``."""
     mult = torch.ones(agents.n, dtype=dtype, device=agents.device)
     for vac in config.vaccinations:
@@ -248,14 +262,18 @@ def behaviour(agents: Agents, state: State, config: ModelConfig, seed: int, day:
     # Drawn at step = day of exposure: one decision per episode, the same on every later day.
     episode = state.t_exposed.clamp(min=0).to(torch.int64)
     u = rng.uniform(seed, agents.ids, episode, Purpose.ISOLATION, dtype)
-    isolating = ((state.stage == I) & (_days_since_onset(agents, state, day) >= config.isolation_delay)
-                 & (u < iso_prob))
+    isolating = (
+        (state.stage == I)
+        & (_days_since_onset(agents, state, day) >= config.isolation_delay)
+        & (u < iso_prob)
+    )
     out_scale = torch.where(isolating, contact * (1.0 - config.isolation_effect), contact)
     return Behaviour(out_scale=out_scale, in_scale=contact)
 
 
-def infectiousness(agents: Agents, state: State, beh: Behaviour, theta: torch.Tensor,
-                   config: ModelConfig, day: int) -> torch.Tensor:
+def infectiousness(
+    agents: Agents, state: State, beh: Behaviour, theta: torch.Tensor, config: ModelConfig, day: int
+) -> torch.Tensor:
     """Per-sender factor of every message: ``beta × x_I × profile(days since onset) × out_scale``.
 
     Returns a dual (n, 1+p).
@@ -288,8 +306,16 @@ class StepResult:
     y: torch.Tensor  # dual (n, 2, 1+p): new_infections, new_deaths
 
 
-def update(agents: Agents, state: State, incoming: torch.Tensor, beh: Behaviour,
-           theta: torch.Tensor, config: ModelConfig, seed: int, day: int) -> StepResult:
+def update(
+    agents: Agents,
+    state: State,
+    incoming: torch.Tensor,
+    beh: Behaviour,
+    theta: torch.Tensor,
+    config: ModelConfig,
+    seed: int,
+    day: int,
+) -> StepResult:
     """f: one day of disease dynamics for ``agents`` given their neighbourhood sums ``incoming``.
 
     1. Infection: force = susceptibility(age) × vaccination × in_scale × incoming;
@@ -298,11 +324,15 @@ def update(agents: Agents, state: State, incoming: torch.Tensor, beh: Behaviour,
        P = mortality × age_mortality(age), sampled straight-through.
     """
     dtype, n, width = state.x.dtype, agents.n, state.x.shape[-1]
-    susc = (_table(config.susceptibility, agents.age_group, dtype)
-            * vaccinated(agents, config, seed, day, dtype) * beh.in_scale)
+    susc = (
+        _table(config.susceptibility, agents.age_group, dtype)
+        * vaccinated(agents, config, seed, day, dtype)
+        * beh.in_scale
+    )
     p_inf = dual.one_minus_exp_neg(dual.scale(incoming, susc))
-    b_inf = bernoulli(p_inf, rng.uniform(seed, agents.ids, day, Purpose.INFECTION, dtype),
-                      config.estimator)
+    b_inf = bernoulli(
+        p_inf, rng.uniform(seed, agents.ids, day, Purpose.INFECTION, dtype), config.estimator
+    )
     is_s = (state.stage == S).to(dtype)
     new_inf = dual.scale(dual.mul(b_inf, state.x[:, S]), is_s)
 
@@ -317,19 +347,23 @@ def update(agents: Agents, state: State, incoming: torch.Tensor, beh: Behaviour,
     # Clamp to a probability; where clamped the derivative is zero, as autograd's clamp has it.
     over = dual.value(p_die) > 1.0
     p_die[over] = dual.constant(p_die.new_ones(int(over.sum())), width)
-    b_die = bernoulli(p_die, rng.uniform(seed, agents.ids, day, Purpose.DEATH, dtype),
-                      config.estimator)
+    b_die = bernoulli(
+        p_die, rng.uniform(seed, agents.ids, day, Purpose.DEATH, dtype), config.estimator
+    )
     deaths = dual.mul(b_die, flow_out)
     recoveries = flow_out - deaths
 
     x = state.x
-    x = torch.stack([
-        x[:, S] - new_inf,
-        x[:, E] + new_inf - flow_ei,
-        x[:, I] + flow_ei - flow_out,
-        x[:, R] + recoveries,
-        x[:, D] + deaths,
-    ], dim=1)
+    x = torch.stack(
+        [
+            x[:, S] - new_inf,
+            x[:, E] + new_inf - flow_ei,
+            x[:, I] + flow_ei - flow_out,
+            x[:, R] + recoveries,
+            x[:, D] + deaths,
+        ],
+        dim=1,
+    )
 
     infected_now = dual.value(new_inf).detach() > 0.5
     died_now = dual.value(deaths).detach() > 0.5

@@ -45,8 +45,9 @@ class Theta:
         for f in fields(self):
             validate(f.name, getattr(self, f.name))
 
-    def as_tensor(self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"
-                  ) -> torch.Tensor:
+    def as_tensor(
+        self, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         """θ as a (p,) tensor in ``PARAM_NAMES`` order."""
         return torch.tensor([getattr(self, n) for n in PARAM_NAMES], dtype=dtype, device=device)
 
@@ -78,7 +79,9 @@ class Theta:
             try:
                 changes[name.strip()] = float(raw)
             except ValueError:
-                raise ParameterError(f"parameter {name.strip()!r}: {raw!r} is not a number") from None
+                raise ParameterError(
+                    f"parameter {name.strip()!r}: {raw!r} is not a number"
+                ) from None
         return base.replace(**changes)
 
 

@@ -8,16 +8,21 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display is needed or assumed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from sim import dual  # noqa: E402
-from sim.model import STAGES  # noqa: E402
-from sim.populations import AGE_GROUPS  # noqa: E402
-from sim.runner import RunResult  # noqa: E402
+from sim import dual
+from sim.model import STAGES
+from sim.populations import AGE_GROUPS
+from sim.runner import RunResult
 
-_STAGE_NAMES = {"S": "susceptible", "E": "exposed", "I": "infectious", "R": "recovered",
-                "D": "dead"}
+_STAGE_NAMES = {
+    "S": "susceptible",
+    "E": "exposed",
+    "I": "infectious",
+    "R": "recovered",
+    "D": "dead",
+}
 
 
 def plot_run(result: RunResult, out_dir: str | Path, title: str = "") -> list[Path]:
@@ -52,9 +57,15 @@ def plot_run(result: RunResult, out_dir: str | Path, title: str = "") -> list[Pa
     return paths
 
 
-def plot_calibration(losses: Sequence[float], observed: torch.Tensor, fitted: Sequence[float],
-                     period_days: int, out_dir: str | Path, labels: Sequence[str] = (),
-                     ascertainment: float = 1.0) -> list[Path]:
+def plot_calibration(
+    losses: Sequence[float],
+    observed: torch.Tensor,
+    fitted: Sequence[float],
+    period_days: int,
+    out_dir: str | Path,
+    labels: Sequence[str] = (),
+    ascertainment: float = 1.0,
+) -> list[Path]:
     """Write loss.png (loss per epoch) and fit.png (observed vs fitted per period)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

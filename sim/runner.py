@@ -59,14 +59,19 @@ class _CSRMatmul(torch.autograd.Function):
     """``A @ Q`` with a fast backward ``Aᵀ @ grad`` from a precomputed transposed CSR."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, a_t: torch.Tensor,
-                q: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        a: torch.Tensor,
+        a_t: torch.Tensor,
+        q: torch.Tensor,
+    ) -> torch.Tensor:
         ctx.a_t = a_t
         return a @ q
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-                 ) -> tuple[None, None, torch.Tensor]:
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[None, None, torch.Tensor]:
         return None, None, ctx.a_t @ grad
 
 
@@ -112,7 +117,9 @@ class RunResult:
         """(T,) daily new deaths, all ages."""
         return dual.value(self.y)[:, 1].sum(-1).detach()
 
-    def loss_and_grad(self, loss_fn: LossFn = total_infections) -> tuple[float, torch.Tensor | None]:
+    def loss_and_grad(
+        self, loss_fn: LossFn = total_infections
+    ) -> tuple[float, torch.Tensor | None]:
         """L(Y) and dL/dθ (a (p,) tensor; None in mode "none").
 
         Forward mode: ``dL/dθ = Σ_t ∂L/∂Y_t · dY_t/dθ`` (autograd only over the small Y).
@@ -134,8 +141,10 @@ class RunResult:
         return float(loss_fn(yv)), None
 
     def daily(self) -> dict[str, list[float]]:
-        return {"new_infections": self.new_infections.tolist(),
-                "new_deaths": self.new_deaths.tolist()}
+        return {
+            "new_infections": self.new_infections.tolist(),
+            "new_deaths": self.new_deaths.tolist(),
+        }
 
 
 class CentralSimulator:
@@ -146,8 +155,14 @@ class CentralSimulator:
     >>> loss, grad = result.loss_and_grad()
     """
 
-    def __init__(self, population: Population, config: ModelConfig | None = None, seed: int = 0,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        population: Population,
+        config: ModelConfig | None = None,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
         self.population = population
@@ -161,19 +176,35 @@ class CentralSimulator:
             if lock.layer not in known:
                 raise ValueError(f"lockdown names layer {lock.layer!r}; layers: {sorted(known)}")
         self.agents: Agents = make_agents(
-            torch.arange(n, device=self.device), population.age_group.to(self.device),
-            self.config, seed,
-            None if population.initially_infected is None
-            else population.initially_infected.to(self.device))
+            torch.arange(n, device=self.device),
+            population.age_group.to(self.device),
+            self.config,
+            seed,
+            None
+            if population.initially_infected is None
+            else population.initially_infected.to(self.device),
+        )
         self.layers = tuple(
-            _Layer(layer.name,
-                   _csr(layer.dst.to(self.device), layer.src.to(self.device),
-                        layer.weight.to(self.device, dtype), n),
-                   _csr(layer.src.to(self.device), layer.dst.to(self.device),
-                        layer.weight.to(self.device, dtype), n))
-            for layer in population.layers)
-        self.age_onehot = torch.nn.functional.one_hot(
-            self.agents.age_group, len(AGE_GROUPS)).to(dtype)
+            _Layer(
+                layer.name,
+                _csr(
+                    layer.dst.to(self.device),
+                    layer.src.to(self.device),
+                    layer.weight.to(self.device, dtype),
+                    n,
+                ),
+                _csr(
+                    layer.src.to(self.device),
+                    layer.dst.to(self.device),
+                    layer.weight.to(self.device, dtype),
+                    n,
+                ),
+            )
+            for layer in population.layers
+        )
+        self.age_onehot = torch.nn.functional.one_hot(self.agents.age_group, len(AGE_GROUPS)).to(
+            dtype
+        )
 
     def neighbourhood_sums(self, q: torch.Tensor, day: int) -> torch.Tensor:
         """⊕ over all layers: Σ_l lockdown_l(day) · A_l @ q, for a dual q (N, 1+p)."""
@@ -182,10 +213,7 @@ class CentralSimulator:
             s = self.config.layer_scale(layer.name, day)
             if s == 0.0:
                 continue
-            if q.requires_grad:
-                part = _CSRMatmul.apply(layer.a, layer.a_t, q)
-            else:
-                part = layer.a @ q
+            part = _CSRMatmul.apply(layer.a, layer.a_t, q) if q.requires_grad else layer.a @ q
             total = total + (part if s == 1.0 else part * s)
         return total
 
@@ -194,12 +222,18 @@ class CentralSimulator:
         t = theta if isinstance(theta, torch.Tensor) else theta.as_tensor()
         t = t.to(self.device, self.dtype)
         if mode == "forward":
-            return dual.make(t.detach(), torch.eye(len(PARAM_NAMES), dtype=self.dtype,
-                                                   device=self.device))
+            return dual.make(
+                t.detach(), torch.eye(len(PARAM_NAMES), dtype=self.dtype, device=self.device)
+            )
         return t.unsqueeze(-1)
 
-    def run(self, theta: Theta | torch.Tensor, days: int, mode: GradMode = "none",
-            progress: bool = False) -> RunResult:
+    def run(
+        self,
+        theta: Theta | torch.Tensor,
+        days: int,
+        mode: GradMode = "none",
+        progress: bool = False,
+    ) -> RunResult:
         """Simulate ``days`` days.
 
         ``theta``: a ``Theta`` or a (p,) tensor; in reverse mode pass a tensor with
@@ -212,21 +246,32 @@ class CentralSimulator:
             raise ValueError(f"days must be >= 1, got {days}")
         checked = theta if isinstance(theta, Theta) else Theta.from_tensor(theta)
         if mode == "reverse":
-            leaf = theta if isinstance(theta, torch.Tensor) and theta.requires_grad else (
-                checked.as_tensor(self.dtype, self.device).requires_grad_(True))
+            leaf = (
+                theta
+                if isinstance(theta, torch.Tensor) and theta.requires_grad
+                else (checked.as_tensor(self.dtype, self.device).requires_grad_(True))
+            )
         else:
             leaf = None
         with torch.set_grad_enabled(mode == "reverse"):
             th = self.theta_dual(leaf if leaf is not None else theta, mode)
             state = initial_state(self.agents, th, self.config, self.seed)
             ys, counts = [], [self._counts(state)]
-            for day in tqdm(range(days), desc="simulate", unit="day", disable=not progress,
-                            leave=False):
+            for day in tqdm(
+                range(days), desc="simulate", unit="day", disable=not progress, leave=False
+            ):
                 state, y = self.step(state, th, day)
                 ys.append(y)
                 counts.append(self._counts(state))
-        return RunResult(days=days, agents=self.agents.n, mode=mode, y=torch.stack(ys),
-                         stage_counts=torch.stack(counts), theta=checked, _theta_tensor=leaf)
+        return RunResult(
+            days=days,
+            agents=self.agents.n,
+            mode=mode,
+            y=torch.stack(ys),
+            stage_counts=torch.stack(counts),
+            theta=checked,
+            _theta_tensor=leaf,
+        )
 
     def step(self, state: State, theta: torch.Tensor, day: int) -> tuple[State, torch.Tensor]:
         """One day for everyone: ℓ, messages, ⊕, f; returns z(t+1) and Y_t (2, G, width)."""

@@ -47,8 +47,9 @@ def bernoulli(p: torch.Tensor, u: torch.Tensor, estimator: Estimator) -> torch.T
     else:
         pc = pv.clamp(_EPS, 1 - _EPS)
         uc = u.clamp(_EPS, 1 - _EPS)
-        soft = torch.sigmoid((torch.log(pc) - torch.log1p(-pc) + torch.log1p(-uc) - torch.log(uc))
-                             / estimator.tau)
+        soft = torch.sigmoid(
+            (torch.log(pc) - torch.log1p(-pc) + torch.log1p(-uc) - torch.log(uc)) / estimator.tau
+        )
         # d soft / d p, with the clamp's zero derivative outside [eps, 1 − eps].
         inside = ((pv > _EPS) & (pv < 1 - _EPS)).to(pv.dtype)
         slope = soft * (1 - soft) / (estimator.tau * pc * (1 - pc)) * inside

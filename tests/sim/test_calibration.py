@@ -40,13 +40,19 @@ def weekly_log_loss(observed: torch.Tensor):
     return loss
 
 
-@pytest.mark.parametrize("start", [Theta(beta=0.15, mortality=0.3, init_frac=0.01),
-                                   Theta(beta=0.4, mortality=0.08, init_frac=0.01),
-                                   Theta(beta=0.18, mortality=0.1, init_frac=0.01)])
+@pytest.mark.parametrize(
+    "start",
+    [
+        Theta(beta=0.15, mortality=0.3, init_frac=0.01),
+        Theta(beta=0.4, mortality=0.08, init_frac=0.01),
+        Theta(beta=0.18, mortality=0.1, init_frac=0.01),
+    ],
+)
 def test_params_mode_recovers_planted_theta(planted, start: Theta) -> None:
     sim, observed = planted
-    result = fit_params(sim, weekly_log_loss(observed), 42, start, epochs=60, lr=0.05,
-                        fit=("beta", "mortality"))
+    result = fit_params(
+        sim, weekly_log_loss(observed), 42, start, epochs=60, lr=0.05, fit=("beta", "mortality")
+    )
     assert min(result.losses) < 0.1 * result.losses[0]
     assert result.theta.beta == pytest.approx(PLANTED.beta, rel=0.10)
     assert result.theta.mortality == pytest.approx(PLANTED.mortality, rel=0.10)
@@ -56,8 +62,9 @@ def test_params_mode_recovers_planted_theta(planted, start: Theta) -> None:
 def test_reverse_mode_calibration_also_recovers(planted) -> None:
     sim, observed = planted
     start = PLANTED.replace(beta=0.15)
-    result = fit_params(sim, weekly_log_loss(observed), 42, start, epochs=40, lr=0.05,
-                        fit=("beta",), grad="reverse")
+    result = fit_params(
+        sim, weekly_log_loss(observed), 42, start, epochs=40, lr=0.05, fit=("beta",), grad="reverse"
+    )
     assert result.theta.beta == pytest.approx(PLANTED.beta, rel=0.10)
 
 
@@ -65,8 +72,9 @@ def test_network_mode_recovers_planted_beta(planted) -> None:
     sim, observed = planted
     target = ObservedSeries(observed[:, 0].reshape(6, 7).sum(-1), 7)
     start = PLANTED.replace(beta=0.15)
-    result = fit_network(sim, target, series_loss(target), start, {"beta": (0.05, 1.0)},
-                         epochs=50, lr=0.05)
+    result = fit_network(
+        sim, target, series_loss(target), start, {"beta": (0.05, 1.0)}, epochs=50, lr=0.05
+    )
     assert min(result.losses) < 0.1 * result.losses[0]
     assert result.theta.beta == pytest.approx(PLANTED.beta, rel=0.10)
 
@@ -84,23 +92,32 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_load_target_filters_and_drops_exact_repeats(tmp_path: Path) -> None:
-    p = _write(tmp_path, "date,nta_id,cases_week\n2020/08/08,QN0103,3\n2020/08/08,BK01,99\n"
-                         "2020/08/15,QN0103,10\n2020/08/08,QN0103,3\n")
+    p = _write(
+        tmp_path,
+        "date,nta_id,cases_week\n2020/08/08,QN0103,3\n2020/08/08,BK01,99\n"
+        "2020/08/15,QN0103,10\n2020/08/08,QN0103,3\n",
+    )
     t = load_target(p, filters={"nta_id": "QN0103"})
     assert t.values.tolist() == [3.0, 10.0]
     assert t.labels == ("2020/08/08", "2020/08/15")
     assert t.days == 14
 
 
-@pytest.mark.parametrize(("text", "where"), [
-    ("date,cases\n2020/08/08,3\n", ":1: missing column 'cases_week'"),
-    ("date,cases_week\n2020/08/08,3\n2020/08/15,abc\n", ":3: field 'cases_week': 'abc'"),
-    ("date,cases_week\n2020/08/08,\n", ":2: field 'cases_week': ''"),
-    ("date,cases_week\n2020/08/08,-4\n", ":2: field 'cases_week': '-4'"),
-    ("date,cases_week\n2020/08/08,nan\n", ":2: field 'cases_week': 'nan'"),
-    ("date,cases_week\n2020/08/08,3\n2020/08/08,5\n", ":3: field 'cases_week': date '2020/08/08'"),
-    ("date,cases_week\n", "no rows match"),
-])
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("date,cases\n2020/08/08,3\n", ":1: missing column 'cases_week'"),
+        ("date,cases_week\n2020/08/08,3\n2020/08/15,abc\n", ":3: field 'cases_week': 'abc'"),
+        ("date,cases_week\n2020/08/08,\n", ":2: field 'cases_week': ''"),
+        ("date,cases_week\n2020/08/08,-4\n", ":2: field 'cases_week': '-4'"),
+        ("date,cases_week\n2020/08/08,nan\n", ":2: field 'cases_week': 'nan'"),
+        (
+            "date,cases_week\n2020/08/08,3\n2020/08/08,5\n",
+            ":3: field 'cases_week': date '2020/08/08'",
+        ),
+        ("date,cases_week\n", "no rows match"),
+    ],
+)
 def test_bad_target_files_name_file_line_and_field(tmp_path: Path, text: str, where: str) -> None:
     p = _write(tmp_path, text)
     with pytest.raises(TargetFileError) as e:
@@ -110,8 +127,7 @@ def test_bad_target_files_name_file_line_and_field(tmp_path: Path, text: str, wh
 
 
 def test_astoria_target_loads(astoria_dir: Path) -> None:
-    t = load_target(astoria_dir / "nyc_neighborhood_weekly_cases.csv",
-                    filters={"nta_id": "QN0103"})
+    t = load_target(astoria_dir / "nyc_neighborhood_weekly_cases.csv", filters={"nta_id": "QN0103"})
     assert len(t) > 30
     assert t.labels == tuple(sorted(set(t.labels)))  # the repeated first weeks collapsed
     assert t.values[:4].tolist() == [3.0, 10.0, 10.0, 15.0]

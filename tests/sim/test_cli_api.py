@@ -17,8 +17,9 @@ from sim.params import PARAM_NAMES, ParameterError, Theta
 
 
 def test_python_api_as_in_the_design(tmp_path: Path) -> None:
-    simulation = env.create_from_template(models.epidemiology, populations.synthetic(2_000),
-                                          days=30, seed=3)
+    simulation = env.create_from_template(
+        models.epidemiology, populations.synthetic(2_000), days=30, seed=3
+    )
     result = simulation.execute()
     assert result.new_infections.sum() > 0
     paths = simulation.visualize(tmp_path)
@@ -33,10 +34,27 @@ def test_api_requires_execute_before_results() -> None:
         simulation.summary()
 
 
-def test_simulate_json_prints_exactly_one_object(capsys: pytest.CaptureFixture[str],
-                                                 tmp_path: Path) -> None:
-    rc = main(["simulate", "--population", "synthetic:1500", "--days", "20", "--seed", "2",
-               "--grad", "forward", "--theta", "beta=0.4", "--json", "--out", str(tmp_path)])
+def test_simulate_json_prints_exactly_one_object(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    rc = main(
+        [
+            "simulate",
+            "--population",
+            "synthetic:1500",
+            "--days",
+            "20",
+            "--seed",
+            "2",
+            "--grad",
+            "forward",
+            "--theta",
+            "beta=0.4",
+            "--json",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1
@@ -55,23 +73,41 @@ def test_simulate_json_prints_exactly_one_object(capsys: pytest.CaptureFixture[s
 
 
 def test_simulate_reverse_and_forward_print_the_same_gradient(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     grads = []
     for mode in ("forward", "reverse"):
-        main(["simulate", "--population", "synthetic:800", "--days", "15", "--dtype", "float64",
-              "--grad", mode, "--json", "--theta", "beta=0.5"])
+        main(
+            [
+                "simulate",
+                "--population",
+                "synthetic:800",
+                "--days",
+                "15",
+                "--dtype",
+                "float64",
+                "--grad",
+                mode,
+                "--json",
+                "--theta",
+                "beta=0.5",
+            ]
+        )
         grads.append(json.loads(capsys.readouterr().out)["grad"])
     for name in PARAM_NAMES:
         assert grads[0][name] == pytest.approx(grads[1][name], rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.parametrize(("theta", "message"), [
-    ("beta=-1", "'beta' = -1.0 is outside"),
-    ("beta=nan", "'beta' is NaN"),
-    ("mortality=abc", "'abc' is not a number"),
-    ("gamma=1", "unknown parameter"),
-    ("beta", "not of the form name=value"),
-])
+@pytest.mark.parametrize(
+    ("theta", "message"),
+    [
+        ("beta=-1", "'beta' = -1.0 is outside"),
+        ("beta=nan", "'beta' is NaN"),
+        ("mortality=abc", "'abc' is not a number"),
+        ("gamma=1", "unknown parameter"),
+        ("beta", "not of the form name=value"),
+    ],
+)
 def test_simulate_rejects_bad_theta(theta: str, message: str) -> None:
     with pytest.raises(SystemExit) as e:
         main(["simulate", "--population", "synthetic:100", "--theta", theta])
@@ -81,37 +117,82 @@ def test_simulate_rejects_bad_theta(theta: str, message: str) -> None:
 def test_theta_validation_in_the_api() -> None:
     with pytest.raises(ParameterError, match="init_frac"):
         Theta(init_frac=1.5)
-    with pytest.raises(ParameterError, match="mortality.*NaN"):
+    with pytest.raises(ParameterError, match=r"mortality.*NaN"):
         Theta(mortality=float("nan"))
     with pytest.raises(ParameterError, match="must be a number"):
         Theta(beta="0.3")  # type: ignore[arg-type]
 
 
 def test_interventions_from_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["simulate", "--population", "synthetic:3000", "--days", "40", "--seed", "5",
-            "--theta", "beta=0.5", "--json"]
+    base = [
+        "simulate",
+        "--population",
+        "synthetic:3000",
+        "--days",
+        "40",
+        "--seed",
+        "5",
+        "--theta",
+        "beta=0.5",
+        "--json",
+    ]
     totals = []
-    for extra in ([], ["--lockdown", "community:0:0.0", "--lockdown", "work:0:0.0",
-                       "--lockdown", "school:0:0.0", "--vaccinate", "0:0.5:1.0"]):
+    for extra in (
+        [],
+        [
+            "--lockdown",
+            "community:0:0.0",
+            "--lockdown",
+            "work:0:0.0",
+            "--lockdown",
+            "school:0:0.0",
+            "--vaccinate",
+            "0:0.5:1.0",
+        ],
+    ):
         main(base + extra)
         totals.append(sum(json.loads(capsys.readouterr().out)["daily"]["new_infections"]))
     assert totals[1] < 0.5 * totals[0]
     with pytest.raises(SystemExit, match="--lockdown"):
-        main(base + ["--lockdown", "work:3"])
+        main([*base, "--lockdown", "work:3"])
 
 
-def test_calibrate_cli_writes_theta_and_plots(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_calibrate_cli_writes_theta_and_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pop = populations.synthetic(1500, seed=0)
     sim = env.create_from_template(models.epidemiology, pop, theta=Theta(beta=0.35), seed=0)
     weekly = sim.execute(days=28).new_infections.reshape(4, 7).sum(-1).tolist()
     target = tmp_path / "target.csv"
-    target.write_text("date,region,cases_week\n" + "".join(
-        f"2020-01-{7 * i + 1:02d},X,{v}\n2020-01-{7 * i + 1:02d},Y,0\n"
-        for i, v in enumerate(weekly)))
-    rc = main(["calibrate", "--population", "synthetic:1500", "--target", str(target),
-               "--filter", "region=X", "--epochs", "25", "--fit", "beta", "--theta", "beta=0.2",
-               "--dtype", "float64", "--out", str(tmp_path / "cal"), "--json"])
+    target.write_text(
+        "date,region,cases_week\n"
+        + "".join(
+            f"2020-01-{7 * i + 1:02d},X,{v}\n2020-01-{7 * i + 1:02d},Y,0\n"
+            for i, v in enumerate(weekly)
+        )
+    )
+    rc = main(
+        [
+            "calibrate",
+            "--population",
+            "synthetic:1500",
+            "--target",
+            str(target),
+            "--filter",
+            "region=X",
+            "--epochs",
+            "25",
+            "--fit",
+            "beta",
+            "--theta",
+            "beta=0.2",
+            "--dtype",
+            "float64",
+            "--out",
+            str(tmp_path / "cal"),
+            "--json",
+        ]
+    )
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result["periods"] == 4 and result["days"] == 28
@@ -123,22 +204,45 @@ def test_calibrate_cli_writes_theta_and_plots(tmp_path: Path,
 
 def test_bench_sim_prints_one_json_line() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "decentsim", "bench", "sim", "--agents", "20000", "--degree", "5",
-         "--steps", "3"], capture_output=True, text=True, check=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "decentsim",
+            "bench",
+            "sim",
+            "--agents",
+            "20000",
+            "--degree",
+            "5",
+            "--steps",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1
     r = json.loads(lines[0])
     assert r["agents"] == 20000 and r["edges"] == 100_000 and r["steps"] == 3
-    for key in ("interactions_per_s_forward", "interactions_per_s_tangent",
-                "interactions_per_s_reverse", "peak_mem_mb"):
+    for key in (
+        "interactions_per_s_forward",
+        "interactions_per_s_tangent",
+        "interactions_per_s_reverse",
+        "peak_mem_mb",
+    ):
         assert r[key] > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_run_equals_cpu_run() -> None:
     pop = populations.synthetic(3000, seed=1)
-    runs = [env.create_from_template(models.epidemiology, pop, seed=1, device=d,
-                                     dtype=torch.float64).execute(days=30, grad="forward")
-            for d in ("cpu", "cuda")]
+    runs = [
+        env.create_from_template(
+            models.epidemiology, pop, seed=1, device=d, dtype=torch.float64
+        ).execute(days=30, grad="forward")
+        for d in ("cpu", "cuda")
+    ]
     assert torch.equal(runs[0].new_infections.cpu(), runs[1].new_infections.cpu())
     torch.testing.assert_close(runs[0].loss_and_grad()[1], runs[1].loss_and_grad()[1].cpu())

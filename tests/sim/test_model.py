@@ -35,8 +35,9 @@ def random_population(n: int, k: int, seed: int, layers: int = 2) -> Population:
         keep = a != b
         a, b = a[keep], b[keep]
         w = torch.rand(a.numel(), generator=g) * 0.5
-        out.append(ContactLayer(f"layer{li}", torch.cat([a, b]), torch.cat([b, a]),
-                                torch.cat([w, w])))
+        out.append(
+            ContactLayer(f"layer{li}", torch.cat([a, b]), torch.cat([b, a]), torch.cat([w, w]))
+        )
     return Population("random", torch.randint(0, 6, (n,), generator=g), tuple(out))
 
 
@@ -47,8 +48,11 @@ THETA = Theta(beta=0.35, mortality=0.05, init_frac=0.02)
 @pytest.mark.parametrize("estimator", [Estimator("st"), Estimator("gumbel", tau=0.7)])
 def test_forward_and_reverse_gradients_agree(seed: int, estimator: Estimator) -> None:
     pop = random_population(800, 8, seed)
-    config = ModelConfig(estimator=estimator, lockdowns=(Lockdown("layer1", 10, 0.5),),
-                         vaccinations=(Vaccination(5, 0.3),))
+    config = ModelConfig(
+        estimator=estimator,
+        lockdowns=(Lockdown("layer1", 10, 0.5),),
+        vaccinations=(Vaccination(5, 0.3),),
+    )
     sim = CentralSimulator(pop, config, seed=seed, dtype=torch.float64)
     fwd = sim.run(THETA, 30, "forward")
     rev = sim.run(THETA, 30, "reverse")
@@ -83,8 +87,9 @@ def test_gradient_sign_matches_finite_difference_of_expectation() -> None:
     grads = []
     for seed in range(4):
         sim = CentralSimulator(pop, seed=seed, dtype=torch.float64)
-        _, g = sim.run(Theta(beta=0.15, mortality=0.01, init_frac=0.01), 25,
-                       "forward").loss_and_grad()
+        _, g = sim.run(
+            Theta(beta=0.15, mortality=0.01, init_frac=0.01), 25, "forward"
+        ).loss_and_grad()
         assert g is not None
         grads.append(g[PARAM_NAMES.index("beta")])
     assert torch.stack(grads).mean() > 0
@@ -122,14 +127,19 @@ def test_lockdown_of_all_layers_stops_transmission() -> None:
 
 def test_lockdown_naming_unknown_layer_is_rejected() -> None:
     with pytest.raises(ValueError, match="layer 'school'"):
-        CentralSimulator(random_population(50, 4, 0), ModelConfig(lockdowns=(Lockdown("school", 0, 0.5),)))
+        CentralSimulator(
+            random_population(50, 4, 0), ModelConfig(lockdowns=(Lockdown("school", 0, 0.5),))
+        )
 
 
 def test_vaccination_reduces_infections() -> None:
     pop = random_population(1500, 8, 6)
     base = CentralSimulator(pop, seed=6).run(THETA, 40).new_infections.sum()
-    vac = CentralSimulator(pop, ModelConfig(vaccinations=(Vaccination(0, 0.8, 1.0),)),
-                           seed=6).run(THETA, 40).new_infections.sum()
+    vac = (
+        CentralSimulator(pop, ModelConfig(vaccinations=(Vaccination(0, 0.8, 1.0),)), seed=6)
+        .run(THETA, 40)
+        .new_infections.sum()
+    )
     assert vac < 0.5 * base
 
 
@@ -142,8 +152,9 @@ def test_population_seeds_are_used_when_configured() -> None:
     assert r.stage_counts[0].tolist()[2] == 3
 
 
-def _run_in_halves(pop: Population, config: ModelConfig, seed: int, days: int,
-                   theta: torch.Tensor) -> list[torch.Tensor]:
+def _run_in_halves(
+    pop: Population, config: ModelConfig, seed: int, days: int, theta: torch.Tensor
+) -> list[torch.Tensor]:
     """Simulate two halves of the agents separately, as two device pools would.
 
     Each half computes its own agents' messages with ``message`` along the edges it sends on,
@@ -152,7 +163,7 @@ def _run_in_halves(pop: Population, config: ModelConfig, seed: int, days: int,
     """
     n = pop.n_agents
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(123))
-    halves = [torch.sort(perm[: n // 2]).values, torch.sort(perm[n // 2:]).values]
+    halves = [torch.sort(perm[: n // 2]).values, torch.sort(perm[n // 2 :]).values]
     owner = torch.empty(n, dtype=torch.int64)
     local = torch.empty(n, dtype=torch.int64)
     for h, ids in enumerate(halves):
@@ -163,8 +174,10 @@ def _run_in_halves(pop: Population, config: ModelConfig, seed: int, days: int,
     stages = []
     for day in range(days):
         behs = [behaviour(a, s, config, seed, day) for a, s in zip(agents, states, strict=True)]
-        qs = [infectiousness(a, s, b, theta, config, day)
-              for a, s, b in zip(agents, states, behs, strict=True)]
+        qs = [
+            infectiousness(a, s, b, theta, config, day)
+            for a, s, b in zip(agents, states, behs, strict=True)
+        ]
         # Every edge's message is computed by the half that owns its sender...
         inbox: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[], []]
         for layer in pop.layers:
@@ -183,8 +196,9 @@ def _run_in_halves(pop: Population, config: ModelConfig, seed: int, days: int,
             m = torch.cat([x for _, _, x in inbox[h]])
             order = torch.argsort(dst * n + src)  # the central CSR's summation order
             incoming = aggregate(m[order], local[dst[order]], halves[h].numel())
-            new_states.append(update(agents[h], states[h], incoming, behs[h], theta, config,
-                                     seed, day).state)
+            new_states.append(
+                update(agents[h], states[h], incoming, behs[h], theta, config, seed, day).state
+            )
         states = new_states
         full = torch.empty(n, dtype=torch.int8)
         for h in range(2):

@@ -45,7 +45,7 @@ def test_streams_are_uniform_and_independent() -> None:
     b = rng.uniform(0, ids, 0, rng.Purpose.DEATH)
     c = rng.uniform(0, ids, 1, rng.Purpose.INFECTION)
     for u in (a, b, c):
-        assert 0 <= float(u.min()) and float(u.max()) < 1
+        assert float(u.min()) >= 0 and float(u.max()) < 1
         counts = torch.histc(u.float(), bins=20, min=0, max=1)
         expected = len(u) / 20
         chi2 = float(((counts - expected) ** 2 / expected).sum())
