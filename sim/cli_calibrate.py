@@ -92,7 +92,21 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
         )
     else:
-        ranges = {n: (max(PARAM_BOUNDS[n][0], 1e-5), min(PARAM_BOUNDS[n][1], 2.0)) for n in fit}
+        # The network searches within a factor of 5 of the start value (a log-scale prior).
+        start_values = start.to_dict()
+        zero = [n for n in fit if start_values[n] <= 0]
+        if zero:
+            raise SystemExit(
+                f"decentsim calibrate: --mode network needs a positive start value "
+                f"for {zero} (set it with --theta)"
+            )
+        ranges = {
+            n: (
+                max(start_values[n] / 5, PARAM_BOUNDS[n][0] + 1e-9),
+                min(start_values[n] * 5, PARAM_BOUNDS[n][1]),
+            )
+            for n in fit
+        }
         result = fit_network(
             sim,
             target,

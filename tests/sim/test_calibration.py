@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,38 @@ def test_astoria_target_loads(astoria_dir: Path) -> None:
     assert len(t) > 30
     assert t.labels == tuple(sorted(set(t.labels)))  # the repeated first weeks collapsed
     assert t.values[:4].tolist() == [3.0, 10.0, 10.0, 15.0]
+
+
+def test_astoria_fit_improves_on_its_start(
+    astoria_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A short version of the documented QN0103 fit (docs/model.md): the loss must fall."""
+    from decentsim.cli import main
+
+    rc = main(
+        [
+            "calibrate",
+            "--population",
+            str(astoria_dir),
+            "--target",
+            str(astoria_dir / "nyc_neighborhood_weekly_cases.csv"),
+            "--filter",
+            "nta_id=QN0103",
+            "--days",
+            "56",
+            "--epochs",
+            "8",
+            "--theta",
+            "beta=0.0100,init_frac=0.0003",
+            "--lr",
+            "0.02",
+            "--out",
+            str(tmp_path),
+            "--json",
+        ]
+    )
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["agents"] == 37_518 and result["periods"] == 8
+    assert result["loss_best"] < result["loss_first"]
+    assert (tmp_path / "fit.png").is_file() and (tmp_path / "loss.png").is_file()

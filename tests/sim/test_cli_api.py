@@ -246,3 +246,20 @@ def test_cuda_run_equals_cpu_run() -> None:
     ]
     assert torch.equal(runs[0].new_infections.cpu(), runs[1].new_infections.cpu())
     torch.testing.assert_close(runs[0].loss_and_grad()[1], runs[1].loss_and_grad()[1].cpu())
+
+
+def test_calibrate_network_mode_needs_positive_start(tmp_path: Path) -> None:
+    target = tmp_path / "t.csv"
+    target.write_text("date,cases_week\n2020-01-01,3\n2020-01-08,5\n")
+    with pytest.raises(SystemExit, match=r"positive start value for \['mortality'\]"):
+        main(["calibrate", "--population", "synthetic:100", "--target", str(target), "--mode",
+              "network", "--fit", "mortality", "--theta", "mortality=0", "--epochs", "1",
+              "--out", str(tmp_path / "o")])
+
+
+def test_calibrate_reports_bad_target_file(tmp_path: Path) -> None:
+    target = tmp_path / "t.csv"
+    target.write_text("date,cases_week\n2020-01-01,3\n2020-01-08,x\n")
+    with pytest.raises(SystemExit, match=r"t.csv:3: field 'cases_week': 'x'"):
+        main(["calibrate", "--population", "synthetic:100", "--target", str(target), "--out",
+              str(tmp_path / "o")])
