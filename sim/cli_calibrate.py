@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from sim import models, populations
-from sim.calibration import TargetFileError, fit_network, fit_params, load_target, series_loss
-from sim.cli_common import DTYPES, add_population_arguments, model_config
-from sim.params import PARAM_BOUNDS, ParameterError, Theta
+from sim.calibration import fit_network, fit_params, load_target, series_loss
+from sim.cli_common import DTYPES, USER_ERRORS, add_population_arguments, model_config
+from sim.params import PARAM_BOUNDS, Theta
 from sim.plots import plot_calibration
 from sim.runner import CentralSimulator
 
@@ -63,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         start = Theta.parse(args.theta, models.epidemiology.theta)
         target = load_target(args.target, args.column, filters, period_days=args.period)
-    except (ParameterError, TargetFileError) as e:
+        pop = populations.from_spec(args.population, seed=args.seed)
+        sim = CentralSimulator(
+            pop, model_config(args), seed=args.seed, device=args.device, dtype=DTYPES[args.dtype]
+        )
+    except USER_ERRORS as e:
         raise SystemExit(f"decentsim calibrate: {e}") from None
     if args.days is not None:
         if args.days < args.period:
@@ -73,10 +77,6 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(fit) - set(PARAM_BOUNDS)
     if unknown:
         raise SystemExit(f"decentsim calibrate: --fit names unknown parameter(s) {sorted(unknown)}")
-    pop = populations.from_spec(args.population, seed=args.seed)
-    sim = CentralSimulator(
-        pop, model_config(args), seed=args.seed, device=args.device, dtype=DTYPES[args.dtype]
-    )
     loss_fn = series_loss(target, args.ascertainment)
     progress = sys.stderr.isatty()
     if args.mode == "params":

@@ -6,8 +6,14 @@ import argparse
 
 import torch
 
-from sim.model import Lockdown, ModelConfig, Vaccination
+from sim.calibration import TargetFileError
+from sim.model import Lockdown, ModelConfig, ModelConfigError, Vaccination
+from sim.params import ParameterError
+from sim.populations import PopulationError
 from sim.sampling import Estimator
+
+#: Errors caused by what the user typed or pointed at: reported as one line, no traceback.
+USER_ERRORS = (ParameterError, PopulationError, ModelConfigError, TargetFileError)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -73,7 +79,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
             Vaccination(int(p[0]), float(p[1]), *(float(x) for x in p[2:]))
             for p in (_split(t, 2, 3, "--vaccinate") for t in args.vaccinate)
         )
-    except ValueError as e:
+    except ValueError as e:  # int()/float() of a field, or the intervention's own validation
         raise SystemExit(f"decentsim: bad intervention: {e}") from None
     return ModelConfig(
         lockdowns=locks,

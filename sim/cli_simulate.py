@@ -7,8 +7,8 @@ import json
 import sys
 
 from sim import env, models, populations
-from sim.cli_common import DTYPES, add_population_arguments, model_config
-from sim.params import ParameterError, Theta
+from sim.cli_common import DTYPES, USER_ERRORS, add_population_arguments, model_config
+from sim.params import Theta
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,19 +27,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         theta = Theta.parse(args.theta, models.epidemiology.theta)
-    except ParameterError as e:
+        pop = populations.from_spec(args.population, seed=args.seed)
+        simulation = env.create_from_template(
+            models.epidemiology,
+            pop,
+            theta=theta,
+            config=model_config(args),
+            seed=args.seed,
+            days=args.days,
+            device=args.device,
+            dtype=DTYPES[args.dtype],
+        )
+    except USER_ERRORS as e:
         raise SystemExit(f"decentsim simulate: {e}") from None
-    pop = populations.from_spec(args.population, seed=args.seed)
-    simulation = env.create_from_template(
-        models.epidemiology,
-        pop,
-        theta=theta,
-        config=model_config(args),
-        seed=args.seed,
-        days=args.days,
-        device=args.device,
-        dtype=DTYPES[args.dtype],
-    )
+    if args.days < 1:
+        raise SystemExit(f"decentsim simulate: --days must be >= 1, got {args.days}")
     simulation.execute(grad=args.grad or "none", progress=sys.stderr.isatty())
     summary = simulation.save(args.out) if args.out else simulation.summary()
     if args.json:

@@ -38,6 +38,10 @@ OBSERVATIONS: tuple[str, ...] = ("new_infections", "new_deaths")
 _BETA, _MORTALITY, _INIT = (PARAM_NAMES.index(n) for n in ("beta", "mortality", "init_frac"))
 
 
+class ModelConfigError(ValueError):
+    """A model setting or intervention is invalid; the message names it."""
+
+
 @dataclass(frozen=True)
 class Archetype:
     """A behavioural archetype (ℓ): how much an agent mixes, and whether it isolates when ill."""
@@ -57,6 +61,17 @@ class Lockdown:
     scale: float
     end_day: int | None = None
 
+    def __post_init__(self) -> None:
+        if not self.scale >= 0:
+            raise ModelConfigError(
+                f"lockdown of {self.layer!r}: scale must be >= 0, got {self.scale}"
+            )
+        if self.start_day < 0 or (self.end_day is not None and self.end_day <= self.start_day):
+            raise ModelConfigError(
+                f"lockdown of {self.layer!r}: need 0 <= start_day < end_day, got "
+                f"{self.start_day}..{self.end_day}"
+            )
+
     def active(self, day: int) -> bool:
         return day >= self.start_day and (self.end_day is None or day < self.end_day)
 
@@ -68,6 +83,14 @@ class Vaccination:
     day: int
     fraction: float
     efficacy: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.day < 0:
+            raise ModelConfigError(f"vaccination day must be >= 0, got {self.day}")
+        for name in ("fraction", "efficacy"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ModelConfigError(f"vaccination {name} must be in [0, 1], got {v}")
 
 
 @dataclass(frozen=True)
@@ -99,17 +122,19 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if len(self.susceptibility) != 6 or len(self.age_mortality) != 6:
-            raise ValueError("susceptibility and age_mortality need one value per age group (6)")
+            raise ModelConfigError(
+                "susceptibility and age_mortality need one value per age group (6)"
+            )
         for name, (lo, hi) in (
             ("latent_days", self.latent_days),
             ("infectious_days", self.infectious_days),
         ):
             if not 1 <= lo <= hi:
-                raise ValueError(f"{name} must satisfy 1 <= min <= max, got {(lo, hi)}")
+                raise ModelConfigError(f"{name} must satisfy 1 <= min <= max, got {(lo, hi)}")
         if abs(sum(a.share for a in self.archetypes) - 1.0) > 1e-9:
-            raise ValueError("archetype shares must sum to 1")
+            raise ModelConfigError("archetype shares must sum to 1")
         if not self.profile or min(self.profile) < 0:
-            raise ValueError("profile must be a non-empty sequence of non-negative values")
+            raise ModelConfigError("profile must be a non-empty sequence of non-negative values")
 
     def with_interventions(
         self, lockdowns: tuple[Lockdown, ...] = (), vaccinations: tuple[Vaccination, ...] = ()

@@ -32,6 +32,7 @@ from sim.model import (
     STAGES,
     Agents,
     ModelConfig,
+    ModelConfigError,
     State,
     behaviour,
     infectiousness,
@@ -171,10 +172,17 @@ class CentralSimulator:
         self.device = torch.device(device)
         self.dtype = dtype
         n = population.n_agents
+        if self.config.use_population_seeds and population.initially_infected is None:
+            raise ModelConfigError(
+                f"population {population.name!r} has no initially_infected column "
+                "to seed from; use init_frac instead"
+            )
         known = {layer.name for layer in population.layers}
         for lock in self.config.lockdowns:
             if lock.layer not in known:
-                raise ValueError(f"lockdown names layer {lock.layer!r}; layers: {sorted(known)}")
+                raise ModelConfigError(
+                    f"lockdown names layer {lock.layer!r}; layers: {sorted(known)}"
+                )
         self.agents: Agents = make_agents(
             torch.arange(n, device=self.device),
             population.age_group.to(self.device),

@@ -252,14 +252,58 @@ def test_calibrate_network_mode_needs_positive_start(tmp_path: Path) -> None:
     target = tmp_path / "t.csv"
     target.write_text("date,cases_week\n2020-01-01,3\n2020-01-08,5\n")
     with pytest.raises(SystemExit, match=r"positive start value for \['mortality'\]"):
-        main(["calibrate", "--population", "synthetic:100", "--target", str(target), "--mode",
-              "network", "--fit", "mortality", "--theta", "mortality=0", "--epochs", "1",
-              "--out", str(tmp_path / "o")])
+        main(
+            [
+                "calibrate",
+                "--population",
+                "synthetic:100",
+                "--target",
+                str(target),
+                "--mode",
+                "network",
+                "--fit",
+                "mortality",
+                "--theta",
+                "mortality=0",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
 
 
 def test_calibrate_reports_bad_target_file(tmp_path: Path) -> None:
     target = tmp_path / "t.csv"
     target.write_text("date,cases_week\n2020-01-01,3\n2020-01-08,x\n")
     with pytest.raises(SystemExit, match=r"t.csv:3: field 'cases_week': 'x'"):
-        main(["calibrate", "--population", "synthetic:100", "--target", str(target), "--out",
-              str(tmp_path / "o")])
+        main(
+            [
+                "calibrate",
+                "--population",
+                "synthetic:100",
+                "--target",
+                str(target),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--population", "synthetic:abc"], "synthetic"),
+        (["--population", "/nonexistent/dir"], "/nonexistent/dir"),
+        (["--lockdown", "nosuchlayer:3:0.5"], "layer 'nosuchlayer'"),
+        (["--lockdown", "work:3:-2"], "scale must be >= 0"),
+        (["--vaccinate", "3:1.5"], "fraction must be in"),
+        (["--population-seeds"], "no initially_infected column"),
+        (["--days", "0"], "--days must be >= 1"),
+    ],
+)
+def test_simulate_reports_bad_input_in_one_line(args: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["simulate", "--population", "synthetic:200", *args])
+    assert message in str(e.value)
+    assert str(e.value).startswith("decentsim")

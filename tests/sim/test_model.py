@@ -222,3 +222,23 @@ def test_two_halves_reproduce_the_full_run(seed: int) -> None:
         assert torch.equal(state.stage, halves[day]), f"day {day}: stages differ"
         changed += int((state.stage != before).sum())
     assert changed > 100  # the run had real dynamics to reproduce
+
+
+def test_seeding_from_a_population_without_seeds_is_rejected() -> None:
+    with pytest.raises(ValueError, match="no initially_infected column"):
+        CentralSimulator(random_population(50, 4, 0), ModelConfig(use_population_seeds=True))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Lockdown("work", 0, -0.5), "scale must be >= 0"),
+        (lambda: Lockdown("work", 5, 0.5, end_day=5), "start_day < end_day"),
+        (lambda: Vaccination(-1, 0.5), "day must be >= 0"),
+        (lambda: Vaccination(3, 1.5), "fraction must be in"),
+        (lambda: Vaccination(3, 0.5, efficacy=float("nan")), "efficacy must be in"),
+    ],
+)
+def test_bad_interventions_are_rejected(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
