@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
+from protocols.ble.errors import RadioInputError
 from protocols.ble.radio import DayContacts, SimulatedRadio
 from protocols.ble.scoring import score
 from protocols.ble.simkeys import SimulatedKeyring
@@ -24,13 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contacts", type=int, default=1_000_000, help="directed contacts/day")
     parser.add_argument("--degree", type=float, default=10.0, help="mean contacts per device")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
 
 
 def make_contacts(n: int, degree: float, seed: int) -> DayContacts:
     """A synthetic day: uniform random pairs, weights 1.0 / 0.3 / 0.1 with p 0.2 / 0.4 / 0.4."""
     if n < 1 or degree <= 0:
-        raise ValueError(f"need contacts >= 1 and degree > 0, got {n}, {degree}")
+        raise RadioInputError(f"need contacts >= 1 and degree > 0, got {n}, {degree}")
     devices = max(2, int(n / degree))
     gen = np.random.default_rng(seed)  # workload generation only: nothing secret
     src = gen.integers(0, devices, n, dtype=np.int64)
@@ -41,7 +40,6 @@ def make_contacts(n: int, degree: float, seed: int) -> DayContacts:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Time the radio and the scoring; return the JSON-line fields."""
-    torch.set_num_threads(args.threads)
     contacts = make_contacts(args.contacts, args.degree, args.seed)
     radio = SimulatedRadio(SimulatedKeyring(bytes(16)), seed=args.seed)
     t0 = time.perf_counter()

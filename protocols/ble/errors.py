@@ -49,3 +49,7 @@ class ScoringConfigError(BleError):
 
 class RadioInputError(BleError):
     """Day contacts or radio parameters are invalid."""
+
+
+class ScannerConfigError(BleError):
+    """Scanner settings are invalid (scan window/interval, timeouts, scanning mode)."""

@@ -48,6 +48,9 @@ SUPPORTED_MAJOR = 1
 
 _RPI_PREFIX = b"EN-RPI" + bytes(6)
 _MAX_ENIN = 2**32 - 1
+# Stateless algorithm descriptors, built once: the simulated keyring derives ~10^5 keys a day.
+_SHA256 = hashes.SHA256()
+_ECB = modes.ECB()
 
 
 def _check_bytes(name: str, value: object, length: int) -> bytes:
@@ -87,7 +90,7 @@ def new_tek() -> bytes:
 
 
 def _hkdf(tek: bytes, info: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=16, salt=None, info=info).derive(tek)
+    return HKDF(algorithm=_SHA256, length=16, salt=None, info=info).derive(tek)
 
 
 def rpik(tek: bytes) -> bytes:
@@ -100,8 +103,9 @@ def aemk(tek: bytes) -> bytes:
     return _hkdf(_check_bytes("TEK", tek, TEK_LEN), b"EN-AEMK")
 
 
-def _ecb(key: bytes, blocks: bytes) -> bytes:
-    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+def aes_ecb(key: bytes, blocks: bytes) -> bytes:
+    """AES-128-ECB of whole 16-byte blocks under one key (the RPI and batch-AEM primitive)."""
+    enc = Cipher(algorithms.AES(key), _ECB).encryptor()
     return enc.update(blocks) + enc.finalize()
 
 
@@ -116,7 +120,7 @@ def padded_blocks(enins: np.ndarray) -> bytes:
 def rpi(rpik: bytes, enin: int) -> bytes:
     """The Rolling Proximity Identifier broadcast during interval ``enin``."""
     key = _check_bytes("RPIK", rpik, 16)
-    return _ecb(key, _RPI_PREFIX + struct.pack("<I", _check_enin("ENIN", enin)))
+    return aes_ecb(key, _RPI_PREFIX + struct.pack("<I", _check_enin("ENIN", enin)))
 
 
 def rpi_batch(rpik: bytes, enins: Iterable[int] | np.ndarray) -> np.ndarray:
@@ -127,7 +131,7 @@ def rpi_batch(rpik: bytes, enins: Iterable[int] | np.ndarray) -> np.ndarray:
         raise CryptoInputError(f"enins must be one-dimensional, got shape {arr.shape}")
     if arr.size and (arr.min() < 0 or arr.max() > _MAX_ENIN):
         raise CryptoInputError("enins must lie in [0, 2**32)")
-    out = _ecb(key, padded_blocks(arr))
+    out = aes_ecb(key, padded_blocks(arr))
     return np.frombuffer(out, dtype=np.uint8).reshape(-1, RPI_LEN).copy()
 
 
@@ -161,7 +165,7 @@ def aem_batch(aemk: bytes, rpis: np.ndarray, metadata: bytes) -> np.ndarray:
     arr = np.ascontiguousarray(rpis, dtype=np.uint8)
     if arr.ndim != 2 or arr.shape[1] != RPI_LEN:
         raise CryptoInputError(f"rpis must have shape (n, 16), got {arr.shape}")
-    stream = np.frombuffer(_ecb(key, arr.tobytes()), dtype=np.uint8).reshape(-1, 16)
+    stream = np.frombuffer(aes_ecb(key, arr.tobytes()), dtype=np.uint8).reshape(-1, 16)
     return stream[:, :AEM_LEN] ^ np.frombuffer(meta, dtype=np.uint8)
 
 

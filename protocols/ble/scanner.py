@@ -8,6 +8,12 @@ and dropped, never raised into bleak. A scan is always stopped in ``finally``; a
 start, window or stop overruns its deadline is abandoned and restarted on the next cycle by the
 watchdog, and :meth:`ExposureScanner.health` reports the last scan.
 
+Scanning mode: ``"passive"`` (the default: no scan requests on the air, as GAEN does) passes
+bleak's BlueZ ``or_patterns`` matching AD type 0x16 starting with UUID 0xFD6F, because bleak's
+BlueZ backend refuses a passive scan without them (and ignores ``service_uuids`` there; passive
+scanning on Linux needs BlueZ >= 5.56 with ``--experimental`` and kernel >= 5.10). ``"active"``
+filters with ``service_uuids`` instead; macOS (CoreBluetooth) supports only active scanning.
+
 The same callback serves any bleak backend: the platform's (BlueZ, CoreBluetooth, WinRT,
 Android) on a pilot device, or :class:`protocols.ble.virtual_link.BumbleScannerBackend` in tests.
 """
@@ -20,19 +26,26 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from bleak import BleakScanner
+from bleak.args.bluez import OrPattern
+from bleak.assigned_numbers import AdvertisementDataType
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 from bleak.exc import BleakError
 
 from protocols.ble import gaen
-from protocols.ble.advert import EN_SERVICE_UUID128, decode_service_data
-from protocols.ble.errors import AdvertError, MissingServiceData
+from protocols.ble.advert import EN_SERVICE_UUID16, EN_SERVICE_UUID128, decode_service_data
+from protocols.ble.errors import AdvertError, MissingServiceData, ScannerConfigError
 from protocols.ble.radio import NOMINAL_TX_POWER_DBM
 from protocols.ble.sightings import Sightings
+
+#: BlueZ advertisement-monitor pattern for passive scans: service data (AD 0x16) of UUID 0xFD6F.
+EN_OR_PATTERN = OrPattern(
+    0, AdvertisementDataType.SERVICE_DATA_UUID16, EN_SERVICE_UUID16.to_bytes(2, "little")
+)
 
 
 class SightingLog:
@@ -81,20 +94,30 @@ class ScanHealth:
     last_scan_started: float | None = None
     last_scan_ended: float | None = None
     last_scan_packets: int = 0
+    last_scan_ok: bool | None = None
+    last_success: float | None = None
     last_error: str | None = None
     accepted: int = 0
     ignored: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
 
-    def report(self) -> dict[str, Any]:
-        """A JSON-friendly snapshot (counts and timestamps only: no identifiers)."""
+    def report(self, now: float, stale_after_s: float) -> dict[str, Any]:
+        """A JSON-friendly snapshot (counts and timestamps only: no identifiers).
+
+        ``healthy`` is false until a scan has completed, and again once the last completed scan
+        is more than ``stale_after_s`` old (the scanner is stuck or keeps failing).
+        """
+        healthy = self.last_success is not None and now - self.last_success <= stale_after_s
         return {
+            "healthy": healthy,
             "scans_started": self.scans_started,
             "scans_completed": self.scans_completed,
             "restarts": self.restarts,
             "last_scan_started": self.last_scan_started,
             "last_scan_ended": self.last_scan_ended,
             "last_scan_packets": self.last_scan_packets,
+            "last_scan_ok": self.last_scan_ok,
+            "last_success": self.last_success,
             "last_error": self.last_error,
             "accepted": self.accepted,
             "ignored": self.ignored,
@@ -108,7 +131,8 @@ class ExposureScanner:
     ``backend`` is passed to ``BleakScanner`` (``None``: the platform's); ``backend_kwargs`` go
     with it. ``aemk_for_rpi`` optionally returns the AEMK of an RPI whose TEK is known (own keys,
     published diagnosis keys): the metadata is then decrypted, its version checked (bad versions
-    are counted as ``BadVersion``) and its TX power used instead of the nominal one.
+    are counted as ``BadVersion``) and its TX power used instead of the nominal one. Without a
+    key the version cannot be checked at all: it travels inside the encrypted AEM.
     """
 
     def __init__(
@@ -123,13 +147,18 @@ class ExposureScanner:
         clock: Callable[[], float] = time.time,
         nominal_tx_power_dbm: int = NOMINAL_TX_POWER_DBM,
         aemk_for_rpi: Callable[[bytes], bytes | None] | None = None,
+        scanning_mode: Literal["passive", "active"] = "passive",
     ) -> None:
+        if scanning_mode not in ("passive", "active"):
+            raise ScannerConfigError(
+                f"scanning_mode must be 'passive' or 'active', got {scanning_mode!r}"
+            )
         if not 0 < scan_window_s <= scan_interval_s:
-            raise ValueError(
+            raise ScannerConfigError(
                 f"need 0 < scan_window_s <= scan_interval_s, got {scan_window_s}, {scan_interval_s}"
             )
         if op_timeout_s <= 0:
-            raise ValueError(f"op_timeout_s must be > 0, got {op_timeout_s}")
+            raise ScannerConfigError(f"op_timeout_s must be > 0, got {op_timeout_s}")
         self.scan_window_s = scan_window_s
         self.scan_interval_s = scan_interval_s
         self.op_timeout_s = op_timeout_s
@@ -138,13 +167,25 @@ class ExposureScanner:
         self._clock = clock
         self._tx = nominal_tx_power_dbm
         self._aemk_for_rpi = aemk_for_rpi
+        self._mode = scanning_mode
         self.log = SightingLog(observer)
         self._health = ScanHealth()
         self._scan_id = 0
 
     def health(self) -> dict[str, Any]:
-        """The "last scan" health report."""
-        return self._health.report()
+        """The "last scan" health report; stale after two missed duty cycles."""
+        stale_after = 2 * self.scan_interval_s + self.scan_window_s + 2 * self.op_timeout_s
+        return self._health.report(self._clock(), stale_after)
+
+    def _scanner_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(self._backend_kwargs)
+        if self._mode == "passive":
+            bluez = dict(kwargs.pop("bluez", {}))
+            bluez["or_patterns"] = [EN_OR_PATTERN]
+            kwargs["bluez"] = bluez
+        else:
+            kwargs["service_uuids"] = [EN_SERVICE_UUID128]
+        return kwargs
 
     def on_advertisement(self, device: BLEDevice, adv: AdvertisementData) -> None:
         """bleak detection callback: decode, validate, log; count and drop anything malformed."""
@@ -177,12 +218,12 @@ class ExposureScanner:
         h.scans_started += 1
         h.last_scan_started = self._clock()
         h.last_scan_packets = 0
+        h.last_scan_ok = False
         scanner = BleakScanner(
             detection_callback=self.on_advertisement,
-            service_uuids=[EN_SERVICE_UUID128],
-            scanning_mode="passive",
+            scanning_mode=self._mode,
             backend=self._backend,
-            **self._backend_kwargs,
+            **self._scanner_kwargs(),
         )
         try:
             await asyncio.wait_for(scanner.start(), self.op_timeout_s)
@@ -191,12 +232,17 @@ class ExposureScanner:
             await asyncio.wait_for(scanner.stop(), self.op_timeout_s)
             h.last_scan_ended = self._clock()
         h.scans_completed += 1
+        h.last_scan_ok = True
+        h.last_success = h.last_scan_ended
 
     async def run(self, stop: asyncio.Event, max_scans: int | None = None) -> None:
         """Scan every ``scan_interval_s`` until ``stop`` is set (or ``max_scans`` scans).
 
-        Watchdog: a scan that overruns ``scan_window_s + 2 * op_timeout_s`` or fails with a
-        Bluetooth/OS error is abandoned, counted as a restart and retried next cycle.
+        Watchdog: a scan that overruns ``scan_window_s + 2 * op_timeout_s`` or fails with
+        ``BleakError`` (adapter gone, passive scanning unsupported, D-Bus errors) or ``OSError``
+        (which covers the ``TimeoutError`` of a stalled start/stop and socket/D-Bus I/O errors)
+        is abandoned (its ``finally`` has stopped it), counted in ``restarts``/``last_error``
+        and retried next cycle. Any other exception is a bug and propagates.
         """
         deadline = self.scan_window_s + 2 * self.op_timeout_s
         while not stop.is_set() and (max_scans is None or self._health.scans_started < max_scans):

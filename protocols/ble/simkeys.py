@@ -14,8 +14,9 @@ downstream (RPIK, AEMK, RPI, AEM) is the unmodified v1.2 schedule of :mod:`proto
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from protocols.ble import gaen
 from protocols.ble.errors import CryptoInputError
@@ -45,8 +46,7 @@ class SimulatedKeyring:
         blocks[:, :8] = dev.astype(">u8").view(np.uint8).reshape(-1, 8)
         blocks[:, 8:12] = start.astype(">u4").view(np.uint8).reshape(-1, 4)
         blocks[:, 12:] = np.frombuffer(_TAG, dtype=np.uint8)
-        enc = Cipher(algorithms.AES(self._secret), modes.ECB()).encryptor()
-        out = enc.update(blocks.tobytes()) + enc.finalize()
+        out = gaen.aes_ecb(self._secret, blocks.tobytes())
         return np.frombuffer(out, dtype=np.uint8).reshape(-1, 16).copy()
 
     def key(self, device: int, enin: int) -> gaen.TemporaryExposureKey:
@@ -66,22 +66,24 @@ class SimulatedKeyring:
         enin = np.asarray(enins, dtype=np.int64)
         if dev.shape != enin.shape or dev.ndim != 1:
             raise CryptoInputError("devices and enins must be 1-D arrays of equal length")
+        if dev.size and (enin.min() < 0 or enin.max() >= 2**32):
+            raise CryptoInputError("enins must lie in [0, 2**32)")
         out = np.empty((dev.size, gaen.RPI_LEN), dtype=np.uint8)
         if dev.size == 0:
             return out
         start = (enin // gaen.TEK_ROLLING_PERIOD) * gaen.TEK_ROLLING_PERIOD
-        order = np.lexsort((enin, start, dev))
+        order = np.lexsort((enin, dev))  # by device, then interval: each key's rows contiguous
         d_sorted, s_sorted = dev[order], start[order]
         change = np.ones(order.size, dtype=bool)
         change[1:] = (d_sorted[1:] != d_sorted[:-1]) | (s_sorted[1:] != s_sorted[:-1])
         key_starts = np.flatnonzero(change)
-        teks = self.teks(d_sorted[key_starts], s_sorted[key_starts])
-        bounds = np.append(key_starts, order.size) * 16
+        tek_buf = self.teks(d_sorted[key_starts], s_sorted[key_starts]).tobytes()
+        bounds = (np.append(key_starts, order.size) * 16).tolist()
         blocks = gaen.padded_blocks(enin[order])
-        chunks = []
-        for k in range(key_starts.size):
-            enc = Cipher(algorithms.AES(gaen.rpik(bytes(teks[k]))), modes.ECB()).encryptor()
-            chunks.append(enc.update(blocks[bounds[k] : bounds[k + 1]]))
+        chunks = [
+            gaen.aes_ecb(gaen.rpik(tek_buf[16 * k : 16 * k + 16]), blocks[lo:hi])
+            for k, (lo, hi) in enumerate(itertools.pairwise(bounds))
+        ]
         rows = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(-1, gaen.RPI_LEN)
         out[order] = rows
         return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocols.ble.advert import Beacon, decode_advert, decode_service_data, encode_advert
 from protocols.ble.errors import (
@@ -53,3 +55,16 @@ def test_service_data_length() -> None:
         decode_service_data(RPI + AEM + b"\x00")
     with pytest.raises(WrongLength, match="RPI must be 16 bytes"):
         encode_advert(RPI[:8], AEM)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40), st.integers(0, 30), st.binary(max_size=4))
+def test_any_payload_decodes_or_raises_an_advert_error(noise: bytes, cut: int, tail: bytes) -> None:
+    """Fuzz: random bytes and mutated real adverts never escape as anything but AdvertError."""
+    mutated = encode_advert(RPI, AEM)[:cut] + tail
+    for payload in (noise, mutated):
+        try:
+            beacon = decode_advert(payload)
+        except AdvertError:
+            continue
+        assert len(beacon.rpi) == 16 and len(beacon.aem) == 4

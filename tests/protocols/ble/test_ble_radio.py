@@ -3,21 +3,33 @@ seeded per contact, physical, and survives +-2 h clock skew."""
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols.ble import gaen
-from protocols.ble.errors import RadioInputError
+from protocols.ble import bench, gaen
+from protocols.ble.errors import CryptoInputError, RadioInputError
 from protocols.ble.mapping import (
     sightings_from_contacts,
     trace_from_sightings,
     traces_from_sightings,
 )
-from protocols.ble.radio import DayContacts, IdealRadio, RadioModel, SimulatedRadio
+from protocols.ble.radio import (
+    DayContacts,
+    IdealRadio,
+    RadioModel,
+    RadioPurpose,
+    SimulatedRadio,
+    counter_bits,
+)
 from protocols.ble.scoring import match_keys
 from protocols.ble.simkeys import SimulatedKeyring
+from sim import rng
 
 RING = SimulatedKeyring(bytes(range(16)))
 
@@ -165,6 +177,24 @@ def test_simulated_radio_physics() -> None:
     assert near > 0.8 and far < 0.3 and near > 3 * far
 
 
+def test_simulated_radio_calibration() -> None:
+    """Duty cycling and duration noise are unbiased in the mean; distance is what lowers it."""
+    n = 6000
+    src = np.arange(n, dtype=np.int64) * 2
+    means = {}
+    for w in (0.3, 1.0):
+        radio = SimulatedRadio(RING, seed=21)
+        c = contacts(src, src + 1, np.full(n, w))
+        trace = traces_from_sightings(radio.transmit(c).sightings)
+        got = np.bincount(trace.observer // 2, weights=trace.weight, minlength=n) / w
+        distance = radio.draw(c).distance
+        assert got[distance < 0.7].mean() == pytest.approx(1.0, abs=0.08)  # unbiased up close
+        means[w] = got.mean()
+    # Under the default distances (median 1.5 m) the mean is ~0.78 w, whatever w.
+    assert means[0.3] == pytest.approx(0.78, abs=0.05)
+    assert means[1.0] == pytest.approx(0.78, abs=0.05)
+
+
 @pytest.mark.parametrize(("skew_h", "all_match"), [(1.0, True), (3.5, False)])
 def test_clock_skew_up_to_two_hours_still_matches(skew_h: float, all_match: bool) -> None:
     n = 300
@@ -186,3 +216,27 @@ def test_clock_skew_up_to_two_hours_still_matches(skew_h: float, all_match: bool
     assert ok[skew <= gaen.MAX_CLOCK_SKEW_INTERVALS].all()
     assert not ok[skew > gaen.MAX_CLOCK_SKEW_INTERVALS].any()
     assert ok.all() == all_match
+
+
+def test_counter_bits_is_sim_rng_bits() -> None:
+    ids = np.array([0, 1, 2**40 + 3, -(2**62), 2**63 - 1, -1], dtype=np.int64)
+    for step, purpose in ((0, RadioPurpose.PACKET), (17, RadioPurpose.CONTACT_KEY)):
+        want = rng.bits(5, torch.from_numpy(ids), step, int(purpose)).numpy().view(np.uint64)
+        assert counter_bits(5, ids, step, int(purpose)).tolist() == want.tolist()
+
+
+def test_fractional_scan_interval_and_keyring_range() -> None:
+    model = RadioModel(scan_interval_s=0.5, scan_window_s=0.25, packets_per_scan=1)
+    day = SimulatedRadio(RING, seed=1, model=model).transmit(contacts([0], [1], [0.01]))
+    assert len(day.sightings) > 0 and (np.diff(day.sightings.scan) > 0).all()
+    with pytest.raises(CryptoInputError, match=r"enins must lie in \[0, 2\*\*32\)"):
+        RING.rpis(np.array([1]), np.array([2**32 + 5]))
+
+
+def test_bench_reports_the_contract_fields() -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = bench.run(parser.parse_args(["--contacts", "3000"]))
+    assert set(out) >= {"contacts", "sightings", "seconds_radio", "seconds_scoring"}
+    assert out["contacts"] == 3000 and out["sightings"] > 3000 and out["contacts_per_s"] > 0
+    json.dumps(out)  # one JSON line

@@ -10,10 +10,13 @@ import pytest
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 from bleak.exc import BleakError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocols.ble import gaen
 from protocols.ble.advert import EN_SERVICE_UUID128
-from protocols.ble.scanner import ExposureScanner
+from protocols.ble.errors import ScannerConfigError
+from protocols.ble.scanner import EN_OR_PATTERN, ExposureScanner
 from protocols.ble.scoring import score
 
 RPI = bytes(range(16))
@@ -39,11 +42,15 @@ class FakeBackend(BaseBleakScanner):
 
     events: ClassVar[list[str]] = []
     mode: ClassVar[list[str]] = []
+    created: ClassVar[list[dict[str, Any]]] = []
 
     def __init__(
-        self, detection_callback: Any, service_uuids: Any, scanning_mode: str = "passive", **_: Any
+        self, detection_callback: Any, service_uuids: Any, scanning_mode: str = "passive", **kw: Any
     ) -> None:
         super().__init__(detection_callback, service_uuids)
+        FakeBackend.created.append(
+            {"service_uuids": service_uuids, "mode": scanning_mode, "bluez": kw.get("bluez")}
+        )
 
     async def start(self) -> None:
         FakeBackend.events.append("start")
@@ -64,16 +71,17 @@ class FakeBackend(BaseBleakScanner):
 def reset() -> None:
     FakeBackend.events = []
     FakeBackend.mode = []
+    FakeBackend.created = []
 
 
-def make(**kw: Any) -> ExposureScanner:
+def make(now: list[float] | None = None, **kw: Any) -> ExposureScanner:
     times = iter(range(10_000))
     return ExposureScanner(
         scan_window_s=0.01,
         scan_interval_s=0.02,
         op_timeout_s=0.2,
         backend=FakeBackend,
-        clock=lambda: 1_600_000_000.0 + next(times),
+        clock=(lambda: now[0]) if now else (lambda: 1_600_000_000.0 + next(times)),
         **kw,
     )
 
@@ -98,6 +106,38 @@ def test_stalled_and_failing_scans_restart_and_always_stop() -> None:
     assert h["restarts"] == 2 and h["scans_completed"] == 1
     assert h["last_error"] == "BleakError: adapter went away"
     assert FakeBackend.events == ["start", "stop", "start", "stop", "start", "stop"]
+    assert h["last_scan_ok"] is True and h["last_success"] == h["last_scan_ended"]
+
+
+def test_health_turns_unhealthy_when_scans_keep_failing() -> None:
+    now = [1_600_000_000.0]
+    scanner = make(now)
+    assert scanner.health()["healthy"] is False  # no scan completed yet
+    asyncio.run(scanner.run(asyncio.Event(), max_scans=1))
+    h = scanner.health()
+    assert h["healthy"] is True and h["last_success"] == now[0] and h["last_scan_ok"] is True
+    FakeBackend.mode = ["fail"]
+    now[0] += 0.1
+    asyncio.run(scanner.run(asyncio.Event(), max_scans=2))
+    h = scanner.health()
+    assert h["last_scan_ok"] is False and h["restarts"] == 1 and h["healthy"] is True
+    now[0] += 0.3  # 0.4 s since the last success: still within 2 cycles + window + 2 timeouts
+    assert scanner.health()["healthy"] is True
+    now[0] += 0.1  # 0.5 s > 0.45 s
+    assert scanner.health()["healthy"] is False
+
+
+def test_scanning_mode_sets_bleak_filters() -> None:
+    asyncio.run(make().scan_once())
+    asyncio.run(make(scanning_mode="active").scan_once())
+    passive, active = FakeBackend.created
+    assert passive["mode"] == "passive" and passive["service_uuids"] is None
+    # BlueZ scans passively only with an advertisement monitor: AD 0x16 starting 6F FD.
+    assert passive["bluez"] == {"or_patterns": [EN_OR_PATTERN]}
+    assert tuple(EN_OR_PATTERN) == (0, 0x16, b"\x6f\xfd")
+    assert active["mode"] == "active" and active["service_uuids"] == [EN_SERVICE_UUID128]
+    with pytest.raises(ScannerConfigError, match="scanning_mode must be 'passive' or 'active'"):
+        ExposureScanner(scanning_mode="both")  # type: ignore[arg-type]
 
 
 def test_bad_version_counted_when_metadata_is_readable() -> None:
@@ -114,5 +154,27 @@ def test_bad_version_counted_when_metadata_is_readable() -> None:
 
 
 def test_scanner_arguments_checked() -> None:
-    with pytest.raises(ValueError, match="need 0 < scan_window_s <= scan_interval_s"):
+    with pytest.raises(ScannerConfigError, match="need 0 < scan_window_s <= scan_interval_s"):
         ExposureScanner(scan_window_s=5.0, scan_interval_s=1.0)
+    with pytest.raises(ScannerConfigError, match="op_timeout_s must be > 0, got 0"):
+        ExposureScanner(op_timeout_s=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([EN_SERVICE_UUID128, "0000feaa-0000-1000-8000-00805f9b34fb"]),
+            st.one_of(st.none(), st.binary(max_size=30)),
+        ),
+        max_size=6,
+    )
+)
+def test_callback_never_raises_and_counts_every_advert(items: list) -> None:
+    scanner = make(aemk_for_rpi=lambda rpi: KEY if rpi[0] % 2 else None)
+    dev = BLEDevice("AA", None, None)
+    for uuid, data in items:
+        scanner.on_advertisement(dev, adv({} if data is None else {uuid: data}, [uuid]))
+    h = scanner.health()
+    assert h["accepted"] + h["ignored"] + sum(h["rejected"].values()) == len(items)
+    assert len(scanner.log) == h["accepted"]

@@ -138,3 +138,17 @@ def test_matching_tolerates_two_hours_of_clock_skew() -> None:
     ]
     unknown = np.zeros((1, 16), np.uint8)
     assert match_keys(unknown, np.array([heard_enin]), [key]).tolist() == [-1]
+
+
+def test_wide_scan_ids_take_the_lexsort_path_with_the_same_result() -> None:
+    rows = [
+        (o, b, -50.0 - 7 * b, k, T0 + 240.0 * k, 240.0)
+        for o in range(2)
+        for b in range(3)
+        for k in range(4)
+    ]
+    small = make(rows)
+    wide = Sightings(**{**small.__dict__, "scan": small.scan * (2**60) - 2**62})  # > 63 bits
+    a, b = score(small), score(wide)
+    assert a.entries(0) == b.entries(0) and a.entries(1) == b.entries(1)
+    assert len(a) == 6
