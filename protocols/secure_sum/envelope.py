@@ -17,9 +17,10 @@ sealed envelope (the relay cannot read them).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -46,12 +47,28 @@ def key_id(public_key: bytes) -> bytes:
     return hashlib.sha256(b"decentsim/keyid/v1" + public_key).digest()[:KEY_ID_BYTES]
 
 
+@functools.lru_cache(maxsize=256)
+def _recipient(public_key: bytes) -> tuple[X25519PublicKey, bytes]:
+    """Parsed key and key id of a recipient; a deployment has two, so sealing reuses them."""
+    return X25519PublicKey.from_public_bytes(public_key), key_id(public_key)
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869) extract-and-expand, from ``cryptography``."""
+    return HKDF(hashes.SHA256(), length, salt=salt, info=info).derive(ikm)
+
+
 @dataclass(frozen=True)
 class KeyPair:
     """A server's long-term X25519 key pair. Never logged; ``repr`` shows only the key id."""
 
     private: X25519PrivateKey
     public: bytes
+    #: ``key_id(public)``, computed once (every open compares it)
+    key_id: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_id", key_id(self.public))
 
     @classmethod
     def generate(cls) -> KeyPair:
@@ -66,27 +83,48 @@ class KeyPair:
         return cls(sk, sk.public_key().public_bytes_raw())
 
     def __repr__(self) -> str:
-        return f"KeyPair(key_id={key_id(self.public).hex()})"
+        return f"KeyPair(key_id={self.key_id.hex()})"
 
 
-def _derive(shared: bytes, enc: bytes, recipient: bytes, info: bytes) -> tuple[bytes, bytes]:
+def derive_key_nonce(
+    shared: bytes, enc: bytes, recipient: bytes, info: bytes
+) -> tuple[bytes, bytes]:
+    """The single-use AEAD key and nonce of an envelope (written out so it can be re-derived).
+
+    ``HKDF-SHA256(ikm=shared, salt=label, info=label ‖ len(info) (u32 BE) ‖ info ‖ enc ‖
+    recipient)``, 44 bytes: the first 32 are the ChaCha20-Poly1305 key, the last 12 the nonce.
+    """
     context = _LABEL + len(info).to_bytes(4, "big") + info + enc + recipient
-    okm = HKDF(hashes.SHA256(), 32 + NONCE_BYTES, salt=_LABEL, info=context).derive(shared)
+    okm = hkdf_sha256(shared, _LABEL, context, 32 + NONCE_BYTES)
     return okm[:32], okm[32:]
 
 
 def seal(recipient_public: bytes, plaintext: bytes, info: bytes, aad: bytes = b"") -> bytes:
     """Seal ``plaintext`` to ``recipient_public``; ``info`` and ``aad`` must match on open."""
+    return seal_with_ephemeral(X25519PrivateKey.generate(), recipient_public, plaintext, info, aad)
+
+
+def seal_with_ephemeral(
+    ephemeral: X25519PrivateKey,
+    recipient_public: bytes,
+    plaintext: bytes,
+    info: bytes,
+    aad: bytes = b"",
+) -> bytes:
+    """:func:`seal` with a caller-chosen ephemeral key — for test vectors only.
+
+    Reusing an ephemeral key would link envelopes and repeat an AEAD key; production code
+    calls :func:`seal`, which draws a fresh one per envelope.
+    """
     if len(recipient_public) != PUBLIC_KEY_BYTES:
         raise EnvelopeError(
             f"recipient public key must be {PUBLIC_KEY_BYTES} bytes, got {len(recipient_public)}"
         )
-    eph = X25519PrivateKey.generate()
-    enc = eph.public_key().public_bytes_raw()
-    shared = eph.exchange(X25519PublicKey.from_public_bytes(recipient_public))
-    key, nonce = _derive(shared, enc, recipient_public, info)
+    recipient, rid = _recipient(recipient_public)
+    enc = ephemeral.public_key().public_bytes_raw()
+    key, nonce = derive_key_nonce(ephemeral.exchange(recipient), enc, recipient_public, info)
     ct = ChaCha20Poly1305(key).encrypt(nonce, plaintext, aad)
-    return bytes([VERSION]) + key_id(recipient_public) + enc + ct
+    return b"".join((bytes([VERSION]), rid, enc, ct))
 
 
 def open_envelope(keypair: KeyPair, envelope: bytes, info: bytes, aad: bytes = b"") -> bytes:
@@ -104,14 +142,14 @@ def open_envelope(keypair: KeyPair, envelope: bytes, info: bytes, aad: bytes = b
         )
     if envelope[0] != VERSION:
         raise EnvelopeError(f"unsupported envelope version {envelope[0]} (expected {VERSION})")
-    if envelope[1 : 1 + KEY_ID_BYTES] != key_id(keypair.public):
+    if envelope[1 : 1 + KEY_ID_BYTES] != keypair.key_id:
         raise WrongRecipient("envelope was sealed to a different public key")
     enc = envelope[1 + KEY_ID_BYTES : HEADER_BYTES]
     try:
         shared = keypair.private.exchange(X25519PublicKey.from_public_bytes(enc))
     except ValueError as err:  # low-order point: all-zero shared secret
         raise AuthenticationFailed("envelope carries an invalid ephemeral public key") from err
-    key, nonce = _derive(shared, enc, keypair.public, info)
+    key, nonce = derive_key_nonce(shared, enc, keypair.public, info)
     try:
         return ChaCha20Poly1305(key).decrypt(nonce, envelope[HEADER_BYTES:], aad)
     except InvalidTag as err:
@@ -121,7 +159,7 @@ def open_envelope(keypair: KeyPair, envelope: bytes, info: bytes, aad: bytes = b
 
 
 def _box_key(secret: bytes, info: bytes) -> bytes:
-    return HKDF(hashes.SHA256(), 32, salt=_BOX_LABEL, info=_BOX_LABEL + info).derive(secret)
+    return hkdf_sha256(secret, _BOX_LABEL, _BOX_LABEL + info, 32)
 
 
 def box_seal(secret: bytes, plaintext: bytes, info: bytes, aad: bytes = b"") -> bytes:

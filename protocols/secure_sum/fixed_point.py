@@ -10,9 +10,13 @@ Overflow bound (enforced, never a silent wrap)::
 
 where ``max_abs`` bounds every coordinate of one contribution and ``max_summands`` bounds how
 many contributions one slot may receive. Then every true slot sum lies in the representable
-signed range, so decoding the ring element gives the exact fixed-point sum. ``encode`` rejects
-values above ``max_abs``; the accumulator rejects a contribution that would give a slot more
-than ``max_summands`` summands.
+signed range, so decoding the ring element gives the exact fixed-point sum. It is enforced at
+three points: ``encode`` rejects values above ``max_abs`` (and the constructor rejects a codec
+that breaks the inequality); the accumulator never lets a slot take more than ``max_summands``
+summands; and ``check_sum``/``decode_sum`` refuse a released sum outside
+``±count · ceil(max_abs · 2^f)`` — the servers only see uniform shares and cannot range-check a
+contribution, so a device that skipped ``encode``'s check is caught there (as long as its
+value pushes the sum past the bound).
 """
 
 from __future__ import annotations
@@ -96,6 +100,41 @@ class FixedPointCodec:
         if r.dtype != np.int64:
             raise EncodingError(f"ring elements must be int64, got dtype {r.dtype}")
         return r.astype(np.float64) / self.scale
+
+    def check_sum(
+        self, ring: npt.ArrayLike, counts: npt.ArrayLike | None = None
+    ) -> npt.NDArray[np.int64]:
+        """Return ``ring`` (int64 slot sums) after checking it against the overflow bound.
+
+        An honest sum of ``c`` contributions satisfies ``|sum| ≤ c · max_encoded``; with no
+        ``counts`` (a device is not told them), ``c = max_summands``. A sum outside that range
+        can only come from a contribution that skipped :meth:`encode`'s range check, or from a
+        wrap-around — it is refused instead of decoded to a wrong number.
+
+        Raises:
+            EncodingError: ``ring`` is not int64.
+            OverflowBoundError: some entry is outside the bound.
+        """
+        r = np.asarray(ring)
+        if r.dtype != np.int64:
+            raise EncodingError(f"ring elements must be int64, got dtype {r.dtype}")
+        c = np.full(r.shape[:1], self.max_summands) if counts is None else np.asarray(counts)
+        # ≤ max_summands · max_encoded ≤ 2^63 − 1, so the bound itself cannot overflow int64
+        bound = np.minimum(c, self.max_summands).astype(np.int64) * np.int64(self.max_encoded)
+        bound = bound.reshape(bound.shape + (1,) * (r.ndim - bound.ndim))
+        bad = (r > bound) | (r < -bound)
+        if bad.any():
+            raise OverflowBoundError(
+                f"{int(bad.sum())} sum entr(y/ies) outside ±count·max_encoded: a contribution "
+                "exceeded max_abs or the sum wrapped around 2^64; refusing to decode it"
+            )
+        return r
+
+    def decode_sum(
+        self, ring: npt.ArrayLike, counts: npt.ArrayLike | None = None
+    ) -> npt.NDArray[np.float64]:
+        """:meth:`check_sum`, then :meth:`decode`."""
+        return self.decode(self.check_sum(ring, counts))
 
     def check_summands(self, count: int) -> None:
         """Raise :class:`OverflowBoundError` if ``count`` summands could overflow a slot."""

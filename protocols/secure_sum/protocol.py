@@ -69,7 +69,7 @@ from .messages import (
     SurvivingSet,
     decode,
 )
-from .sharing import SEED_BYTES, expand_seed, expand_seeds, new_seed, split_rows, split_with_seed
+from .sharing import SEED_BYTES, expand_seeds, new_seed, split_rows, split_with_seed
 from .slots import (
     DEVICE_ID_BYTES,
     SLOT_ID_BYTES,
@@ -205,6 +205,8 @@ class _Round:
     closed: set[str] = field(default_factory=set)
     #: C only: what to relay to A at close, by unit key (dict keeps arrival order)
     outbox: dict[str, dict[bytes, tuple[bytes, ...]]] = field(default_factory=dict)
+    #: C only: phases whose relay to A completed (a retried close skips it)
+    relayed: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def phase(self, name: str) -> PhaseSpec:
         return self.spec.phase(name)
@@ -334,57 +336,74 @@ class AggregatorServer(_Server):
         table = rnd.table(m.phase)
         if not len(m.device_ids) == len(m.slot_ids) == len(m.sealed_for_a):
             raise MessageError("relay lists have different lengths")
-        accepted = replayed = rejected = 0
-        plaintext = self.deployment.mode is Mode.PLAINTEXT
-        zeros = np.zeros((p.items_per_device, p.dim), dtype=np.int64)
-        for device, slot_ids, sealed in zip(m.device_ids, m.slot_ids, m.sealed_for_a, strict=True):
-            # one bad part must not sink the whole relay: refuse it, keep the others
+        k, plaintext = p.items_per_device, self.deployment.mode is Mode.PLAINTEXT
+        # one public-key open per post is inherent; everything after it is batched
+        ok = np.zeros(len(m.device_ids), dtype=bool)
+        seeds: list[bytes] = []
+        for i, (device, slot_ids, sealed) in enumerate(
+            zip(m.device_ids, m.slot_ids, m.sealed_for_a, strict=True)
+        ):
+            if len(device) != DEVICE_ID_BYTES or len(slot_ids) != k * SLOT_ID_BYTES:
+                continue
+            if plaintext:
+                ok[i] = True
+                continue
+            header = post_header(device, m.round_id, m.phase)
             try:
-                header = post_header(device, m.round_id, m.phase)
-                slot_idx = table.lookup(as_id_matrix(slot_ids))
-                if len(slot_idx) != p.items_per_device:
-                    raise WrongLength(f"{len(slot_idx)} items, expected {p.items_per_device}")
-                if plaintext:
-                    share = zeros
-                else:
-                    inner = open_envelope(self.keypair, sealed, INFO_MAILBOX, header)
-                    if len(inner) != SEED_BYTES + _DIGEST or not hmac.compare_digest(
-                        inner[SEED_BYTES:], hashlib.sha256(header + slot_ids).digest()
-                    ):
-                        raise NotRegistrant("relayed slots differ from the ones the device sealed")
-                    share = expand_seed(inner[:SEED_BYTES], p.items_per_device * p.dim)
-                    share = share.reshape(p.items_per_device, p.dim)
-                fresh = acc.submit(unit_key(device, m.round_id, m.phase), slot_idx, share)
-                accepted += int(fresh)
-                replayed += int(not fresh)
+                inner = open_envelope(self.keypair, sealed, INFO_MAILBOX, header)
             except SecureSumError as err:
-                rejected += 1
                 log.info("aggregator refused a relayed post: %s", type(err).__name__)
-        return RelayReceipt(accepted, replayed, rejected)
+                continue
+            # the device bound its slot list into the sealed part: C cannot redirect shares
+            if len(inner) == SEED_BYTES + _DIGEST and hmac.compare_digest(
+                inner[SEED_BYTES:], hashlib.sha256(header + slot_ids).digest()
+            ):
+                ok[i] = True
+                seeds.append(inner[:SEED_BYTES])
+        good = np.flatnonzero(ok)
+        ids = as_id_matrix(b"".join([m.slot_ids[i] for i in good.tolist()]))
+        slot_idx, known = table.find(ids)
+        unit_known = known.reshape(-1, k).all(axis=1)
+        if plaintext:
+            shares = np.zeros((len(good) * k, p.dim), dtype=np.int64)
+        else:
+            shares = expand_seeds(seeds, k * p.dim).reshape(-1, p.dim)
+        use = np.repeat(unit_known, k)
+        keys = b"".join(
+            [unit_key(m.device_ids[i], m.round_id, m.phase) for i in good[unit_known].tolist()]
+        )
+        res = acc.submit_many(keys, slot_idx[use], shares[use])
+        rejected = len(m.device_ids) - int(unit_known.sum()) + res.conflicting + res.over_bound
+        return RelayReceipt(res.accepted, res.replayed, rejected)
 
     def _on_shuffled(self, m: RelayShuffled) -> Message:
         rnd = self._round(m.round_id)
         self._check_open(rnd, m.phase)
         p = rnd.phase(m.phase)
         acc = self._accumulator(rnd, m.phase)
+        if len(m.device_ids) != len(m.outers):
+            raise MessageError("relay lists have different lengths")
         k, size_c = p.items_per_device, item_c_bytes(p.dim)
         # 1) outer envelopes: A knows each sender here, but the C-items inside are opaque to it
-        items_c: list[bytes] = []
+        blobs: list[bytes] = []
         rejected = 0
         for device, outer in zip(m.device_ids, m.outers, strict=True):
             try:
                 blob = open_envelope(
                     self.keypair, outer, INFO_OUTER, post_header(device, m.round_id, m.phase)
                 )
-                if len(blob) != k * size_c:
-                    raise WrongLength(f"outer envelope holds {len(blob)} bytes, not {k} items")
             except SecureSumError as err:
                 rejected += 1
                 log.info("aggregator dropped an outer envelope: %s", type(err).__name__)
                 continue
-            items_c += [blob[i * size_c : (i + 1) * size_c] for i in range(k)]
-        order = self.permutation(len(items_c))
-        shuffled = tuple(items_c[i] for i in order.tolist())
+            if len(blob) != k * size_c:
+                rejected += 1
+                continue
+            blobs.append(blob)
+        joined = b"".join(blobs)
+        items_c = [joined[i : i + size_c] for i in range(0, len(joined), size_c)]
+        # the whole phase's batch, in a CSPRNG order independent of the senders
+        shuffled = tuple(map(items_c.__getitem__, self.permutation(len(items_c)).tolist()))
         # 2) A-items, already shuffled by C: A sees slot and seed, never the sender
         result = _accept_items(
             acc,
@@ -394,7 +413,7 @@ class AggregatorServer(_Server):
             INFO_ITEM_A,
             phase_aad(m.round_id, m.phase),
             SEED_BYTES,
-            lambda payload: expand_seeds(payload, p.dim),
+            lambda seeds: expand_seeds(seeds, p.dim),
         )
         rejected += result.rejected
         return ShuffledForC(
@@ -425,14 +444,16 @@ class AggregatorServer(_Server):
             raise RegistrationError(
                 f"phase {m.phase!r} sums pseudonym slots; only registrants fetch"
             )
-        sums, counts = self._accumulator(rnd, m.phase).sums()
+        acc = self._accumulator(rnd, m.phase)
+        sums, counts = acc.released_sums(np.arange(acc.n_slots))
         return AggregateShares(sums.astype("<i8").tobytes(), counts.astype("<i8").tobytes())
 
     def _on_fetch(self, m: RelayFetch) -> Message:
         rnd = self._round(m.round_id)
         if rnd.phase(m.phase).kind is not SlotKind.PSEUDONYM:
             raise RegistrationError(f"phase {m.phase!r} has no pseudonym slots to fetch")
-        sums, _ = self._accumulator(rnd, m.phase).sums()
+        acc = self._accumulator(rnd, m.phase)
+        acc.sums()  # nothing is released before agreement
         reg = rnd.registry.authorize_fetch(m.device_id, m.slot_id, m.phase)
         aad = fetch_aad(m.device_id, m.round_id, m.phase, m.slot_id)
         tag = open_envelope(self.keypair, m.sealed_for_a, INFO_FETCH, aad)
@@ -441,8 +462,8 @@ class AggregatorServer(_Server):
             tag, fetch_tag(reg.fetch_secret, m.round_id, m.phase, m.slot_id)
         ):
             raise NotRegistrant("fetch proof does not match the registrant's secret")
-        row = sums[rnd.registry.table.index(m.slot_id)]
-        box = box_seal(reg.fetch_secret, row.astype("<i8").tobytes(), INFO_FETCH_REPLY, aad)
+        rows, _ = acc.released_sums(np.array([rnd.registry.table.index(m.slot_id)]))
+        box = box_seal(reg.fetch_secret, rows[0].astype("<i8").tobytes(), INFO_FETCH_REPLY, aad)
         reg.fetched.add(m.phase)
         return FetchReply(box)
 
@@ -467,31 +488,29 @@ def _accept_items(
     info: bytes,
     aad: bytes,
     payload_bytes: int,
-    to_shares: Callable[[list[bytes]], npt.NDArray[np.int64]],
+    to_shares: Callable[[bytes], npt.NDArray[np.int64]],
 ) -> RelayReceipt:
-    """Open shuffled single items (cid ‖ slot ‖ payload) and submit the valid ones."""
-    cids: list[bytes] = []
-    slots: list[bytes] = []
-    payloads: list[bytes] = []
-    rejected = 0
+    """Open shuffled single items (cid ‖ slot ‖ payload) and submit the valid ones as a batch.
+
+    One public-key open per item is inherent; parsing, slot lookup and accumulation are
+    vectorized over the batch.
+    """
     want = CID_BYTES + SLOT_ID_BYTES + payload_bytes
+    plains: list[bytes] = []
     for env in envelopes:
         try:
             plain = open_envelope(keypair, env, info, aad)
         except SecureSumError:
-            rejected += 1
             continue
-        if len(plain) != want:
-            rejected += 1
-            continue
-        cids.append(plain[:CID_BYTES])
-        slots.append(plain[CID_BYTES : CID_BYTES + SLOT_ID_BYTES])
-        payloads.append(plain[CID_BYTES + SLOT_ID_BYTES :])
-    idx, ok = table.find(as_id_matrix(b"".join(slots)))
-    keep = np.flatnonzero(ok).tolist()
-    rejected += len(slots) - len(keep)
-    shares = to_shares([payloads[i] for i in keep])
-    res = acc.submit_many([cids[i] for i in keep], idx[ok], shares)
+        if len(plain) == want:
+            plains.append(plain)
+    rejected = len(envelopes) - len(plains)
+    mat = np.frombuffer(b"".join(plains), dtype=np.uint8).reshape(-1, want)
+    idx, ok = table.find(mat[:, CID_BYTES : CID_BYTES + SLOT_ID_BYTES])
+    rejected += int((~ok).sum())
+    good = mat[ok]
+    shares = to_shares(good[:, CID_BYTES + SLOT_ID_BYTES :].tobytes())
+    res = acc.submit_many(good[:, :CID_BYTES].tobytes(), idx[ok], shares)
     return RelayReceipt(res.accepted, res.replayed, rejected + res.conflicting + res.over_bound)
 
 
@@ -550,43 +569,38 @@ class CoordinatorServer(_Server):
         return rnd.outbox.get(phase, {}).pop(unit_key(device_id, round_id, phase), None) is not None
 
     def close_phase(self, round_id: int, phase: str) -> PhaseReport:
-        """Close a phase: relay to A, (shuffled) collect C-items, agree on the surviving set."""
+        """Close a phase: relay to A, (shuffled) collect C-items, agree on the surviving set.
+
+        Posts are refused from the first call on. If the link to A fails midway, calling
+        ``close_phase`` again resumes: the relay is idempotent at A (replays are ignored) and
+        the agreement is idempotent at both servers.
+
+        Raises:
+            PhaseClosed: the phase was already closed and its surviving set agreed.
+        """
         rnd = self._round(round_id)
-        self._check_open(rnd, phase)
         p = rnd.phase(phase)
         acc = self._accumulator(rnd, phase)
+        if acc.surviving_digest is not None:
+            raise PhaseClosed(f"round {round_id} phase {phase!r} is already closed and agreed")
         rnd.closed.add(phase)
         outbox = list(rnd.outbox.get(phase, {}).values())
-        accepted_c = acc.unit_count
-        if self.deployment.mode is Mode.SHUFFLED:
-            items_a = [it for entry in outbox for it in entry[2]]
-            order = self.permutation(len(items_a))
-            relay = RelayShuffled(
-                round_id,
-                phase,
-                tuple(e[0] for e in outbox),
-                tuple(e[1] for e in outbox),
-                tuple(items_a[i] for i in order.tolist()),
-            )
-            back = self._ask(relay, ShuffledForC)
-            assert isinstance(back, ShuffledForC)
-            res = _accept_items(
-                acc,
-                rnd.table(phase),
-                self.keypair,
-                back.items_for_c,
-                INFO_ITEM_C,
-                phase_aad(round_id, phase),
-                8 * p.dim,
-                lambda payload: (
-                    np.frombuffer(b"".join(payload), dtype="<i8")
-                    .astype(np.int64)
-                    .reshape(-1, p.dim)
-                ),
-            )
-            accepted_c = res.accepted
-            receipt = RelayReceipt(back.accepted, back.replayed, back.rejected)
-        else:
+        if phase not in rnd.relayed:
+            rnd.relayed[phase] = self._relay(rnd, p, acc, outbox)
+        accepted_a, rejected_a, accepted_c = rnd.relayed[phase]
+        surviving, digest = self._agree(rnd, phase, acc)
+        return PhaseReport(len(outbox), accepted_a, rejected_a, accepted_c, surviving, digest)
+
+    def _relay(
+        self,
+        rnd: _Round,
+        p: PhaseSpec,
+        acc: ShareAccumulator,
+        outbox: list[tuple[bytes, ...]],
+    ) -> tuple[int, int, int]:
+        """Send the phase's A-bound material; returns (accepted by A, rejected by A, C units)."""
+        round_id, phase = rnd.spec.round_id, p.name
+        if self.deployment.mode is not Mode.SHUFFLED:
             relay_m = RelayMailbox(
                 round_id,
                 phase,
@@ -595,11 +609,30 @@ class CoordinatorServer(_Server):
                 tuple(e[2] for e in outbox),
             )
             receipt = self._ask(relay_m, RelayReceipt)
-        assert isinstance(receipt, RelayReceipt)
-        surviving, digest = self._agree(rnd, phase, acc)
-        return PhaseReport(
-            len(outbox), receipt.accepted, receipt.rejected, accepted_c, surviving, digest
+            assert isinstance(receipt, RelayReceipt)
+            return receipt.accepted, receipt.rejected, acc.unit_count
+        items_a = [it for entry in outbox for it in entry[2]]
+        # the whole phase's A-items, in a CSPRNG order independent of the senders
+        relay = RelayShuffled(
+            round_id,
+            phase,
+            tuple(e[0] for e in outbox),
+            tuple(e[1] for e in outbox),
+            tuple(map(items_a.__getitem__, self.permutation(len(items_a)).tolist())),
         )
+        back = self._ask(relay, ShuffledForC)
+        assert isinstance(back, ShuffledForC)
+        _accept_items(
+            acc,
+            rnd.table(phase),
+            self.keypair,
+            back.items_for_c,
+            INFO_ITEM_C,
+            phase_aad(round_id, phase),
+            8 * p.dim,
+            lambda payload: np.frombuffer(payload, dtype="<i8").astype(np.int64).reshape(-1, p.dim),
+        )
+        return back.accepted, back.rejected, acc.unit_count
 
     def _agree(self, rnd: _Round, phase: str, acc: ShareAccumulator) -> tuple[int, bytes]:
         acc.close()
@@ -631,14 +664,16 @@ class CoordinatorServer(_Server):
         p = rnd.phase(phase)
         if p.kind is not SlotKind.AGGREGATE:
             raise RegistrationError(f"phase {phase!r} sums pseudonym slots; only registrants fetch")
-        sums, counts = self._accumulator(rnd, phase).sums()
+        acc = self._accumulator(rnd, phase)
+        sums, counts = acc.released_sums(np.arange(acc.n_slots))
         a = self._ask(AggregateRequest(round_id, phase), AggregateShares)
         assert isinstance(a, AggregateShares)
         a_sums = np.frombuffer(a.sums, dtype="<i8").astype(np.int64).reshape(sums.shape)
         a_counts = np.frombuffer(a.counts, dtype="<i8").astype(np.int64)
         if not np.array_equal(a_counts, counts):
             raise AgreementError("per-slot summand counts differ between the servers")
-        total = sums + a_sums
+        # a sum outside count × max_encoded means an out-of-range contribution or a wrap
+        total = self.codec.check_sum(sums + a_sums, counts)
         return {name: total[i] for i, name in enumerate(p.aggregate_slots)}
 
     # -- device-facing ----------------------------------------------------------------------
@@ -752,15 +787,16 @@ class CoordinatorServer(_Server):
         p = rnd.phase(m.phase)
         if p.kind is not SlotKind.PSEUDONYM:
             raise RegistrationError(f"phase {m.phase!r} has no pseudonym slots to fetch")
-        sums, _ = self._accumulator(rnd, m.phase).sums()
+        acc = self._accumulator(rnd, m.phase)
+        acc.sums()  # nothing is released before agreement
         reg = rnd.registry.authorize_fetch(m.device_id, m.slot_id, m.phase)
+        rows, _ = acc.released_sums(np.array([rnd.registry.table.index(m.slot_id)]))
         reply = self._ask(
             RelayFetch(m.device_id, m.round_id, m.phase, m.slot_id, m.sealed_for_a), FetchReply
         )
         assert isinstance(reply, FetchReply)
         reg.fetched.add(m.phase)  # only once A has answered: a refused fetch changes nothing
-        row = sums[rnd.registry.table.index(m.slot_id)]
-        return FetchResponse(row.astype("<i8").tobytes(), reply.box)
+        return FetchResponse(rows[0].astype("<i8").tobytes(), reply.box)
 
 
 class DeviceClient:
@@ -882,7 +918,7 @@ class DeviceClient:
     ) -> ShuffledPost:
         k = encoded.shape[0]
         seeds = [new_seed() for _ in range(k)]
-        cids = [os.urandom(CID_BYTES) for _ in range(k)]
+        cids = self._new_cids(k)
         share_c = split_rows(encoded, seeds).astype("<i8")
         aad = phase_aad(round_id, phase)
         c_pub, a_pub = self.deployment.coordinator_public, self.deployment.aggregator_public
@@ -897,6 +933,10 @@ class DeviceClient:
         outer = seal(a_pub, inner_c, INFO_OUTER, post_header(self.device_id, round_id, phase))
         return ShuffledPost(self.device_id, round_id, phase, outer, items_a)
 
+    def _new_cids(self, k: int) -> list[bytes]:
+        """Fresh random contribution ids: they must carry nothing about the sender."""
+        return [os.urandom(CID_BYTES) for _ in range(k)]
+
     def post(
         self, spec: RoundSpec, phase: str, slots: Sequence[bytes | str], values: npt.ArrayLike
     ) -> bool:
@@ -906,8 +946,15 @@ class DeviceClient:
         return self._deliver(raw)
 
     def resend(self, round_id: int, phase: str) -> bool:
-        """Retry the remembered post byte for byte (safe: C counts it once)."""
-        return self._deliver(self._outbox[(round_id, phase)])
+        """Retry the remembered post byte for byte (safe: C counts it once).
+
+        Raises:
+            PhaseError: this device has not posted in that round and phase.
+        """
+        raw = self._outbox.get((round_id, phase))
+        if raw is None:
+            raise PhaseError(f"no post to resend for round {round_id} phase {phase!r}")
+        return self._deliver(raw)
 
     def _deliver(self, raw: bytes) -> bool:
         return bool(PostReceipt.from_bytes(self._send(raw)).fresh)
@@ -931,7 +978,8 @@ class DeviceClient:
         a_sum = np.frombuffer(a, dtype="<i8").astype(np.int64)
         if c_sum.shape != a_sum.shape:
             raise WrongLength("the two servers' share sums have different lengths")
-        return c_sum + a_sum
+        # the device is not told the count; max_summands bounds any honest sum
+        return self.codec.check_sum(c_sum + a_sum)
 
 
 class InMemoryNetwork:

@@ -5,11 +5,18 @@ the coordinator C) and ``b = r`` (sent to the aggregator A as a 16-byte seed), w
 ``r = PRG(seed)`` is AES-128 in CTR mode keyed by a fresh ``os.urandom`` seed. Each seed is used
 for exactly one expansion, so a fixed counter block is safe. ``a + b = x`` modulo 2^64.
 
+The CTR keystream is computed as AES-ECB over the counter blocks ``IV, IV+1, …`` (128-bit
+big-endian increment — exactly NIST SP 800-38A CTR). The counter blocks for a given length are
+cached, and an ECB context is about half the per-key set-up cost of a CTR context, which matters
+because every shuffled item needs its own key (tests check it against ``modes.CTR`` and the
+SP 800-38A F.5.1 vector).
+
 Numpy is used only for wrap-around arithmetic on the PRG output, never as a source of randomness.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -35,9 +42,39 @@ def _check_seed(seed: bytes) -> None:
         raise WrongLength(f"PRG seed must be {SEED_BYTES} bytes, got {len(seed)}")
 
 
+#: counter-block runs up to this many blocks (64 KiB) are cached; longer ones are rebuilt
+_CACHED_BLOCKS = 4096
+
+
+def _counter_blocks(iv: bytes, n_blocks: int) -> bytes:
+    """``IV + i`` for ``i < n_blocks`` as 16-byte big-endian blocks (mod 2^128)."""
+    if n_blocks <= _CACHED_BLOCKS:
+        return _cached_counter_blocks(iv, n_blocks)
+    return _build_counter_blocks(iv, n_blocks)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_counter_blocks(iv: bytes, n_blocks: int) -> bytes:
+    return _build_counter_blocks(iv, n_blocks)
+
+
+def _build_counter_blocks(iv: bytes, n_blocks: int) -> bytes:
+    hi, lo = np.frombuffer(iv, dtype=">u8").astype(np.uint64)
+    low = lo + np.arange(n_blocks, dtype=np.uint64)  # wraps modulo 2^64 ...
+    high = hi + (low < lo).astype(np.uint64)  # ... with the carry into the high word
+    return np.stack([high, low], axis=1).astype(">u8").tobytes()
+
+
+def aes_ctr_keystream(key: bytes, iv: bytes, n_bytes: int) -> bytes:
+    """The first ``n_bytes`` of the AES-CTR keystream for ``key`` and initial counter ``iv``."""
+    if len(iv) != 16:
+        raise WrongLength(f"AES-CTR initial counter block must be 16 bytes, got {len(iv)}")
+    blocks = _counter_blocks(iv, -(-n_bytes // 16))
+    return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(blocks)[:n_bytes]
+
+
 def _keystream(seed: bytes, n_bytes: int) -> bytes:
-    enc = Cipher(algorithms.AES(seed), modes.CTR(PRG_IV)).encryptor()
-    return enc.update(bytes(n_bytes))
+    return aes_ctr_keystream(seed, PRG_IV, n_bytes)
 
 
 def expand_seed(seed: bytes, n_words: int) -> npt.NDArray[np.int64]:
@@ -52,15 +89,21 @@ def expand_seed(seed: bytes, n_words: int) -> npt.NDArray[np.int64]:
     return np.frombuffer(_keystream(seed, 8 * n_words), dtype=_WORD).astype(np.int64)
 
 
-def expand_seeds(seeds: Sequence[bytes], dim: int) -> npt.NDArray[np.int64]:
+def expand_seeds(seeds: Sequence[bytes] | bytes, dim: int) -> npt.NDArray[np.int64]:
     """Expand one seed per row: returns shape ``(len(seeds), dim)``.
 
-    One AES context per seed is inherent (each row is an independent share); the words are
-    gathered into a single buffer and converted once.
+    ``seeds`` is a sequence of seeds or their concatenation. One AES context per seed is
+    inherent (each row is an independent share); the words are gathered into a single buffer
+    and converted once.
     """
-    for s in seeds:
-        _check_seed(s)
-    stream = b"".join([_keystream(s, 8 * dim) for s in seeds])
+    if isinstance(seeds, bytes):
+        if len(seeds) % SEED_BYTES:
+            raise WrongLength(f"{len(seeds)} seed bytes is not a multiple of {SEED_BYTES}")
+        seeds = [seeds[i : i + SEED_BYTES] for i in range(0, len(seeds), SEED_BYTES)]
+    elif any(len(s) != SEED_BYTES for s in seeds):
+        raise WrongLength(f"every PRG seed must be {SEED_BYTES} bytes")
+    n_bytes = 8 * dim
+    stream = b"".join([_keystream(s, n_bytes) for s in seeds])
     return np.frombuffer(stream, dtype=_WORD).astype(np.int64).reshape(len(seeds), dim)
 
 

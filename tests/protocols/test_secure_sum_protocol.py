@@ -6,6 +6,7 @@ import hashlib
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from protocols.secure_sum import (
     AlreadyFetched,
+    AuthenticationFailed,
     ConflictingSubmission,
     DeviceClient,
     EncodingError,
@@ -21,22 +23,30 @@ from protocols.secure_sum import (
     InMemoryNetwork,
     InsecurePlaintextWarning,
     InvalidSlotName,
+    MessageError,
     Mode,
     NotRegistrant,
     OverflowBoundError,
     PhaseClosed,
+    PhaseError,
     PhaseNotReleased,
     PhaseSpec,
     RoundSpec,
     SlotAlreadyRegistered,
     SlotKind,
+    UnknownPhase,
     UnknownSlot,
     WrongLength,
     group_sum,
 )
 from protocols.secure_sum.messages import (
+    Agreed,
+    DirectoryRequest,
+    KeySetReply,
     MailboxPost,
     RelayMailbox,
+    RelayReceipt,
+    RelayRegister,
     RelayShuffled,
     ShuffledForC,
     ShuffledPost,
@@ -429,33 +439,57 @@ def test_registration_refusals() -> None:
 
 
 # -- what the servers see ----------------------------------------------------------------------
-def _chi2_p(raw: bytes) -> float:
+def _min_chi2_p(view: np.ndarray) -> float:
+    """Smallest chi-square p-value over the 8 byte positions of int64 shares (and all bytes).
+
+    Per position, so a mask that leaves some byte lanes structured (e.g. a 32-bit mask) fails.
+    """
     from scipy.stats import chisquare
 
-    return float(chisquare(np.bincount(np.frombuffer(raw, np.uint8), minlength=256)).pvalue)
+    lanes = np.ascontiguousarray(view, dtype="<i8").view(np.uint8).reshape(-1, 8)
+    ps = [chisquare(np.bincount(lanes.ravel(), minlength=256)).pvalue]
+    ps += [chisquare(np.bincount(lanes[:, j], minlength=256)).pvalue for j in range(8)]
+    return float(min(ps))
 
 
 @pytest.mark.parametrize("mode", [*SECURE, Mode.PLAINTEXT])
 def test_each_server_view_of_shares_is_uniform_unless_plaintext(mode: Mode) -> None:
-    w = World(mode, 40, dim=8, k=4)
-    for i in range(40):  # highly structured data: small positive integers
-        w.post(i, [(i + j) % 40 for j in range(4)], np.full((4, 8), float(i % 3)))
+    w = World(mode, 40, dim=16, k=4)
+    for i in range(40):  # highly structured data: small non-negative integers
+        w.post(i, [(i + j) % 40 for j in range(4)], np.full((4, 16), float(i % 3)))
     w.c.close_phase(ROUND, "messages")
-    c_view = w.c.share_rows(ROUND, "messages")[1].tobytes()
-    a_view = w.net.aggregator.share_rows(ROUND, "messages")[1].tobytes()
+    c_view = w.c.share_rows(ROUND, "messages")[1]
+    a_view = w.net.aggregator.share_rows(ROUND, "messages")[1]
+    assert c_view.size == a_view.size == 40 * 4 * 16  # 10 240 words, 1 280 per byte lane
     if mode is Mode.PLAINTEXT:
-        assert _chi2_p(c_view) < 1e-12  # the control: C sees raw values
+        # the control: C holds the raw values, A all-zero "shares"
+        assert _min_chi2_p(c_view) < 1e-12 and _min_chi2_p(a_view) < 1e-12
     else:
-        assert _chi2_p(c_view) > 1e-5
-        assert _chi2_p(a_view) > 1e-5
+        # 18 tests (9 per view) at 1e-6 each: a false alarm has probability < 2e-5 per run
+        assert _min_chi2_p(c_view) > 1e-6
+        assert _min_chi2_p(a_view) > 1e-6
+
+
+def _fragment_match(known: dict[bytes, bytes], item: bytes) -> bytes | None:
+    """The sender whose bytes share any 16-byte window with ``item`` (envelope ‖ plaintext).
+
+    Catches any reuse across the unlinkability boundary: a repeated ephemeral key, a
+    contribution id or share visible in the clear, an envelope forwarded unchanged, ….
+    """
+    windows = {item[i : i + 16] for i in range(len(item) - 15)}
+    for sender, raw in known.items():
+        if any(raw[i : i + 16] in windows for i in range(len(raw) - 15)):
+            return sender
+    return None
 
 
 def _run_linkage(mode: Mode, n: int, c_permutation=None) -> tuple[float, float]:
     """Every device sends one item to the next device's slot; C then A try to name senders.
 
     Returns the fraction of slots whose sender C (resp. A) identifies from everything it saw:
-    all device requests with their authenticated senders, all relay traffic, the order in
-    which items reached it, and the plaintext of every item it can open.
+    all device requests with their authenticated senders, all relay traffic, the plaintext of
+    every envelope it can open, any byte fragment shared between an item and a sender's
+    traffic, and, failing that, the order in which items reached it.
     """
     kw = {"tap": True}
     if c_permutation is not None:
@@ -486,7 +520,13 @@ def _run_linkage(mode: Mode, n: int, c_permutation=None) -> tuple[float, float]:
             guess_a[s[:16]] = d
     else:
         from protocols.secure_sum.envelope import open_envelope
-        from protocols.secure_sum.protocol import INFO_ITEM_A, INFO_ITEM_C, phase_aad
+        from protocols.secure_sum.protocol import (
+            INFO_ITEM_A,
+            INFO_ITEM_C,
+            INFO_OUTER,
+            phase_aad,
+            post_header,
+        )
 
         aad = phase_aad(ROUND, "messages")
         back = next(
@@ -494,21 +534,28 @@ def _run_linkage(mode: Mode, n: int, c_permutation=None) -> tuple[float, float]:
             for link, _, resp in w.net.log
             if link == "c->a" and isinstance(decode(resp), ShuffledForC)
         )
-        raw_posts = b"".join(req for _, req in posts)
-        assert not any(env in raw_posts for env in back.items_for_c)
-        for pos, env in enumerate(back.items_for_c):
-            slot = open_envelope(w.net.c_keys, env, INFO_ITEM_C, aad)[16:32]
-            # byte-matching first (C never saw these bytes), else arrival position
-            found = [m.device_id for m, req in posts if env in req]
-            guess_c[slot] = found[0] if found else senders[pos % n]
         relay = next(
             decode(r)
             for link, r, _ in w.net.log
             if link == "c->a" and isinstance(decode(r), RelayShuffled)
         )
+        # C: every byte each sender sent it. A: each sender's id and outer envelope, sealed
+        # and opened (A can open those).
+        c_known = {m.device_id: req for m, req in posts}
+        a_known = {
+            d: d
+            + outer
+            + open_envelope(w.net.a_keys, outer, INFO_OUTER, post_header(d, ROUND, "messages"))
+            for d, outer in zip(relay.device_ids, relay.outers, strict=True)
+        }
+        for pos, env in enumerate(back.items_for_c):
+            plain = open_envelope(w.net.c_keys, env, INFO_ITEM_C, aad)
+            slot = plain[16:32]
+            guess_c[slot] = _fragment_match(c_known, env + plain) or senders[pos % n]
         for pos, env in enumerate(relay.items_for_a):
-            slot = open_envelope(w.net.a_keys, env, INFO_ITEM_A, aad)[16:32]
-            guess_a[slot] = relay.device_ids[pos % n]
+            plain = open_envelope(w.net.a_keys, env, INFO_ITEM_A, aad)
+            slot = plain[16:32]
+            guess_a[slot] = _fragment_match(a_known, env + plain) or relay.device_ids[pos % n]
     acc_c = np.mean([guess_c.get(s) == d for s, d in truth.items()])
     acc_a = np.mean([guess_a.get(s) == d for s, d in truth.items()])
     return float(acc_c), float(acc_a)
@@ -520,6 +567,176 @@ def test_linkage_attack_succeeds_in_mailbox_fails_in_shuffled() -> None:
     # the same attack has teeth: without the servers' shuffles it names every sender
     identity = lambda m: np.arange(m, dtype=np.int64)  # noqa: E731
     assert _run_linkage(Mode.SHUFFLED, n, c_permutation=identity) == (1.0, 1.0)
-    # with CSPRNG shuffles it is at chance (1/32); P(Binomial(32, 1/32) >= 8) < 1e-5
+    # with CSPRNG shuffles it is at chance: the correct guesses are the fixed points of a
+    # uniform random permutation of 32 senders, ~Poisson(1); P(>= 8 fixed points) < 1.1e-5
     acc_c, acc_a = _run_linkage(Mode.SHUFFLED, n)
     assert acc_c <= 0.25 and acc_a <= 0.25
+
+
+def test_linkage_attack_catches_a_leaky_contribution_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The byte-fragment part of the attack has teeth too: ids derived from the sender leak."""
+    monkeypatch.setattr(DeviceClient, "_new_cids", lambda self, k: [self.device_id] * k)
+    # each server finds the sender's id inside the items it opens
+    assert _run_linkage(Mode.SHUFFLED, 16) == (1.0, 1.0)
+
+
+# -- more refusals, each specific and leaving every server's state unchanged ----------------
+@pytest.mark.parametrize("mode", [*SECURE, Mode.PLAINTEXT])
+def test_device_request_refusals_leave_state_unchanged(mode: Mode) -> None:
+    w = World(mode, 3, k=1)
+    w.post(0, [1], np.array([[1.0, 2.0, 3.0]]))
+    dev = w.devices[1]
+    raw = dev.build_post(w.spec, "messages", [w.slots[0]], np.ones((1, 3)))
+    other = SECURE[0] if mode is not SECURE[0] else SECURE[1]
+    wrong_mode = (
+        World(other, 1, k=1).devices[0].build_post(w.spec, "obs", ["global/day/7"], np.ones((1, 3)))
+    )
+    before = server_state(w.net)
+    cases = [
+        (MessageError, "bad magic", b"garbage", dev.device_id),
+        (MessageError, "truncated", raw[:-9], dev.device_id),
+        (MessageError, "trailing bytes", raw + b"\x00", dev.device_id),
+        (NotRegistrant, "authenticated peer", raw, w.devices[2].device_id),
+        (MessageError, "mode", wrong_mode, decode(wrong_mode).device_id),
+        (UnknownPhase, "round 99", DirectoryRequest(99).to_bytes(), dev.device_id),
+    ]
+    for exc, msg, payload, peer in cases:
+        with pytest.raises(exc, match=msg):
+            w.c.handle_device(payload, peer)
+        assert server_state(w.net) == before, msg
+    with pytest.raises(UnknownPhase, match="no phase 'nope'"):
+        dev.post(w.spec, "nope", [w.slots[0]], np.ones((1, 3)))
+    assert server_state(w.net) == before
+
+
+def test_registration_tampering_refused_state_unchanged() -> None:
+    net = make_net(Mode.SHUFFLED)
+    spec = RoundSpec(1, (PhaseSpec("messages", 2, SlotKind.PSEUDONYM, 1),))
+    net.open_round(spec)
+    a, b = net.device(), net.device()
+    a.register(1, [os.urandom(16)])
+    before = server_state(net)
+
+    def redirect(raw: bytes) -> bytes:  # C swaps the slot list it relays to A
+        m = decode(raw)
+        if isinstance(m, RelayRegister):
+            return RelayRegister(m.device_id, m.round_id, os.urandom(16), m.sealed_for_a).to_bytes()
+        return raw
+
+    net.c_to_a_filter = redirect
+    with pytest.raises(NotRegistrant, match="differs from the one the device sealed"):
+        b.register(1, [os.urandom(16)])
+    assert server_state(net) == before
+
+    def flip(raw: bytes) -> bytes:  # a tampered sealed registration secret
+        m = decode(raw)
+        if isinstance(m, RelayRegister):
+            sealed = m.sealed_for_a[:-1] + bytes([m.sealed_for_a[-1] ^ 1])
+            return RelayRegister(m.device_id, m.round_id, m.slot_ids, sealed).to_bytes()
+        return raw
+
+    net.c_to_a_filter = flip
+    with pytest.raises(AuthenticationFailed, match="aggregator refused"):
+        b.register(1, [os.urandom(16)])
+    assert server_state(net) == before
+    net.c_to_a_filter = None
+    with pytest.raises(PhaseError, match="final only after registration"):
+        b.directory(1)
+    assert server_state(net) == before
+
+
+# -- closing a phase survives a broken link ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("mode", "lost"),
+    [
+        (Mode.MAILBOX, RelayReceipt),
+        (Mode.SHUFFLED, ShuffledForC),
+        *((m, t) for m in SECURE for t in (KeySetReply, Agreed)),
+    ],
+)
+def test_close_phase_resumes_after_a_lost_reply(mode: Mode, lost: type) -> None:
+    w = World(mode, 4, k=2)
+    posts = [(i, [(i + 1) % 4, (i + 2) % 4], np.full((2, 3), i - 1.5)) for i in range(4)]
+    for p in posts:
+        w.post(*p)
+    dropped: list[int] = []
+
+    def lose_once(raw: bytes) -> bytes:
+        if not dropped and isinstance(decode(raw), lost):
+            dropped.append(1)
+            return b""  # the reply never arrives intact
+        return raw
+
+    w.net.a_to_c_filter = lose_once
+    with pytest.raises(MessageError, match="bad magic"):
+        w.c.close_phase(ROUND, "messages")
+    with pytest.raises(PhaseClosed):  # posts stay refused while the close is pending
+        w.post(0, [1], np.ones((1, 3)))
+    with pytest.raises(PhaseNotReleased):
+        w.devices[1].fetch(ROUND, "messages", w.slots[1])
+    report = w.c.close_phase(ROUND, "messages")
+    assert report.surviving == (4 if mode is Mode.MAILBOX else 8)
+    np.testing.assert_array_equal(w.fetch_all(), w.ring_sums(posts))
+    with pytest.raises(PhaseClosed, match="already closed and agreed"):
+        w.c.close_phase(ROUND, "messages")
+
+
+# -- overflow: withheld, never wrapped --------------------------------------------------------
+def test_shuffled_slot_over_the_summand_bound_is_withheld() -> None:
+    codec = FixedPointCodec(frac_bits=16, max_abs=10.0, max_summands=3)
+    w = World(Mode.SHUFFLED, 6, k=1, codec=codec)
+    for i in range(1, 5):  # four items to device 0's slot (bound: 3); one to device 1's
+        w.post(i, [0], np.ones((1, 3)))
+    w.post(5, [1], np.full((1, 3), 2.0))
+    w.c.close_phase(ROUND, "messages")
+    before = server_state(w.net)
+    with pytest.raises(OverflowBoundError, match="withheld"):
+        w.devices[0].fetch(ROUND, "messages", w.slots[0])
+    assert server_state(w.net) == before  # a refused fetch is not spent
+    assert w.devices[1].fetch(ROUND, "messages", w.slots[1]).tolist() == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("mode", SECURE)
+def test_out_of_range_contribution_is_refused_at_decode(mode: Mode) -> None:
+    codec = FixedPointCodec(frac_bits=16, max_abs=10.0, max_summands=4)
+    w = World(mode, 3, k=1, codec=codec)
+    # a malicious device skips the range check (its codec allows 1e6); servers cannot see it
+    evil_codec = FixedPointCodec(frac_bits=16, max_abs=1e6, max_summands=1)
+    evil = DeviceClient(
+        w.devices[2].device_id,
+        replace(w.net.deployment, codec=evil_codec),
+        lambda raw: w.c.handle_device(raw, w.devices[2].device_id),
+        w.net.directory_cache,
+    )
+    evil.post(w.spec, "messages", [w.slots[0]], np.full((1, 3), 5e5))
+    evil.post(w.spec, "obs", ["global/day/7"], np.full((1, 3), 5e5))
+    w.post(1, [0], np.ones((1, 3)))
+    w.c.close_phase(ROUND, "messages")
+    w.c.close_phase(ROUND, "obs")
+    with pytest.raises(OverflowBoundError, match="refusing to decode"):
+        w.devices[0].fetch(ROUND, "messages", w.slots[0])
+    with pytest.raises(OverflowBoundError, match="refusing to decode"):
+        w.c.open_aggregates(ROUND, "obs")
+
+
+def test_shuffled_lost_a_item_is_excluded_exactly() -> None:
+    w = World(Mode.SHUFFLED, 4, k=1)
+    posts = [(i, [(i + 1) % 4], np.array([[i + 1.0, 10.0 * i, -1]])) for i in range(4)]
+    for p in posts:
+        w.post(*p)
+
+    def lose_one(raw: bytes) -> bytes:
+        m = decode(raw)
+        if isinstance(m, RelayShuffled):
+            return RelayShuffled(
+                m.round_id, m.phase, m.device_ids, m.outers, m.items_for_a[1:]
+            ).to_bytes()
+        return raw
+
+    w.net.c_to_a_filter = lose_one
+    report = w.c.close_phase(ROUND, "messages")
+    assert report.surviving == 3 and report.accepted_by_coordinator == 4
+    got, full = w.fetch_all(), w.ring_sums(posts)
+    # exactly one slot lost exactly its one contribution; the others are exact
+    assert (got != full).any(axis=1).sum() == 1
+    assert (got == 0).all(axis=1).sum() == 1
