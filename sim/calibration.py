@@ -163,6 +163,7 @@ def fit_params(
     progress: bool = False,
 ) -> FitResult:
     """Mode 1: Adam on log θ for the parameters named in ``fit`` (others stay at ``start``)."""
+    _check_epochs(epochs)
     mask = _fit_mask(fit)
     fixed = start.as_tensor()
     log_theta = torch.log(fixed).requires_grad_(True)
@@ -183,7 +184,19 @@ def fit_params(
         losses.append(loss)
         thetas.append(Theta.from_tensor(theta).to_dict())
         bar.set_postfix(loss=f"{loss:.4g}")
-    best = min(range(epochs), key=losses.__getitem__)
+    return _best_epoch(sim, days, losses, thetas)
+
+
+def _check_epochs(epochs: int) -> None:
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+
+
+def _best_epoch(
+    sim: CentralSimulator, days: int, losses: list[float], thetas: list[dict[str, float]]
+) -> FitResult:
+    """The epoch with the lowest loss wins: the ABM's loss is not monotone along the path."""
+    best = min(range(len(losses)), key=losses.__getitem__)
     final = Theta(**thetas[best])
     return FitResult(final, losses, thetas, sim.run(final, days).new_infections.tolist())
 
@@ -238,6 +251,7 @@ def fit_network(
     progress: bool = False,
 ) -> FitResult:
     """Mode 2: train a ``CalibrationNet`` end to end through the simulator."""
+    _check_epochs(epochs)
     _fit_mask(tuple(ranges))
     torch.manual_seed(seed)  # the network's own initialisation; the simulator has no global RNG
     net = CalibrationNet(2, ranges)
@@ -259,6 +273,4 @@ def fit_network(
         losses.append(loss)
         thetas.append(Theta.from_tensor(theta).to_dict())
         bar.set_postfix(loss=f"{loss:.4g}")
-    best = min(range(epochs), key=losses.__getitem__)
-    final = Theta(**thetas[best])
-    return FitResult(final, losses, thetas, sim.run(final, target.days).new_infections.tolist())
+    return _best_epoch(sim, target.days, losses, thetas)

@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         if args.days < args.period:
             raise SystemExit(f"decentsim calibrate: --days must be >= --period ({args.period})")
         target = target.head(args.days // args.period)
+    if args.epochs < 1:
+        raise SystemExit(f"decentsim calibrate: --epochs must be >= 1, got {args.epochs}")
     fit = tuple(n.strip() for n in args.fit.split(",") if n.strip())
     unknown = set(fit) - set(PARAM_BOUNDS)
     if unknown:

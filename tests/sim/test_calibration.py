@@ -80,8 +80,10 @@ def test_network_mode_recovers_planted_beta(planted) -> None:
     assert result.theta.beta == pytest.approx(PLANTED.beta, rel=0.10)
 
 
-def test_unknown_fit_parameter_is_rejected(planted) -> None:
+def test_unknown_fit_parameter_and_zero_epochs_are_rejected(planted) -> None:
     sim, observed = planted
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        fit_params(sim, weekly_log_loss(observed), 42, PLANTED, epochs=0)
     with pytest.raises(ValueError, match="gamma"):
         fit_params(sim, weekly_log_loss(observed), 42, PLANTED, epochs=1, fit=("gamma",))
 
