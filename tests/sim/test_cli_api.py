@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -307,3 +308,13 @@ def test_simulate_reports_bad_input_in_one_line(args: list[str], message: str) -
         main(["simulate", "--population", "synthetic:200", *args])
     assert message in str(e.value)
     assert str(e.value).startswith("decentsim")
+
+
+def test_allocator_tuning_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sim.allocator import keep_freed_memory
+
+    monkeypatch.setenv("DECENTSIM_MALLOC_TUNING", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.setenv("DECENTSIM_MALLOC_TUNING", "1")
+    if sys.platform == "linux" and "glibc" in " ".join(platform.libc_ver()):
+        assert keep_freed_memory() is True
