@@ -19,7 +19,7 @@ alongside as an int8 so that masks never depend on θ.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -135,15 +135,6 @@ class ModelConfig:
             raise ModelConfigError("archetype shares must sum to 1")
         if not self.profile or min(self.profile) < 0:
             raise ModelConfigError("profile must be a non-empty sequence of non-negative values")
-
-    def with_interventions(
-        self, lockdowns: tuple[Lockdown, ...] = (), vaccinations: tuple[Vaccination, ...] = ()
-    ) -> ModelConfig:
-        return replace(
-            self,
-            lockdowns=self.lockdowns + lockdowns,
-            vaccinations=self.vaccinations + vaccinations,
-        )
 
     def layer_scale(self, layer: str, day: int) -> float:
         """The lockdown multiplier of ``layer`` on ``day``."""

@@ -142,10 +142,9 @@ class RunResult:
         return float(loss_fn(yv)), None
 
     def daily(self) -> dict[str, list[float]]:
-        return {
-            "new_infections": self.new_infections.tolist(),
-            "new_deaths": self.new_deaths.tolist(),
-        }
+        """Each observation channel's daily total over all ages, by name."""
+        totals = dual.value(self.y).sum(-1).detach()  # (T, channels)
+        return {name: totals[:, k].tolist() for k, name in enumerate(OBSERVATIONS)}
 
 
 class CentralSimulator:
@@ -296,6 +295,3 @@ class CentralSimulator:
     @staticmethod
     def _counts(state: State) -> torch.Tensor:
         return torch.bincount(state.stage.to(torch.int64), minlength=len(STAGES)).cpu()
-
-
-__all__ = ["OBSERVATIONS", "CentralSimulator", "RunResult", "total_infections"]
