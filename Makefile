@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench proto clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m proto.generate --check
+
+# Regenerate proto/decentsim/v1/*_pb2*.py from the .proto sources (committed; a test checks drift).
+proto: install
+	$(PY) -m proto.generate
 
 bench: install
 	$(VENV)/bin/decentsim bench sim --agents 1000000 --degree 10 --steps 10

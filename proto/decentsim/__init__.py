@@ -1,0 +1,1 @@
+"""Package ``decentsim``: generated wire-protocol code lives under ``decentsim.v1``."""

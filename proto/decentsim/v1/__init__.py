@@ -1,0 +1,1 @@
+"""Wire protocol v1 (package ``decentsim.v1``): ``.proto`` sources and generated code."""
