@@ -35,6 +35,17 @@ STAGES: tuple[str, ...] = ("S", "E", "I", "R", "D")
 #: Observation channels of ``y_i(t)``.
 OBSERVATIONS: tuple[str, ...] = ("new_infections", "new_deaths")
 
+#: Exact-sum grids (``ModelConfig.exact_sums``): a sender's infectiousness is a multiple of
+#: 2^-Q_BITS and a day's edge weight a multiple of 2^-W_BITS, so every message is an integer
+#: multiple of 2^-EXACT_FRAC_BITS. With |message| < 2^MAX_MESSAGE_LOG2 and fewer than
+#: 2^MAX_IN_DEGREE_LOG2 messages per receiver, every partial sum needs at most 53 bits: float64
+#: sums are exact in any order and equal a fixed-point sum with EXACT_FRAC_BITS fraction bits.
+Q_BITS = 20
+W_BITS = 12
+EXACT_FRAC_BITS = Q_BITS + W_BITS
+MAX_MESSAGE_LOG2 = 6
+MAX_IN_DEGREE_LOG2 = 53 - EXACT_FRAC_BITS - MAX_MESSAGE_LOG2
+
 _BETA, _MORTALITY, _INIT = (PARAM_NAMES.index(n) for n in ("beta", "mortality", "init_frac"))
 
 
@@ -116,6 +127,9 @@ class ModelConfig:
     isolation_effect: float = 0.8  # fraction of outgoing contact removed while isolating
     #: seed from ``Population.initially_infected`` instead of drawing ``init_frac``
     use_population_seeds: bool = False
+    #: quantize messages to the exact-sum grids (float64 only), so that a decentralized run's
+    #: fixed-point neighbourhood sums equal the central sums bit for bit
+    exact_sums: bool = False
     lockdowns: tuple[Lockdown, ...] = ()
     vaccinations: tuple[Vaccination, ...] = ()
     estimator: Estimator = field(default_factory=Estimator)
@@ -167,6 +181,21 @@ class Agents:
     @property
     def device(self) -> torch.device:
         return self.ids.device
+
+
+def quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round to the nearest multiple of 2^-bits (exact in float64 for |x| < 2^(52 − bits))."""
+    return torch.round(x * 2.0**bits) / 2.0**bits
+
+
+def day_weight(weight: torch.Tensor, layer_scale: float, config: ModelConfig) -> torch.Tensor:
+    """The weight an edge carries on a day: its layer weight × the day's lockdown scale.
+
+    Under ``exact_sums`` it is put on the 2^-W_BITS grid. A device's radio measures this
+    weight; the central runner multiplies by it: both use this one function.
+    """
+    w = weight * layer_scale
+    return quantize(w, W_BITS) if config.exact_sums else w
 
 
 def make_agents(
@@ -292,12 +321,19 @@ def infectiousness(
 ) -> torch.Tensor:
     """Per-sender factor of every message: ``beta × x_I × profile(days since onset) × out_scale``.
 
-    Returns a dual (n, 1+p).
+    Returns a dual (n, 1+p); under ``exact_sums`` its values are on the 2^-Q_BITS grid.
     """
     dtype = state.x.dtype
     k = _days_since_onset(agents, state, day).clamp(0, len(config.profile) - 1).to(torch.int64)
     prof = torch.where(state.stage == I, _table(config.profile, k, dtype), 0.0) * beh.out_scale
-    return dual.scale(dual.mul(state.x[:, I], theta[_BETA].expand(agents.n, -1)), prof)
+    q = dual.scale(dual.mul(state.x[:, I], theta[_BETA].expand(agents.n, -1)), prof)
+    if not config.exact_sums:
+        return q
+    # Values go on the 2^-Q_BITS grid; the rounding is straight-through for autograd and the
+    # tangents are left as they are (they need no exactness, only the discrete outcomes do).
+    v = q[..., 0]
+    v = v + (quantize(v.detach(), Q_BITS) - v.detach())
+    return torch.cat([v.unsqueeze(-1), q[..., 1:]], dim=-1)
 
 
 def message(q_src: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

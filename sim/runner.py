@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 from sim import dual
 from sim.model import (
+    MAX_IN_DEGREE_LOG2,
+    MAX_MESSAGE_LOG2,
     OBSERVATIONS,
     STAGES,
     Agents,
@@ -35,6 +37,7 @@ from sim.model import (
     ModelConfigError,
     State,
     behaviour,
+    day_weight,
     infectiousness,
     initial_state,
     make_agents,
@@ -76,19 +79,50 @@ class _CSRMatmul(torch.autograd.Function):
         return None, None, ctx.a_t @ grad
 
 
-@dataclass(frozen=True)
 class _Layer:
-    name: str
-    a: torch.Tensor  # CSR (N, N): receivers × senders
-    a_t: torch.Tensor  # CSR of the transpose
+    """One contact layer as CSR index structures; matrices are built per day weight.
+
+    The sparsity pattern (receivers × senders) and its transpose are fixed; only the values
+    change with the day's lockdown scale, so matrices share the index tensors and are cached
+    per scale (a run sees only a few distinct scales).
+    """
+
+    def __init__(
+        self, name: str, src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, n: int
+    ) -> None:
+        self.name = name
+        self.n = n
+        crow, col, order = _csr_index(dst, src, n)
+        crow_t, col_t, order_t = _csr_index(src, dst, n)
+        self._index = (crow, col, crow_t, col_t)
+        # Weights kept in each pattern's order: day_weight is element-wise, so it commutes
+        # with the permutation, and floats take half the memory of the int64 orders.
+        self._weight = (weight[order], weight[order_t])
+        self.max_weight = float(weight.abs().max()) if weight.numel() else 0.0
+        self.max_in_degree = int((crow[1:] - crow[:-1]).max()) if n else 0
+        self._cache: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def matrices(self, scale: float, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, Aᵀ)`` with values ``day_weight(weight, scale)``."""
+        if scale not in self._cache:
+            crow, col, crow_t, col_t = self._index
+            w, w_t = (day_weight(x, scale, config) for x in self._weight)
+            shape = (self.n, self.n)
+            self._cache[scale] = (
+                torch.sparse_csr_tensor(crow, col, w, shape, check_invariants=False),
+                torch.sparse_csr_tensor(crow_t, col_t, w_t, shape, check_invariants=False),
+            )
+        return self._cache[scale]
 
 
-def _csr(rows: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+def _csr_index(
+    rows: torch.Tensor, cols: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row pointers, column indices and the edge order of a CSR pattern sorted by (row, col)."""
     order = torch.argsort(rows * n + cols)
-    rows, cols, w = rows[order], cols[order], w[order]
     crow = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
-    return torch.sparse_csr_tensor(crow, cols, w, (n, n), check_invariants=False)
+    return crow, cols[order], order
 
 
 @dataclass
@@ -194,35 +228,50 @@ class CentralSimulator:
         self.layers = tuple(
             _Layer(
                 layer.name,
-                _csr(
-                    layer.dst.to(self.device),
-                    layer.src.to(self.device),
-                    layer.weight.to(self.device, dtype),
-                    n,
-                ),
-                _csr(
-                    layer.src.to(self.device),
-                    layer.dst.to(self.device),
-                    layer.weight.to(self.device, dtype),
-                    n,
-                ),
+                layer.src.to(self.device),
+                layer.dst.to(self.device),
+                layer.weight.to(self.device, dtype),
+                n,
             )
             for layer in population.layers
         )
+        if self.config.exact_sums:
+            self._check_exact_sums()
         self.age_onehot = torch.nn.functional.one_hot(self.agents.age_group, len(AGE_GROUPS)).to(
             dtype
         )
 
     def neighbourhood_sums(self, q: torch.Tensor, day: int) -> torch.Tensor:
-        """⊕ over all layers: Σ_l lockdown_l(day) · A_l @ q, for a dual q (N, 1+p)."""
+        """⊕ over all layers of ``message``: Σ_l A_l(day) @ q for a dual q (N, 1+p).
+
+        ``A_l(day)`` carries ``day_weight`` (layer weight × lockdown scale) per edge.
+        """
         total = torch.zeros_like(q)
         for layer in self.layers:
-            s = self.config.layer_scale(layer.name, day)
-            if s == 0.0:
+            scale = self.config.layer_scale(layer.name, day)
+            if scale == 0.0:
                 continue
-            part = _CSRMatmul.apply(layer.a, layer.a_t, q) if q.requires_grad else layer.a @ q
-            total = total + (part if s == 1.0 else part * s)
+            a, a_t = layer.matrices(scale, self.config)
+            total = total + (_CSRMatmul.apply(a, a_t, q) if q.requires_grad else a @ q)
         return total
+
+    def _check_exact_sums(self) -> None:
+        """The bit budget of ``exact_sums`` (see ``sim.model.EXACT_FRAC_BITS``) must hold."""
+        if self.dtype != torch.float64:
+            raise ModelConfigError("exact_sums needs dtype float64 (53-bit sums)")
+        degree = sum(layer.max_in_degree for layer in self.layers)
+        if degree >= 2**MAX_IN_DEGREE_LOG2:
+            raise ModelConfigError(
+                f"exact_sums: an agent receives up to {degree} messages a day; the bit budget "
+                f"allows fewer than 2^{MAX_IN_DEGREE_LOG2}"
+            )
+
+    def _max_message(self, theta: Theta) -> float:
+        """An upper bound of |message| under θ: beta × max profile × max mixing × max weight."""
+        c = self.config
+        w = max((layer.max_weight for layer in self.layers), default=0.0)
+        scale = max([1.0, *(lock.scale for lock in c.lockdowns)])
+        return theta.beta * max(c.profile) * max(a.contact_scale for a in c.archetypes) * w * scale
 
     def theta_dual(self, theta: Theta | torch.Tensor, mode: GradMode) -> torch.Tensor:
         """θ as a dual (p, width): tangents = identity in forward mode."""
@@ -252,6 +301,11 @@ class CentralSimulator:
         if days < 1:
             raise ValueError(f"days must be >= 1, got {days}")
         checked = theta if isinstance(theta, Theta) else Theta.from_tensor(theta)
+        if self.config.exact_sums and self._max_message(checked) >= 2**MAX_MESSAGE_LOG2:
+            raise ModelConfigError(
+                f"exact_sums: messages may reach {self._max_message(checked):.3g} under "
+                f"beta={checked.beta}; the bit budget allows less than 2^{MAX_MESSAGE_LOG2}"
+            )
         if mode == "reverse":
             leaf = (
                 theta
