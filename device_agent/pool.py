@@ -1,0 +1,366 @@
+"""The device pool: many virtual devices in one process, each holding one agent.
+
+A device knows only its own agent (its attributes, state and private contact trace) and the
+public θ of the round. Per simulated day it
+
+1. registers the pseudonym slots of the beacons (RPIs) it advertised that day;
+2. computes its message factor ``q`` (``sim.model.behaviour`` + ``infectiousness``) and posts
+   ``message(q, w)`` (value + tangents) to the slot of every RPI it heard, with weight ``w`` from
+   its own trace, padded with dummies to the phase's fixed item count;
+3. fetches its own slots' sums, adds them into its ``incoming`` neighbourhood sum and applies
+   ``sim.model.update`` (f) to its agent;
+4. posts its observations ``y_i(t)`` (and tangents), placed in its age group's column, to the
+   aggregate slot ``global/day/<d>``.
+
+The model calls are vectorized over the pool's agents (one ``update`` call for the whole pool);
+only the per-device protocol crypto (``DeviceClient`` calls) loops over devices. A real device
+is a pool of one.
+
+:class:`SimulatedWorld` is the physical world of a simulated federation: it turns the
+population's contact layers into a day of radio sightings and hands each pool only its own
+devices' sightings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from protocols.ble import gaen
+from protocols.ble.mapping import sightings_from_contacts, traces_from_sightings
+from protocols.ble.radio import DayContacts, Radio, RadioDay
+from protocols.ble.sightings import Sightings
+from protocols.ble.simkeys import SimulatedKeyring
+from protocols.secure_sum import DeviceClient, RoundSpec, pseudonym_slot
+from sim import dual
+from sim.model import (
+    Agents,
+    Behaviour,
+    ModelConfig,
+    State,
+    behaviour,
+    day_weight,
+    infectiousness,
+    initial_state,
+    make_agents,
+    message,
+    update,
+)
+from sim.params import PARAM_NAMES
+from sim.populations import AGE_GROUPS, Population
+
+#: The phase in which devices post messages to pseudonym slots (neighbourhood sums).
+MESSAGES_PHASE = "messages"
+#: The phase in which devices post their observations to aggregate slots.
+OBSERVATIONS_PHASE = "observations"
+
+#: ``connect(device_id) -> (neighbourhood client, aggregates client)``: a device's links to the
+#: two secure-sum deployments (one per phase kind, as their fixed-point codecs differ).
+Connect = Callable[[bytes], tuple[DeviceClient, DeviceClient]]
+
+
+class PoolError(Exception):
+    """Base class of the device pool's refusals; the message names what is wrong."""
+
+
+class PoolInputError(PoolError, ValueError):
+    """Bad arguments to a pool or world (ids, shapes, settings)."""
+
+
+class PoolStateError(PoolError):
+    """A call out of order (e.g. posting before ``begin`` or updating before posting)."""
+
+
+class TraceOverflow(PoolError):
+    """A device heard more RPIs in a day than the phase's fixed ``items_per_device``."""
+
+
+class BeaconScheduleError(PoolError):
+    """The radio put a beacon outside the intervals the devices advertise (and register)."""
+
+
+def observation_dim(width: int) -> int:
+    """Length of a device's observation vector: channels × age groups × (1 + p)."""
+    return 2 * len(AGE_GROUPS) * width
+
+
+def aggregate_name(day: int) -> str:
+    """The aggregate slot of a day's observations."""
+    return f"global/day/{day}"
+
+
+def forward_theta(theta: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The public θ (p,) as a forward-mode dual (p, 1 + p): tangents are the identity."""
+    if theta.shape != (len(PARAM_NAMES),):
+        raise PoolInputError(
+            f"theta must have shape ({len(PARAM_NAMES)},), got {tuple(theta.shape)}"
+        )
+    t = theta.detach().to(dtype)
+    return dual.make(t, torch.eye(len(PARAM_NAMES), dtype=dtype))
+
+
+class SimulatedWorld:
+    """Who meets whom each day, as seen through a radio: the physics of a simulated run.
+
+    Each day's contacts are the population's layers with ``day_weight`` (the central
+    simulator's edge weights, bit for bit); edge ``src → dst`` of the simulator means src sends
+    its message to dst, i.e. src must have heard dst's beacon, which is exactly the radio's
+    ``DayContacts(src, dst)`` convention. Devices advertise in the first
+    ``advertising_intervals`` 10-minute intervals of the day (144: all day, as a phone does);
+    a beacon heard outside them could not be registered, so the world refuses it.
+    """
+
+    def __init__(
+        self,
+        population: Population,
+        config: ModelConfig,
+        radio: Radio,
+        advertising_intervals: int = gaen.TEK_ROLLING_PERIOD,
+    ) -> None:
+        if not 1 <= advertising_intervals <= gaen.TEK_ROLLING_PERIOD:
+            raise PoolInputError(
+                f"advertising_intervals must be in 1..{gaen.TEK_ROLLING_PERIOD}, "
+                f"got {advertising_intervals}"
+            )
+        self.population = population
+        self.config = config
+        self.radio = radio
+        self.advertising_intervals = advertising_intervals
+        self._cached: tuple[int, RadioDay] | None = None
+
+    def first_interval(self, day: int) -> int:
+        """The ENIntervalNumber at the start of ``day``."""
+        return self.radio.day_start(day) // gaen.EN_INTERVAL_SECONDS
+
+    def contacts(self, day: int) -> DayContacts:
+        """The day's directed contacts with their day weights (zero-weight edges dropped:
+        their messages are zero, so leaving them out changes no sum)."""
+        src, dst, w = [], [], []
+        for layer in self.population.layers:
+            scale = self.config.layer_scale(layer.name, day)
+            weight = day_weight(layer.weight.to(torch.float64), scale, self.config).numpy()
+            keep = weight > 0
+            src.append(layer.src.numpy()[keep])
+            dst.append(layer.dst.numpy()[keep])
+            w.append(weight[keep])
+        return DayContacts(
+            np.concatenate(src).astype(np.int64),
+            np.concatenate(dst).astype(np.int64),
+            np.concatenate(w).astype(np.float64),
+            day,
+        )
+
+    def radio_day(self, day: int) -> RadioDay:
+        """Everyone's sightings of ``day`` (computed once per day)."""
+        if self._cached is None or self._cached[0] != day:
+            rd = sightings_from_contacts(self.contacts(day), self.radio)
+            k = rd.beacon_enin - self.first_interval(day)
+            outside = (k < 0) | (k >= self.advertising_intervals)
+            if outside.any():
+                raise BeaconScheduleError(
+                    f"day {day}: {int(outside.sum())} beacon(s) heard outside the "
+                    f"{self.advertising_intervals} advertised intervals (latest interval "
+                    f"{int(k.max())}); raise advertising_intervals"
+                )
+            self._cached = (day, rd)
+        return self._cached[1]
+
+    def sightings(self, day: int, observers: np.ndarray) -> Sightings:
+        """The sightings recorded by ``observers`` only (what their own scanners heard)."""
+        s = self.radio_day(day).sightings
+        mask = np.isin(s.observer, observers)
+        # Only the RPIs these observers heard: not what other devices heard.
+        used, beacon = np.unique(s.beacon[mask], return_inverse=True)
+        return Sightings(
+            observer=s.observer[mask],
+            beacon=beacon.astype(np.int64).reshape(-1),
+            rpis=s.rpis[used],
+            rssi=s.rssi[mask],
+            tx_power=s.tx_power[mask],
+            time=s.time[mask],
+            scan=s.scan[mask],
+            seconds=s.seconds[mask],
+        )
+
+
+class DevicePool:
+    """Virtual devices, one agent each, computing the model locally and posting shares.
+
+    Args:
+        agent_ids: the global ids of this pool's agents (unique); they key the counter-based
+            randomness, so a device draws what the central simulator draws for its agent.
+        age_group: each agent's age group (its own attribute, loaded by the pool itself).
+        config, seed: the public model configuration and run seed.
+        keyring: derives each device's own beacon keys (TEKs → RPIs).
+        world: the simulated physical world (the source of each device's own sightings).
+        connect: opens a device's links to the two secure-sum deployments.
+        seeded: optional data-driven initial infections of these agents.
+    """
+
+    def __init__(
+        self,
+        agent_ids: torch.Tensor,
+        age_group: torch.Tensor,
+        config: ModelConfig,
+        seed: int,
+        keyring: SimulatedKeyring,
+        world: SimulatedWorld,
+        connect: Connect,
+        seeded: torch.Tensor | None = None,
+    ) -> None:
+        ids = agent_ids.to(torch.int64)
+        if ids.ndim != 1 or ids.numel() == 0:
+            raise PoolInputError("agent_ids must be a non-empty 1-D tensor")
+        if torch.unique(ids).numel() != ids.numel():
+            raise PoolInputError("agent_ids must be unique")
+        if age_group.shape != ids.shape:
+            raise PoolInputError(
+                f"age_group must have shape {tuple(ids.shape)}, got {tuple(age_group.shape)}"
+            )
+        self.config = config
+        self.seed = seed
+        self.keyring = keyring
+        self.world = world
+        self.agents: Agents = make_agents(ids, age_group, config, seed, seeded)
+        self._ids_np = ids.numpy()
+        self._order = np.argsort(self._ids_np, kind="stable")
+        self._sorted_ids = self._ids_np[self._order]
+        self._age_onehot = torch.nn.functional.one_hot(self.agents.age_group, len(AGE_GROUPS)).to(
+            torch.float64
+        )
+        # Random device ids: the servers' device identities carry nothing about the agent.
+        self.device_ids = [os.urandom(16) for _ in range(ids.numel())]
+        links = [connect(d) for d in self.device_ids]
+        self._nbhd = [a for a, _ in links]
+        self._aggr = [b for _, b in links]
+        self.state: State | None = None
+        self._theta: torch.Tensor | None = None
+        self._slots: list[list[bytes]] = []
+        self._beh: Behaviour | None = None
+        self._y: torch.Tensor | None = None
+        self._silent: dict[str, frozenset[int]] = {}
+
+    @property
+    def n(self) -> int:
+        """Number of devices (agents) in the pool."""
+        return self.agents.n
+
+    def local_index(self, agent_ids: np.ndarray) -> np.ndarray:
+        """Positions in this pool of the given agent ids (all must belong to the pool)."""
+        pos = np.searchsorted(self._sorted_ids, agent_ids)
+        pos = np.minimum(pos, self._sorted_ids.size - 1)
+        if not np.array_equal(self._sorted_ids[pos], agent_ids):
+            raise PoolInputError("some agent ids do not belong to this pool")
+        return self._order[pos]
+
+    def set_dropouts(self, phase: str, devices: Sequence[int]) -> None:
+        """Simulate devices (local indices) that go silent in ``phase`` from now on.
+
+        A silent device skips its post in that phase but keeps computing locally (its state
+        goes on), as a phone whose upload failed would.
+        """
+        bad = [i for i in devices if not 0 <= i < self.n]
+        if bad:
+            raise PoolInputError(f"dropout device indices out of range 0..{self.n - 1}: {bad}")
+        if phase not in (MESSAGES_PHASE, OBSERVATIONS_PHASE):
+            raise PoolInputError(f"unknown phase {phase!r}")
+        self._silent[phase] = frozenset(devices)
+
+    def begin(self, theta: torch.Tensor) -> None:
+        """Start a run under the public θ (p,): every device draws its initial state."""
+        self._theta = forward_theta(theta)
+        self.state = initial_state(self.agents, self._theta, self.config, self.seed)
+
+    def _require_theta(self) -> tuple[torch.Tensor, State]:
+        if self._theta is None or self.state is None:
+            raise PoolStateError("the pool has no run: call begin(theta) first")
+        return self._theta, self.state
+
+    def register(self, spec: RoundSpec, day: int) -> None:
+        """Each device registers the pseudonym slots of the RPIs it advertises on ``day``."""
+        k = self.world.advertising_intervals
+        enins = self.world.first_interval(day) + np.arange(k, dtype=np.int64)
+        rpis = self.keyring.rpis(np.repeat(self._ids_np, k), np.tile(enins, self.n))
+        raw = rpis.tobytes()
+        self._slots = [
+            client.register(
+                spec.round_id, [raw[16 * j : 16 * j + 16] for j in range(i * k, i * k + k)]
+            )
+            for i, client in enumerate(self._nbhd)
+        ]
+
+    def post_messages(self, spec: RoundSpec, day: int, theta: torch.Tensor) -> None:
+        """Each device posts ``message(q, w)`` to the slot of every RPI it heard on ``day``.
+
+        ``theta`` is the round's public θ (p,); the devices adopt it for the day's update.
+        """
+        _, state = self._require_theta()
+        self._theta = theta = forward_theta(theta)
+        beh = behaviour(self.agents, state, self.config, self.seed, day)
+        q = infectiousness(self.agents, state, beh, theta, self.config, day).detach()
+        self._beh = beh
+        trace = traces_from_sightings(self.world.sightings(day, self._ids_np))
+        local = self.local_index(trace.observer)
+        values = message(q[torch.from_numpy(local)], torch.from_numpy(trace.weight)).numpy()
+        phase = spec.phase(MESSAGES_PHASE)
+        counts = np.bincount(local, minlength=self.n)
+        if counts.max(initial=0) > phase.items_per_device:
+            raise TraceOverflow(
+                f"day {day}: a device heard {int(counts.max())} RPIs, more than the phase's "
+                f"items_per_device={phase.items_per_device}"
+            )
+        # One slot per distinct heard RPI (several devices hear the same beacon).
+        uniq, inverse = np.unique(trace.rpi, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        key = self._nbhd[0].deployment.deployment_key
+        uslots = [pseudonym_slot(bytes(r), spec.round_id, key) for r in uniq]
+        order = np.argsort(local, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        silent = self._silent.get(MESSAGES_PHASE, frozenset())
+        for i, client in enumerate(self._nbhd):
+            if i in silent:
+                continue
+            rows = order[bounds[i] : bounds[i + 1]]
+            client.post(
+                spec, MESSAGES_PHASE, [uslots[j] for j in inverse[rows].tolist()], values[rows]
+            )
+
+    def fetch_and_update(self, spec: RoundSpec, day: int) -> None:
+        """Each device fetches its slots' sums (its ``incoming``); then f for the whole pool."""
+        theta, state = self._require_theta()
+        if self._beh is None or not self._slots:
+            raise PoolStateError(f"day {day}: register and post messages before updating")
+        width = theta.shape[-1]
+        # Exact ring sums are added before decoding, so the sum over a device's slots is exact.
+        ring = np.zeros((self.n, width), dtype=np.int64)
+        for i, client in enumerate(self._nbhd):
+            for slot in self._slots[i]:
+                ring[i] += client.fetch_ring(spec.round_id, MESSAGES_PHASE, slot)
+        codec = self._nbhd[0].codec
+        incoming = torch.from_numpy(codec.decode(ring))
+        out = update(self.agents, state, incoming, self._beh, theta, self.config, self.seed, day)
+        self.state = out.state
+        self._y = out.y.detach()
+        self._beh = None
+        self._slots = []
+
+    def post_observations(self, spec: RoundSpec, day: int) -> None:
+        """Each device posts its ``y_i`` (2, G, 1+p) — nonzero only in its age group's column."""
+        if self._y is None:
+            raise PoolStateError(f"day {day}: no observations to post (update first)")
+        y = self._y  # (n, 2, 1+p)
+        vec = torch.einsum("ng,nkw->nkgw", self._age_onehot, y).reshape(self.n, -1).numpy()
+        silent = self._silent.get(OBSERVATIONS_PHASE, frozenset())
+        name = aggregate_name(day)
+        for i, client in enumerate(self._aggr):
+            if i not in silent:
+                client.post(spec, OBSERVATIONS_PHASE, [name], vec[i : i + 1])
+        self._y = None
+
+    def stage_counts(self) -> torch.Tensor:
+        """Agents per stage (S E I R D) in this pool — a local diagnostic, never sent."""
+        _, state = self._require_theta()
+        return torch.bincount(state.stage.to(torch.int64), minlength=5)

@@ -1,0 +1,210 @@
+"""Equivalence invariant: device pools over secure slot sums reproduce the central simulator.
+
+Two pools hold half of a synthetic population each; every device posts its messages through
+the in-memory secure-sum transport (mailbox and shuffled modes) and the coordinator sees only
+the opened daily aggregates. With ``exact_sums`` and an ideal radio those equal the central
+``RunResult.y`` values bit for bit, and the gradient agrees to fixed-point precision.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coordinator.rounds import FederatedRun, InMemoryServers, RoundDriver, RoundError
+from device_agent.pool import (
+    MESSAGES_PHASE,
+    OBSERVATIONS_PHASE,
+    BeaconScheduleError,
+    DevicePool,
+    PoolInputError,
+    PoolStateError,
+    SimulatedWorld,
+    TraceOverflow,
+)
+from protocols.ble.radio import IdealRadio
+from protocols.ble.simkeys import SimulatedKeyring
+from protocols.secure_sum import Mode, RoundSpec
+from sim import dual
+from sim.model import ModelConfig, behaviour, infectiousness, initial_state, update
+from sim.params import Theta
+from sim.populations import AGE_GROUPS, Population, synthetic
+from sim.runner import CentralSimulator, RunResult, total_infections
+
+N, SEED, DAYS = 300, 3, 6
+THETA = Theta(beta=0.6, init_frac=0.05)
+CONFIG = ModelConfig(exact_sums=True)
+#: at least the largest number of RPIs a device hears in a day (27 in this population)
+ITEMS = 32
+#: the ideal radio uses the first two intervals of the day here
+ADVERTISED = 4
+
+
+@pytest.fixture(scope="module")
+def population() -> Population:
+    return synthetic(N, seed=1)
+
+
+@pytest.fixture(scope="module")
+def central(population: Population) -> RunResult:
+    return CentralSimulator(population, CONFIG, SEED, dtype=torch.float64).run(
+        THETA, DAYS, "forward"
+    )
+
+
+def split(n: int, pools: int) -> list[torch.Tensor]:
+    """A random partition of the agents into pools (not contiguous id ranges)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(11))
+    return [torch.sort(part).values for part in perm.chunk(pools)]
+
+
+def federation(
+    population: Population, mode: Mode, pools: int = 2, items: int = ITEMS
+) -> tuple[RoundDriver, list[DevicePool], list[torch.Tensor]]:
+    keyring = SimulatedKeyring(bytes(range(16)))
+    world = SimulatedWorld(population, CONFIG, IdealRadio(keyring), ADVERTISED)
+    servers = InMemoryServers(mode)
+    parts = split(population.n_agents, pools)
+    device_pools = [
+        DevicePool(ids, population.age_group[ids], CONFIG, SEED, keyring, world, servers.connect)
+        for ids in parts
+    ]
+    driver = RoundDriver(servers.neighbourhood, servers.aggregates, device_pools, items)
+    return driver, device_pools, parts
+
+
+def central_per_agent_y(population: Population) -> torch.Tensor:
+    """Every agent's own y_i(t) values (T, N, 2) from the central model functions."""
+    sim = CentralSimulator(population, CONFIG, SEED, dtype=torch.float64)
+    th = sim.theta_dual(THETA, "forward")
+    state = initial_state(sim.agents, th, CONFIG, SEED)
+    ys = []
+    for day in range(DAYS):
+        beh = behaviour(sim.agents, state, CONFIG, SEED, day)
+        q = infectiousness(sim.agents, state, beh, th, CONFIG, day)
+        out = update(sim.agents, state, sim.neighbourhood_sums(q, day), beh, th, CONFIG, SEED, day)
+        state = out.state
+        ys.append(dual.value(out.y))
+    return torch.stack(ys)
+
+
+@pytest.mark.parametrize("mode", [Mode.MAILBOX, Mode.SHUFFLED], ids=lambda m: m.value)
+def test_pools_reproduce_the_central_run_exactly(
+    population: Population, central: RunResult, mode: Mode
+) -> None:
+    driver, pools, _ = federation(population, mode)
+    driver.begin(THETA)
+    assert torch.equal(sum(p.stage_counts() for p in pools), central.stage_counts[0])
+    days = []
+    for day in range(DAYS):
+        result = driver.run_day(day, THETA)
+        days.append(result)
+        assert torch.equal(dual.value(result.y), dual.value(central.y[day])), f"day {day}"
+        assert torch.equal(sum(p.stage_counts() for p in pools), central.stage_counts[day + 1])
+        # shuffled mode counts unlinkable items, mailbox mode whole posts
+        assert result.messages.surviving == N * (ITEMS if mode is Mode.SHUFFLED else 1)
+        assert result.observations.surviving == N
+    y = torch.stack([d.y for d in days])
+    assert float(dual.value(y)[:, 0].sum()) > 60  # a real epidemic was reproduced
+    torch.testing.assert_close(dual.tangent(y), dual.tangent(central.y), rtol=1e-6, atol=1e-9)
+    loss_c, grad_c = central.loss_and_grad()
+    run = FederatedRun(THETA, days)
+    loss_f, grad_f = run.loss_and_grad(total_infections)
+    assert loss_f == loss_c
+    assert grad_c is not None and float(grad_c.abs().max()) > 1.0
+    torch.testing.assert_close(grad_f, grad_c, rtol=1e-6, atol=1e-9)
+    assert run.daily()["new_infections"] == central.daily()["new_infections"]
+
+
+def test_dropping_a_pools_messages_changes_the_aggregates(
+    population: Population, central: RunResult
+) -> None:
+    """The control: the comparison above can fail. Without pool 1's messages, its agents'
+    infectiousness never reaches anyone and the epidemic diverges from the central one."""
+    driver, pools, parts = federation(population, Mode.MAILBOX)
+    pools[1].set_dropouts(MESSAGES_PHASE, range(pools[1].n))
+    run = driver.run(THETA, DAYS)
+    assert all(d.messages.surviving == parts[0].numel() for d in run.days)
+    differs = [
+        day
+        for day in range(DAYS)
+        if not torch.equal(dual.value(run.y[day]), dual.value(central.y[day]))
+    ]
+    assert differs, "aggregates unchanged although half of all messages were dropped"
+
+
+def test_aggregate_dropout_opens_the_sum_over_the_surviving_devices(
+    population: Population, central: RunResult
+) -> None:
+    per_agent = central_per_agent_y(population)  # (T, N, 2)
+    # the sanity link between the per-agent values and the central aggregates
+    age = torch.nn.functional.one_hot(population.age_group, len(AGE_GROUPS)).double()
+    assert torch.equal(torch.einsum("tnk,ng->tkg", per_agent, age), dual.value(central.y))
+    drop_day = 2
+    infected = torch.nonzero(per_agent[drop_day, :, 0] > 0).flatten()
+    assert infected.numel() > 0
+    agent = int(infected[0])
+
+    driver, pools, parts = federation(population, Mode.MAILBOX)
+    owner = next(k for k, ids in enumerate(parts) if bool((ids == agent).any()))
+    local = int(pools[owner].local_index(torch.tensor([agent]).numpy())[0])
+    driver.begin(THETA)
+    for day in range(DAYS):
+        dropped = day == drop_day
+        pools[owner].set_dropouts(OBSERVATIONS_PHASE, [local] if dropped else [])
+        result = driver.run_day(day, THETA)
+        expected = dual.value(central.y[day]).clone()
+        if dropped:
+            expected -= torch.einsum("k,g->kg", per_agent[day, agent], age[agent])
+        assert torch.equal(dual.value(result.y), expected), f"day {day}"
+        assert result.observations.surviving == N - dropped
+        assert result.messages.surviving == N
+    # the device kept computing: its state still matches the central run afterwards
+    assert torch.equal(sum(p.stage_counts() for p in pools), central.stage_counts[DAYS])
+
+
+def test_a_device_hearing_more_rpis_than_the_phase_allows_is_refused(
+    population: Population,
+) -> None:
+    driver, _, _ = federation(population, Mode.MAILBOX, items=8)
+    with pytest.raises(
+        TraceOverflow,
+        match=r"day 0: a device heard \d+ RPIs, more than the phase's items_per_device=8",
+    ):
+        driver.run(THETA, 1)
+
+
+def test_beacons_outside_the_advertised_intervals_are_refused(population: Population) -> None:
+    keyring = SimulatedKeyring(bytes(16))
+    world = SimulatedWorld(population, CONFIG, IdealRadio(keyring), advertising_intervals=1)
+    with pytest.raises(BeaconScheduleError, match="outside the 1 advertised intervals"):
+        world.radio_day(0)
+    with pytest.raises(PoolInputError, match=r"advertising_intervals must be in 1\.\.144, got 145"):
+        SimulatedWorld(population, CONFIG, IdealRadio(keyring), advertising_intervals=145)
+
+
+def test_pool_refuses_bad_input_and_calls_out_of_order(population: Population) -> None:
+    keyring = SimulatedKeyring(bytes(16))
+    world = SimulatedWorld(population, CONFIG, IdealRadio(keyring), ADVERTISED)
+    servers = InMemoryServers(Mode.MAILBOX)
+    ids = torch.tensor([0, 1, 1])
+    with pytest.raises(PoolInputError, match="agent_ids must be unique"):
+        DevicePool(ids, population.age_group[ids], CONFIG, SEED, keyring, world, servers.connect)
+    ids = torch.arange(5)
+    with pytest.raises(PoolInputError, match=r"age_group must have shape \(5,\)"):
+        DevicePool(ids, population.age_group[:4], CONFIG, SEED, keyring, world, servers.connect)
+    pool = DevicePool(ids, population.age_group[ids], CONFIG, SEED, keyring, world, servers.connect)
+    spec = RoundSpec(0, ())
+    with pytest.raises(PoolStateError, match="call begin"):
+        pool.fetch_and_update(spec, 0)
+    pool.begin(THETA.as_tensor(torch.float64))
+    with pytest.raises(PoolStateError, match="register and post messages before updating"):
+        pool.fetch_and_update(spec, 0)
+    with pytest.raises(PoolStateError, match="no observations to post"):
+        pool.post_observations(spec, 0)
+    with pytest.raises(PoolInputError, match=r"out of range 0\.\.4: \[7\]"):
+        pool.set_dropouts(MESSAGES_PHASE, [7])
+    with pytest.raises(PoolInputError, match="do not belong to this pool"):
+        pool.local_index(torch.tensor([9]).numpy())
+    with pytest.raises(RoundError, match="messages_per_device must be >= 1"):
+        RoundDriver(servers.neighbourhood, servers.aggregates, [pool], 0)
