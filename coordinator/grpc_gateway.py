@@ -17,9 +17,12 @@ A run has two secure-sum deployments with different codecs (``coordinator.rounds
 RegisterSlots, GetDirectory, PostShares and FetchSums go to the neighbourhood (pseudonym-slot)
 coordinator, SubmitAggregates to the aggregates coordinator.
 
-Enrol and GetRound answer UNIMPLEMENTED: enrolment redeems tokens through
-``coordinator.enrolment`` outside this gateway, and round schedules are published by the round
-driver, which this adapter does not own.
+With a ``service`` (``coordinator.service.CoordinatorService``), the client certificate names a
+*credential* that owns several participant ids (a device pool; a phone owns one): an entry may
+name any of its credential's participants. Enrol (no client certificate needed) and GetRound
+are answered by the service; every served entry is reported to it (step progress, view log,
+byte counts). Without a service, the certificate's id is the only participant and Enrol and
+GetRound answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -110,6 +113,8 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
         authenticate: maps the verified client certificate to an enrolled, unrevoked device
             (``EnrolmentRegistry.authenticate``); without it the certificate's CN is the id.
         clock: unix seconds (Heartbeat).
+        service: the run's coordinator service (credentials owning participants, Enrol,
+            GetRound, progress reports).
 
     ``lock`` serializes every call into the protocol objects (they are not thread-safe); the
     round driver holds it too when it closes phases while devices may be calling.
@@ -121,11 +126,13 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
         aggregates: CoordinatorServer | None = None,
         authenticate: Authenticate | None = None,
         clock: Callable[[], float] = time.time,
+        service: Service | None = None,
     ) -> None:
         self.neighbourhood = neighbourhood
         self.aggregates = aggregates if aggregates is not None else neighbourhood
         self._authenticate = authenticate
         self._clock = clock
+        self._service = service
         self.lock = threading.RLock()
         #: set by :meth:`drain`: Heartbeat tells devices the server is going away
         self.draining = False
@@ -163,7 +170,7 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
         context: grpc.ServicerContext,
         coordinator: CoordinatorServer,
         peer: bytes,
-        claimed: bytes,
+        claimed: bytes | None,
         raw: bytes,
         expected: tuple[type[Message], ...],
         routing: Sequence[tuple[str, object, str]],
@@ -172,8 +179,11 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
         """Check one entry's identity and routing, then hand its payload to the coordinator.
 
         ``routing`` lists (field name, value in the request, payload attribute) triples.
+        ``claimed`` is the participant the entry acts for (``None``: a request naming none).
         """
-        if claimed != peer:
+        if claimed is None:
+            claimed = peer
+        elif not self._owns(peer, claimed):
             return _refusal(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "NotRegistrant",
@@ -211,7 +221,7 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
                 )
         try:
             with self.lock:
-                return coordinator.handle_device(raw, peer)
+                reply = coordinator.handle_device(raw, claimed)
         except SecureSumError as err:
             # the message names what is wrong; protocol errors never carry values or shares
             return _refusal(status_of(err), type(err).__name__, str(err), ref)
@@ -219,6 +229,25 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
             abort(context, grpc.StatusCode.UNAVAILABLE, f"aggregator unreachable, retry: {err}")
         except LinkRefused as err:
             abort(context, grpc.StatusCode.INTERNAL, f"coordinator-aggregator link: {err}")
+        if self._service is not None and ref is not None:
+            self._service.accepted(self._rpc_of(msg, coordinator), claimed, ref.round_id, len(raw))
+        return reply
+
+    def _rpc_of(self, msg: Message, coordinator: CoordinatorServer) -> str:
+        """The RPC an accepted payload came with (the service's step of the round)."""
+        if isinstance(msg, RegisterRequest):
+            return "RegisterSlots"
+        if isinstance(msg, FetchRequest):
+            return "FetchSums"
+        if isinstance(msg, DirectoryRequest):
+            return "GetDirectory"
+        return "SubmitAggregates" if coordinator is self.aggregates else "PostShares"
+
+    def _owns(self, peer: bytes, claimed: bytes) -> bool:
+        """Whether the authenticated credential ``peer`` may act for participant ``claimed``."""
+        if self._service is None:
+            return claimed == peer
+        return self._service.owns(peer.hex(), claimed)
 
     def _check_batch(self, context: grpc.ServicerContext, n: int) -> None:
         if n > MAX_ENTRIES_PER_BATCH:
@@ -247,7 +276,15 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
 
     # -- RPCs -------------------------------------------------------------------------------
     def Enrol(self, request: pb.EnrolRequest, context: grpc.ServicerContext) -> Any:
-        """Not served by this gateway (see the module docstring)."""
+        """Redeem a single-use token + CSR for a credential (the service's; no client cert)."""
+        if self._service is not None:
+            try:
+                return self._service.enrol(request)
+            except EnrolmentError as err:
+                status = getattr(err, "grpc_status", "UNAUTHENTICATED")
+                abort(context, getattr(grpc.StatusCode, status), str(err))
+            except ValueError as err:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         abort(
             context,
             grpc.StatusCode.UNIMPLEMENTED,
@@ -256,7 +293,11 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
         )
 
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> Any:
-        """Not served by this gateway (see the module docstring)."""
+        """The run's current round and step (long poll on ``newer_than``), from the service."""
+        if self._service is not None:
+            peer = self._peer(context)
+            self._service.seen(peer.hex())
+            return self._service.schedule(request.newer_than, request.wait_ms)
         abort(
             context,
             grpc.StatusCode.UNIMPLEMENTED,
@@ -300,7 +341,7 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
             context,
             self.neighbourhood,
             peer,
-            peer,
+            None,  # the public directory: any participant of the credential may read it
             request.payload,
             (DirectoryRequest,),
             [("round_id", request.round_id, "round_id")],
@@ -394,12 +435,12 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
                     ("round_id", ref.round_id, "round_id"),
                     ("phase", ref.phase, "phase"),
                     ("device", e.device.value, "device_id"),
-                    ("slot_id", e.slot_id, "slot_id"),
+                    ("slot_ids", e.slot_ids, "slot_ids"),
                 ],
                 ref,
             )
             result = _result(pb.FetchResult, e.device, out)
-            result.slot_id = e.slot_id
+            result.slot_ids = e.slot_ids
             results.append(result)
         return pb.FetchSumsResponse(results=results)
 
@@ -418,6 +459,30 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
             unknown_devices=[d for d in request.devices if d.value != peer],
             draining=self.draining,
         )
+
+
+class Service(Protocol):
+    """What the gateway asks of the coordinator service (``CoordinatorService``)."""
+
+    def owns(self, credential: str, participant: bytes) -> bool:
+        """Whether the credential may act for the participant."""
+        ...
+
+    def seen(self, credential: str) -> None:
+        """The credential called."""
+        ...
+
+    def accepted(self, rpc: str, participant: bytes, round_id: int, nbytes: int) -> None:
+        """An entry of ``rpc`` was served."""
+        ...
+
+    def enrol(self, request: pb.EnrolRequest) -> pb.EnrolResponse:
+        """Redeem a token."""
+        ...
+
+    def schedule(self, newer_than: int, wait_ms: int) -> pb.RoundSchedule:
+        """The current round schedule."""
+        ...
 
 
 def _status(number: int) -> grpc.StatusCode:

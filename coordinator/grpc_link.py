@@ -22,17 +22,18 @@ neighbourhood sums and one for aggregates, as their codecs differ); the call's m
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NoReturn
 
 import grpc
 
+from coordinator.wire import round_from_pb, round_to_pb
 from proto.decentsim.v1 import aggregator_pb2 as pb
 from proto.decentsim.v1 import aggregator_pb2_grpc as pb_grpc
 from proto.decentsim.v1 import common_pb2
 from proto.framing import FramingError, Reassembler, fragments
 from proto.limits import LINK_MAX_PAYLOAD_BYTES
-from protocols.secure_sum import AggregatorServer, Mode
+from protocols.secure_sum import AggregatorServer, Mode, RoundSpec
 from protocols.secure_sum.errors import SecureSumError
 from protocols.secure_sum.messages import (
     AggregateRequest,
@@ -154,6 +155,12 @@ def _reply_chunks(payload: bytes) -> Iterator[pb.LinkChunk]:
         yield pb.LinkChunk(fragment=header, payload=data)
 
 
+#: ``policy(deployment name, spec)``: A's check of a round spec C proposes (raise to refuse)
+RoundPolicy = Callable[[str, RoundSpec], None]
+#: ``observer(event, deployment name, round id, A's encoded reply)``: A's view of served calls
+LinkObserver = Callable[[str, str, int, bytes], None]
+
+
 class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
     """The aggregator's gRPC face: each call's payload goes to ``AggregatorServer.handle``.
 
@@ -161,6 +168,9 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
         servers: the aggregator's secure-sum deployments by name (the ``decentsim-deployment``
             metadata value; a call without it names ``""``).
         allowed_peers: client-certificate commonNames allowed to call (the coordinator only).
+        policy: checks a round spec C proposes in OpenRound (its phases); A then opens it
+            itself. Without a policy, A's operator opens rounds from its own schedule.
+        observer: told of every served call (A's recorded view for the audit).
 
     ``lock`` serializes every call into the protocol objects (they are not thread-safe); A's
     operator holds it too when it opens a round from its own schedule.
@@ -170,11 +180,15 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
         self,
         servers: Mapping[str, AggregatorServer],
         allowed_peers: frozenset[str] = frozenset({COORDINATOR_CN}),
+        policy: RoundPolicy | None = None,
+        observer: LinkObserver | None = None,
     ) -> None:
         if not servers:
             raise ValueError("an aggregator link needs at least one deployment")
         self._servers = dict(servers)
         self._allowed = allowed_peers
+        self._policy = policy
+        self._observer = observer
         self.lock = threading.RLock()
 
     def _server(self, context: grpc.ServicerContext) -> AggregatorServer:
@@ -203,7 +217,27 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
         server = self._server(context)
         msg = _decode(request.payload, (OpenRound,), context)
         _agree(context, "round_id", request.round_id, msg.round_id)
-        return pb.LinkReply(payload=self._handle(server, request.payload))
+        if request.phases and self._policy is not None:
+            name = str(dict(context.invocation_metadata()).get(DEPLOYMENT_METADATA, ""))
+            try:
+                spec = round_from_pb(request.round_id, list(request.phases))
+                self._policy(name, spec)
+            except (SecureSumError, ValueError) as err:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"round spec refused: {err}")
+            with self.lock:
+                if spec.round_id not in server.rounds:
+                    server.open_round(spec)
+        reply = self._handle(server, request.payload)
+        self._observe("open_round", context, request.round_id, reply)
+        return pb.LinkReply(payload=reply)
+
+    def _observe(
+        self, event: str, context: grpc.ServicerContext, round_id: int, reply: bytes
+    ) -> None:
+        """Report a served call to the observer (A's view log): event, deployment, round."""
+        if self._observer is not None:
+            name = str(dict(context.invocation_metadata()).get(DEPLOYMENT_METADATA, ""))
+            self._observer(event, name, round_id, reply)
 
     def RelayRegistrations(
         self, request: pb.RelayRegistrationsRequest, context: grpc.ServicerContext
@@ -215,9 +249,10 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
             _agree(context, "round_id", request.round_id, msg.round_id)
             _agree(context, "device", entry.device.value, msg.device_id)
             _agree(context, "slot_count", entry.slot_count, len(msg.slot_ids) // _SLOT_BYTES)
-        return pb.RelayRegistrationsResponse(
-            payloads=[self._handle(server, e.payload) for e in request.registrations]
-        )
+        payloads = [self._handle(server, e.payload) for e in request.registrations]
+        for reply in payloads:
+            self._observe("register", context, request.round_id, reply)
+        return pb.RelayRegistrationsResponse(payloads=payloads)
 
     def CloseRegistration(
         self, request: pb.CloseRegistrationRequest, context: grpc.ServicerContext
@@ -243,7 +278,9 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
         _agree(context, "post_count", first.post_count, len(msg.device_ids))
         items = len(msg.items_for_a) if isinstance(msg, RelayShuffled) else len(msg.sealed_for_a)
         _agree(context, "item_count", first.item_count, items)
-        yield from _reply_chunks(self._handle(server, raw))
+        reply = self._handle(server, raw)
+        self._observe(f"relay:{msg.phase}", context, msg.round_id, reply)
+        yield from _reply_chunks(reply)
 
     def ExchangeDigests(
         self, request_iterator: Iterator[pb.DigestChunk], context: grpc.ServicerContext
@@ -266,7 +303,9 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
         _agree(context, "phase", first.round.phase, msg.phase)
         _agree(context, "digest", first.digest, msg.digest)
         _agree(context, "key_count", first.key_count, keys)
-        yield from _reply_chunks(self._handle(server, raw))
+        reply = self._handle(server, raw)
+        self._observe(f"agree:{msg.phase}", context, msg.round_id, reply)
+        yield from _reply_chunks(reply)
 
     def ReleaseSums(
         self, request: pb.ReleaseSumsRequest, context: grpc.ServicerContext
@@ -288,7 +327,7 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
             _agree(context, "round_id", request.round.round_id, msg.round_id)
             _agree(context, "phase", request.round.phase, msg.phase)
             _agree(context, "device", entry.device.value, msg.device_id)
-            _agree(context, "slot_id", entry.slot_id, msg.slot_id)
+            _agree(context, "slot_ids", entry.slot_ids, msg.slot_ids)
         return pb.RelayFetchesResponse(
             payloads=[self._handle(server, e.payload) for e in request.fetches]
         )
@@ -321,6 +360,12 @@ class AggregatorLinkClient:
         self.mode = mode
         self._metadata = ((DEPLOYMENT_METADATA, deployment),)
         self.timeout_s = timeout_s
+        self._proposed: dict[int, RoundSpec] = {}
+
+    def propose(self, spec: RoundSpec) -> None:
+        """Send ``spec``'s phases with its OpenRound, for an aggregator that opens rounds
+        after checking them against its policy (instead of from its own schedule)."""
+        self._proposed[spec.round_id] = spec
 
     def __call__(self, raw: bytes) -> bytes:
         """Send one encoded secure-sum message to A and return its encoded answer."""
@@ -338,8 +383,10 @@ class AggregatorLinkClient:
         kw = {"timeout": self.timeout_s, "metadata": self._metadata}
         stub = self._stub
         if isinstance(msg, OpenRound):
+            spec = self._proposed.pop(msg.round_id, None)
+            phases = round_to_pb(spec) if spec is not None else []
             return stub.OpenRound(
-                pb.OpenRoundRequest(round_id=msg.round_id, payload=raw), **kw
+                pb.OpenRoundRequest(round_id=msg.round_id, phases=phases, payload=raw), **kw
             ).payload
         if isinstance(msg, RelayRegister):
             entry = pb.RelayedRegistration(
@@ -393,7 +440,7 @@ class AggregatorLinkClient:
         if isinstance(msg, RelayFetch):
             ref = common_pb2.RoundRef(round_id=msg.round_id, phase=msg.phase)
             fetch = pb.RelayedFetch(
-                device=common_pb2.DeviceId(value=msg.device_id), slot_id=msg.slot_id, payload=raw
+                device=common_pb2.DeviceId(value=msg.device_id), slot_ids=msg.slot_ids, payload=raw
             )
             req = pb.RelayFetchesRequest(round=ref, fetches=[fetch])
             return _single(stub.RelayFetches(req, **kw).payloads)

@@ -71,6 +71,26 @@ def aggregates_codec() -> FixedPointCodec:
     return FixedPointCodec(EXACT_FRAC_BITS, OBSERVATION_MAX_ABS, MAX_DEVICES)
 
 
+def round_specs(round_id: int, day: int, items_per_device: int) -> tuple[RoundSpec, RoundSpec]:
+    """A day's round specs: the neighbourhood (messages) phase and the observations phase.
+
+    ``items_per_device`` is the public per-device budget of the messages phase (a participant
+    hosting m devices posts m × budget items). Observations go to ``global/day/<day>``, one item
+    per participant: its devices' ``y_i`` summed (a pool is one trust domain; a phone posts its
+    own).
+    """
+    width = 1 + len(PARAM_NAMES)
+    messages = PhaseSpec(MESSAGES_PHASE, width, SlotKind.PSEUDONYM, items_per_device)
+    observations = PhaseSpec(
+        OBSERVATIONS_PHASE,
+        len(OBSERVATIONS) * len(AGE_GROUPS) * width,
+        SlotKind.AGGREGATE,
+        1,
+        (f"global/day/{day}",),
+    )
+    return RoundSpec(round_id, (messages,)), RoundSpec(round_id, (observations,))
+
+
 class SumService(Protocol):
     """One secure-sum deployment as the coordinator drives it (e.g. ``InMemoryNetwork``)."""
 
@@ -117,9 +137,30 @@ class InMemoryServers:
         self.neighbourhood = InMemoryNetwork(mode, neighbourhood_codec(), os.urandom(32))
         self.aggregates = InMemoryNetwork(mode, aggregates_codec())
 
-    def connect(self, device_id: bytes) -> tuple[DeviceClient, DeviceClient]:
-        """A device's clients of the two deployments (the pool's ``connect``)."""
-        return self.neighbourhood.device(device_id), self.aggregates.device(device_id)
+    def connect(self, unit: int, devices: int) -> tuple[DeviceClient, DeviceClient]:
+        """A new participant's clients of the two deployments (the pool's ``connect``): a
+        random participant id hosting ``devices`` devices."""
+        del unit  # in memory, participants need no stable identity across restarts
+        pid = os.urandom(16)
+        return tuple(  # type: ignore[return-value]
+            DeviceClient(
+                pid,
+                net.deployment,
+                _sender(net, pid),
+                net.directory_cache,
+                devices=devices if net is self.neighbourhood else 1,
+            )
+            for net in (self.neighbourhood, self.aggregates)
+        )
+
+
+def _sender(net: InMemoryNetwork, pid: bytes) -> Callable[[bytes], bytes]:
+    """``send`` of a participant linked to ``net``'s coordinator in memory."""
+
+    def send(raw: bytes) -> bytes:
+        return net.coordinator.handle_device(raw, pid)
+
+    return send
 
 
 @dataclass(frozen=True)
@@ -192,18 +233,7 @@ class RoundDriver:
 
     def specs(self, day: int) -> tuple[RoundSpec, RoundSpec]:
         """The day's round specs: the neighbourhood phase and the observations phase."""
-        rid = self.round_base + day
-        messages = PhaseSpec(
-            MESSAGES_PHASE, self.width, SlotKind.PSEUDONYM, self.messages_per_device
-        )
-        observations = PhaseSpec(
-            OBSERVATIONS_PHASE,
-            len(OBSERVATIONS) * len(AGE_GROUPS) * self.width,
-            SlotKind.AGGREGATE,
-            1,
-            (f"global/day/{day}",),
-        )
-        return RoundSpec(rid, (messages,)), RoundSpec(rid, (observations,))
+        return round_specs(self.round_base + day, day, self.messages_per_device)
 
     def begin(self, theta: Theta) -> None:
         """Start a run: every participant draws its initial state under public θ."""

@@ -1,7 +1,8 @@
 """The ``decentsim`` command line.
 
 Each subcommand lives beside the code it drives, as a module exposing
-``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them together.
+``add_arguments(parser)`` and ``run(args) -> int`` (or, for ``module:name``, the functions
+``add_<name>_arguments`` and ``run_<name>``); this file only wires them together.
 Benchmarks (``decentsim bench NAME``) expose ``add_arguments(parser)`` and
 ``run(args) -> dict`` and print that dict as one JSON line.
 """
@@ -20,6 +21,10 @@ from sim.allocator import keep_freed_memory
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("sim.cli_simulate", "run the central simulator"),
     "calibrate": ("sim.cli_calibrate", "fit parameters to an observed series"),
+    "coordinator": ("coordinator.cli_servers:coordinator", "the coordinator server process"),
+    "aggregator": ("coordinator.cli_servers:aggregator", "the aggregator server process"),
+    "device-agent": ("device_agent.cli:agent", "a device (pool) process"),
+    "federated": ("coordinator.federation:federated", "a simulated federation on this machine"),
 }
 
 #: bench name -> module path
@@ -27,7 +32,14 @@ BENCHES: dict[str, tuple[str, str]] = {
     "sim": ("sim.bench", "central simulator throughput"),
     "securesum": ("protocols.secure_sum.bench", "two-server slot sums"),
     "ble": ("protocols.ble.bench", "simulated radio + exposure scoring"),
+    "federated": ("coordinator.bench", "federated run vs the central simulator"),
 }
+
+
+def _entry(module: str) -> tuple[object, str]:
+    """(the module object, the attribute suffix) of a ``module[:name]`` entry."""
+    path, _, name = module.partition(":")
+    return importlib.import_module(path), name
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -46,7 +58,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     ) -> None:
         p = subparsers.add_parser(name, help=help_text, description=help_text)
         if selected:
-            importlib.import_module(module).add_arguments(p)
+            mod, name = _entry(module)
+            getattr(mod, f"add_{name}_arguments" if name else "add_arguments")(p)
         p.set_defaults(_module=module, _kind=kind)
 
     for name, (module, help_text) in COMMANDS.items():
@@ -64,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # reuse freed tensors' memory instead of page-faulting it back each day
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    module = importlib.import_module(args._module)
+    module, name = _entry(args._module)
+    run = getattr(module, f"run_{name}" if name else "run")
     if args._kind == "bench":
-        print(json.dumps(module.run(args)), flush=True)
+        print(json.dumps(run(args)), flush=True)
         return 0
-    return int(module.run(args))
+    return int(run(args))
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ class GatewayLink:
             )
         if isinstance(msg, FetchRequest):
             ref = common_pb2.RoundRef(round_id=msg.round_id, phase=msg.phase)
-            fetch = pb.SlotFetch(device=device, slot_id=msg.slot_id, payload=raw)
+            fetch = pb.SlotFetch(device=device, slot_ids=msg.slot_ids, payload=raw)
             req_f = pb.FetchSumsRequest(round=ref, fetches=[fetch])
             return _entry(self._call(self._stub.FetchSums, req_f, "FetchSums").results)
         raise MessageError(f"devices do not send {type(msg).__name__}")

@@ -6,15 +6,20 @@ public θ of the round. Per simulated day it
 1. registers the pseudonym slots of the beacons (RPIs) it advertised that day;
 2. computes its message factor ``q`` (``sim.model.behaviour`` + ``infectiousness``) and posts
    ``message(q, w)`` (value + tangents) to the slot of every RPI it heard, with weight ``w`` from
-   its own trace, padded with dummies to the phase's fixed item count;
+   its own trace;
 3. fetches its own slots' sums, adds them into its ``incoming`` neighbourhood sum and applies
    ``sim.model.update`` (f) to its agent;
-4. posts its observations ``y_i(t)`` (and tangents), placed in its age group's column, to the
-   aggregate slot ``global/day/<d>``.
+4. contributes its observations ``y_i(t)`` (and tangents), placed in its age group's column, to
+   the aggregate slot ``global/day/<d>``.
+
+A pool is one trust domain (one process holds all its devices' states). For the secure sums it
+splits its devices into *participants* of at most ``unit_devices`` devices each; a participant
+posts one batch per phase: its devices' messages, pre-summed per heard slot and padded with
+zero-valued dummies to exactly ``devices × items_per_device`` items, and its devices' summed
+observations as one item. A phone is a pool of one device: exactly the per-device protocol.
 
 The model calls are vectorized over the pool's agents (one ``update`` call for the whole pool);
-only the per-device protocol crypto (``DeviceClient`` calls) loops over devices. A real device
-is a pool of one.
+only the per-participant protocol calls loop (a handful per pool).
 
 :class:`SimulatedWorld` is the physical world of a simulated federation: it turns the
 population's contact layers into a day of radio sightings and hands each pool only its own
@@ -23,7 +28,7 @@ devices' sightings.
 
 from __future__ import annotations
 
-import os
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -35,6 +40,7 @@ from protocols.ble.radio import DayContacts, Radio, RadioDay
 from protocols.ble.sightings import Sightings
 from protocols.ble.simkeys import SimulatedKeyring
 from protocols.secure_sum import DeviceClient, RoundSpec, pseudonym_slot
+from protocols.secure_sum.errors import SecureSumError
 from sim import dual
 from sim.model import (
     Agents,
@@ -57,9 +63,16 @@ MESSAGES_PHASE = "messages"
 #: The phase in which devices post their observations to aggregate slots.
 OBSERVATIONS_PHASE = "observations"
 
-#: ``connect(device_id) -> (neighbourhood client, aggregates client)``: a device's links to the
-#: two secure-sum deployments (one per phase kind, as their fixed-point codecs differ).
-Connect = Callable[[bytes], tuple[DeviceClient, DeviceClient]]
+#: ``connect(participant index, devices) -> (neighbourhood client, aggregates client)``: a
+#: participant's links to the two secure-sum deployments (one per phase kind, as their
+#: fixed-point codecs differ); ``devices`` is how many devices the participant hosts.
+Connect = Callable[[int, int], tuple[DeviceClient, DeviceClient]]
+
+#: Devices per secure-sum participant of a pool (bounds one post's size).
+UNIT_DEVICES = 256
+
+
+log = logging.getLogger(__name__)
 
 
 class PoolError(Exception):
@@ -196,8 +209,9 @@ class DevicePool:
         config, seed: the public model configuration and run seed.
         keyring: derives each device's own beacon keys (TEKs → RPIs).
         world: the simulated physical world (the source of each device's own sightings).
-        connect: opens a device's links to the two secure-sum deployments.
+        connect: opens a participant's links to the two secure-sum deployments.
         seeded: optional data-driven initial infections of these agents.
+        unit_devices: most devices per secure-sum participant.
     """
 
     def __init__(
@@ -210,6 +224,7 @@ class DevicePool:
         world: SimulatedWorld,
         connect: Connect,
         seeded: torch.Tensor | None = None,
+        unit_devices: int = UNIT_DEVICES,
     ) -> None:
         ids = agent_ids.to(torch.int64)
         if ids.ndim != 1 or ids.numel() == 0:
@@ -220,6 +235,8 @@ class DevicePool:
             raise PoolInputError(
                 f"age_group must have shape {tuple(ids.shape)}, got {tuple(age_group.shape)}"
             )
+        if unit_devices < 1:
+            raise PoolInputError(f"unit_devices must be >= 1, got {unit_devices}")
         self.config = config
         self.seed = seed
         self.keyring = keyring
@@ -231,22 +248,35 @@ class DevicePool:
         self._age_onehot = torch.nn.functional.one_hot(self.agents.age_group, len(AGE_GROUPS)).to(
             torch.float64
         )
-        # Random device ids: the servers' device identities carry nothing about the agent.
-        self.device_ids = [os.urandom(16) for _ in range(ids.numel())]
-        links = [connect(d) for d in self.device_ids]
+        # participant u hosts the agents at local positions bounds[u]:bounds[u + 1]
+        n = ids.numel()
+        self.unit_bounds = np.arange(0, n + unit_devices, unit_devices).clip(max=n)
+        self.unit_bounds = np.unique(self.unit_bounds)
+        self.unit_of = np.repeat(np.arange(len(self.unit_bounds) - 1), np.diff(self.unit_bounds))
+        links = [
+            connect(u, int(self.unit_bounds[u + 1] - self.unit_bounds[u]))
+            for u in range(self.n_units)
+        ]
         self._nbhd = [a for a, _ in links]
         self._aggr = [b for _, b in links]
         self.state: State | None = None
         self._theta: torch.Tensor | None = None
-        self._slots: list[list[bytes]] = []
+        self._slots: list[list[bytes] | None] = []
         self._beh: Behaviour | None = None
         self._y: torch.Tensor | None = None
         self._silent: dict[str, frozenset[int]] = {}
+        #: sum of the last update's y over all devices (a local diagnostic, never sent as such)
+        self.last_y: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
         """Number of devices (agents) in the pool."""
         return self.agents.n
+
+    @property
+    def n_units(self) -> int:
+        """Number of secure-sum participants the pool's devices are split into."""
+        return len(self.unit_bounds) - 1
 
     def local_index(self, agent_ids: np.ndarray) -> np.ndarray:
         """Positions in this pool of the given agent ids (all must belong to the pool)."""
@@ -259,8 +289,8 @@ class DevicePool:
     def set_dropouts(self, phase: str, devices: Sequence[int]) -> None:
         """Simulate devices (local indices) that go silent in ``phase`` from now on.
 
-        A silent device skips its post in that phase but keeps computing locally (its state
-        goes on), as a phone whose upload failed would.
+        A silent device contributes nothing in that phase but keeps computing locally (its
+        state goes on), as a phone whose upload failed would.
         """
         bad = [i for i in devices if not 0 <= i < self.n]
         if bad:
@@ -269,10 +299,25 @@ class DevicePool:
             raise PoolInputError(f"unknown phase {phase!r}")
         self._silent[phase] = frozenset(devices)
 
+    def _speaking(self, phase: str) -> np.ndarray:
+        """Boolean mask of the devices that contribute in ``phase``."""
+        mask = np.ones(self.n, dtype=bool)
+        silent = self._silent.get(phase, frozenset())
+        if silent:
+            mask[list(silent)] = False
+        return mask
+
     def begin(self, theta: torch.Tensor) -> None:
         """Start a run under the public θ (p,): every device draws its initial state."""
         self._theta = forward_theta(theta)
         self.state = initial_state(self.agents, self._theta, self.config, self.seed)
+        self._beh, self._y, self._slots = None, None, []
+
+    def restore(self, theta: torch.Tensor, state: State) -> None:
+        """Resume from a stored start-of-day ``state`` under θ (after a restart or a re-run)."""
+        self._theta = forward_theta(theta)
+        self.state = state
+        self._beh, self._y, self._slots = None, None, []
 
     def _require_theta(self) -> tuple[torch.Tensor, State]:
         if self._theta is None or self.state is None:
@@ -280,84 +325,127 @@ class DevicePool:
         return self._theta, self.state
 
     def register(self, spec: RoundSpec, day: int) -> None:
-        """Each device registers the pseudonym slots of the RPIs it advertises on ``day``."""
+        """Each participant registers the slots of its devices' RPIs advertised on ``day``."""
         k = self.world.advertising_intervals
         enins = self.world.first_interval(day) + np.arange(k, dtype=np.int64)
-        rpis = self.keyring.rpis(np.repeat(self._ids_np, k), np.tile(enins, self.n))
-        raw = rpis.tobytes()
-        self._slots = [
-            client.register(
-                spec.round_id, [raw[16 * j : 16 * j + 16] for j in range(i * k, i * k + k)]
+        raw = self.keyring.rpis(np.repeat(self._ids_np, k), np.tile(enins, self.n)).tobytes()
+        slots: list[list[bytes] | None] = []
+        for u, client in enumerate(self._nbhd):
+            lo, hi = int(self.unit_bounds[u]) * k, int(self.unit_bounds[u + 1]) * k
+            slots.append(
+                client.register(spec.round_id, [raw[16 * j : 16 * j + 16] for j in range(lo, hi)])
             )
-            for i, client in enumerate(self._nbhd)
-        ]
+        self._slots = slots
+
+    def prepare(self, day: int, theta: torch.Tensor) -> torch.Tensor:
+        """Adopt the round's public θ (p,) and compute the day's behaviour; returns every
+        device's message factor ``q`` (dual). A device that missed the messages step still
+        prepares, so it can update."""
+        _, state = self._require_theta()
+        self._theta = th = forward_theta(theta)
+        self._beh = behaviour(self.agents, state, self.config, self.seed, day)
+        return infectiousness(self.agents, state, self._beh, th, self.config, day).detach()
 
     def post_messages(self, spec: RoundSpec, day: int, theta: torch.Tensor) -> None:
-        """Each device posts ``message(q, w)`` to the slot of every RPI it heard on ``day``.
+        """Each participant posts its devices' ``message(q, w)`` to the slots of the RPIs they
+        heard on ``day``, summed per slot (one trust domain), padded to its fixed item count.
 
         ``theta`` is the round's public θ (p,); the devices adopt it for the day's update.
         """
-        _, state = self._require_theta()
-        self._theta = theta = forward_theta(theta)
-        beh = behaviour(self.agents, state, self.config, self.seed, day)
-        q = infectiousness(self.agents, state, beh, theta, self.config, day).detach()
-        self._beh = beh
+        q = self.prepare(day, theta)
         trace = traces_from_sightings(self.world.sightings(day, self._ids_np))
         local = self.local_index(trace.observer)
         values = message(q[torch.from_numpy(local)], torch.from_numpy(trace.weight)).numpy()
+        keep = self._speaking(MESSAGES_PHASE)[local]
+        local, values, rpis = local[keep], values[keep], trace.rpi[keep]
         phase = spec.phase(MESSAGES_PHASE)
-        counts = np.bincount(local, minlength=self.n)
-        if counts.max(initial=0) > phase.items_per_device:
-            raise TraceOverflow(
-                f"day {day}: a device heard {int(counts.max())} RPIs, more than the phase's "
-                f"items_per_device={phase.items_per_device}"
-            )
-        # One slot per distinct heard RPI (several devices hear the same beacon).
-        uniq, inverse = np.unique(trace.rpi, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
         key = self._nbhd[0].deployment.deployment_key
-        uslots = [pseudonym_slot(bytes(r), spec.round_id, key) for r in uniq]
-        order = np.argsort(local, kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        silent = self._silent.get(MESSAGES_PHASE, frozenset())
-        for i, client in enumerate(self._nbhd):
-            if i in silent:
-                continue
-            rows = order[bounds[i] : bounds[i + 1]]
-            client.post(
-                spec, MESSAGES_PHASE, [uslots[j] for j in inverse[rows].tolist()], values[rows]
-            )
+        unit = self.unit_of[local]
+        for u, client in enumerate(self._nbhd):
+            rows = np.flatnonzero(unit == u)
+            uniq, inverse = np.unique(rpis[rows], axis=0, return_inverse=True)
+            budget = phase.items_per_device * int(self.unit_bounds[u + 1] - self.unit_bounds[u])
+            if len(uniq) > budget:
+                raise TraceOverflow(
+                    f"day {day}: participant {u} heard {len(uniq)} distinct RPIs, more than its "
+                    f"budget of {budget} items (items_per_device={phase.items_per_device})"
+                )
+            summed = np.zeros((len(uniq), values.shape[1]), dtype=np.float64)
+            np.add.at(summed, inverse.reshape(-1), values[rows])
+            slots = [pseudonym_slot(bytes(r), spec.round_id, key) for r in uniq]
+            client.post(spec, MESSAGES_PHASE, slots, summed)
 
     def fetch_and_update(self, spec: RoundSpec, day: int) -> None:
-        """Each device fetches its slots' sums (its ``incoming``); then f for the whole pool."""
-        theta, state = self._require_theta()
-        if self._beh is None or not self._slots:
+        """Each participant fetches its slots' sums (its devices' ``incoming``); then f.
+
+        A participant that could not register this round has no sums: its devices' incoming
+        is zero (they heard of no exposure), as for a phone that was offline.
+        """
+        theta, _ = self._require_theta()
+        if self._beh is None:
             raise PoolStateError(f"day {day}: register and post messages before updating")
         width = theta.shape[-1]
+        k = self.world.advertising_intervals
         # Exact ring sums are added before decoding, so the sum over a device's slots is exact.
         ring = np.zeros((self.n, width), dtype=np.int64)
-        for i, client in enumerate(self._nbhd):
-            for slot in self._slots[i]:
-                ring[i] += client.fetch_ring(spec.round_id, MESSAGES_PHASE, slot)
-        codec = self._nbhd[0].codec
-        incoming = torch.from_numpy(codec.decode(ring))
+        for u, client in enumerate(self._nbhd):
+            slots = self._slots[u] if u < len(self._slots) else None
+            if not slots:
+                continue
+            sums = client.fetch_ring(spec.round_id, MESSAGES_PHASE, slots)
+            lo, hi = int(self.unit_bounds[u]), int(self.unit_bounds[u + 1])
+            ring[lo:hi] = sums.reshape(hi - lo, k, width).sum(axis=1)
+        incoming = torch.from_numpy(self._nbhd[0].codec.decode(ring))
+        self.apply_update(incoming, day)
+
+    def finish_day(self, spec: RoundSpec, day: int, theta: torch.Tensor) -> None:
+        """Make sure the day's update ran, whatever steps the pool missed: prepare if the
+        messages step was missed, fetch if registered (zero incoming if the sums cannot be had:
+        the pool dropped out of registration), then ``f``. A no-op once updated."""
+        if self._y is not None:
+            return
+        if self._beh is None:
+            self.prepare(day, theta)
+        try:
+            self.fetch_and_update(spec, day)
+        except SecureSumError as err:
+            log.warning("day %d: no neighbourhood sums (%s); updating with none", day, err)
+            width = self._require_theta()[0].shape[-1]
+            self.apply_update(torch.zeros(self.n, width, dtype=torch.float64), day)
+
+    def apply_update(self, incoming: torch.Tensor, day: int) -> None:
+        """``f`` for every device given its neighbourhood sums (n, 1 + p)."""
+        theta, state = self._require_theta()
+        if self._beh is None:
+            raise PoolStateError(f"day {day}: register and post messages before updating")
         out = update(self.agents, state, incoming, self._beh, theta, self.config, self.seed, day)
         self.state = out.state
         self._y = out.y.detach()
         self._beh = None
         self._slots = []
 
+    def observations(self) -> torch.Tensor:
+        """Per participant, its contributing devices' ``y_i`` summed: (units, 2·G·(1+p))."""
+        if self._y is None:
+            raise PoolStateError("no observations to post (update first)")
+        y = (
+            self._y
+            * torch.from_numpy(self._speaking(OBSERVATIONS_PHASE)).to(self._y.dtype)[:, None, None]
+        )
+        vec = torch.einsum("ng,nkw->nkgw", self._age_onehot, y).reshape(self.n, -1)
+        unit = torch.from_numpy(self.unit_of)
+        out = torch.zeros(self.n_units, vec.shape[1], dtype=vec.dtype)
+        return out.index_add_(0, unit, vec)
+
     def post_observations(self, spec: RoundSpec, day: int) -> None:
-        """Each device posts its ``y_i`` (2, G, 1+p) — nonzero only in its age group's column."""
+        """Each participant posts its devices' summed observations to ``global/day/<d>``."""
         if self._y is None:
             raise PoolStateError(f"day {day}: no observations to post (update first)")
-        y = self._y  # (n, 2, 1+p)
-        vec = torch.einsum("ng,nkw->nkgw", self._age_onehot, y).reshape(self.n, -1).numpy()
-        silent = self._silent.get(OBSERVATIONS_PHASE, frozenset())
+        per_unit = self.observations().numpy()
+        self.last_y = torch.from_numpy(per_unit.sum(0))
         name = aggregate_name(day)
-        for i, client in enumerate(self._aggr):
-            if i not in silent:
-                client.post(spec, OBSERVATIONS_PHASE, [name], vec[i : i + 1])
+        for u, client in enumerate(self._aggr):
+            client.post(spec, OBSERVATIONS_PHASE, [name], per_unit[u : u + 1])
         self._y = None
 
     def stage_counts(self) -> torch.Tensor:

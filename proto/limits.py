@@ -13,8 +13,10 @@ bytes: version, 8-byte key id, 32-byte ephemeral key, 16-byte tag):
 - shuffled: one outer envelope holding ``items`` sealed C-items of ``57 + 32 + 8 · dim`` bytes,
   plus ``items`` sealed A-items of ``57 + 48`` bytes each (each with a 4-byte length prefix).
 
-At the limits below (1,024 items of dim 64) a shuffled post is about 0.73 MB, a mailbox post
-about 0.54 MB: both fit ``MAX_PAYLOAD_BYTES`` (1 MiB) with headroom for the framing.
+A post comes from one secure-sum participant: a phone (one device) or a share of a device pool
+(up to ``device_agent.pool.UNIT_DEVICES`` = 256 devices, padded to ``devices × items_per_device``
+items). At the limits below (16,384 items of dim 64) a mailbox post is about 8.6 MB; a shuffled
+post of 16,384 items of dim 4 (the messages phase) about 3.8 MB: both fit ``MAX_PAYLOAD_BYTES``.
 """
 
 from __future__ import annotations
@@ -23,19 +25,19 @@ import enum
 
 _MiB = 1 << 20
 
-#: Most items one device may post in one phase (``PhaseSpec.items_per_device``). A day's
-#: contacts are padded to a fixed count; 1,024 distinct beacons heard in one day is far above
-#: any plausible contact count and keeps one post under ``MAX_PAYLOAD_BYTES``.
-MAX_ITEMS_PER_POST = 1024
+#: Most items one participant may post in one phase (``devices × items_per_device``): 256
+#: pooled devices × 64 distinct beacons a day each, and keeps one post under
+#: ``MAX_PAYLOAD_BYTES``.
+MAX_ITEMS_PER_POST = 16_384
 
 #: Most ring elements per item (``PhaseSpec.dim``): a value plus p ≲ 16 tangents per message,
 #: or a few observations × (1 + p) per aggregate item; 64 leaves room for either.
 MAX_DIM = 64
 
 #: Most bytes of one encoded secure-sum message carried in one ``payload`` field of a unary
-#: device RPC (one post, registration or fetch). 1 MiB holds the largest post the two limits
-#: above allow (≈ 0.73 MB, see the module docstring).
-MAX_PAYLOAD_BYTES = 1 * _MiB
+#: device RPC (one post, registration or fetch). 16 MiB holds the largest post the two limits
+#: above allow (≈ 8.6 MB, see the module docstring).
+MAX_PAYLOAD_BYTES = 16 * _MiB
 
 #: Most entries (devices' posts, registrations, or fetches) in one batched device RPC. Pools
 #: split larger batches; the byte limit below is the binding one for big posts.
@@ -44,14 +46,14 @@ MAX_ENTRIES_PER_BATCH = 4096
 #: Most slot ids in one directory page: 262,144 × 16 bytes = 4 MiB per page.
 MAX_DIRECTORY_PAGE_SLOTS = 1 << 18
 
-#: Most bytes of one device → coordinator request (server receive, device send). 16 MiB holds
-#: a batch of 16 worst-case posts, or many more typical ones (a shuffled post of 64 items of
-#: dim 17 is ≈ 22 kB, so ~750 devices per batch), and keeps one request's memory bounded at C.
-DEVICE_MAX_REQUEST_BYTES = 16 * _MiB
+#: Most bytes of one device → coordinator request (server receive, device send). 64 MiB holds
+#: a batch of a few worst-case posts, or many typical ones, and keeps one request's memory
+#: bounded at C.
+DEVICE_MAX_REQUEST_BYTES = 64 * _MiB
 
 #: Most bytes of one coordinator → device reply (server send, device receive): a full directory
 #: page (4 MiB) or a batch of fetch results, with headroom.
-DEVICE_MAX_RESPONSE_BYTES = 16 * _MiB
+DEVICE_MAX_RESPONSE_BYTES = 64 * _MiB
 
 #: Size of one fragment of a streamed coordinator ↔ aggregator payload (``common.Fragment``):
 #: small enough to interleave with other calls, large enough that per-message overhead is

@@ -7,10 +7,11 @@ state machines over byte messages. ``LEAKAGE.md`` states what each party learns 
 
 from .accumulator import BatchResult, PhaseState, ShareAccumulator, group_sum
 from .config import Deployment, Mode, PhaseSpec, RoundSpec, SlotKind
-from .envelope import KeyPair, box_open, box_seal, open_envelope, seal
+from .envelope import KeyPair, box_open, box_seal, derive_ephemeral, open_envelope, seal
 from .errors import (
     AgreementError,
     AlreadyFetched,
+    AlreadyRegistered,
     AuthenticationFailed,
     ConflictingSubmission,
     EncodingError,
@@ -35,6 +36,9 @@ from .errors import (
 )
 from .fixed_point import FixedPointCodec
 from .protocol import (
+    MAX_ITEMS_PER_POST,
+    MAX_SLOTS_PER_FETCH,
+    PARTICIPANT_SECRET_BYTES,
     AggregatorServer,
     CoordinatorServer,
     DeviceClient,
@@ -43,13 +47,25 @@ from .protocol import (
     PhaseReport,
     csprng_permutation,
 )
-from .sharing import expand_seed, expand_seeds, new_seed, reconstruct, split_rows, split_with_seed
+from .sharing import (
+    expand_seed,
+    expand_seed_runs,
+    expand_seeds,
+    new_seed,
+    reconstruct,
+    split_rows,
+    split_with_seed,
+)
 from .slots import SlotTable, aggregate_slot, pseudonym_slot, validate_aggregate_name
 
 __all__ = [
+    "MAX_ITEMS_PER_POST",
+    "MAX_SLOTS_PER_FETCH",
+    "PARTICIPANT_SECRET_BYTES",
     "AggregatorServer",
     "AgreementError",
     "AlreadyFetched",
+    "AlreadyRegistered",
     "AuthenticationFailed",
     "BatchResult",
     "ConflictingSubmission",
@@ -91,7 +107,9 @@ __all__ = [
     "box_open",
     "box_seal",
     "csprng_permutation",
+    "derive_ephemeral",
     "expand_seed",
+    "expand_seed_runs",
     "expand_seeds",
     "group_sum",
     "new_seed",

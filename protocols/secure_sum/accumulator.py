@@ -2,8 +2,9 @@
 
 Both servers use the same class. Contributions arrive in *units*, each with a 16-byte key:
 
-* mailbox/plaintext: one unit per device post, key ``H(device ‖ round ‖ phase)``; its rows are
-  the post's items ``(device, round, phase, item)`` in order, which travel together;
+* mailbox/plaintext: one unit per participant post, key ``H(participant ‖ round ‖ phase)``; its
+  rows are the post's items in order (``m × items_per_device`` of them for a participant hosting
+  ``m`` devices, so units of one batch may differ in size), which travel together;
 * shuffled: one unit per item, key = the item's random contribution id (the servers never learn
   the device, so the id stands in for ``(device, round, phase, item)``).
 
@@ -120,10 +121,10 @@ class ShareAccumulator:
         keys: npt.NDArray[np.void],
         slot_idx: npt.NDArray[np.int64],
         shares: npt.NDArray[np.int64],
+        sizes: npt.NDArray[np.int64],
     ) -> None:
-        """Store whole units of equal size (``len(slot_idx) // len(keys)`` rows each)."""
+        """Store whole units; unit ``i`` owns the next ``sizes[i]`` rows."""
         n_units, n = len(keys), len(slot_idx)
-        size = n // max(n_units, 1)
         u0, start = len(self._index), self._rows
         if start + n > len(self._slot):
             # amortized doubling: appending a batch copies only the batch
@@ -138,10 +139,10 @@ class ShareAccumulator:
             self._usize = _grow(self._usize, cap, u0)
         self._slot[start : start + n] = slot_idx
         self._share[start : start + n] = shares
-        self._rowunit[start : start + n] = np.repeat(np.arange(u0, u0 + n_units), size)
+        self._rowunit[start : start + n] = np.repeat(np.arange(u0, u0 + n_units), sizes)
         self._keys[u0 : u0 + n_units] = keys
-        self._ustart[u0 : u0 + n_units] = start + size * np.arange(n_units)
-        self._usize[u0 : u0 + n_units] = size
+        self._ustart[u0 : u0 + n_units] = start + _starts(sizes)
+        self._usize[u0 : u0 + n_units] = sizes
         # tolist() of a void array yields bytes objects without a Python-level loop
         self._index.update(zip(keys.tolist(), range(u0, u0 + n_units), strict=True))
         self._rows += n
@@ -150,20 +151,17 @@ class ShareAccumulator:
     def _stored_equal(
         self,
         units: npt.NDArray[np.int64],
+        sizes: npt.NDArray[np.int64],
+        starts: npt.NDArray[np.int64],
         slot_idx: npt.NDArray[np.int64],
         shares: npt.NDArray[np.int64],
     ) -> npt.NDArray[np.bool_]:
-        """Per unit: is the stored content of ``units[i]`` equal to batch unit ``i``?
-
-        ``slot_idx`` is ``(len(units), size)`` and ``shares`` ``(len(units), size, dim)``.
-        """
-        size = slot_idx.shape[1]
-        same = self._usize[units] == size
-        rows = self._ustart[units][:, None] + np.arange(size)
-        rows = np.where(same[:, None], rows, 0)  # a unit of another size never compares equal
-        same &= (self._slot[rows] == slot_idx).all(axis=1)
-        same &= (self._share[rows] == shares).all(axis=(1, 2))
-        return same
+        """Per ``i``: is stored unit ``units[i]`` equal to the batch unit of ``sizes[i]`` rows
+        starting at row ``starts[i]`` of ``slot_idx``/``shares``?"""
+        return _segments_equal(
+            (self._usize[units], self._ustart[units], self._slot, self._share),
+            (sizes, starts, slot_idx, shares),
+        )
 
     def submit(
         self, key: bytes, slot_idx: npt.NDArray[np.int64], shares: npt.NDArray[np.int64]
@@ -181,9 +179,11 @@ class ShareAccumulator:
         self._check_rows(slot_idx, shares)
         if len(key) != KEY_BYTES:
             raise WrongLength(f"unit key must be {KEY_BYTES} bytes, got {len(key)}")
+        size = np.array([len(slot_idx)], dtype=np.int64)
         unit = self._index.get(key)
         if unit is not None:
-            if self._stored_equal(np.array([unit]), slot_idx[None], shares[None])[0]:
+            at = np.zeros(1, dtype=np.int64)
+            if self._stored_equal(np.array([unit]), size, at, slot_idx, shares)[0]:
                 return False
             raise ConflictingSubmission(
                 "a submission with this (device, round, phase) key and different content was "
@@ -195,7 +195,7 @@ class ShareAccumulator:
                 f"slot #{int(np.argmax(over))} would exceed max_summands="
                 f"{self.codec.max_summands} (its sum could wrap around 2^64)"
             )
-        self._append(keys_from_bytes(key), slot_idx, shares)
+        self._append(keys_from_bytes(key), slot_idx, shares, size)
         return True
 
     @property
@@ -207,23 +207,25 @@ class ShareAccumulator:
         keys: bytes,
         slot_idx: npt.NDArray[np.int64],
         shares: npt.NDArray[np.int64],
+        sizes: npt.ArrayLike | None = None,
     ) -> BatchResult:
-        """Add a relayed batch of equal-sized units, vectorized; bad units are counted, not raised.
+        """Add a relayed batch of units, vectorized; bad units are counted, not raised.
 
-        ``keys`` is the concatenation of the units' 16-byte keys; unit ``i`` owns rows
-        ``i·size … (i+1)·size − 1``. A relayed batch must not be lost because one unit in it is
-        bad, so per unit:
+        ``keys`` is the concatenation of the units' 16-byte keys. Unit ``i`` owns the next
+        ``sizes[i]`` rows (each at least 1); without ``sizes`` the rows split into equal units.
+        A relayed batch must not be lost because one unit in it is bad, so per unit:
 
         * a key seen before (earlier batch or earlier in this batch) with identical content is a
           replay: ignored, counted in ``replayed``;
-        * a key that appears with *different* contents is refused everywhere it appears in this
-          batch (``conflicting``) — keeping "the first" would let the two servers, which see
-          different orders, keep different versions of one contribution;
+        * a key that appears with *different* contents (rows or row count) is refused everywhere
+          it appears in this batch (``conflicting``) — keeping "the first" would let the two
+          servers, which see different orders, keep different versions of one contribution;
         * units that would push a slot past ``max_summands`` are refused (``over_bound``) and the
           slot is marked overflowed: its sum is never released (:meth:`released_sums` raises).
 
         Raises:
-            WrongLength: malformed keys or shapes (the whole batch is refused, state unchanged).
+            WrongLength: malformed keys, sizes or shapes (the whole batch is refused, state
+                unchanged).
             PhaseClosed: the phase no longer accepts submissions.
         """
         self._check_rows(slot_idx, shares)
@@ -233,17 +235,29 @@ class ShareAccumulator:
             if len(slot_idx):
                 raise WrongLength(f"{len(slot_idx)} rows but no unit keys")
             return BatchResult(0, 0, 0, 0)
-        if len(slot_idx) % n_units:
-            raise WrongLength(f"{len(slot_idx)} rows do not split into {n_units} equal units")
-        size = len(slot_idx) // n_units
-        u_slot = slot_idx.reshape(n_units, size)
-        u_share = shares.reshape(n_units, size, self.dim)
+        if sizes is None:
+            if len(slot_idx) % n_units:
+                raise WrongLength(f"{len(slot_idx)} rows do not split into {n_units} equal units")
+            size = np.full(n_units, len(slot_idx) // n_units, dtype=np.int64)
+        else:
+            size = np.asarray(sizes, dtype=np.int64)
+            if size.shape != (n_units,) or (size < 1).any() or int(size.sum()) != len(slot_idx):
+                raise WrongLength(
+                    f"unit sizes must be {n_units} positive counts summing to the "
+                    f"{len(slot_idx)} rows"
+                )
+        start = _starts(size)
+        row_unit = np.repeat(np.arange(n_units), size)
         # duplicates inside the batch: compare every unit with the first of its key group
         uniq, first, inverse = np.unique(k, return_index=True, return_inverse=True)
         rep = first[inverse]
-        same_as_first = (u_slot == u_slot[rep]).all(axis=1) & (u_share == u_share[rep]).all(
-            axis=(1, 2)
-        )
+        same_as_first = np.ones(n_units, dtype=bool)
+        dup = np.flatnonzero(rep != np.arange(n_units))  # units that are not their group's first
+        if len(dup):
+            batch = (slot_idx, shares)
+            same_as_first[dup] = _segments_equal(
+                (size[dup], start[dup], *batch), (size[rep[dup]], start[rep[dup]], *batch)
+            )
         group_conflict = np.bincount(inverse, weights=~same_as_first, minlength=len(uniq)) > 0
         # keys accepted before: compare with the stored content
         stored = np.fromiter(
@@ -253,22 +267,27 @@ class ShareAccumulator:
         differs = np.zeros(len(uniq), dtype=bool)
         if seen.any():
             g = np.flatnonzero(seen)
-            differs[g] = ~self._stored_equal(stored[g], u_slot[first[g]], u_share[first[g]])
+            f = first[g]
+            differs[g] = ~self._stored_equal(stored[g], size[f], start[f], slot_idx, shares)
         group_conflict |= differs
-        candidate = ~seen & ~group_conflict  # new keys with one consistent content
+        candidate = np.zeros(n_units, dtype=bool)  # new keys with one consistent content
+        candidate[first[~seen & ~group_conflict]] = True
         # summand bound over everything this batch would add
-        cand_units = np.sort(first[candidate])  # keep batch order
-        add = np.bincount(u_slot[cand_units].ravel(), minlength=self.n_slots)
+        cand_rows = candidate[row_unit]
+        add = np.bincount(slot_idx[cand_rows], minlength=self.n_slots)
         over_slot = (add > 0) & (self._counts + add > self._max)
-        refused = over_slot[u_slot[cand_units]].any(axis=1)
+        refused = (
+            np.bincount(row_unit, weights=cand_rows & over_slot[slot_idx], minlength=n_units) > 0
+        )
         self._overflowed |= over_slot
-        accept = cand_units[~refused]
-        if len(accept):
-            self._append(k[accept], u_slot[accept].ravel(), u_share[accept].reshape(-1, self.dim))
+        accept = candidate & ~refused
+        if accept.any():
+            rows = accept[row_unit]  # batch order is kept
+            self._append(k[accept], slot_idx[rows], shares[rows], size[accept])
         group_size = np.bincount(inverse, minlength=len(uniq))
         conflicting = int(group_size[group_conflict].sum())
-        replayed = n_units - conflicting - len(cand_units)
-        return BatchResult(len(accept), replayed, conflicting, int(refused.sum()))
+        replayed = n_units - conflicting - int(candidate.sum())
+        return BatchResult(int(accept.sum()), replayed, conflicting, int(refused.sum()))
 
     def rows(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Copies of every stored (slot index, share) row: this server's whole view of shares."""
@@ -354,6 +373,34 @@ class ShareAccumulator:
                 f"{self.codec.max_summands} summands; their sums are withheld"
             )
         return sums[slots], counts[slots]
+
+
+def _starts(sizes: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """First row of each unit of a batch whose units have ``sizes`` rows (exclusive cumsum)."""
+    return np.cumsum(sizes) - sizes
+
+
+_Segments = tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]
+]
+
+
+def _segments_equal(a: _Segments, b: _Segments) -> npt.NDArray[np.bool_]:
+    """Pairwise equality of row segments, vectorized over the pairs.
+
+    Each side is ``(sizes, starts, slot_idx, shares)``: pair ``i`` compares the ``sizes[i]``
+    rows from ``starts[i]`` of one side with those of the other. Segments of different sizes
+    are unequal; rows are gathered only for pairs of equal size.
+    """
+    size_a, start_a, slot_a, share_a = a
+    size_b, start_b, slot_b, share_b = b
+    same = size_a == size_b
+    n_rows = np.where(same, size_a, 0)
+    pair = np.repeat(np.arange(len(n_rows)), n_rows)
+    offset = np.arange(int(n_rows.sum())) - np.repeat(_starts(n_rows), n_rows)
+    ra, rb = start_a[pair] + offset, start_b[pair] + offset
+    row_eq = (slot_a[ra] == slot_b[rb]) & (share_a[ra] == share_b[rb]).all(axis=1)
+    return same & (np.bincount(pair, weights=~row_eq, minlength=len(n_rows)) == 0)
 
 
 def _grow(a: npt.NDArray[T], cap: int, used: int) -> npt.NDArray[T]:

@@ -37,7 +37,8 @@ class PhaseSpec:
         dim: length of every contributed vector.
         kind: pseudonym or aggregate slots.
         items_per_device: the fixed number of items each device posts (padded with zero-valued
-            dummies), so per-device counts leak nothing.
+            dummies), so per-device counts leak nothing; a participant hosting ``m`` devices
+            posts ``m × items_per_device``.
         aggregate_slots: the named slots of an aggregate phase.
     """
 

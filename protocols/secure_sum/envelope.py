@@ -11,6 +11,11 @@ The key id lets ``open`` say "wrong recipient" instead of a bare authentication 
 is the same for every envelope to one server, so it reveals nothing but the recipient.
 A fresh ephemeral key per envelope means two envelopes from one sender cannot be linked.
 
+A participant that must be able to rebuild a request byte for byte after a crash seals with
+``ephemeral_seed`` (a secret it derives from its persisted secret): the ephemeral key is then a
+PRF of the seed and of everything the envelope encrypts (:func:`derive_ephemeral`), so the same
+request gives the same envelope and two different plaintexts never share an AEAD key and nonce.
+
 Symmetric boxes (``box_seal``/``box_open``) carry replies under a key the device sent inside a
 sealed envelope (the relay cannot read them).
 """
@@ -40,6 +45,9 @@ HEADER_BYTES = 1 + KEY_ID_BYTES + PUBLIC_KEY_BYTES
 OVERHEAD = HEADER_BYTES + TAG_BYTES
 _LABEL = b"decentsim/seal/v1"
 _BOX_LABEL = b"decentsim/box/v1"
+_EPHEMERAL_LABEL = b"decentsim/derived-ephemeral/v1"
+#: bytes of an ``ephemeral_seed`` (a 256-bit secret)
+EPHEMERAL_SEED_BYTES = 32
 
 
 def key_id(public_key: bytes) -> bytes:
@@ -99,9 +107,70 @@ def derive_key_nonce(
     return okm[:32], okm[32:]
 
 
-def seal(recipient_public: bytes, plaintext: bytes, info: bytes, aad: bytes = b"") -> bytes:
-    """Seal ``plaintext`` to ``recipient_public``; ``info`` and ``aad`` must match on open."""
-    return seal_with_ephemeral(X25519PrivateKey.generate(), recipient_public, plaintext, info, aad)
+def _length_prefixed(b: bytes) -> bytes:
+    return len(b).to_bytes(4, "big") + b
+
+
+def derive_ephemeral(
+    ephemeral_seed: bytes, recipient_public: bytes, plaintext: bytes, info: bytes, aad: bytes
+) -> X25519PrivateKey:
+    """The ephemeral key of a deterministic envelope.
+
+    ``HKDF-SHA256(ikm=seed, salt=label, info=label ‖ recipient ‖ len ‖ info ‖ SHA-256(aad) ‖
+    SHA-256(plaintext))``, 32 bytes, used as an X25519 scalar (clamped by X25519 itself).
+
+    Nonce safety: an envelope's AEAD key and nonce are a function of (ephemeral key, recipient,
+    ``info``) (:func:`derive_key_nonce`). Here the ephemeral key is a function of (seed,
+    recipient, ``info``, ``aad``, plaintext), so two envelopes can share an AEAD key and nonce
+    only if they share all of those — that is, only if they encrypt the same plaintext under the
+    same AAD, and then they are the same bytes (ChaCha20-Poly1305 is deterministic). No
+    keystream or Poly1305 key ever covers two different messages, except through a collision
+    of SHA-256 or HKDF outputs. With a secret seed the derived key is pseudorandom and never
+    seen by anyone, so envelopes stay unlinkable to each other and to the sender; what becomes
+    visible is only that two identical requests from one seed are identical.
+
+    Raises:
+        EnvelopeError: the seed is not :data:`EPHEMERAL_SEED_BYTES` long.
+    """
+    if len(ephemeral_seed) != EPHEMERAL_SEED_BYTES:
+        raise EnvelopeError(
+            f"ephemeral seed must be {EPHEMERAL_SEED_BYTES} bytes, got {len(ephemeral_seed)}"
+        )
+    context = b"".join(
+        (
+            _EPHEMERAL_LABEL,
+            _length_prefixed(recipient_public),
+            _length_prefixed(info),
+            hashlib.sha256(aad).digest(),
+            hashlib.sha256(plaintext).digest(),
+        )
+    )
+    scalar = hkdf_sha256(ephemeral_seed, _EPHEMERAL_LABEL, context, 32)
+    return X25519PrivateKey.from_private_bytes(scalar)
+
+
+def seal(
+    recipient_public: bytes,
+    plaintext: bytes,
+    info: bytes,
+    aad: bytes = b"",
+    ephemeral_seed: bytes | None = None,
+) -> bytes:
+    """Seal ``plaintext`` to ``recipient_public``; ``info`` and ``aad`` must match on open.
+
+    Without ``ephemeral_seed`` the ephemeral key is fresh from the OS CSPRNG. With it (a
+    32-byte secret known only to the sender), the envelope is deterministic: the same
+    (seed, recipient, plaintext, info, aad) always gives the same bytes, and anything else gives
+    an unrelated ephemeral key (see :func:`derive_ephemeral` for why that is nonce-safe).
+
+    Raises:
+        EnvelopeError: a malformed recipient key or seed.
+    """
+    if ephemeral_seed is None:
+        ephemeral = X25519PrivateKey.generate()
+    else:
+        ephemeral = derive_ephemeral(ephemeral_seed, recipient_public, plaintext, info, aad)
+    return seal_with_ephemeral(ephemeral, recipient_public, plaintext, info, aad)
 
 
 def seal_with_ephemeral(
@@ -113,8 +182,9 @@ def seal_with_ephemeral(
 ) -> bytes:
     """:func:`seal` with a caller-chosen ephemeral key — for test vectors only.
 
-    Reusing an ephemeral key would link envelopes and repeat an AEAD key; production code
-    calls :func:`seal`, which draws a fresh one per envelope.
+    Reusing an ephemeral key for different plaintexts would link envelopes and repeat an AEAD
+    key; production code calls :func:`seal`, which draws a fresh one per envelope or derives
+    one from the sender's secret and the whole plaintext.
     """
     if len(recipient_public) != PUBLIC_KEY_BYTES:
         raise EnvelopeError(

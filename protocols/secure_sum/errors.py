@@ -63,12 +63,16 @@ class SlotAlreadyRegistered(RegistrationError):
     """Another registration already owns this pseudonym slot."""
 
 
+class AlreadyRegistered(RegistrationError):
+    """The participant already registered a different slot list in this round (once per round)."""
+
+
 class NotRegistrant(RegistrationError):
     """A fetch of a slot by someone other than its registrant (forged or mistaken)."""
 
 
 class AlreadyFetched(RegistrationError):
-    """The registrant already fetched this slot's sum from this server."""
+    """The registrant already fetched this phase's sums with a different request."""
 
 
 class PhaseError(SecureSumError):

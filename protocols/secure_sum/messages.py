@@ -4,6 +4,11 @@ Every message is ``b"DS" ‖ version (u8) ‖ type (u8) ‖ fields`` with big-en
 ``bytes`` fields are u32-length-prefixed, ``str`` fields u16-length-prefixed UTF-8, and
 ``list[bytes]`` fields a u32 count followed by length-prefixed items. The same classes travel
 over the in-memory transport and over any later transport (gRPC carries the bytes).
+
+Counts are per *participant*: a participant (one 16-byte id) hosts ``m ≥ 1`` devices and its
+post carries ``m × items_per_device`` items; a fetch names ``n ≥ 1`` of its registered slots.
+Version 2 (this one) introduced both, with the slot-list-bound fetch proof; version 1 peers are
+refused at the header.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from typing import ClassVar, TypeVar
 from .errors import MessageError
 
 MAGIC = b"DS"
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 _INT = {"u8": ">B", "u16": ">H", "u32": ">I", "u64": ">Q"}
-#: refuse absurd sizes before allocating (64 MiB per field)
-MAX_FIELD = 64 << 20
+#: most bytes (or list items) in one field: a large pool's post or fetch reply is one field, and
+#: no transport carries a message above 2 GiB − 1 (protobuf's ceiling). A declared length is
+#: checked against the bytes actually present before anything is copied, so this bounds work,
+#: not allocation.
+MAX_FIELD = (1 << 31) - 1
 
 M = TypeVar("M", bound="Message")
 _REGISTRY: dict[int, type[Message]] = {}
@@ -40,7 +48,9 @@ class _Reader:
         self.pos = 0
 
     def take(self, n: int, what: str) -> bytes:
-        if n > MAX_FIELD or self.pos + n > len(self.raw):
+        if n > MAX_FIELD:
+            raise MessageError(f"field {what} declares {n} bytes, above the {MAX_FIELD}-byte limit")
+        if self.pos + n > len(self.raw):
             raise MessageError(f"message truncated while reading {what} ({n} bytes)")
         out = bytes(self.raw[self.pos : self.pos + n])
         self.pos += n
@@ -134,7 +144,11 @@ def decode(raw: bytes) -> Message:
 # -- device → coordinator --------------------------------------------------------------------
 @dataclass(frozen=True)
 class RegisterRequest(Message):
-    """Register pseudonym slots; ``sealed_for_a`` carries the fetch secret to A."""
+    """Register a participant's pseudonym slots (all its devices' beacons, once per round).
+
+    ``sealed_for_a`` carries the fetch secret to A. Resending the identical request is answered
+    with the stored reply; a different one from the same participant in the round is refused.
+    """
 
     TYPE: ClassVar[int] = 1
     LAYOUT: ClassVar[tuple[str, ...]] = ("bytes", "u64", "bytes", "bytes")
@@ -175,7 +189,9 @@ class DirectoryResponse(Message):
 class MailboxPost(Message):
     """Mailbox/plaintext post: slots and C-shares in the clear (to C), the A-share's seed sealed.
 
-    In plaintext mode ``share_c`` holds the raw encoded values and ``sealed_for_a`` is empty.
+    ``slot_ids`` holds ``n = m × items_per_device`` ids (``m`` = devices the participant hosts),
+    ``share_c`` ``n × dim`` int64 words masked by one PRG stream. In plaintext mode ``share_c``
+    holds the raw encoded values and ``sealed_for_a`` is empty.
     """
 
     TYPE: ClassVar[int] = 5
@@ -191,7 +207,11 @@ class MailboxPost(Message):
 
 @dataclass(frozen=True)
 class ShuffledPost(Message):
-    """Shuffled post: the C-bound items inside one envelope to A, the A-bound items sealed."""
+    """Shuffled post: the C-bound items inside one envelope to A, the A-bound items sealed.
+
+    ``n = m × items_per_device`` items: ``outer_for_a`` seals the ``n`` C-items, ``items_for_a``
+    lists the ``n`` A-items.
+    """
 
     TYPE: ClassVar[int] = 6
     LAYOUT: ClassVar[tuple[str, ...]] = ("bytes", "u64", "str", "bytes", "blist")
@@ -213,20 +233,29 @@ class PostReceipt(Message):
 
 @dataclass(frozen=True)
 class FetchRequest(Message):
-    """Fetch a registered pseudonym slot's sum; ``sealed_for_a`` proves the fetch secret."""
+    """Fetch the sums of ``n`` of the participant's registered slots in one phase.
+
+    ``slot_ids`` is ``n × 16`` bytes (``1 ≤ n ≤ MAX_SLOTS_PER_FETCH``); ``sealed_for_a`` carries
+    the proof of the fetch secret, bound to the whole list. One fetch per (participant, round,
+    phase): the identical request is answered again, any other is refused.
+    """
 
     TYPE: ClassVar[int] = 8
     LAYOUT: ClassVar[tuple[str, ...]] = ("bytes", "u64", "str", "bytes", "bytes")
     device_id: bytes
     round_id: int
     phase: str
-    slot_id: bytes
+    slot_ids: bytes  # concatenated 16-byte ids
     sealed_for_a: bytes
 
 
 @dataclass(frozen=True)
 class FetchResponse(Message):
-    """C's share sum in the clear (to the registrant) and A's boxed under the fetch secret."""
+    """C's share sums in the clear (to the registrant) and A's boxed under the fetch secret.
+
+    ``share_sum_c`` is ``n × dim`` little-endian int64 (slots in request order); the box holds
+    A's ``n × dim`` sums in the same layout.
+    """
 
     TYPE: ClassVar[int] = 9
     LAYOUT: ClassVar[tuple[str, ...]] = ("bytes", "bytes")
@@ -269,7 +298,7 @@ class CloseRegistration(Message):
 
 @dataclass(frozen=True)
 class RelayMailbox(Message):
-    """All A-parts of a mailbox/plaintext phase, one entry per device post."""
+    """All A-parts of a mailbox/plaintext phase, one entry per participant post (lengths vary)."""
 
     TYPE: ClassVar[int] = 23
     LAYOUT: ClassVar[tuple[str, ...]] = ("u64", "str", "blist", "blist", "blist")
@@ -382,20 +411,20 @@ class AggregateShares(Message):
 
 @dataclass(frozen=True)
 class RelayFetch(Message):
-    """A device's fetch relayed to A."""
+    """A participant's fetch relayed to A (the same fields as its :class:`FetchRequest`)."""
 
     TYPE: ClassVar[int] = 33
     LAYOUT: ClassVar[tuple[str, ...]] = ("bytes", "u64", "str", "bytes", "bytes")
     device_id: bytes
     round_id: int
     phase: str
-    slot_id: bytes
+    slot_ids: bytes  # concatenated 16-byte ids
     sealed_for_a: bytes
 
 
 @dataclass(frozen=True)
 class FetchReply(Message):
-    """A's share sum boxed under the registrant's fetch secret."""
+    """A's ``n × dim`` share sums boxed under the registrant's fetch secret."""
 
     TYPE: ClassVar[int] = 34
     LAYOUT: ClassVar[tuple[str, ...]] = ("bytes",)

@@ -8,6 +8,13 @@ a gRPC adapter wires the same objects over the network.
 Round lifecycle (per server): ``open_round`` → registrations → ``close_registration`` →
 posts per phase → ``close_phase`` (relays, surviving-set agreement) → releases (registrants
 fetch pseudonym sums; C opens aggregate sums). See ``LEAKAGE.md`` for what each mode reveals.
+
+A *participant* is one 16-byte id: a phone (a pool of one device) or a process hosting ``m``
+devices, which registers, posts ``m × items_per_device`` items and fetches as one party. Every
+write is idempotent per (participant, round[, phase]): the identical request is answered again
+(a replay), a different one is refused. A participant holding a persisted secret
+(``DeviceClient(secret=...)``) derives every random choice of a request from it, so after a
+crash it rebuilds the same request byte for byte and the servers see a replay.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import numpy.typing as npt
 from . import errors
 from .accumulator import KEY_BYTES, ShareAccumulator, key_set_digest, keys_from_bytes
 from .config import Deployment, Mode, PhaseSpec, RoundSpec, SlotKind
-from .envelope import OVERHEAD, KeyPair, box_open, box_seal, open_envelope, seal
+from .envelope import OVERHEAD, KeyPair, box_open, box_seal, hkdf_sha256, open_envelope, seal
 from .errors import (
     AgreementError,
     ConflictingSubmission,
@@ -69,7 +76,15 @@ from .messages import (
     SurvivingSet,
     decode,
 )
-from .sharing import SEED_BYTES, expand_seeds, new_seed, split_rows, split_with_seed
+from .sharing import (
+    PRG_IV,
+    SEED_BYTES,
+    aes_ctr_keystream,
+    expand_seed_runs,
+    expand_seeds,
+    split_rows,
+    split_with_seed,
+)
 from .slots import (
     DEVICE_ID_BYTES,
     SLOT_ID_BYTES,
@@ -88,11 +103,19 @@ INFO_MAILBOX = b"decentsim/v1/mailbox-seed"
 INFO_OUTER = b"decentsim/v1/shuffled-outer"
 INFO_ITEM_C = b"decentsim/v1/item-for-c"
 INFO_ITEM_A = b"decentsim/v1/item-for-a"
-INFO_FETCH = b"decentsim/v1/fetch"
-INFO_FETCH_REPLY = b"decentsim/v1/fetch-reply"
+INFO_FETCH = b"decentsim/v2/fetch"
+INFO_FETCH_REPLY = b"decentsim/v2/fetch-reply"
 SECRET_BYTES = 32
+#: bytes of a participant's persisted secret (``DeviceClient(secret=...)``)
+PARTICIPANT_SECRET_BYTES = 32
 CID_BYTES = 16
 _DIGEST = 32
+#: most items in one post (a participant hosting m devices posts m × items_per_device)
+MAX_ITEMS_PER_POST = 2**22
+#: most slots in one fetch request
+MAX_SLOTS_PER_FETCH = 2**22
+_DERIVE_LABEL = b"decentsim/participant-derive/v1"
+_REQUEST_LABEL = b"decentsim/request-digest/v1"
 
 #: a permutation source: n -> a uniformly random permutation of range(n)
 Permutation = Callable[[int], npt.NDArray[np.int64]]
@@ -142,15 +165,65 @@ def phase_aad(round_id: int, phase: str) -> bytes:
     return round_id.to_bytes(8, "big") + phase.encode()
 
 
-def fetch_aad(device_id: bytes, round_id: int, phase: str, slot_id: bytes) -> bytes:
-    """AAD of a fetch request."""
-    return post_header(device_id, round_id, phase) + slot_id
+def _slot_list_digest(slot_ids: bytes) -> bytes:
+    """Count (u32) and SHA-256 of a concatenated slot list: binds the whole list, fixed size."""
+    n = len(slot_ids) // SLOT_ID_BYTES
+    return n.to_bytes(4, "big") + hashlib.sha256(b"decentsim/slot-list/v1" + slot_ids).digest()
 
 
-def fetch_tag(secret: bytes, round_id: int, phase: str, slot_id: bytes) -> bytes:
-    """The registrant's proof of its fetch secret (only it and A hold the secret)."""
-    msg = b"decentsim/fetch/v1" + phase_aad(round_id, phase) + b"\x00" + slot_id
+def fetch_aad(device_id: bytes, round_id: int, phase: str, slot_ids: bytes) -> bytes:
+    """AAD of a fetch request and of A's reply box: participant, round, phase, slot list."""
+    return post_header(device_id, round_id, phase) + _slot_list_digest(slot_ids)
+
+
+def fetch_tag(secret: bytes, round_id: int, phase: str, slot_ids: bytes) -> bytes:
+    """The registrant's proof of its fetch secret (only it and A hold the secret), bound to the
+    whole slot list (a fixed-size suffix, so the variable-length phase name is unambiguous)."""
+    msg = b"decentsim/fetch/v2" + phase_aad(round_id, phase) + _slot_list_digest(slot_ids)
     return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def request_digest(msg: Message) -> bytes:
+    """SHA-256 of a request's canonical bytes: what servers compare to recognise a replay."""
+    return hashlib.sha256(_REQUEST_LABEL + msg.to_bytes()).digest()
+
+
+def valid_item_count(n_items: int, items_per_device: int) -> bool:
+    """Whether a post of ``n_items`` items is ``m × items_per_device`` for some ``m ≥ 1`` and
+    within :data:`MAX_ITEMS_PER_POST`."""
+    return 1 <= n_items <= MAX_ITEMS_PER_POST and n_items % items_per_device == 0
+
+
+def check_item_count(n_items: int, items_per_device: int, phase: str) -> None:
+    """Refuse a post whose item count is not a positive multiple of ``items_per_device`` (one
+    block per device the participant hosts) or exceeds :data:`MAX_ITEMS_PER_POST`.
+
+    Raises:
+        WrongLength: naming the count and the rule it breaks.
+    """
+    if n_items > MAX_ITEMS_PER_POST:
+        raise WrongLength(
+            f"post has {n_items} items, more than MAX_ITEMS_PER_POST={MAX_ITEMS_PER_POST}"
+        )
+    if n_items < 1 or n_items % items_per_device:
+        raise WrongLength(
+            f"phase {phase!r} takes m × items_per_device={items_per_device} items per post "
+            f"(m ≥ 1 devices), post has {n_items}"
+        )
+
+
+def fetch_slot_matrix(slot_ids: bytes) -> npt.NDArray[np.uint8]:
+    """The ``(n, 16)`` slot ids of a fetch, ``1 ≤ n ≤`` :data:`MAX_SLOTS_PER_FETCH`.
+
+    Raises:
+        WrongLength: not whole ids, empty, or too many.
+    """
+    ids = as_id_matrix(slot_ids)
+    if not 1 <= len(ids) <= MAX_SLOTS_PER_FETCH:
+        raise WrongLength(
+            f"a fetch names 1..{MAX_SLOTS_PER_FETCH} slots (MAX_SLOTS_PER_FETCH), got {len(ids)}"
+        )
+    return ids
 
 
 def spec_digest(spec: RoundSpec) -> bytes:
@@ -306,9 +379,14 @@ class AggregatorServer(_Server):
 
     def _on_register(self, m: RelayRegister) -> Message:
         rnd = self._round(m.round_id)
+        _check_device_id(m.device_id)
+        digest_m = request_digest(m)
+        # a relay retried after a lost reply: answer it again (state unchanged)
+        cached = rnd.registry.replay(m.device_id, digest_m)
+        if cached is not None:
+            return RegisterResponse.from_bytes(cached)
         if not rnd.registration_open:
             raise PhaseClosed(f"round {m.round_id}: registration is closed")
-        _check_device_id(m.device_id)
         aad = post_header(m.device_id, m.round_id, "")
         inner = open_envelope(self.keypair, m.sealed_for_a, INFO_REGISTER, aad)
         if len(inner) != SECRET_BYTES + _DIGEST:
@@ -317,8 +395,10 @@ class AggregatorServer(_Server):
         if not hmac.compare_digest(digest, hashlib.sha256(m.slot_ids).digest()):
             raise NotRegistrant("relayed slot list differs from the one the device sealed")
         slots = [bytes(r) for r in as_id_matrix(m.slot_ids)]
-        rnd.registry.register(m.device_id, slots, secret)
-        return RegisterResponse(box_seal(secret, b"registered" + digest, INFO_REGISTER_ACK, aad))
+        rnd.registry.check_new(m.device_id, slots)
+        reply = RegisterResponse(box_seal(secret, b"registered" + digest, INFO_REGISTER_ACK, aad))
+        rnd.registry.register(m.device_id, slots, digest_m, reply.to_bytes(), secret)
+        return reply
 
     def _on_close_registration(self, m: CloseRegistration) -> Message:
         rnd = self._round(m.round_id)
@@ -337,14 +417,18 @@ class AggregatorServer(_Server):
         if not len(m.device_ids) == len(m.slot_ids) == len(m.sealed_for_a):
             raise MessageError("relay lists have different lengths")
         k, plaintext = p.items_per_device, self.deployment.mode is Mode.PLAINTEXT
-        # one public-key open per post is inherent; everything after it is batched
-        ok = np.zeros(len(m.device_ids), dtype=bool)
+        # one public-key open per post is inherent; everything after it is batched over items
+        n_posts = len(m.device_ids)
+        ok = np.zeros(n_posts, dtype=bool)
+        sizes = np.zeros(n_posts, dtype=np.int64)  # items per post: m × k, m may vary by post
         seeds: list[bytes] = []
         for i, (device, slot_ids, sealed) in enumerate(
             zip(m.device_ids, m.slot_ids, m.sealed_for_a, strict=True)
         ):
-            if len(device) != DEVICE_ID_BYTES or len(slot_ids) != k * SLOT_ID_BYTES:
+            n_items, rest = divmod(len(slot_ids), SLOT_ID_BYTES)
+            if len(device) != DEVICE_ID_BYTES or rest or not valid_item_count(n_items, k):
                 continue
+            sizes[i] = n_items
             if plaintext:
                 ok[i] = True
                 continue
@@ -361,19 +445,23 @@ class AggregatorServer(_Server):
                 ok[i] = True
                 seeds.append(inner[:SEED_BYTES])
         good = np.flatnonzero(ok)
+        good_sizes = sizes[good]
         ids = as_id_matrix(b"".join([m.slot_ids[i] for i in good.tolist()]))
         slot_idx, known = table.find(ids)
-        unit_known = known.reshape(-1, k).all(axis=1)
+        row_post = np.repeat(np.arange(len(good)), good_sizes)
+        post_known = np.bincount(row_post, weights=~known, minlength=len(good)) == 0
         if plaintext:
-            shares = np.zeros((len(good) * k, p.dim), dtype=np.int64)
+            shares = np.zeros((len(ids), p.dim), dtype=np.int64)
         else:
-            shares = expand_seeds(seeds, k * p.dim).reshape(-1, p.dim)
-        use = np.repeat(unit_known, k)
+            # each post's seed expands to its own length; one buffer for the whole relay
+            runs = (good_sizes * p.dim).tolist()
+            shares = expand_seed_runs(seeds, runs).reshape(-1, p.dim)
+        use = post_known[row_post]
         keys = b"".join(
-            [unit_key(m.device_ids[i], m.round_id, m.phase) for i in good[unit_known].tolist()]
+            [unit_key(m.device_ids[i], m.round_id, m.phase) for i in good[post_known].tolist()]
         )
-        res = acc.submit_many(keys, slot_idx[use], shares[use])
-        rejected = len(m.device_ids) - int(unit_known.sum()) + res.conflicting + res.over_bound
+        res = acc.submit_many(keys, slot_idx[use], shares[use], good_sizes[post_known])
+        rejected = n_posts - int(post_known.sum()) + res.conflicting + res.over_bound
         return RelayReceipt(res.accepted, res.replayed, rejected)
 
     def _on_shuffled(self, m: RelayShuffled) -> Message:
@@ -396,7 +484,8 @@ class AggregatorServer(_Server):
                 rejected += 1
                 log.info("aggregator dropped an outer envelope: %s", type(err).__name__)
                 continue
-            if len(blob) != k * size_c:
+            n_items, rest = divmod(len(blob), size_c)
+            if rest or not valid_item_count(n_items, k):
                 rejected += 1
                 continue
             blobs.append(blob)
@@ -452,20 +541,26 @@ class AggregatorServer(_Server):
         rnd = self._round(m.round_id)
         if rnd.phase(m.phase).kind is not SlotKind.PSEUDONYM:
             raise RegistrationError(f"phase {m.phase!r} has no pseudonym slots to fetch")
+        ids = fetch_slot_matrix(m.slot_ids)
         acc = self._accumulator(rnd, m.phase)
         acc.sums()  # nothing is released before agreement
-        reg = rnd.registry.authorize_fetch(m.device_id, m.slot_id, m.phase)
-        aad = fetch_aad(m.device_id, m.round_id, m.phase, m.slot_id)
+        reg, idx = rnd.registry.authorize_fetch(m.device_id, ids)
+        digest = request_digest(m)
+        cached = rnd.registry.cached_fetch(reg, m.phase, digest)
+        if cached is not None:  # C retried after losing the reply: the same bytes again
+            return FetchReply.from_bytes(cached)
+        aad = fetch_aad(m.device_id, m.round_id, m.phase, m.slot_ids)
         tag = open_envelope(self.keypair, m.sealed_for_a, INFO_FETCH, aad)
         assert reg.fetch_secret is not None
         if not hmac.compare_digest(
-            tag, fetch_tag(reg.fetch_secret, m.round_id, m.phase, m.slot_id)
+            tag, fetch_tag(reg.fetch_secret, m.round_id, m.phase, m.slot_ids)
         ):
             raise NotRegistrant("fetch proof does not match the registrant's secret")
-        rows, _ = acc.released_sums(np.array([rnd.registry.table.index(m.slot_id)]))
-        box = box_seal(reg.fetch_secret, rows[0].astype("<i8").tobytes(), INFO_FETCH_REPLY, aad)
-        reg.fetched.add(m.phase)
-        return FetchReply(box)
+        rows, _ = acc.released_sums(idx)
+        box = box_seal(reg.fetch_secret, rows.astype("<i8").tobytes(), INFO_FETCH_REPLY, aad)
+        reply = FetchReply(box)
+        rnd.registry.record_fetch(reg, m.phase, digest, reply.to_bytes())
+        return reply
 
     _handlers: dict[type, Callable[[AggregatorServer, Message], Message]] = {  # noqa: RUF012
         OpenRound: _on_open_round,
@@ -559,9 +654,10 @@ class CoordinatorServer(_Server):
         rnd.registration_open = False
 
     def exclude_device(self, round_id: int, phase: str, device_id: bytes) -> bool:
-        """Drop a device's post before the phase closes (e.g. it broke the deadline).
+        """Drop a participant's post before the phase closes (e.g. it broke the deadline).
 
-        Its A-part is never relayed, so the surviving set excludes it at both servers.
+        Its A-part is never relayed, so the surviving set excludes it at both servers (for a
+        pool: all its devices' items).
         Returns whether a post was dropped.
         """
         rnd = self._round(round_id)
@@ -678,7 +774,11 @@ class CoordinatorServer(_Server):
 
     # -- device-facing ----------------------------------------------------------------------
     def handle_device(self, raw: bytes, peer: bytes) -> bytes:
-        """Serve one device request. ``peer`` is the device id the transport authenticated.
+        """Serve one participant request. ``peer`` is the participant id (``device_id``) the
+        transport authenticated.
+
+        Writes are idempotent: an identical registration, post or fetch is answered again
+        (receipt ``fresh=0`` for a post, the stored reply otherwise) without changing state.
 
         Raises:
             SecureSumError: a specific subclass for every refusal; state is unchanged.
@@ -701,16 +801,22 @@ class CoordinatorServer(_Server):
 
     def _register(self, m: RegisterRequest) -> Message:
         rnd = self._round(m.round_id)
+        _check_device_id(m.device_id)
+        digest = request_digest(m)
+        # an identical resend (lost reply, restarted participant) gets the stored reply, without
+        # a relay, even after registration closed: it changes nothing and reveals nothing new
+        cached = rnd.registry.replay(m.device_id, digest)
+        if cached is not None:
+            return RegisterResponse.from_bytes(cached)
         if not rnd.registration_open:
             raise PhaseClosed(f"round {m.round_id}: registration is closed")
-        _check_device_id(m.device_id)
         slots = [bytes(r) for r in as_id_matrix(m.slot_ids)]
-        rnd.registry.table.check_new(slots)
+        rnd.registry.check_new(m.device_id, slots)
         # A registers first: if it refuses, C's registry is untouched
         resp = self._ask(
             RelayRegister(m.device_id, m.round_id, m.slot_ids, m.sealed_for_a), RegisterResponse
         )
-        rnd.registry.register(m.device_id, slots)
+        rnd.registry.register(m.device_id, slots, digest, resp.to_bytes())
         return resp
 
     def _directory(self, m: DirectoryRequest) -> Message:
@@ -731,15 +837,11 @@ class CoordinatorServer(_Server):
         if m.dim != p.dim:
             raise WrongLength(f"phase {m.phase!r} has dim {p.dim}, post has {m.dim}")
         ids = as_id_matrix(m.slot_ids)
-        if len(ids) != p.items_per_device:
+        n_items = len(ids)
+        check_item_count(n_items, p.items_per_device, m.phase)
+        if len(m.share_c) != 8 * n_items * p.dim:
             raise WrongLength(
-                f"phase {m.phase!r} takes exactly {p.items_per_device} items per device, "
-                f"post has {len(ids)}"
-            )
-        if len(m.share_c) != 8 * p.items_per_device * p.dim:
-            raise WrongLength(
-                f"share block is {len(m.share_c)} bytes; expected {p.items_per_device} × {p.dim} "
-                "int64"
+                f"share block is {len(m.share_c)} bytes; expected {n_items} × {p.dim} int64"
             )
         plaintext = self.deployment.mode is Mode.PLAINTEXT
         if plaintext == bool(m.sealed_for_a):
@@ -760,15 +862,14 @@ class CoordinatorServer(_Server):
         _check_device_id(m.device_id)
         p = rnd.phase(m.phase)
         rnd.table(m.phase)  # pseudonym phases need the directory frozen before posts
-        k = p.items_per_device
-        if len(m.items_for_a) != k or any(len(e) != ITEM_A_BYTES for e in m.items_for_a):
-            raise WrongLength(
-                f"phase {m.phase!r} takes exactly {k} A-items of {ITEM_A_BYTES} bytes"
-            )
-        if len(m.outer_for_a) != OVERHEAD + k * item_c_bytes(p.dim):
+        n_items = len(m.items_for_a)
+        check_item_count(n_items, p.items_per_device, m.phase)
+        if any(len(e) != ITEM_A_BYTES for e in m.items_for_a):
+            raise WrongLength(f"every A-item must be {ITEM_A_BYTES} bytes")
+        if len(m.outer_for_a) != OVERHEAD + n_items * item_c_bytes(p.dim):
             raise WrongLength(
                 f"outer envelope is {len(m.outer_for_a)} bytes; expected "
-                f"{OVERHEAD + k * item_c_bytes(p.dim)} for {k} items of dim {p.dim}"
+                f"{OVERHEAD + n_items * item_c_bytes(p.dim)} for {n_items} items of dim {p.dim}"
             )
         key = unit_key(m.device_id, m.round_id, m.phase)
         entry = (m.device_id, m.outer_for_a, m.items_for_a)
@@ -787,20 +888,110 @@ class CoordinatorServer(_Server):
         p = rnd.phase(m.phase)
         if p.kind is not SlotKind.PSEUDONYM:
             raise RegistrationError(f"phase {m.phase!r} has no pseudonym slots to fetch")
+        ids = fetch_slot_matrix(m.slot_ids)
         acc = self._accumulator(rnd, m.phase)
         acc.sums()  # nothing is released before agreement
-        reg = rnd.registry.authorize_fetch(m.device_id, m.slot_id, m.phase)
-        rows, _ = acc.released_sums(np.array([rnd.registry.table.index(m.slot_id)]))
+        reg, idx = rnd.registry.authorize_fetch(m.device_id, ids)
+        digest = request_digest(m)
+        cached = rnd.registry.cached_fetch(reg, m.phase, digest)
+        if cached is not None:  # a retry of the answered request: the same bytes, nothing new
+            return FetchResponse.from_bytes(cached)
+        rows, _ = acc.released_sums(idx)
         reply = self._ask(
-            RelayFetch(m.device_id, m.round_id, m.phase, m.slot_id, m.sealed_for_a), FetchReply
+            RelayFetch(m.device_id, m.round_id, m.phase, m.slot_ids, m.sealed_for_a), FetchReply
         )
         assert isinstance(reply, FetchReply)
-        reg.fetched.add(m.phase)  # only once A has answered: a refused fetch changes nothing
-        return FetchResponse(rows[0].astype("<i8").tobytes(), reply.box)
+        resp = FetchResponse(rows.astype("<i8").tobytes(), reply.box)
+        # recorded only once A has answered: a refused fetch changes nothing
+        rnd.registry.record_fetch(reg, m.phase, digest, resp.to_bytes())
+        return resp
+
+
+def _length_prefixed(b: bytes) -> bytes:
+    return len(b).to_bytes(4, "big") + b
+
+
+class _Choices:
+    """The random choices of one request: fresh, or derived from the participant's secret.
+
+    Without a secret every choice is fresh from the OS CSPRNG (and every envelope gets a fresh
+    ephemeral key). With one, a request key is derived first::
+
+        K = HKDF-SHA256(ikm=secret, salt=label, info=label ‖ C's key ‖ A's key ‖ participant ‖
+                        round ‖ phase ‖ purpose ‖ SHA-256(content), 32)
+
+    where ``content`` is everything the request says (its values and slots), and then each choice
+    from ``K``, domain-separated by what it is for and its index: byte strings as the AES-128-CTR
+    stream of ``HKDF(K, "bytes" ‖ what)``, envelope ephemerals through
+    :func:`~.envelope.derive_ephemeral` with seed ``HKDF(K, "ephemeral" ‖ what ‖ index)``, which
+    also binds the envelope's plaintext, info and AAD. So rebuilding the same request gives the
+    same bytes, and a request with other content shares nothing with it (no PRG mask, contribution
+    id, dummy pick or AEAD key/nonce is ever reused across different content).
+    """
+
+    def __init__(
+        self,
+        secret: bytes | None,
+        deployment: Deployment,
+        device_id: bytes,
+        round_id: int,
+        phase: str,
+        purpose: bytes,
+        content: bytes,
+    ) -> None:
+        self._key: bytes | None = None
+        if secret is not None:
+            context = b"".join(
+                (
+                    _DERIVE_LABEL,
+                    # another deployment (other servers) never sees the same derived values
+                    _length_prefixed(deployment.coordinator_public),
+                    _length_prefixed(deployment.aggregator_public),
+                    device_id,
+                    round_id.to_bytes(8, "big"),
+                    _length_prefixed(phase.encode()),
+                    _length_prefixed(purpose),
+                    hashlib.sha256(content).digest(),
+                )
+            )
+            self._key = hkdf_sha256(secret, _DERIVE_LABEL, context, 32)
+
+    def take(self, what: bytes, n: int) -> bytes:
+        """``n`` random bytes for the choice ``what``."""
+        if self._key is None:
+            return os.urandom(n)
+        stream_key = hkdf_sha256(self._key, _DERIVE_LABEL, b"bytes" + _length_prefixed(what), 16)
+        return aes_ctr_keystream(stream_key, PRG_IV, n)
+
+    def seal(
+        self, what: bytes, index: int, recipient: bytes, plaintext: bytes, info: bytes, aad: bytes
+    ) -> bytes:
+        """Seal an envelope; with a secret its ephemeral key is derived (deterministic)."""
+        if self._key is None:
+            return seal(recipient, plaintext, info, aad)
+        label = b"ephemeral" + _length_prefixed(what) + index.to_bytes(8, "big")
+        return seal(
+            recipient,
+            plaintext,
+            info,
+            aad,
+            ephemeral_seed=hkdf_sha256(self._key, _DERIVE_LABEL, label, 32),
+        )
 
 
 class DeviceClient:
-    """A device's side of the protocol; ``send`` delivers bytes to C and returns its reply."""
+    """A participant's side of the protocol; ``send`` delivers bytes to C and returns its reply.
+
+    A participant is one device (a phone) or a pool of ``devices`` devices that registers,
+    posts and fetches as one party under one id: every post carries exactly
+    ``devices × items_per_device`` items (real items plus zero-valued dummies), in a random order.
+
+    With ``secret`` (32 bytes the participant persists), every random choice of a request is
+    derived from it (see :class:`_Choices`): a participant restarted after a crash rebuilds the
+    same requests byte for byte, and the servers count the resend as a replay. Servers then see
+    that two identical requests are identical — nothing else. Without it, choices are fresh
+    (``os.urandom``) and only this object's own resends are byte-identical.
+    """
 
     def __init__(
         self,
@@ -808,39 +999,99 @@ class DeviceClient:
         deployment: Deployment,
         send: Callable[[bytes], bytes],
         directory_cache: dict[int, SlotTable] | None = None,
+        devices: int = 1,
+        secret: bytes | None = None,
     ) -> None:
-        """``directory_cache`` may be shared by the devices of one pool (the directory is public
-        and identical for everyone), so a pool fetches each round's directory once."""
+        """``directory_cache`` may be shared by the clients of one process (the directory is
+        public and identical for everyone), so it is fetched once per round.
+
+        Raises:
+            WrongLength: a malformed id or secret.
+            SecureSumError: ``devices`` < 1.
+        """
         _check_device_id(device_id)
+        if devices < 1:
+            raise SecureSumError(f"a participant hosts at least one device, got devices={devices}")
+        if secret is not None and len(secret) != PARTICIPANT_SECRET_BYTES:
+            raise WrongLength(
+                f"participant secret must be {PARTICIPANT_SECRET_BYTES} bytes, got {len(secret)}"
+            )
         self.device_id = device_id
         self.deployment = deployment
         self.codec = deployment.codec
+        self.devices = devices
         self._send = send
-        self._secrets: dict[int, bytes] = {}
+        self._secret = secret
+        self._secrets: dict[int, bytes] = {}  # fetch secret per round
         self._directory: dict[int, SlotTable] = {} if directory_cache is None else directory_cache
         self._aggregate_tables: dict[tuple[int, str], SlotTable] = {}
         self._outbox: dict[tuple[int, str], bytes] = {}
+        #: every request built, by what it asks for, so a retry resends the same bytes
+        self._registrations: dict[tuple[int, bytes], bytes] = {}  # (round, slot list)
+        self._fetches: dict[tuple[int, str, bytes], bytes] = {}  # (round, phase, slot list)
         if deployment.mode is Mode.PLAINTEXT:
             _warn_plaintext("device")
 
-    def register(self, round_id: int, rpis: Sequence[bytes]) -> list[bytes]:
-        """Register the pseudonym slots of this device's own beacons (RPIs) for a round.
+    def _choices(self, round_id: int, phase: str, purpose: bytes, content: bytes) -> _Choices:
+        return _Choices(
+            self._secret, self.deployment, self.device_id, round_id, phase, purpose, content
+        )
+
+    def _fetch_secret(self, round_id: int) -> bytes | None:
+        """This round's fetch secret: remembered, or re-derived from the participant secret."""
+        secret = self._secrets.get(round_id)
+        if secret is None and self._secret is not None:
+            choices = self._choices(round_id, "", b"registration-secret", b"")
+            secret = self._secrets[round_id] = choices.take(b"fetch-secret", SECRET_BYTES)
+        return secret
+
+    def build_registration(self, round_id: int, rpis: Sequence[bytes]) -> bytes:
+        """The registration request for this participant's beacons (RPIs) in a round (no sending).
+
+        Rebuilding it for the same RPIs gives the same bytes (remembered here; re-derived by a
+        participant with a secret).
 
         Raises:
-            RegistrationError: A's acknowledgement does not verify (C cannot forge it).
+            WrongLength: an RPI is not 16 bytes.
         """
-        slots = [pseudonym_slot(r, round_id, self.deployment.deployment_key) for r in rpis]
-        secret = self._secrets.setdefault(round_id, os.urandom(SECRET_BYTES))
-        slot_ids = b"".join(slots)
+        slot_ids = b"".join(
+            pseudonym_slot(r, round_id, self.deployment.deployment_key) for r in rpis
+        )
+        known = self._registrations.get((round_id, slot_ids))
+        if known is not None:
+            return known
+        secret = self._fetch_secret(round_id)
+        if secret is None:
+            secret = self._secrets[round_id] = os.urandom(SECRET_BYTES)
         digest = hashlib.sha256(slot_ids).digest()
         aad = post_header(self.device_id, round_id, "")
-        sealed = seal(self.deployment.aggregator_public, secret + digest, INFO_REGISTER, aad)
-        req = RegisterRequest(self.device_id, round_id, slot_ids, sealed)
-        resp = RegisterResponse.from_bytes(self._send(req.to_bytes()))
+        choices = self._choices(round_id, "", b"register", slot_ids)
+        sealed = choices.seal(
+            b"register", 0, self.deployment.aggregator_public, secret + digest, INFO_REGISTER, aad
+        )
+        raw = RegisterRequest(self.device_id, round_id, slot_ids, sealed).to_bytes()
+        self._registrations[(round_id, slot_ids)] = raw
+        return raw
+
+    def register(self, round_id: int, rpis: Sequence[bytes]) -> list[bytes]:
+        """Register the pseudonym slots of this participant's beacons (RPIs) for a round.
+
+        A participant registers once per round (all its devices' beacons together); calling
+        this again with the same RPIs resends the identical request, which C answers again.
+
+        Raises:
+            RegistrationError: A's acknowledgement does not verify (C cannot forge it), or
+                (:class:`AlreadyRegistered`) another slot list was registered this round.
+        """
+        raw = self.build_registration(round_id, rpis)
+        slot_ids = RegisterRequest.from_bytes(raw).slot_ids
+        resp = RegisterResponse.from_bytes(self._send(raw))
+        secret = self._secrets[round_id]
+        aad = post_header(self.device_id, round_id, "")
         ack = box_open(secret, resp.ack_from_a, INFO_REGISTER_ACK, aad)
-        if ack != b"registered" + digest:
+        if ack != b"registered" + hashlib.sha256(slot_ids).digest():
             raise RegistrationError("the aggregator acknowledged a different slot list")
-        return slots
+        return [bytes(r) for r in as_id_matrix(slot_ids)]
 
     def directory(self, round_id: int) -> SlotTable:
         """The round's registered pseudonym slots (cached after the first request)."""
@@ -864,78 +1115,104 @@ class DeviceClient:
         slots: Sequence[bytes | str],
         values: npt.ArrayLike,
     ) -> bytes:
-        """Encode, pad, share and seal a post (no sending): the bytes to send to C.
+        """Encode, pad, order, share and seal a post (no sending): the bytes to send to C.
 
-        ``values`` has shape ``(len(slots), dim)``; at most ``items_per_device`` rows. Missing
-        rows are zero-valued dummies to random slots of the phase, so every post has the
-        same size and item count.
+        ``values`` has shape ``(len(slots), dim)``; at most ``devices × items_per_device`` rows.
+        Missing rows are zero-valued dummies to random slots of the phase, so every post of
+        this participant has the same size and item count; the items are then put in a random
+        order, so positions reveal neither which items are dummies nor which device of a pool
+        posted which.
 
         Raises:
-            WrongLength: wrong shape, or more items than ``items_per_device``.
+            WrongLength: wrong shape, or more items than ``devices × items_per_device``.
             EncodingError: a value outside the codec's range.
         """
         p = spec.phase(phase)
+        n_items = self.devices * p.items_per_device
         x = np.asarray(values, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != p.dim or x.shape[0] != len(slots):
             raise WrongLength(
                 f"values must have shape ({len(slots)}, {p.dim}) for phase {phase!r}, got {x.shape}"
             )
-        if len(slots) > p.items_per_device:
+        if len(slots) > n_items:
             raise WrongLength(
-                f"{len(slots)} items exceed items_per_device={p.items_per_device} of {phase!r}"
+                f"{len(slots)} items exceed items_per_device={p.items_per_device} × "
+                f"devices={self.devices} of {phase!r}"
             )
-        ids = [aggregate_slot(s) if isinstance(s, str) else s for s in slots]
+        check_item_count(n_items, p.items_per_device, phase)
+        real = as_id_matrix([aggregate_slot(s) if isinstance(s, str) else s for s in slots])
         pool = self._slot_pool(spec, p)
         # checked here too: in shuffled mode C cannot see slots, and a bad item would only be
         # dropped silently by the receiving server at close
-        pool.lookup(as_id_matrix(b"".join(ids)))
-        n_dummy = p.items_per_device - len(ids)
+        pool.lookup(real)
+        encoded_real = self.codec.encode(x).astype(np.int64)
+        n_dummy = n_items - len(real)
         if n_dummy and not pool:
             raise WrongLength(f"phase {phase!r} has no slots to pad with dummies")
-        pick = np.frombuffer(os.urandom(8 * n_dummy), dtype="<u8") % max(len(pool), 1)
-        ids += pool.ids_at(pick.tolist())
-        encoded = np.zeros((p.items_per_device, p.dim), dtype=np.int64)
-        encoded[: len(slots)] = self.codec.encode(x)
-        slot_ids = b"".join(ids)
-        as_id_matrix(slot_ids)
+        content = b"".join(
+            (n_items.to_bytes(4, "big"), real.tobytes(), encoded_real.astype("<i8").tobytes())
+        )
+        choices = self._choices(spec.round_id, phase, b"post", content)
+        pick = np.frombuffer(choices.take(b"dummy-slots", 8 * n_dummy), dtype="<u8")
+        pick = (pick % np.uint64(max(len(pool), 1))).astype(np.int64)
+        ids = np.concatenate([real, pool.id_matrix()[pick]]) if n_dummy else real
+        encoded = np.zeros((n_items, p.dim), dtype=np.int64)
+        encoded[: len(real)] = encoded_real
+        order = np.argsort(
+            np.frombuffer(choices.take(b"item-order", 8 * n_items), dtype="<u8"), kind="stable"
+        )
+        slot_ids, encoded = np.ascontiguousarray(ids[order]).tobytes(), encoded[order]
         rid = spec.round_id
         if self.deployment.mode is Mode.SHUFFLED:
-            return self._shuffled_post(rid, phase, slot_ids, encoded).to_bytes()
+            return self._shuffled_post(rid, phase, slot_ids, encoded, choices).to_bytes()
         if self.deployment.mode is Mode.PLAINTEXT:
             share_c, sealed = encoded, b""
         else:
-            seed = new_seed()
+            seed = choices.take(b"mailbox-seed", SEED_BYTES)
             share_c = split_with_seed(encoded, seed)
             header = post_header(self.device_id, rid, phase)
             digest = hashlib.sha256(header + slot_ids).digest()
-            sealed = seal(self.deployment.aggregator_public, seed + digest, INFO_MAILBOX, header)
+            a_pub = self.deployment.aggregator_public
+            sealed = choices.seal(b"mailbox", 0, a_pub, seed + digest, INFO_MAILBOX, header)
         return MailboxPost(
             self.device_id, rid, phase, p.dim, slot_ids, share_c.astype("<i8").tobytes(), sealed
         ).to_bytes()
 
     def _shuffled_post(
-        self, round_id: int, phase: str, slot_ids: bytes, encoded: npt.NDArray[np.int64]
+        self,
+        round_id: int,
+        phase: str,
+        slot_ids: bytes,
+        encoded: npt.NDArray[np.int64],
+        choices: _Choices,
     ) -> ShuffledPost:
-        k = encoded.shape[0]
-        seeds = [new_seed() for _ in range(k)]
-        cids = self._new_cids(k)
+        n = encoded.shape[0]
+        seed_bytes = choices.take(b"item-seeds", SEED_BYTES * n)
+        seeds = [seed_bytes[i * SEED_BYTES : (i + 1) * SEED_BYTES] for i in range(n)]
+        cids = self._new_cids(n, choices)
         share_c = split_rows(encoded, seeds).astype("<i8")
         aad = phase_aad(round_id, phase)
         c_pub, a_pub = self.deployment.coordinator_public, self.deployment.aggregator_public
-        slot = [slot_ids[i * SLOT_ID_BYTES : (i + 1) * SLOT_ID_BYTES] for i in range(k)]
+        slot = [slot_ids[i * SLOT_ID_BYTES : (i + 1) * SLOT_ID_BYTES] for i in range(n)]
+        # one public-key seal per item and server is inherent to shuffled mode
         inner_c = b"".join(
-            seal(c_pub, cids[i] + slot[i] + share_c[i].tobytes(), INFO_ITEM_C, aad)
-            for i in range(k)
+            choices.seal(
+                b"item-for-c", i, c_pub, cids[i] + slot[i] + share_c[i].tobytes(), INFO_ITEM_C, aad
+            )
+            for i in range(n)
         )
         items_a = tuple(
-            seal(a_pub, cids[i] + slot[i] + seeds[i], INFO_ITEM_A, aad) for i in range(k)
+            choices.seal(b"item-for-a", i, a_pub, cids[i] + slot[i] + seeds[i], INFO_ITEM_A, aad)
+            for i in range(n)
         )
-        outer = seal(a_pub, inner_c, INFO_OUTER, post_header(self.device_id, round_id, phase))
+        header = post_header(self.device_id, round_id, phase)
+        outer = choices.seal(b"outer", 0, a_pub, inner_c, INFO_OUTER, header)
         return ShuffledPost(self.device_id, round_id, phase, outer, items_a)
 
-    def _new_cids(self, k: int) -> list[bytes]:
-        """Fresh random contribution ids: they must carry nothing about the sender."""
-        return [os.urandom(CID_BYTES) for _ in range(k)]
+    def _new_cids(self, n: int, choices: _Choices) -> list[bytes]:
+        """Random (or secret-derived) contribution ids: they must carry nothing about the sender."""
+        raw = choices.take(b"contribution-ids", CID_BYTES * n)
+        return [raw[i * CID_BYTES : (i + 1) * CID_BYTES] for i in range(n)]
 
     def post(
         self, spec: RoundSpec, phase: str, slots: Sequence[bytes | str], values: npt.ArrayLike
@@ -949,7 +1226,7 @@ class DeviceClient:
         """Retry the remembered post byte for byte (safe: C counts it once).
 
         Raises:
-            PhaseError: this device has not posted in that round and phase.
+            PhaseError: this participant has not posted in that round and phase.
         """
         raw = self._outbox.get((round_id, phase))
         if raw is None:
@@ -959,27 +1236,70 @@ class DeviceClient:
     def _deliver(self, raw: bytes) -> bool:
         return bool(PostReceipt.from_bytes(self._send(raw)).fresh)
 
-    def fetch(self, round_id: int, phase: str, slot_id: bytes) -> npt.NDArray[np.float64]:
-        """Fetch and decode the sum of one of this device's registered slots."""
-        return self.codec.decode(self.fetch_ring(round_id, phase, slot_id))
+    def build_fetch(self, round_id: int, phase: str, slot_ids: Sequence[bytes]) -> bytes:
+        """The fetch request for the sums of some of this participant's slots (no sending).
 
-    def fetch_ring(self, round_id: int, phase: str, slot_id: bytes) -> npt.NDArray[np.int64]:
-        """Fetch the exact ring sum of one of this device's registered slots."""
-        secret = self._secrets.get(round_id)
+        One fetch per (participant, round, phase) is answered: name every slot wanted in one
+        request. Rebuilding it for the same slots gives the same bytes, which the servers answer
+        again (a retry after a lost reply or a restart).
+
+        Raises:
+            TypeError: ``slot_ids`` is one ``bytes`` object instead of a sequence of ids.
+            WrongLength: malformed ids, none, or more than ``MAX_SLOTS_PER_FETCH``.
+            RegistrationError: no fetch secret for the round (not registered, no secret).
+        """
+        if isinstance(slot_ids, (bytes, bytearray)):
+            raise TypeError(
+                "slot_ids is a sequence of 16-byte slot ids, not one bytes object: "
+                "wrap a single slot in a list"
+            )
+        raw_ids = fetch_slot_matrix(as_id_matrix(list(slot_ids)).tobytes()).tobytes()
+        known = self._fetches.get((round_id, phase, raw_ids))
+        if known is not None:
+            return known
+        secret = self._fetch_secret(round_id)
         if secret is None:
-            raise RegistrationError(f"this device registered no slots in round {round_id}")
-        aad = fetch_aad(self.device_id, round_id, phase, slot_id)
-        tag = fetch_tag(secret, round_id, phase, slot_id)
-        sealed = seal(self.deployment.aggregator_public, tag, INFO_FETCH, aad)
-        raw = self._send(FetchRequest(self.device_id, round_id, phase, slot_id, sealed).to_bytes())
-        resp = FetchResponse.from_bytes(raw)
-        a = box_open(secret, resp.box_from_a, INFO_FETCH_REPLY, aad)
+            raise RegistrationError(f"this participant registered no slots in round {round_id}")
+        aad = fetch_aad(self.device_id, round_id, phase, raw_ids)
+        tag = fetch_tag(secret, round_id, phase, raw_ids)
+        choices = self._choices(round_id, phase, b"fetch", raw_ids)
+        sealed = choices.seal(b"fetch", 0, self.deployment.aggregator_public, tag, INFO_FETCH, aad)
+        raw = FetchRequest(self.device_id, round_id, phase, raw_ids, sealed).to_bytes()
+        self._fetches[(round_id, phase, raw_ids)] = raw
+        return raw
+
+    def fetch(
+        self, round_id: int, phase: str, slot_ids: Sequence[bytes]
+    ) -> npt.NDArray[np.float64]:
+        """Fetch and decode the sums of this participant's slots: shape ``(len(slot_ids), dim)``."""
+        return self.codec.decode(self.fetch_ring(round_id, phase, slot_ids))
+
+    def fetch_ring(
+        self, round_id: int, phase: str, slot_ids: Sequence[bytes]
+    ) -> npt.NDArray[np.int64]:
+        """Fetch the exact ring sums of this participant's slots: ``(len(slot_ids), dim)`` int64.
+
+        Raises:
+            NotRegistrant / UnknownSlot: a slot is not this participant's (nothing is released).
+            AlreadyFetched: this participant fetched the phase with a different request.
+            PhaseNotReleased: the phase's surviving set is not agreed yet.
+            OverflowBoundError: a slot's sum is withheld, or a sum is out of range.
+        """
+        raw = self.build_fetch(round_id, phase, slot_ids)
+        raw_ids = FetchRequest.from_bytes(raw).slot_ids
+        n = len(raw_ids) // SLOT_ID_BYTES
+        resp = FetchResponse.from_bytes(self._send(raw))
+        aad = fetch_aad(self.device_id, round_id, phase, raw_ids)
+        a = box_open(self._secrets[round_id], resp.box_from_a, INFO_FETCH_REPLY, aad)
         c_sum = np.frombuffer(resp.share_sum_c, dtype="<i8").astype(np.int64)
         a_sum = np.frombuffer(a, dtype="<i8").astype(np.int64)
-        if c_sum.shape != a_sum.shape:
-            raise WrongLength("the two servers' share sums have different lengths")
-        # the device is not told the count; max_summands bounds any honest sum
-        return self.codec.check_sum(c_sum + a_sum)
+        if c_sum.shape != a_sum.shape or c_sum.size == 0 or c_sum.size % n:
+            raise WrongLength(
+                f"the servers' share sums ({c_sum.size} and {a_sum.size} words) do not form "
+                f"{n} equal rows"
+            )
+        # the participant is not told the counts; max_summands bounds any honest sum
+        return self.codec.check_sum((c_sum + a_sum).reshape(n, -1))
 
 
 class InMemoryNetwork:
@@ -1008,7 +1328,7 @@ class InMemoryNetwork:
             deployment_key,
         )
         self.tap = tap
-        #: the simulated devices form one pool and share the public slot directory
+        #: the simulated participants share the public slot directory (fetched once per round)
         self.directory_cache: dict[int, SlotTable] = {}
         self.log: list[tuple[str, bytes, bytes]] = []
         self.c_to_a_filter: Callable[[bytes], bytes] | None = None
@@ -1028,8 +1348,11 @@ class InMemoryNetwork:
             self.log.append(("c->a", raw, resp))
         return resp
 
-    def device(self, device_id: bytes | None = None) -> DeviceClient:
-        """A new device client (random 16-byte id unless given) linked to C."""
+    def device(
+        self, device_id: bytes | None = None, devices: int = 1, secret: bytes | None = None
+    ) -> DeviceClient:
+        """A new participant client (random 16-byte id unless given) linked to C, hosting
+        ``devices`` devices, deterministic if given a ``secret``."""
         did = device_id if device_id is not None else os.urandom(DEVICE_ID_BYTES)
 
         def send(raw: bytes) -> bytes:
@@ -1038,7 +1361,7 @@ class InMemoryNetwork:
                 self.log.append(("device->c", raw, resp))
             return resp
 
-        return DeviceClient(did, self.deployment, send, self.directory_cache)
+        return DeviceClient(did, self.deployment, send, self.directory_cache, devices, secret)
 
     def open_round(self, spec: RoundSpec) -> None:
         """Both operators open the round (A from its own copy; C checks they match)."""

@@ -107,6 +107,25 @@ def expand_seeds(seeds: Sequence[bytes] | bytes, dim: int) -> npt.NDArray[np.int
     return np.frombuffer(stream, dtype=_WORD).astype(np.int64).reshape(len(seeds), dim)
 
 
+def expand_seed_runs(seeds: Sequence[bytes], n_words: Sequence[int]) -> npt.NDArray[np.int64]:
+    """``expand_seed(seeds[i], n_words[i])`` for every ``i``, concatenated into one 1-D array.
+
+    For batches whose seeds mask runs of different lengths (posts of participants hosting
+    different numbers of devices): one AES context per seed, one conversion for the batch.
+
+    Raises:
+        WrongLength: a seed of the wrong size, a negative length, or mismatched sequences.
+    """
+    if len(seeds) != len(n_words):
+        raise WrongLength(f"{len(seeds)} seeds but {len(n_words)} run lengths")
+    if any(len(s) != SEED_BYTES for s in seeds):
+        raise WrongLength(f"every PRG seed must be {SEED_BYTES} bytes")
+    if any(n < 0 for n in n_words):
+        raise WrongLength("run lengths must be >= 0")
+    stream = b"".join([_keystream(s, 8 * n) for s, n in zip(seeds, n_words, strict=True)])
+    return np.frombuffer(stream, dtype=_WORD).astype(np.int64)
+
+
 def split_with_seed(encoded: npt.NDArray[np.int64], seed: bytes) -> npt.NDArray[np.int64]:
     """The C-share ``a = x − PRG(seed)`` of a whole batch (any shape), masked by one seed."""
     x = np.ascontiguousarray(encoded, dtype=np.int64)

@@ -10,8 +10,9 @@ Two kinds share one 16-byte identifier space (domain-separated hashes, so they n
 
 :class:`SlotTable` maps identifiers to dense indices with one vectorized ``searchsorted`` (on
 the first 8 bytes, then a full 16-byte comparison), so accumulation needs no Python loop over
-items. :class:`Registry` records which device owns each pseudonym slot and enforces
-"only the registrant fetches, once per server".
+items. :class:`Registry` records which participant owns each pseudonym slot and enforces "register
+once per round" and "only the registrant fetches, once per phase per server" (an identical
+retry of either gets the stored reply again).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import numpy.typing as npt
 
 from .errors import (
     AlreadyFetched,
+    AlreadyRegistered,
     InvalidSlotName,
+    MessageError,
     NotRegistrant,
     SlotAlreadyRegistered,
     SlotError,
@@ -171,74 +174,166 @@ class SlotTable:
         """Indices of an ``(n, 16)`` id matrix and a mask of ids present (vectorized)."""
         if ids.shape[0] == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
-        if self._sorted is None:
-            self._matrix = as_id_matrix(b"".join(self._ids)) if self._ids else None
-            pre = _prefix(self._matrix) if self._matrix is not None else np.zeros(0, np.uint64)
-            self._order = np.argsort(pre, kind="stable").astype(np.int64)
-            self._sorted = pre[self._order]
-        assert self._order is not None
+        matrix = self.id_matrix()
+        assert self._order is not None and self._sorted is not None
         q = _prefix(ids)
         pos = np.minimum(np.searchsorted(self._sorted, q), max(len(self._ids) - 1, 0))
         ok = np.zeros(len(q), dtype=bool)
         idx = np.zeros(len(q), dtype=np.int64)
         if len(self._ids):
             idx = self._order[pos]
-            assert self._matrix is not None
-            ok = (self._sorted[pos] == q) & (self._matrix[idx] == ids).all(axis=1)
+            ok = (self._sorted[pos] == q) & (matrix[idx] == ids).all(axis=1)
         return idx, ok
+
+    def id_matrix(self) -> npt.NDArray[np.uint8]:
+        """Every id as an ``(n, 16)`` uint8 matrix in index order (rebuilt only after a change)."""
+        if self._sorted is None or self._matrix is None:
+            self._matrix = as_id_matrix(b"".join(self._ids))
+            pre = _prefix(self._matrix)
+            self._order = np.argsort(pre, kind="stable").astype(np.int64)
+            self._sorted = pre[self._order]
+        return self._matrix
 
 
 @dataclass
 class Registration:
-    """Who owns a pseudonym slot; ``fetch_secret`` is held by the aggregator only."""
+    """One participant's registration in one round, as one server holds it.
+
+    ``fetch_secret`` is held by the aggregator only. ``request_digest`` and ``reply`` make
+    registration idempotent: the identical request is answered with ``reply`` again.
+    ``fetches`` maps a phase to (digest of the fetch request answered, its reply), so a phase is
+    fetched once and only an identical retry gets the same reply.
+    """
 
     owner: bytes
+    number: int
+    request_digest: bytes
+    reply: bytes
     fetch_secret: bytes | None = None
-    fetched: set[str] = field(default_factory=set)
+    fetches: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
 
 class Registry:
-    """Pseudonym slot ownership for one round, as held by one server."""
+    """Pseudonym slot ownership for one round, as held by one server.
+
+    A participant (16-byte id; it may host many devices) registers once per round; the
+    identical request may be repeated (it gets the stored reply). Only the registrant fetches
+    its slots' sums, with one request per phase (an identical repeat gets the stored reply).
+    """
 
     def __init__(self) -> None:
         self.table = SlotTable()
-        self._owners: dict[bytes, Registration] = {}
+        self._participants: dict[bytes, Registration] = {}
+        self._owner: list[int] = []  # participant number per slot index
+        self._owner_array: npt.NDArray[np.int64] | None = None
 
-    def register(
-        self, device_id: bytes, slot_ids: Sequence[bytes], fetch_secret: bytes | None = None
-    ) -> None:
-        """Register slots for ``device_id`` (all or nothing).
+    def registration(self, device_id: bytes) -> Registration | None:
+        """The participant's registration this round, if any."""
+        return self._participants.get(device_id)
+
+    def replay(self, device_id: bytes, request_digest: bytes) -> bytes | None:
+        """The stored reply if ``device_id`` registered exactly this request; None if it has not
+        registered this round.
+
+        Raises:
+            AlreadyRegistered: it registered a different request this round.
+        """
+        reg = self._participants.get(device_id)
+        if reg is None:
+            return None
+        if not hmac.compare_digest(reg.request_digest, request_digest):
+            raise AlreadyRegistered(
+                f"participant {device_id.hex()[:8]}… already registered with a different request "
+                "this round (once per participant per round; only the identical request is "
+                "answered again)"
+            )
+        return reg.reply
+
+    def check_new(self, device_id: bytes, slot_ids: Sequence[bytes]) -> None:
+        """Raise unless ``device_id`` may register ``slot_ids`` now (changes nothing).
 
         Raises:
             WrongLength: a malformed id.
+            AlreadyRegistered: the participant registered already this round.
             SlotAlreadyRegistered: a slot is taken (or repeated in the request).
         """
         if len(device_id) != DEVICE_ID_BYTES:
             raise WrongLength(f"device id must be {DEVICE_ID_BYTES} bytes, got {len(device_id)}")
-        self.table.add_many(slot_ids)
-        for s in slot_ids:
-            self._owners[s] = Registration(device_id, fetch_secret)
+        if device_id in self._participants:
+            raise AlreadyRegistered(
+                f"participant {device_id.hex()[:8]}… already registered this round"
+            )
+        self.table.check_new(slot_ids)
 
-    def owner(self, slot_id: bytes) -> Registration:
-        """The registration of ``slot_id``; raises :class:`UnknownSlot`."""
-        reg = self._owners.get(slot_id)
-        if reg is None:
-            raise UnknownSlot(f"slot {slot_id.hex()[:16]}… is not registered")
-        return reg
-
-    def authorize_fetch(self, device_id: bytes, slot_id: bytes, phase: str) -> Registration:
-        """Check that ``device_id`` may fetch ``slot_id`` in ``phase`` now (does not mark it).
+    def register(
+        self,
+        device_id: bytes,
+        slot_ids: Sequence[bytes],
+        request_digest: bytes,
+        reply: bytes,
+        fetch_secret: bytes | None = None,
+    ) -> Registration:
+        """Register slots for ``device_id`` (all or nothing) with the reply to repeat on replays.
 
         Raises:
-            UnknownSlot: not registered.
-            NotRegistrant: registered by another device.
-            AlreadyFetched: already fetched from this server.
+            WrongLength: a malformed id.
+            AlreadyRegistered: the participant registered already this round.
+            SlotAlreadyRegistered: a slot is taken (or repeated in the request).
         """
-        reg = self.owner(slot_id)
-        if not hmac.compare_digest(reg.owner, device_id):
-            raise NotRegistrant(f"slot {slot_id.hex()[:16]}… is registered to another device")
-        if phase in reg.fetched:
-            raise AlreadyFetched(
-                f"slot {slot_id.hex()[:16]}… was already fetched in phase {phase!r}"
-            )
+        self.check_new(device_id, slot_ids)
+        self.table.add_many(slot_ids)
+        reg = Registration(device_id, len(self._participants), request_digest, reply, fetch_secret)
+        self._participants[device_id] = reg
+        self._owner.extend([reg.number] * len(slot_ids))
+        self._owner_array = None
         return reg
+
+    def authorize_fetch(
+        self, device_id: bytes, ids: npt.NDArray[np.uint8]
+    ) -> tuple[Registration, npt.NDArray[np.int64]]:
+        """Check that ``device_id`` registered every slot of an ``(n, 16)`` id matrix (vectorized).
+
+        Returns the registration and the slots' table indices. Marks nothing.
+
+        Raises:
+            MessageError: a slot is listed twice.
+            UnknownSlot: a slot is not registered.
+            NotRegistrant: a slot is registered by another participant.
+        """
+        idx, known = self.table.find(ids)
+        if not known.all():
+            bad = bytes(ids[int(np.argmin(known))])
+            raise UnknownSlot(f"slot {bad.hex()[:16]}… is not registered")
+        if len(np.unique(idx)) != len(idx):
+            raise MessageError("the fetch lists a slot more than once")
+        reg = self._participants.get(device_id)
+        if self._owner_array is None:
+            self._owner_array = np.asarray(self._owner, dtype=np.int64)
+        mine = self._owner_array[idx] == (reg.number if reg is not None else -1)
+        if reg is None or not mine.all():
+            bad = bytes(ids[int(np.argmin(mine))])
+            raise NotRegistrant(f"slot {bad.hex()[:16]}… is registered to another participant")
+        return reg, idx
+
+    @staticmethod
+    def cached_fetch(reg: Registration, phase: str, request_digest: bytes) -> bytes | None:
+        """The stored reply if ``reg`` fetched ``phase`` with exactly this request, else None.
+
+        Raises:
+            AlreadyFetched: it fetched ``phase`` with a different request.
+        """
+        done = reg.fetches.get(phase)
+        if done is None:
+            return None
+        if not hmac.compare_digest(done[0], request_digest):
+            raise AlreadyFetched(
+                f"phase {phase!r} was already fetched by this participant with a different "
+                "request (one fetch per participant, round and phase; only an identical retry "
+                "is answered again)"
+            )
+        return done[1]
+
+    @staticmethod
+    def record_fetch(reg: Registration, phase: str, request_digest: bytes, reply: bytes) -> None:
+        """Remember the reply to the participant's fetch of ``phase``."""
+        reg.fetches[phase] = (request_digest, reply)

@@ -23,6 +23,7 @@ from protocols.secure_sum import (
     AuthenticationFailed,
     ConflictingSubmission,
     EncodingError,
+    EnvelopeError,
     FixedPointCodec,
     InvalidSlotName,
     KeyPair,
@@ -40,7 +41,9 @@ from protocols.secure_sum import (
     aggregate_slot,
     box_open,
     box_seal,
+    derive_ephemeral,
     expand_seed,
+    expand_seed_runs,
     group_sum,
     open_envelope,
     pseudonym_slot,
@@ -52,6 +55,7 @@ from protocols.secure_sum import (
 from protocols.secure_sum.accumulator import PhaseState
 from protocols.secure_sum.envelope import (
     HEADER_BYTES,
+    KEY_ID_BYTES,
     OVERHEAD,
     hkdf_sha256,
     seal_with_ephemeral,
@@ -482,3 +486,107 @@ def test_check_sum_refuses_sums_outside_the_bound() -> None:
     with pytest.raises(OverflowBoundError):
         codec.check_sum(np.array([-(2**63)], dtype=np.int64))  # |INT64_MIN| does not fit
     assert codec.decode_sum(np.array([-480], dtype=np.int64)).tolist() == [-30.0]
+
+
+# -- deterministic envelopes, ragged seed runs, ragged units -------------------------------------
+def test_derived_ephemeral_is_deterministic_and_bound_to_everything_sealed() -> None:
+    kp, other = KeyPair.generate(), KeyPair.generate()
+    seed = os.urandom(32)
+    env = seal(kp.public, b"share", b"info", b"aad", ephemeral_seed=seed)
+    assert env == seal(kp.public, b"share", b"info", b"aad", ephemeral_seed=seed)
+    assert open_envelope(kp, env, b"info", b"aad") == b"share"
+    eph = env[1 + KEY_ID_BYTES : HEADER_BYTES]
+    variants = [
+        seal(kp.public, b"shard", b"info", b"aad", ephemeral_seed=seed),
+        seal(kp.public, b"share", b"infp", b"aad", ephemeral_seed=seed),
+        seal(kp.public, b"share", b"info", b"aae", ephemeral_seed=seed),
+        seal(other.public, b"share", b"info", b"aad", ephemeral_seed=seed),
+        seal(kp.public, b"share", b"info", b"aad", ephemeral_seed=os.urandom(32)),
+        seal(kp.public, b"share", b"info", b"aad"),
+    ]
+    # any change of plaintext, info, aad, recipient or seed gives an unrelated ephemeral key,
+    # hence another AEAD key and nonce
+    keys = {v[1 + KEY_ID_BYTES : HEADER_BYTES] for v in variants}
+    assert len(keys) == len(variants) and eph not in keys
+    expected = derive_ephemeral(seed, kp.public, b"share", b"info", b"aad")
+    assert expected.public_key().public_bytes_raw() == eph
+    with pytest.raises(EnvelopeError, match="ephemeral seed must be 32 bytes"):
+        seal(kp.public, b"share", b"info", b"aad", ephemeral_seed=os.urandom(16))
+
+
+def test_expand_seed_runs_concatenates_independent_expansions() -> None:
+    seeds = [os.urandom(16) for _ in range(4)]
+    runs = [3, 0, 700, 5]
+    out = expand_seed_runs(seeds, runs)
+    np.testing.assert_array_equal(
+        out, np.concatenate([expand_seed(s, n) for s, n in zip(seeds, runs, strict=True)])
+    )
+    with pytest.raises(WrongLength, match="4 seeds but 3 run lengths"):
+        expand_seed_runs(seeds, runs[:3])
+    with pytest.raises(WrongLength, match="every PRG seed must be 16 bytes"):
+        expand_seed_runs([b"short"], [1])
+
+
+def test_submit_many_ragged_units() -> None:
+    codec = FixedPointCodec(frac_bits=8, max_abs=100.0, max_summands=3)
+    acc = ShareAccumulator(4, 1, codec)
+    k = [os.urandom(16) for _ in range(5)]
+    # units of 3, 1 and 2 rows; k[3] twice, the second a one-row prefix of the first: different
+    # content, refused at both places
+    keys = [k[0], k[1], k[2], k[3], k[3]]
+    sizes = [3, 1, 2, 2, 1]
+    idx = np.array([0, 1, 2, 3, 3, 0, 1, 2, 1])
+    rows = np.array([1, 2, 3, 4, 5, 6, 7, 8, 7], dtype=np.int64).reshape(-1, 1)
+    before = acc_state(acc)
+    for bad, msg in (([3, 1, 2, 1], "5 positive counts"), ([3, 1, 2, 1, 3], "summing to the 9")):
+        with pytest.raises(WrongLength, match=msg):
+            acc.submit_many(b"".join(keys), idx, rows, bad)
+    with pytest.raises(WrongLength, match="positive counts"):
+        acc.submit_many(b"".join(keys), idx, rows, [3, 1, 2, 3, 0])
+    assert acc_state(acc) == before
+    res = acc.submit_many(b"".join(keys), idx, rows, sizes)
+    assert (res.accepted, res.replayed, res.conflicting, res.over_bound) == (3, 0, 2, 0)
+    # later: k[0] again identical (replay), k[1] with 2 rows whose first is the stored one
+    # (conflict), and a new 2-row unit that would give slot 0 a 3rd and 4th summand (bound 3)
+    res = acc.submit_many(
+        b"".join([k[0], k[1], k[4]]),
+        np.array([0, 1, 2, 3, 1, 0, 0]),
+        np.array([[1], [2], [3], [4], [4], [7], [7]], dtype=np.int64),
+        [3, 2, 2],
+    )
+    assert (res.accepted, res.replayed, res.conflicting, res.over_bound) == (0, 1, 1, 1)
+    assert acc.overflowed.tolist() == [True, False, False, False]
+    acc.close()
+    acc.agree(acc.sorted_keys())
+    sums, counts = acc.sums()
+    # k0: slots 0,1,2 ← 1,2,3; k1: slot 3 ← 4; k2: slots 3,0 ← 5,6
+    assert sums.ravel().tolist() == [1 + 6, 2, 3, 4 + 5] and counts.tolist() == [2, 1, 1, 2]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_ragged_replayed_batches_sum_exactly(data) -> None:
+    """Any interleaving of fresh ragged units and their replays sums each unit exactly once."""
+    n_units = data.draw(st.integers(1, 8))
+    keys = [os.urandom(16) for _ in range(n_units)]
+    sizes = data.draw(st.lists(st.integers(1, 4), min_size=n_units, max_size=n_units))
+    total = sum(sizes)
+    slots = np.array(data.draw(st.lists(st.integers(0, 3), min_size=total, max_size=total)))
+    big = st.integers(-(2**63), 2**63 - 1)
+    rows = np.array(data.draw(st.lists(big, min_size=total, max_size=total)), dtype=np.int64)
+    start = np.cumsum(sizes) - np.array(sizes)
+    acc = ShareAccumulator(4, 1, FixedPointCodec(frac_bits=0, max_abs=1.0, max_summands=256))
+    for _ in range(data.draw(st.integers(1, 3))):
+        pick = data.draw(st.lists(st.integers(0, n_units - 1), min_size=1, max_size=2 * n_units))
+        sel = np.concatenate([np.arange(start[u], start[u] + sizes[u]) for u in pick])
+        res = acc.submit_many(
+            b"".join(keys[u] for u in pick), slots[sel], rows[sel, None], [sizes[u] for u in pick]
+        )
+        assert res.conflicting == res.over_bound == 0
+    acc.close()
+    acc.agree(acc.sorted_keys())
+    taken = np.isin(np.frombuffer(b"".join(keys), dtype=acc.sorted_keys().dtype), acc.sorted_keys())
+    sel = np.concatenate([np.arange(start[u], start[u] + sizes[u]) for u in np.flatnonzero(taken)])
+    ref = group_sum(slots[sel], rows[sel, None], 4)
+    np.testing.assert_array_equal(acc.sums()[0], ref[0])
+    np.testing.assert_array_equal(acc.sums()[1], ref[1])

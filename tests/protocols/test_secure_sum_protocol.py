@@ -73,6 +73,7 @@ class World:
         dim: int = 3,
         k: int = 2,
         codec: FixedPointCodec | None = None,
+        secrets: bool = False,
         **kw,
     ) -> None:
         self.net = make_net(mode, codec=codec, **kw)
@@ -86,7 +87,10 @@ class World:
         self.net.open_round(self.spec)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InsecurePlaintextWarning)
-            self.devices = [self.net.device() for _ in range(n)]
+            # secrets: deterministic clients, every random choice derived from a participant secret
+            self.devices = [
+                self.net.device(secret=os.urandom(32) if secrets else None) for _ in range(n)
+            ]
         self.slots = [d.register(ROUND, [os.urandom(16)])[0] for d in self.devices]
         self.net.coordinator.close_registration(ROUND)
         self.codec = self.net.deployment.codec
@@ -105,7 +109,9 @@ class World:
 
     def fetch_all(self, who: list[int] | None = None) -> np.ndarray:
         who = list(range(len(self.devices))) if who is None else who
-        return np.stack([self.devices[i].fetch_ring(ROUND, "messages", self.slots[i]) for i in who])
+        return np.concatenate(
+            [self.devices[i].fetch_ring(ROUND, "messages", [self.slots[i]]) for i in who]
+        )
 
 
 def server_state(net: InMemoryNetwork) -> tuple:
@@ -116,7 +122,10 @@ def server_state(net: InMemoryNetwork) -> tuple:
             out.append((rid, rnd.registration_open, tuple(rnd.registry.table.ids)))
             out.append(
                 tuple(
-                    sorted((s, tuple(sorted(r.fetched))) for s, r in rnd.registry._owners.items())
+                    sorted(
+                        (d, r.request_digest, r.reply, tuple(sorted(r.fetches.items())))
+                        for d, r in rnd.registry._participants.items()
+                    )
                 )
             )
             out.append(tuple(sorted(rnd.closed)))
@@ -390,36 +399,47 @@ def test_bad_posts_rejected_state_unchanged(mode: Mode) -> None:
 
 
 @pytest.mark.parametrize("mode", SECURE)
-def test_fetch_only_by_registrant_once_per_server(mode: Mode) -> None:
+def test_fetch_only_by_registrant_once_per_phase(mode: Mode) -> None:
     w = World(mode, 3, k=1)
     w.post(0, [1], np.array([[1.0, 2.0, 3.0]]))
     owner, thief = w.devices[1], w.devices[2]
     with pytest.raises(PhaseNotReleased):
-        owner.fetch(ROUND, "messages", w.slots[1])
+        owner.fetch(ROUND, "messages", [w.slots[1]])
     w.c.close_phase(ROUND, "messages")
     before = server_state(w.net)
-    with pytest.raises(NotRegistrant, match="registered to another device"):
-        thief.fetch(ROUND, "messages", w.slots[1])
+    with pytest.raises(NotRegistrant, match="registered to another participant"):
+        thief.fetch(ROUND, "messages", [w.slots[1]])
     # a thief claiming the owner's id over its own authenticated channel
     impostor = DeviceClient(
         owner.device_id, w.net.deployment, lambda raw: w.c.handle_device(raw, thief.device_id)
     )
     impostor._secrets[ROUND] = os.urandom(32)
     with pytest.raises(NotRegistrant, match="authenticated peer"):
-        impostor.fetch(ROUND, "messages", w.slots[1])
+        impostor.fetch(ROUND, "messages", [w.slots[1]])
     # C itself forging the owner's fetch: it lacks the fetch secret, so A refuses
     forged = DeviceClient(
         owner.device_id, w.net.deployment, lambda raw: w.c.handle_device(raw, owner.device_id)
     )
     forged._secrets[ROUND] = os.urandom(32)
     with pytest.raises(NotRegistrant, match="fetch proof does not match"):
-        forged.fetch(ROUND, "messages", w.slots[1])
+        forged.fetch(ROUND, "messages", [w.slots[1]])
     with pytest.raises(UnknownSlot):
-        owner.fetch(ROUND, "messages", os.urandom(16))
+        owner.fetch(ROUND, "messages", [os.urandom(16)])
     assert server_state(w.net) == before
-    assert owner.fetch(ROUND, "messages", w.slots[1]).tolist() == [1.0, 2.0, 3.0]
-    with pytest.raises(AlreadyFetched, match="already fetched"):
-        owner.fetch(ROUND, "messages", w.slots[1])
+    assert owner.fetch(ROUND, "messages", [w.slots[1]]).tolist() == [[1.0, 2.0, 3.0]]
+    # the identical request again (a retry after a lost reply) gets the same answer, and
+    # changes nothing at either server
+    answered = server_state(w.net)
+    assert owner.fetch(ROUND, "messages", [w.slots[1]]).tolist() == [[1.0, 2.0, 3.0]]
+    assert server_state(w.net) == answered
+    # a different request for the same phase (here: a fresh envelope) is refused
+    rebuilt = DeviceClient(
+        owner.device_id, w.net.deployment, lambda raw: w.c.handle_device(raw, owner.device_id)
+    )
+    rebuilt._secrets[ROUND] = owner._secrets[ROUND]
+    with pytest.raises(AlreadyFetched, match="different request"):
+        rebuilt.fetch(ROUND, "messages", [w.slots[1]])
+    assert server_state(w.net) == answered
 
 
 def test_registration_refusals() -> None:
@@ -452,9 +472,11 @@ def _min_chi2_p(view: np.ndarray) -> float:
     return float(min(ps))
 
 
-@pytest.mark.parametrize("mode", [*SECURE, Mode.PLAINTEXT])
-def test_each_server_view_of_shares_is_uniform_unless_plaintext(mode: Mode) -> None:
-    w = World(mode, 40, dim=16, k=4)
+@pytest.mark.parametrize(
+    ("mode", "secrets"), [(Mode.PLAINTEXT, False), *((m, s) for m in SECURE for s in (False, True))]
+)
+def test_each_server_view_of_shares_is_uniform_unless_plaintext(mode: Mode, secrets: bool) -> None:
+    w = World(mode, 40, dim=16, k=4, secrets=secrets)
     for i in range(40):  # highly structured data: small non-negative integers
         w.post(i, [(i + j) % 40 for j in range(4)], np.full((4, 16), float(i % 3)))
     w.c.close_phase(ROUND, "messages")
@@ -483,7 +505,9 @@ def _fragment_match(known: dict[bytes, bytes], item: bytes) -> bytes | None:
     return None
 
 
-def _run_linkage(mode: Mode, n: int, c_permutation=None) -> tuple[float, float]:
+def _run_linkage(
+    mode: Mode, n: int, c_permutation=None, secrets: bool = False
+) -> tuple[float, float]:
     """Every device sends one item to the next device's slot; C then A try to name senders.
 
     Returns the fraction of slots whose sender C (resp. A) identifies from everything it saw:
@@ -495,7 +519,7 @@ def _run_linkage(mode: Mode, n: int, c_permutation=None) -> tuple[float, float]:
     if c_permutation is not None:
         kw["c_permutation"] = c_permutation
         kw["a_permutation"] = c_permutation
-    w = World(mode, n, k=1, **kw)
+    w = World(mode, n, k=1, secrets=secrets, **kw)
     for i in range(n):
         w.post(i, [(i + 1) % n], np.ones((1, 3)))
     w.c.close_phase(ROUND, "messages")
@@ -571,11 +595,14 @@ def test_linkage_attack_succeeds_in_mailbox_fails_in_shuffled() -> None:
     # uniform random permutation of 32 senders, ~Poisson(1); P(>= 8 fixed points) < 1.1e-5
     acc_c, acc_a = _run_linkage(Mode.SHUFFLED, n)
     assert acc_c <= 0.25 and acc_a <= 0.25
+    # deterministic (secret-derived) ids, seeds and ephemeral keys are just as unlinkable
+    acc_c, acc_a = _run_linkage(Mode.SHUFFLED, n, secrets=True)
+    assert acc_c <= 0.25 and acc_a <= 0.25
 
 
 def test_linkage_attack_catches_a_leaky_contribution_id(monkeypatch: pytest.MonkeyPatch) -> None:
     """The byte-fragment part of the attack has teeth too: ids derived from the sender leak."""
-    monkeypatch.setattr(DeviceClient, "_new_cids", lambda self, k: [self.device_id] * k)
+    monkeypatch.setattr(DeviceClient, "_new_cids", lambda self, k, choices: [self.device_id] * k)
     # each server finds the sender's id inside the items it opens
     assert _run_linkage(Mode.SHUFFLED, 16) == (1.0, 1.0)
 
@@ -673,7 +700,7 @@ def test_close_phase_resumes_after_a_lost_reply(mode: Mode, lost: type) -> None:
     with pytest.raises(PhaseClosed):  # posts stay refused while the close is pending
         w.post(0, [1], np.ones((1, 3)))
     with pytest.raises(PhaseNotReleased):
-        w.devices[1].fetch(ROUND, "messages", w.slots[1])
+        w.devices[1].fetch(ROUND, "messages", [w.slots[1]])
     report = w.c.close_phase(ROUND, "messages")
     assert report.surviving == (4 if mode is Mode.MAILBOX else 8)
     np.testing.assert_array_equal(w.fetch_all(), w.ring_sums(posts))
@@ -691,9 +718,9 @@ def test_shuffled_slot_over_the_summand_bound_is_withheld() -> None:
     w.c.close_phase(ROUND, "messages")
     before = server_state(w.net)
     with pytest.raises(OverflowBoundError, match="withheld"):
-        w.devices[0].fetch(ROUND, "messages", w.slots[0])
+        w.devices[0].fetch(ROUND, "messages", [w.slots[0]])
     assert server_state(w.net) == before  # a refused fetch is not spent
-    assert w.devices[1].fetch(ROUND, "messages", w.slots[1]).tolist() == [2.0, 2.0, 2.0]
+    assert w.devices[1].fetch(ROUND, "messages", [w.slots[1]]).tolist() == [[2.0, 2.0, 2.0]]
 
 
 @pytest.mark.parametrize("mode", SECURE)
@@ -714,7 +741,7 @@ def test_out_of_range_contribution_is_refused_at_decode(mode: Mode) -> None:
     w.c.close_phase(ROUND, "messages")
     w.c.close_phase(ROUND, "obs")
     with pytest.raises(OverflowBoundError, match="refusing to decode"):
-        w.devices[0].fetch(ROUND, "messages", w.slots[0])
+        w.devices[0].fetch(ROUND, "messages", [w.slots[0]])
     with pytest.raises(OverflowBoundError, match="refusing to decode"):
         w.c.open_aggregates(ROUND, "obs")
 

@@ -116,14 +116,14 @@ class ReleaseSumsRequest(_message.Message):
     def __init__(self, round: _Optional[_Union[_common_pb2.RoundRef, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class RelayedFetch(_message.Message):
-    __slots__ = ("device", "slot_id", "payload")
+    __slots__ = ("device", "slot_ids", "payload")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
-    SLOT_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_IDS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     device: _common_pb2.DeviceId
-    slot_id: bytes
+    slot_ids: bytes
     payload: bytes
-    def __init__(self, device: _Optional[_Union[_common_pb2.DeviceId, _Mapping]] = ..., slot_id: _Optional[bytes] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, device: _Optional[_Union[_common_pb2.DeviceId, _Mapping]] = ..., slot_ids: _Optional[bytes] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class RelayFetchesRequest(_message.Message):
     __slots__ = ("round", "fetches")

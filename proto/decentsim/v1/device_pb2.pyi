@@ -20,7 +20,7 @@ class EnrolRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., csr_der: _Optional[bytes] = ..., device_count: _Optional[int] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class EnrolResponse(_message.Message):
-    __slots__ = ("credential_id", "devices", "client_certificate_der", "ca_certificates_der", "deployment", "issued_unix_ms", "expires_unix_ms")
+    __slots__ = ("credential_id", "devices", "client_certificate_der", "ca_certificates_der", "deployment", "issued_unix_ms", "expires_unix_ms", "deployments")
     CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_CERTIFICATE_DER_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class EnrolResponse(_message.Message):
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     ISSUED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
     credential_id: str
     devices: _containers.RepeatedCompositeFieldContainer[_common_pb2.DeviceId]
     client_certificate_der: bytes
@@ -35,7 +36,8 @@ class EnrolResponse(_message.Message):
     deployment: _common_pb2.Deployment
     issued_unix_ms: int
     expires_unix_ms: int
-    def __init__(self, credential_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[_common_pb2.DeviceId, _Mapping]]] = ..., client_certificate_der: _Optional[bytes] = ..., ca_certificates_der: _Optional[_Iterable[bytes]] = ..., deployment: _Optional[_Union[_common_pb2.Deployment, _Mapping]] = ..., issued_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
+    deployments: _containers.RepeatedCompositeFieldContainer[_common_pb2.Deployment]
+    def __init__(self, credential_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[_common_pb2.DeviceId, _Mapping]]] = ..., client_certificate_der: _Optional[bytes] = ..., ca_certificates_der: _Optional[_Iterable[bytes]] = ..., deployment: _Optional[_Union[_common_pb2.Deployment, _Mapping]] = ..., issued_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., deployments: _Optional[_Iterable[_Union[_common_pb2.Deployment, _Mapping]]] = ...) -> None: ...
 
 class GetRoundRequest(_message.Message):
     __slots__ = ("round_id", "newer_than", "wait_ms")
@@ -62,7 +64,7 @@ class PhaseSchedule(_message.Message):
     def __init__(self, spec: _Optional[_Union[_common_pb2.PhaseSpec, _Mapping]] = ..., opens_unix_ms: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., fetch_deadline_unix_ms: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoundSchedule(_message.Message):
-    __slots__ = ("round_id", "day", "epoch", "days", "mode", "theta", "model", "rng_seed", "registration_deadline_unix_ms", "contact_window_start_unix_ms", "contact_window_end_unix_ms", "en_interval_number", "en_interval_count", "phases", "round_deadline_unix_ms", "spec_digest", "server_time_unix_ms")
+    __slots__ = ("round_id", "day", "epoch", "days", "mode", "theta", "model", "rng_seed", "registration_deadline_unix_ms", "contact_window_start_unix_ms", "contact_window_end_unix_ms", "en_interval_number", "en_interval_count", "phases", "round_deadline_unix_ms", "spec_digest", "server_time_unix_ms", "step", "step_deadline_unix_ms", "version", "run_json", "committed_days")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     DAY_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +82,11 @@ class RoundSchedule(_message.Message):
     ROUND_DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     SPEC_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEP_DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_JSON_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_DAYS_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     day: int
     epoch: int
@@ -97,7 +104,12 @@ class RoundSchedule(_message.Message):
     round_deadline_unix_ms: int
     spec_digest: bytes
     server_time_unix_ms: int
-    def __init__(self, round_id: _Optional[int] = ..., day: _Optional[int] = ..., epoch: _Optional[int] = ..., days: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.Mode, str]] = ..., theta: _Optional[_Union[_common_pb2.ModelParameters, _Mapping]] = ..., model: _Optional[str] = ..., rng_seed: _Optional[int] = ..., registration_deadline_unix_ms: _Optional[int] = ..., contact_window_start_unix_ms: _Optional[int] = ..., contact_window_end_unix_ms: _Optional[int] = ..., en_interval_number: _Optional[int] = ..., en_interval_count: _Optional[int] = ..., phases: _Optional[_Iterable[_Union[PhaseSchedule, _Mapping]]] = ..., round_deadline_unix_ms: _Optional[int] = ..., spec_digest: _Optional[bytes] = ..., server_time_unix_ms: _Optional[int] = ...) -> None: ...
+    step: str
+    step_deadline_unix_ms: int
+    version: int
+    run_json: str
+    committed_days: int
+    def __init__(self, round_id: _Optional[int] = ..., day: _Optional[int] = ..., epoch: _Optional[int] = ..., days: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.Mode, str]] = ..., theta: _Optional[_Union[_common_pb2.ModelParameters, _Mapping]] = ..., model: _Optional[str] = ..., rng_seed: _Optional[int] = ..., registration_deadline_unix_ms: _Optional[int] = ..., contact_window_start_unix_ms: _Optional[int] = ..., contact_window_end_unix_ms: _Optional[int] = ..., en_interval_number: _Optional[int] = ..., en_interval_count: _Optional[int] = ..., phases: _Optional[_Iterable[_Union[PhaseSchedule, _Mapping]]] = ..., round_deadline_unix_ms: _Optional[int] = ..., spec_digest: _Optional[bytes] = ..., server_time_unix_ms: _Optional[int] = ..., step: _Optional[str] = ..., step_deadline_unix_ms: _Optional[int] = ..., version: _Optional[int] = ..., run_json: _Optional[str] = ..., committed_days: _Optional[int] = ...) -> None: ...
 
 class SlotRegistration(_message.Message):
     __slots__ = ("device", "slot_count", "payload")
@@ -210,14 +222,14 @@ class SubmitAggregatesResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[PostResult, _Mapping]]] = ...) -> None: ...
 
 class SlotFetch(_message.Message):
-    __slots__ = ("device", "slot_id", "payload")
+    __slots__ = ("device", "slot_ids", "payload")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
-    SLOT_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_IDS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     device: _common_pb2.DeviceId
-    slot_id: bytes
+    slot_ids: bytes
     payload: bytes
-    def __init__(self, device: _Optional[_Union[_common_pb2.DeviceId, _Mapping]] = ..., slot_id: _Optional[bytes] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, device: _Optional[_Union[_common_pb2.DeviceId, _Mapping]] = ..., slot_ids: _Optional[bytes] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class FetchSumsRequest(_message.Message):
     __slots__ = ("round", "fetches")
@@ -228,16 +240,16 @@ class FetchSumsRequest(_message.Message):
     def __init__(self, round: _Optional[_Union[_common_pb2.RoundRef, _Mapping]] = ..., fetches: _Optional[_Iterable[_Union[SlotFetch, _Mapping]]] = ...) -> None: ...
 
 class FetchResult(_message.Message):
-    __slots__ = ("device", "slot_id", "payload", "error")
+    __slots__ = ("device", "slot_ids", "payload", "error")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
-    SLOT_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_IDS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     device: _common_pb2.DeviceId
-    slot_id: bytes
+    slot_ids: bytes
     payload: bytes
     error: _common_pb2.ErrorDetail
-    def __init__(self, device: _Optional[_Union[_common_pb2.DeviceId, _Mapping]] = ..., slot_id: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ...) -> None: ...
+    def __init__(self, device: _Optional[_Union[_common_pb2.DeviceId, _Mapping]] = ..., slot_ids: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., error: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ...) -> None: ...
 
 class FetchSumsResponse(_message.Message):
     __slots__ = ("results",)

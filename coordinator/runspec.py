@@ -1,0 +1,149 @@
+"""The public description of a federated run, shared by the coordinator and the devices.
+
+A :class:`RunSpec` is what every party may know: population label, seed, days, θ, model
+options, posting mode, radio, timing. It is persisted by the coordinator (so a restarted
+coordinator resumes the same run) and published to devices in every ``RoundSchedule``
+(``run_json``). It carries nothing about an individual.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sim.model import Lockdown, ModelConfig, ModelConfigError, Vaccination
+from sim.params import PARAM_NAMES, Theta
+from sim.sampling import Estimator
+
+MODES = ("mailbox", "shuffled", "plaintext")
+RADIOS = ("ideal", "simulated")
+
+
+class RunSpecError(ValueError):
+    """A run description is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One federated run: days × epochs rounds under public settings.
+
+    Attributes:
+        population: how devices load their agents (``synthetic:N`` or a directory path).
+        days, seed: length of one epoch and the seed of every counter-based draw.
+        mode: secure-sum posting mode (``mailbox``, ``shuffled``, ``plaintext``).
+        theta: initial θ by name.
+        epochs: calibration epochs (1 = a plain run); θ steps between epochs.
+        lr: step size of the θ update on log θ (Adam).
+        target: observed weekly counts (the coordinator's loss), or ``None``: loss = total
+            new infections, exactly as ``decentsim simulate``.
+        items_per_device: the public per-device budget of the messages phase: a participant
+            hosting m devices posts exactly ``m × items_per_device`` items.
+        advertising_intervals: 10-minute beacon intervals each device advertises per day.
+        radio: ``ideal`` (equivalence) or ``simulated`` (path loss, noise, duty cycle).
+        pools: participants (enrolled credentials) the coordinator waits for before day 0.
+        step_timeout_s: deadline of each step of a round; late participants drop out of it.
+        lockdowns, vaccinations: ``LAYER:DAY:SCALE`` / ``DAY:FRACTION[:EFFICACY]`` strings.
+        estimator, population_seeds: as the ``simulate`` options of the same names.
+    """
+
+    population: str
+    days: int
+    seed: int = 0
+    mode: str = "mailbox"
+    theta: dict[str, float] = field(default_factory=lambda: asdict(Theta()))
+    epochs: int = 1
+    lr: float = 0.1
+    target: list[float] | None = None
+    target_period_days: int = 7
+    items_per_device: int = 32
+    advertising_intervals: int = 1
+    radio: str = "ideal"
+    pools: int = 1
+    step_timeout_s: float = 60.0
+    lockdowns: tuple[str, ...] = ()
+    vaccinations: tuple[str, ...] = ()
+    estimator: str = "st"
+    population_seeds: bool = False
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.days >= 1, f"days must be >= 1, got {self.days}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
+            (self.radio in RADIOS, f"radio must be one of {RADIOS}, got {self.radio!r}"),
+            (self.pools >= 1, f"pools must be >= 1, got {self.pools}"),
+            (self.items_per_device >= 1, "items_per_device must be >= 1"),
+            (1 <= self.advertising_intervals <= 144, "advertising_intervals must be in 1..144"),
+            (
+                math.isfinite(self.step_timeout_s) and self.step_timeout_s > 0,
+                f"step_timeout_s must be > 0, got {self.step_timeout_s}",
+            ),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (set(self.theta) == set(PARAM_NAMES), f"theta must name exactly {PARAM_NAMES}"),
+            (self.target_period_days >= 1, "target_period_days must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RunSpecError(f"run spec: {message}")
+        if self.target is not None and len(self.target) * self.target_period_days > self.days:
+            raise RunSpecError(
+                f"run spec: target covers {len(self.target) * self.target_period_days} days, "
+                f"more than days={self.days}"
+            )
+        self.theta_object()
+        self.model_config()
+
+    def theta_object(self) -> Theta:
+        """θ as a validated ``Theta`` (raises ``ParameterError`` naming a bad value)."""
+        return Theta(**{k: float(v) for k, v in self.theta.items()})
+
+    def model_config(self) -> ModelConfig:
+        """The model settings of the run: exact sums (float64), so devices equal central."""
+        try:
+            locks = tuple(
+                Lockdown(p[0], int(p[1]), float(p[2]))
+                for p in (s.split(":") for s in self.lockdowns)
+            )
+            vacs = tuple(
+                Vaccination(int(p[0]), float(p[1]), *(float(x) for x in p[2:]))
+                for p in (s.split(":") for s in self.vaccinations)
+            )
+        except (ValueError, IndexError) as e:
+            raise RunSpecError(f"run spec: bad intervention: {e}") from None
+        try:
+            return ModelConfig(
+                lockdowns=locks,
+                vaccinations=vacs,
+                estimator=Estimator(self.estimator),
+                use_population_seeds=self.population_seeds,
+                exact_sums=True,
+            )
+        except (ModelConfigError, ValueError) as e:
+            raise RunSpecError(f"run spec: {e}") from None
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "run spec") -> RunSpec:
+        """Parse :meth:`to_json` output; errors name ``source`` and the bad field."""
+        try:
+            raw: dict[str, Any] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RunSpecError(f"{source}: not JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise RunSpecError(f"{source}: expected a JSON object")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise RunSpecError(f"{source}: unknown field(s) {unknown}")
+        for name in ("lockdowns", "vaccinations"):
+            if name in raw:
+                raw[name] = tuple(raw[name])
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise RunSpecError(f"{source}: {e}") from None

@@ -1,0 +1,413 @@
+"""The device-agent process (``decentsim device-agent run``): a device pool on the wire.
+
+The agent enrols once with a single-use token (TLS, server authenticated by the coordinator's
+CA certificate the operator installed; its own key never leaves its state dir), then connects
+with mutual TLS and follows the coordinator's round schedule (``GetRound`` long polls), acting
+on each step of each round:
+
+    register → messages → fetch (and the local update f) → observations
+
+Everything that must survive a crash lives in the pool's own SQLite store (WAL, ``0600``): its
+credential and participant ids, the run's deployments (with the secret pseudonym-slot key), its
+secret (from which every participant derives the randomness of its requests, so a restarted
+agent resends byte-identical requests: the servers see replays, never conflicts), the
+start-of-day state of every day (the agent resumes or re-runs a day from it), and its own
+daily observation totals (a local diagnostic). The store never leaves the device.
+
+A pool loads its own agents' slice of the population itself; the coordinator never receives an
+agent's attributes. In a simulated federation the pool's radio is driven by the population's
+contact layers (``SimulatedWorld``); every pool of a run shares the world's beacon secret.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import numpy as np
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from coordinator.enrolment import build_enrolment_csr
+from coordinator.pki import generate_private_key
+from coordinator.rounds import round_specs
+from coordinator.runspec import RunSpec
+from coordinator.store import open_db, transaction
+from coordinator.wire import deployment_from_pb
+from device_agent.grpc_client import GatewayLink, RetryPolicy, Role, TransportError
+from device_agent.pool import UNIT_DEVICES, DevicePool, SimulatedWorld
+from proto.decentsim.v1 import device_pb2 as pb
+from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
+from proto.limits import Channel, channel_options
+from protocols.ble.radio import IdealRadio, Radio, SimulatedRadio
+from protocols.ble.simkeys import SimulatedKeyring
+from protocols.secure_sum import DeviceClient, RoundSpec
+from protocols.secure_sum.errors import SecureSumError
+from protocols.secure_sum.slots import SlotTable
+from sim.model import State
+from sim.params import PARAM_NAMES
+from sim.populations import from_spec
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_MIGRATIONS = (
+    """
+    CREATE TABLE credential (id INTEGER PRIMARY KEY CHECK (id = 1), key_pem BLOB NOT NULL,
+                             enrolment BLOB NOT NULL, secret BLOB NOT NULL);
+    CREATE TABLE states (epoch INTEGER NOT NULL, day INTEGER NOT NULL, state BLOB NOT NULL,
+                         PRIMARY KEY (epoch, day));
+    CREATE TABLE observed (epoch INTEGER NOT NULL, day INTEGER NOT NULL, round_id INTEGER NOT NULL,
+                           y BLOB NOT NULL, PRIMARY KEY (epoch, day));
+    """,
+)
+
+
+class AgentError(Exception):
+    """The agent cannot go on; the message says why."""
+
+
+def parse_slice(text: str) -> tuple[int, int]:
+    """``I/P`` → (I, P): this pool takes the I-th of P contiguous agent ranges."""
+    try:
+        i, p = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise AgentError(f"--slice {text!r}: expected I/P, e.g. 0/4") from None
+    if not (p >= 1 and 0 <= i < p):
+        raise AgentError(f"--slice {text!r}: need 0 <= I < P")
+    return i, p
+
+
+def slice_ids(n_agents: int, index: int, count: int) -> torch.Tensor:
+    """The agent ids of slice ``index`` of ``count`` contiguous ranges."""
+    bounds = np.linspace(0, n_agents, count + 1).astype(np.int64)
+    return torch.arange(int(bounds[index]), int(bounds[index + 1]), dtype=torch.int64)
+
+
+def state_to_bytes(state: State) -> bytes:
+    """Serialize a pool's state (its devices' private state: stays in the pool's store)."""
+    buf = io.BytesIO()
+    torch.save({f.name: getattr(state, f.name) for f in fields(state)}, buf)
+    return buf.getvalue()
+
+
+def state_from_bytes(raw: bytes) -> State:
+    """Inverse of :func:`state_to_bytes` (tensors only: ``weights_only``)."""
+    return State(**torch.load(io.BytesIO(raw), weights_only=True))
+
+
+class PoolStore:
+    """The pool's private SQLite store (see the module docstring)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.db = open_db(state_dir / "pool.sqlite3", migrations=_MIGRATIONS)
+
+    def enrolment(self) -> tuple[bytes, pb.EnrolResponse, bytes] | None:
+        """(private key PEM, Enrol reply, pool secret), once enrolled."""
+        row = self.db.execute("SELECT key_pem, enrolment, secret FROM credential").fetchone()
+        if row is None:
+            return None
+        return bytes(row[0]), pb.EnrolResponse.FromString(bytes(row[1])), bytes(row[2])
+
+    def save_enrolment(self, key_pem: bytes, reply: pb.EnrolResponse) -> None:
+        """Keep the credential and a fresh pool secret (atomically, before first use)."""
+        with transaction(self.db) as conn:
+            conn.execute(
+                "INSERT INTO credential VALUES (1, ?, ?, ?)",
+                (key_pem, reply.SerializeToString(), os.urandom(32)),
+            )
+
+    def state(self, epoch: int, day: int) -> State | None:
+        """The stored start-of-day state, if any."""
+        row = self.db.execute(
+            "SELECT state FROM states WHERE epoch = ? AND day = ?", (epoch, day)
+        ).fetchone()
+        return None if row is None else state_from_bytes(bytes(row[0]))
+
+    def save_state(self, epoch: int, day: int, state: State) -> None:
+        """Keep the start-of-day state of (epoch, day)."""
+        with transaction(self.db) as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO states VALUES (?, ?, ?)",
+                (epoch, day, state_to_bytes(state)),
+            )
+
+    def save_observed(self, epoch: int, day: int, round_id: int, y: torch.Tensor) -> None:
+        """Keep the pool's own observation total of a day (a local diagnostic)."""
+        with transaction(self.db) as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO observed VALUES (?, ?, ?, ?)",
+                (epoch, day, round_id, y.numpy().astype("<f8").tobytes()),
+            )
+
+    def observed(self, epoch: int) -> dict[int, np.ndarray]:
+        """The pool's own observation totals of an epoch, by day."""
+        rows = self.db.execute(
+            "SELECT day, y FROM observed WHERE epoch = ? ORDER BY day", (epoch,)
+        ).fetchall()
+        return {d: np.frombuffer(y, "<f8") for d, y in rows}
+
+
+def participant_secret(pool_secret: bytes, index: int) -> bytes:
+    """The secret of the pool's participant ``index`` (HKDF-SHA256 of the pool secret)."""
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=None,
+        info=b"decentsim/v1/participant" + index.to_bytes(4, "big"),
+    ).derive(pool_secret)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How to run one device-agent process."""
+
+    coordinator: str
+    state_dir: Path
+    ca_pem: Path
+    population: str
+    population_seed: int = 0
+    slice: tuple[int, int] = (0, 1)
+    token: str | None = None
+    enrol_address: str | None = None
+    world_secret: bytes | None = None
+    policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=8, timeout_s=120.0))
+
+
+def _retry(call: Callable[[], _T], what: str, give_up_s: float = 600.0) -> _T:
+    """Call until it succeeds, backing off on UNAVAILABLE (a server restarting)."""
+    start, wait = time.time(), 0.2
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise AgentError(f"{what} failed with {err.code().name}: {err.details()}") from err
+            if time.time() - start > give_up_s:
+                raise AgentError(f"{what}: coordinator unreachable for {give_up_s:.0f} s") from err
+            log.info("%s: %s, retrying in %.1f s", what, err.code().name, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 2.0)
+
+
+def enrol(config: AgentConfig, store: PoolStore, device_count: int) -> None:
+    """Redeem the token: a new key pair here, a certificate from the coordinator."""
+    if config.token is None or config.enrol_address is None:
+        raise AgentError(f"{config.state_dir}: not enrolled yet: give --token and --enrol")
+    key = generate_private_key()
+    csr_pem = build_enrolment_csr(key)
+    csr_der = x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
+    ca = config.ca_pem.read_bytes()
+    channel = grpc.secure_channel(
+        config.enrol_address,
+        grpc.ssl_channel_credentials(ca),
+        options=channel_options(Channel.DEVICE),
+    )
+    try:
+        stub = pb_grpc.DeviceGatewayStub(channel)
+        req = pb.EnrolRequest(
+            token=config.token, csr_der=csr_der, device_count=device_count, agent_version="1"
+        )
+        reply = _retry(lambda: stub.Enrol(req, timeout=30), "Enrol")
+    finally:
+        channel.close()
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    store.save_enrolment(key_pem, reply)
+
+
+def _pem_of_der(der: bytes) -> bytes:
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+
+
+class Agent:
+    """One device-agent process: a pool of devices following the coordinator's rounds."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.store = PoolStore(config.state_dir)
+        population = from_spec(config.population, seed=config.population_seed)
+        self.population = population
+        self.ids = slice_ids(population.n_agents, *config.slice)
+        if self.ids.numel() == 0:
+            raise AgentError(f"slice {config.slice} of {population.n_agents} agents is empty")
+        units = -(-self.ids.numel() // UNIT_DEVICES)
+        if self.store.enrolment() is None:
+            enrol(config, self.store, units)
+        enrolled = self.store.enrolment()
+        assert enrolled is not None
+        key_pem, reply, self.secret = enrolled
+        if len(reply.devices) != units:
+            raise AgentError(
+                f"{config.state_dir}: enrolled with {len(reply.devices)} participants but this "
+                f"slice needs {units}"
+            )
+        self.units = [bytes(d.value) for d in reply.devices]
+        deployments = {d.deployment_id: deployment_from_pb(d) for d in reply.deployments}
+        self.neighbourhood, self.aggregates = (
+            deployments["neighbourhood"],
+            deployments["aggregates"],
+        )
+        creds = grpc.ssl_channel_credentials(
+            config.ca_pem.read_bytes(), key_pem, _pem_of_der(reply.client_certificate_der)
+        )
+        self.channel = grpc.secure_channel(
+            config.coordinator, creds, options=channel_options(Channel.DEVICE)
+        )
+        self.stub = pb_grpc.DeviceGatewayStub(self.channel)
+        self._directory: dict[int, SlotTable] = {}
+        self.pool: DevicePool | None = None
+        self.spec: RunSpec | None = None
+
+    def _connect(self, unit: int, devices: int) -> tuple[DeviceClient, DeviceClient]:
+        pid = self.units[unit]
+        secret = participant_secret(self.secret, unit)
+        policy = self.config.policy
+        nbhd = GatewayLink(self.channel, pid, Role.NEIGHBOURHOOD, policy)
+        aggr = GatewayLink(self.channel, pid, Role.AGGREGATES, policy)
+        return (
+            DeviceClient(
+                pid, self.neighbourhood, nbhd, self._directory, devices=devices, secret=secret
+            ),
+            DeviceClient(pid, self.aggregates, aggr, devices=1, secret=secret),
+        )
+
+    def _build_pool(self, spec: RunSpec) -> DevicePool:
+        world_secret = self.config.world_secret
+        if world_secret is None:
+            raise AgentError("a simulated federation needs the world's beacon secret")
+        keyring = SimulatedKeyring(world_secret)
+        radio: Radio = (
+            IdealRadio(keyring) if spec.radio == "ideal" else SimulatedRadio(keyring, spec.seed)
+        )
+        config = spec.model_config()
+        world = SimulatedWorld(self.population, config, radio, spec.advertising_intervals)
+        infected = self.population.initially_infected
+        return DevicePool(
+            self.ids,
+            self.population.age_group[self.ids],
+            config,
+            spec.seed,
+            keyring,
+            world,
+            self._connect,
+            None if infected is None else infected[self.ids],
+        )
+
+    def run(self, on_step: Callable[[pb.RoundSchedule], None] | None = None) -> None:
+        """Follow the rounds until the run is finished."""
+        version = 0
+        day_key: tuple[int, int, int] | None = None  # (epoch, day, round id) being worked on
+        done: set[str] = set()
+        while True:
+            sched = _retry(
+                lambda v=version: self.stub.GetRound(
+                    pb.GetRoundRequest(newer_than=v, wait_ms=2000), timeout=30
+                ),
+                "GetRound",
+            )
+            version = sched.version
+            if sched.step == "finished":
+                return
+            if sched.step not in ("register", "messages", "fetch", "observations"):
+                continue
+            if self.pool is None:
+                self.spec = RunSpec.from_json(sched.run_json, "the coordinator's run_json")
+                self.pool = self._build_pool(self.spec)
+            key = (sched.epoch, sched.day, sched.round_id)
+            if key != day_key:
+                self._start_day(sched)
+                day_key, done = key, set()
+            if sched.step not in done:
+                self._act(sched, done)
+            if on_step is not None:
+                on_step(sched)
+
+    def _theta(self, sched: pb.RoundSchedule) -> torch.Tensor:
+        if list(sched.theta.names) != list(PARAM_NAMES):
+            raise AgentError(f"θ names {list(sched.theta.names)} differ from {PARAM_NAMES}")
+        return torch.tensor(list(sched.theta.values), dtype=torch.float64)
+
+    def _start_day(self, sched: pb.RoundSchedule) -> None:
+        """Load the start-of-day state of the schedule's (epoch, day) (day 0: draw it)."""
+        pool = self.pool
+        assert pool is not None
+        theta = self._theta(sched)
+        stored = self.store.state(sched.epoch, sched.day)
+        if stored is not None:
+            pool.restore(theta, stored)
+            return
+        if sched.day != 0:
+            raise AgentError(
+                f"no stored state for epoch {sched.epoch} day {sched.day}: this pool missed "
+                "earlier days and cannot rejoin the run"
+            )
+        pool.begin(theta)
+        assert pool.state is not None
+        self.store.save_state(sched.epoch, 0, pool.state)
+
+    def _finish_day(self, sched: pb.RoundSchedule, spec_m: RoundSpec) -> None:
+        """Fetch and update (a participant without sums updates with zero incoming); keep the
+        next day's start state before anything else can fail."""
+        pool = self.pool
+        assert pool is not None
+        pool.finish_day(spec_m, sched.day, self._theta(sched))
+        assert pool.state is not None
+        self.store.save_state(sched.epoch, sched.day + 1, pool.state)
+
+    def _act(self, sched: pb.RoundSchedule, done: set[str]) -> None:
+        pool = self.pool
+        assert pool is not None and self.spec is not None
+        spec_m, spec_o = _specs(sched, self.spec)
+        theta = self._theta(sched)
+        step, day = sched.step, sched.day
+        try:
+            if step == "register":
+                pool.register(spec_m, day)
+            elif step == "messages":
+                pool.post_messages(spec_m, day, theta)
+            elif step == "fetch":
+                self._finish_day(sched, spec_m)
+            elif step == "observations":
+                if "fetch" not in done:
+                    self._finish_day(sched, spec_m)
+                pool.post_observations(spec_o, day)
+                assert pool.last_y is not None
+                self.store.save_observed(sched.epoch, day, sched.round_id, pool.last_y)
+        except SecureSumError as err:
+            # e.g. the step closed while we were down: we drop out of it; the refusal names no
+            # value. A device that missed a step still updates (finish_day) later.
+            log.warning("round %d step %s refused: %s", sched.round_id, step, err)
+        except TransportError as err:
+            log.warning(
+                "round %d step %s: transport failed, will retry: %s", sched.round_id, step, err
+            )
+            return
+        done.add(step)
+
+
+def _specs(sched: pb.RoundSchedule, spec: RunSpec) -> tuple[RoundSpec, RoundSpec]:
+    return round_specs(sched.round_id, sched.day, spec.items_per_device)
+
+
+def run_agent(config: AgentConfig) -> None:
+    """Run one device-agent process to the end of the run."""
+    agent = Agent(config)
+    try:
+        agent.run()
+    finally:
+        agent.channel.close()
