@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,ble]"
 	touch $(STAMP)
 
+# The central simulator, then the same model as a federation: coordinator + aggregator + 2
+# device-pool processes over gRPC/TLS on loopback, BLE beacons over the simulated radio.
 demo: install
-	$(VENV)/bin/decentsim simulate --population synthetic:10000 --days 60 --seed 1 --grad forward --out out/demo
+	$(VENV)/bin/decentsim simulate --population synthetic:10000 --days 60 --seed 1 --grad forward --out out/demo/central
+	$(VENV)/bin/decentsim federated run --population synthetic:2000 --days 20 --seed 1 --pools 2 \
+		--radio simulated --theta beta=0.5,init_frac=0.02 --out out/demo/federated
+	@echo "plots: out/demo/central/*.png, out/demo/federated/federated.png;" \
+		"servers' recorded views: out/demo/federated/views/"
 
 test: install
 	$(PY) -m pytest -n 2 -q

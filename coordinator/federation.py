@@ -48,7 +48,6 @@ from sim.model import OBSERVATIONS
 from sim.params import PARAM_NAMES, ParameterError, Theta
 from sim.populations import AGE_GROUPS, PopulationError, from_spec
 
-
 #: 10-minute intervals devices advertise per day under the ideal radio.
 IDEAL_INTERVALS = 4
 
@@ -299,7 +298,8 @@ class Federation:
             epochs = conn.execute(
                 "SELECT epoch, theta, loss, grad FROM epochs ORDER BY epoch"
             ).fetchall()
-            last = max(e for e, _, loss, _ in epochs if loss is not None) if epochs else 0
+            # the last finished epoch, or the one in progress when none has finished yet
+            last = max((e for e, _, loss, _ in epochs if loss is not None), default=0)
             rows = conn.execute(
                 "SELECT y, bytes_in FROM days WHERE epoch = ? ORDER BY day", (last,)
             ).fetchall()
@@ -309,10 +309,11 @@ class Federation:
         finally:
             conn.close()
         width = 1 + len(PARAM_NAMES)
-        y = np.stack([np.frombuffer(r[0], "<f8") for r in rows]).reshape(
+        flat = [np.frombuffer(r[0], "<f8") for r in rows]
+        y = (np.stack(flat) if flat else np.zeros((0, 0))).reshape(
             -1, len(OBSERVATIONS), len(AGE_GROUPS), width
         )
-        grad = next((json.loads(g) for e, _, _, g in epochs if e == last), None)
+        grad = next((json.loads(g) for e, _, _, g in epochs if e == last and g), None)
         loss = next((loss for e, _, loss, _ in epochs if e == last), None)
         return {
             "y": y,
