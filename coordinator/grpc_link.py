@@ -227,6 +227,9 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
             with self.lock:
                 if spec.round_id not in server.rounds:
                     server.open_round(spec)
+                    # C runs one round at a time: older ones are finished, free their shares
+                    for old in [r for r in server.rounds if r < spec.round_id]:
+                        del server.rounds[old]
         reply = self._handle(server, request.payload)
         self._observe("open_round", context, request.round_id, reply)
         return pb.LinkReply(payload=reply)

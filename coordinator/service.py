@@ -546,6 +546,13 @@ class CoordinatorService:
                 "UPDATE rounds SET status = 'committed', ended_unix = ? WHERE round_id = ?",
                 (time.time(), round_id),
             )
+        self._forget(round_id)
+
+    def _forget(self, round_id: int) -> None:
+        """Free a finished (committed or aborted) round's protocol state and progress."""
+        with self.gateway.lock:
+            for server in self.servers.values():
+                server.rounds.pop(round_id, None)
         with self._cond:
             for s in STEPS:
                 self._done.pop((round_id, s), None)
@@ -570,6 +577,7 @@ class CoordinatorService:
                     # A crashed or refused: the attempt is void at both servers; run the day again
                     log.warning("round %d (epoch %d day %d) aborted: %s", rid, epoch, day, err)
                     self._end_round(rid, "aborted", f"{type(err).__name__}: {err}")
+                    self._forget(rid)
                     self.view.write("abort", round=rid, reason=type(err).__name__)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 5.0)

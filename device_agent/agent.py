@@ -295,7 +295,9 @@ class Agent:
             IdealRadio(keyring) if spec.radio == "ideal" else SimulatedRadio(keyring, spec.seed)
         )
         config = spec.model_config()
-        world = SimulatedWorld(self.population, config, radio, spec.advertising_intervals)
+        world = SimulatedWorld(
+            self.population, config, radio, spec.advertising_intervals, self.ids.numpy()
+        )
         infected = self.population.initially_infected
         return DevicePool(
             self.ids,

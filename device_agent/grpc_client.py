@@ -8,14 +8,18 @@ in-memory transport raises. Calls have deadlines and are retried with exponentia
 UNAVAILABLE / DEADLINE_EXCEEDED: every secure-sum write is idempotent (an identical resend is a
 replay), so a retried call never double-counts.
 
-:class:`GrpcConnector` is the ``connect`` factory of a ``DevicePool``: one channel per device
-(each device has its own certificate), two clients (neighbourhood and aggregates deployments).
+:class:`GrpcConnector` is the ``connect`` factory of a ``DevicePool``: one channel per
+secure-sum participant (each participant has its own certificate, CN = its id), two clients
+(neighbourhood and aggregates deployments). It suits a gateway without a coordinator service,
+where a certificate authenticates exactly one participant; an enrolled device-agent process
+instead owns several participants under one credential (``device_agent.agent``).
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import random
 import time
 from collections.abc import Callable
@@ -247,17 +251,20 @@ def _entry(results: Any) -> bytes:
     return bytes(result.payload)
 
 
-#: ``credential_for(device_id) -> (root PEM, private key PEM, certificate chain PEM)``
+#: ``credential_for(participant_id) -> (root PEM, private key PEM, certificate chain PEM)``
 CredentialSource = Callable[[bytes], tuple[bytes, bytes, bytes]]
 
 
 class GrpcConnector:
     """The ``connect`` factory of a ``DevicePool`` over the coordinator's gateway.
 
+    Every participant (a phone, or a pool's share of up to ``UNIT_DEVICES`` devices) gets a
+    fresh random 16-byte id and its own mutual-TLS channel presenting that id's certificate.
+
     Args:
         target: the coordinator's ``host:port``.
-        credential_for: the device's mTLS material (root, key, chain PEM; e.g.
-            ``Credential.grpc_pem()`` of its certificate, CN ``device_id.hex()``).
+        credential_for: a participant's mTLS material (root, key, chain PEM; e.g.
+            ``Credential.grpc_pem()`` of its certificate, CN ``participant_id.hex()``).
         neighbourhood, aggregates: the two deployments the devices take part in.
         policy: deadlines and retries of every call.
     """
@@ -279,23 +286,44 @@ class GrpcConnector:
         self.directory_cache: dict[int, SlotTable] = {}
         self._channels: list[grpc.Channel] = []
 
-    def channel(self, device_id: bytes) -> grpc.Channel:
-        """A new mutual-TLS channel presenting ``device_id``'s certificate."""
-        root, key, chain = self._credential_for(device_id)
+    def channel(self, participant_id: bytes) -> grpc.Channel:
+        """A new mutual-TLS channel presenting ``participant_id``'s certificate."""
+        root, key, chain = self._credential_for(participant_id)
         creds = grpc.ssl_channel_credentials(root, key, chain)
         channel = grpc.secure_channel(self.target, creds, options=channel_options(Channel.DEVICE))
         self._channels.append(channel)
         return channel
 
-    def connect(self, device_id: bytes) -> tuple[DeviceClient, DeviceClient]:
-        """The device's (neighbourhood, aggregates) clients over one channel."""
-        channel = self.channel(device_id)
-        nbhd = GatewayLink(channel, device_id, Role.NEIGHBOURHOOD, self.policy)
-        aggr = GatewayLink(channel, device_id, Role.AGGREGATES, self.policy)
+    def participant(
+        self, participant_id: bytes, devices: int = 1, secret: bytes | None = None
+    ) -> tuple[DeviceClient, DeviceClient]:
+        """The (neighbourhood, aggregates) clients of participant ``participant_id`` hosting
+        ``devices`` devices, over one channel presenting its certificate.
+
+        ``devices`` scales the neighbourhood posts (``devices × items_per_device`` items); an
+        aggregates post is one item, the participant's devices' observations summed. With a
+        ``secret`` (32 bytes the participant keeps), a rebuilt request is byte-identical.
+        """
+        channel = self.channel(participant_id)
+        nbhd = GatewayLink(channel, participant_id, Role.NEIGHBOURHOOD, self.policy)
+        aggr = GatewayLink(channel, participant_id, Role.AGGREGATES, self.policy)
         return (
-            DeviceClient(device_id, self.neighbourhood, nbhd, self.directory_cache),
-            DeviceClient(device_id, self.aggregates, aggr),
+            DeviceClient(
+                participant_id,
+                self.neighbourhood,
+                nbhd,
+                self.directory_cache,
+                devices=devices,
+                secret=secret,
+            ),
+            DeviceClient(participant_id, self.aggregates, aggr, secret=secret),
         )
+
+    def connect(self, unit: int, devices: int) -> tuple[DeviceClient, DeviceClient]:
+        """``DevicePool`` connect: participant ``unit`` of a pool, hosting ``devices`` devices,
+        as a new participant with a fresh random id (and so its own certificate)."""
+        del unit  # the id is random: nothing about the pool's layout goes on the wire
+        return self.participant(os.urandom(16), devices)
 
     def close(self) -> None:
         """Close every channel this connector opened."""

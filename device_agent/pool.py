@@ -39,7 +39,7 @@ from protocols.ble.mapping import sightings_from_contacts, traces_from_sightings
 from protocols.ble.radio import DayContacts, Radio, RadioDay
 from protocols.ble.sightings import Sightings
 from protocols.ble.simkeys import SimulatedKeyring
-from protocols.secure_sum import DeviceClient, RoundSpec, pseudonym_slot
+from protocols.secure_sum import DeviceClient, RoundSpec, pseudonym_slots
 from protocols.secure_sum.errors import SecureSumError
 from sim import dual
 from sim.model import (
@@ -124,6 +124,8 @@ class SimulatedWorld:
     ``DayContacts(src, dst)`` convention. Devices advertise in the first
     ``advertising_intervals`` 10-minute intervals of the day (144: all day, as a phone does);
     a beacon heard outside them could not be registered, so the world refuses it.
+    ``observers`` restricts the simulation to the contacts those devices observe (a pool
+    simulates only its own devices' radios).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class SimulatedWorld:
         config: ModelConfig,
         radio: Radio,
         advertising_intervals: int = gaen.TEK_ROLLING_PERIOD,
+        observers: np.ndarray | None = None,
     ) -> None:
         if not 1 <= advertising_intervals <= gaen.TEK_ROLLING_PERIOD:
             raise PoolInputError(
@@ -142,6 +145,8 @@ class SimulatedWorld:
         self.config = config
         self.radio = radio
         self.advertising_intervals = advertising_intervals
+        #: only these devices' radios are simulated (a pool's own), or everyone's
+        self.observers = None if observers is None else np.unique(np.asarray(observers))
         self._cached: tuple[int, RadioDay] | None = None
 
     def first_interval(self, day: int) -> int:
@@ -156,6 +161,10 @@ class SimulatedWorld:
             scale = self.config.layer_scale(layer.name, day)
             weight = day_weight(layer.weight.to(torch.float64), scale, self.config).numpy()
             keep = weight > 0
+            if self.observers is not None:
+                # the radio's draws are keyed per contact, so simulating only the pool's own
+                # observers gives exactly their sightings of the whole world's run
+                keep &= np.isin(layer.src.numpy(), self.observers)
             src.append(layer.src.numpy()[keep])
             dst.append(layer.dst.numpy()[keep])
             w.append(weight[keep])
@@ -325,7 +334,11 @@ class DevicePool:
         return self._theta, self.state
 
     def register(self, spec: RoundSpec, day: int) -> None:
-        """Each participant registers the slots of its devices' RPIs advertised on ``day``."""
+        """Each participant registers the slots of its devices' RPIs advertised on ``day``.
+
+        A new round starts here: the clients forget older rounds' requests."""
+        for client in (*self._nbhd, *self._aggr):
+            client.forget_before(spec.round_id)
         k = self.world.advertising_intervals
         enins = self.world.first_interval(day) + np.arange(k, dtype=np.int64)
         raw = self.keyring.rpis(np.repeat(self._ids_np, k), np.tile(enins, self.n)).tobytes()
@@ -372,7 +385,8 @@ class DevicePool:
                 )
             summed = np.zeros((len(uniq), values.shape[1]), dtype=np.float64)
             np.add.at(summed, inverse.reshape(-1), values[rows])
-            slots = [pseudonym_slot(bytes(r), spec.round_id, key) for r in uniq]
+            joined = pseudonym_slots(np.ascontiguousarray(uniq).tobytes(), spec.round_id, key)
+            slots = [joined[16 * j : 16 * j + 16] for j in range(len(uniq))]
             client.post(spec, MESSAGES_PHASE, slots, summed)
 
     def fetch_and_update(self, spec: RoundSpec, day: int) -> None:

@@ -56,7 +56,13 @@ from .sharing import (
     split_rows,
     split_with_seed,
 )
-from .slots import SlotTable, aggregate_slot, pseudonym_slot, validate_aggregate_name
+from .slots import (
+    SlotTable,
+    aggregate_slot,
+    pseudonym_slot,
+    pseudonym_slots,
+    validate_aggregate_name,
+)
 
 __all__ = [
     "MAX_ITEMS_PER_POST",
@@ -115,6 +121,7 @@ __all__ = [
     "new_seed",
     "open_envelope",
     "pseudonym_slot",
+    "pseudonym_slots",
     "reconstruct",
     "seal",
     "split_rows",

@@ -87,12 +87,13 @@ from .sharing import (
 )
 from .slots import (
     DEVICE_ID_BYTES,
+    RPI_BYTES,
     SLOT_ID_BYTES,
     Registry,
     SlotTable,
     aggregate_slot,
     as_id_matrix,
-    pseudonym_slot,
+    pseudonym_slots,
 )
 
 log = logging.getLogger(__name__)
@@ -1032,6 +1033,16 @@ class DeviceClient:
         if deployment.mode is Mode.PLAINTEXT:
             _warn_plaintext("device")
 
+    def forget_before(self, round_id: int) -> None:
+        """Drop what this client remembers of rounds older than ``round_id`` (their requests,
+        fetch secrets and directories): a long run must not keep every day in memory."""
+        for table in (self._secrets, self._directory):
+            for r in [r for r in table if r < round_id]:
+                del table[r]
+        for keyed in (self._aggregate_tables, self._outbox, self._registrations, self._fetches):
+            for key in [k for k in keyed if k[0] < round_id]:
+                del keyed[key]
+
     def _choices(self, round_id: int, phase: str, purpose: bytes, content: bytes) -> _Choices:
         return _Choices(
             self._secret, self.deployment, self.device_id, round_id, phase, purpose, content
@@ -1054,9 +1065,9 @@ class DeviceClient:
         Raises:
             WrongLength: an RPI is not 16 bytes.
         """
-        slot_ids = b"".join(
-            pseudonym_slot(r, round_id, self.deployment.deployment_key) for r in rpis
-        )
+        if any(len(r) != RPI_BYTES for r in rpis):
+            raise WrongLength(f"RPI must be {RPI_BYTES} bytes")
+        slot_ids = pseudonym_slots(b"".join(rpis), round_id, self.deployment.deployment_key)
         known = self._registrations.get((round_id, slot_ids))
         if known is not None:
             return known

@@ -2,9 +2,10 @@
 
 Two kinds share one 16-byte identifier space (domain-separated hashes, so they never collide):
 
-* **pseudonym slots** — ``HMAC-SHA256(deployment_key, label ‖ round ‖ RPI)[:16]``. The beacon's
-  owner and everyone who heard the beacon derive the same slot; a server sees only the hash.
-  Binding the round makes a day's slots unlinkable to another day's.
+* **pseudonym slots** — ``AES-128(K_round, RPI)`` with ``K_round = HMAC-SHA256(deployment_key,
+  label ‖ round)[:16]``: a keyed permutation, computed for a whole batch in one AES call. The
+  beacon's owner and everyone who heard the beacon derive the same slot; a server sees only the
+  slot. A key per round makes a day's slots unlinkable to another day's.
 * **named aggregate slots** — ``SHA-256(label ‖ name)[:16]`` for canonical names matching one of
   :data:`AGGREGATE_PATTERNS` (``global/day/17``, ``grad/epoch/3``, ``region/BK/day/17``).
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .errors import (
     AlreadyFetched,
@@ -52,20 +54,42 @@ AGGREGATE_PATTERNS: tuple[re.Pattern[str], ...] = (
 )
 
 
+def round_slot_key(round_id: int, deployment_key: bytes = b"") -> bytes:
+    """The round's 16-byte AES key of pseudonym slots: HMAC-SHA256(deployment key, label ‖
+    round)[:16]. A fresh key per round makes one beacon's slots of two rounds unlinkable."""
+    if not 0 <= round_id < 2**64:
+        raise SlotError(f"round_id must fit in 64 unsigned bits, got {round_id}")
+    msg = _PSEUDONYM_LABEL + round_id.to_bytes(8, "big")
+    return hmac.new(deployment_key or _PSEUDONYM_LABEL, msg, hashlib.sha256).digest()[:16]
+
+
+def pseudonym_slots(rpis: bytes, round_id: int, deployment_key: bytes = b"") -> bytes:
+    """The pseudonym slots of many RPIs (concatenated, n × 16 bytes) for one round.
+
+    ``slot = AES-128(round_slot_key(round), RPI)``: a keyed pseudorandom permutation of the
+    16-byte RPI, so distinct beacons get distinct slots and, without the deployment key (held
+    by enrolled devices only), a slot says nothing about the RPI. One AES-ECB call serves the
+    whole batch (a pool computes hundreds of thousands per day).
+
+    Raises:
+        WrongLength: the input is not a whole number of 16-byte RPIs.
+    """
+    if len(rpis) % RPI_BYTES:
+        raise WrongLength(f"RPI must be {RPI_BYTES} bytes, got {len(rpis)} bytes of RPIs")
+    key = round_slot_key(round_id, deployment_key)
+    return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(rpis)
+
+
 def pseudonym_slot(rpi: bytes, round_id: int, deployment_key: bytes = b"") -> bytes:
-    """The pseudonym slot of a beacon identifier (RPI) for one round.
+    """The pseudonym slot of one beacon identifier (RPI) for one round (see
+    :func:`pseudonym_slots`).
 
     Raises:
         WrongLength: ``rpi`` is not 16 bytes.
     """
     if len(rpi) != RPI_BYTES:
         raise WrongLength(f"RPI must be {RPI_BYTES} bytes, got {len(rpi)}")
-    if not 0 <= round_id < 2**64:
-        raise SlotError(f"round_id must fit in 64 unsigned bits, got {round_id}")
-    msg = _PSEUDONYM_LABEL + round_id.to_bytes(8, "big") + rpi
-    return hmac.new(deployment_key or _PSEUDONYM_LABEL, msg, hashlib.sha256).digest()[
-        :SLOT_ID_BYTES
-    ]
+    return pseudonym_slots(rpi, round_id, deployment_key)
 
 
 def validate_aggregate_name(name: str) -> str:
