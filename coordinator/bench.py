@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Time both runs; see the module docstring."""
-    args.theta, args.epochs, args.lr, args.target = "", 1, 0.1, None
+    args.theta, args.epochs, args.lr, args.target, args.filter = "", 1, 0.1, None, []
     spec = run_spec_from_args(args)
     population = from_spec(args.population, seed=args.seed)
     start = time.perf_counter()

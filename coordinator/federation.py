@@ -44,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from coordinator.runspec import RunSpec, RunSpecError
+from sim.calibration import TargetFileError
 from sim.model import OBSERVATIONS
 from sim.params import PARAM_NAMES, ParameterError, Theta
 from sim.populations import AGE_GROUPS, PopulationError, from_spec
@@ -433,6 +434,14 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--epochs", type=int, default=1, help="calibration epochs (θ steps)")
     run.add_argument("--lr", type=float, default=0.1, help="θ step size (Adam on log θ)")
     run.add_argument("--target", type=Path, help="observed weekly counts CSV (the loss)")
+    run.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="keep only target rows with COLUMN=VALUE (repeatable), e.g. nta_id=QN0103",
+    )
+    run.add_argument("--target-column", default="cases_week")
     run.add_argument("--step-timeout", type=float, default=120.0, help="seconds per step")
     run.add_argument("--out", type=Path, default=Path("out/federated"))
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -446,7 +455,10 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
         if args.target is not None:
             from sim.calibration import load_target
 
-            series = load_target(args.target)
+            filters = dict(f.split("=", 1) for f in args.filter if "=" in f)
+            if len(filters) != len(args.filter):
+                raise ValueError(f"--filter values must be COLUMN=VALUE, got {args.filter}")
+            series = load_target(args.target, args.target_column, filters)
             periods = min(len(series), args.days // series.period_days)
             target = series.values[:periods].tolist()
         budget = items_budget(args.population, args.seed, args.pools)
@@ -467,7 +479,7 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
             pools=args.pools,
             step_timeout_s=args.step_timeout,
         )
-    except (RunSpecError, ParameterError, PopulationError, ValueError) as e:
+    except (RunSpecError, ParameterError, PopulationError, TargetFileError, ValueError) as e:
         raise SystemExit(f"decentsim federated run: {e}") from None
 
 

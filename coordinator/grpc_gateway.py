@@ -447,7 +447,7 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatResponse:
-        """Server clock, the newest open round, and which named devices are not the caller."""
+        """Server clock, the newest open round, and which named devices are not the caller's."""
         peer = self._peer(context)
         with self.lock:
             rounds = set(self.neighbourhood.rounds) | set(self.aggregates.rounds)
@@ -456,7 +456,7 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
             current=common_pb2.RoundRef(round_id=max(rounds, default=0)),
             next_heartbeat_ms=HEARTBEAT_INTERVAL_MS,
             max_wait_ms=MAX_WAIT_MS,
-            unknown_devices=[d for d in request.devices if d.value != peer],
+            unknown_devices=[d for d in request.devices if not self._owns(peer, d.value)],
             draining=self.draining,
         )
 

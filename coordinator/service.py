@@ -643,7 +643,7 @@ class CoordinatorService:
         v = 0.999 * torch.tensor(adam["v"]) + 0.001 * g * g
         k = epoch + 1
         step = self.spec.lr * (m / (1 - 0.9**k)) / (torch.sqrt(v / (1 - 0.999**k)) + 1e-8)
-        new = Theta.from_tensor(torch.exp(torch.log(t) - step * fit))
+        new = Theta.from_tensor(torch.where(fit > 0, torch.exp(torch.log(t) - step), t))
         with self._tx() as conn:
             conn.execute(
                 "UPDATE epochs SET loss = ?, grad = ? WHERE epoch = ?",
