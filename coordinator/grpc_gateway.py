@@ -42,7 +42,12 @@ from coordinator.pki import CertificateRejected
 from proto.decentsim.v1 import common_pb2
 from proto.decentsim.v1 import device_pb2 as pb
 from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
-from proto.limits import MAX_DIRECTORY_PAGE_SLOTS, MAX_ENTRIES_PER_BATCH, MAX_PAYLOAD_BYTES
+from proto.limits import (
+    MAX_DIRECTORY_PAGE_SLOTS,
+    MAX_ENTRIES_PER_BATCH,
+    MAX_ITEMS_PER_POST,
+    MAX_PAYLOAD_BYTES,
+)
 from protocols.secure_sum import CoordinatorServer, SlotKind
 from protocols.secure_sum import errors as ss_errors
 from protocols.secure_sum.errors import SecureSumError
@@ -384,15 +389,29 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
             ]
             if e.dim:  # a shuffled post's dim is sealed; the client states it as 0
                 routing.append(("dim", e.dim, "dim"))
-            out = wrong_kind or self._serve(
-                context,
-                coordinator,
-                peer,
-                e.device.value,
-                e.payload,
-                (MailboxPost, ShuffledPost),
-                [*routing, ("item_count", e.item_count, "#items")],
-                ref,
+            too_many = None
+            if e.item_count > MAX_ITEMS_PER_POST:
+                # a participant hosts at most UNIT_DEVICES devices: its post is bounded
+                too_many = _refusal(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "WrongLength",
+                    f"post of {e.item_count} items exceeds MAX_ITEMS_PER_POST "
+                    f"({MAX_ITEMS_PER_POST})",
+                    ref,
+                )
+            out = (
+                wrong_kind
+                or too_many
+                or self._serve(
+                    context,
+                    coordinator,
+                    peer,
+                    e.device.value,
+                    e.payload,
+                    (MailboxPost, ShuffledPost),
+                    [*routing, ("item_count", e.item_count, "#items")],
+                    ref,
+                )
             )
             results.append(_result(pb.PostResult, e.device, out))
         return results

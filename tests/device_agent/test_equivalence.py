@@ -1,13 +1,19 @@
 """Equivalence invariant: device pools over secure slot sums reproduce the central simulator.
 
-Two pools hold half of a synthetic population each; every device posts its messages through
-the in-memory secure-sum transport (mailbox and shuffled modes) and the coordinator sees only
-the opened daily aggregates. With ``exact_sums`` and an ideal radio those equal the central
+Two pools hold half of a synthetic population each; each pool splits its devices into
+secure-sum participants of at most ``unit_devices`` devices, and every participant posts its
+devices' messages (pre-summed per heard slot) and their summed observations through the
+in-memory secure-sum transport (mailbox and shuffled modes). The coordinator sees only the
+opened daily aggregates. With ``exact_sums`` and an ideal radio those equal the central
 ``RunResult.y`` values bit for bit, and the gradient agrees to fixed-point precision.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
+
+import numpy.typing as npt
 import pytest
 import torch
 
@@ -15,7 +21,9 @@ from coordinator.rounds import FederatedRun, InMemoryServers, RoundDriver, Round
 from device_agent.pool import (
     MESSAGES_PHASE,
     OBSERVATIONS_PHASE,
+    UNIT_DEVICES,
     BeaconScheduleError,
+    Connect,
     DevicePool,
     PoolInputError,
     PoolStateError,
@@ -24,7 +32,7 @@ from device_agent.pool import (
 )
 from protocols.ble.radio import IdealRadio
 from protocols.ble.simkeys import SimulatedKeyring
-from protocols.secure_sum import Mode, RoundSpec
+from protocols.secure_sum import DeviceClient, InMemoryNetwork, Mode, RoundSpec
 from sim import dual
 from sim.model import ModelConfig, behaviour, infectiousness, initial_state, update
 from sim.params import Theta
@@ -58,19 +66,55 @@ def split(n: int, pools: int) -> list[torch.Tensor]:
     return [torch.sort(part).values for part in perm.chunk(pools)]
 
 
+#: ``connect_for(servers, pool index)``: the ``connect`` a pool of the federation gets
+ConnectFor = Callable[[InMemoryServers, int], Connect]
+
+
 def federation(
-    population: Population, mode: Mode, pools: int = 2, items: int = ITEMS
+    population: Population,
+    mode: Mode,
+    pools: int = 2,
+    items: int = ITEMS,
+    unit_devices: int = UNIT_DEVICES,
+    connect_for: ConnectFor | None = None,
 ) -> tuple[RoundDriver, list[DevicePool], list[torch.Tensor]]:
     keyring = SimulatedKeyring(bytes(range(16)))
     world = SimulatedWorld(population, CONFIG, IdealRadio(keyring), ADVERTISED)
     servers = InMemoryServers(mode)
     parts = split(population.n_agents, pools)
     device_pools = [
-        DevicePool(ids, population.age_group[ids], CONFIG, SEED, keyring, world, servers.connect)
-        for ids in parts
+        DevicePool(
+            ids,
+            population.age_group[ids],
+            CONFIG,
+            SEED,
+            keyring,
+            world,
+            servers.connect if connect_for is None else connect_for(servers, k),
+            unit_devices=unit_devices,
+        )
+        for k, ids in enumerate(parts)
     ]
     driver = RoundDriver(servers.neighbourhood, servers.aggregates, device_pools, items)
     return driver, device_pools, parts
+
+
+class LossyClient(DeviceClient):
+    """A participant's aggregates client whose uploads in ``lost_rounds`` never reach C (the
+    participant drops out of the phase: a failed upload)."""
+
+    def __init__(self, net: InMemoryNetwork) -> None:
+        pid = os.urandom(16)
+        super().__init__(pid, net.deployment, lambda raw: net.coordinator.handle_device(raw, pid))
+        self.lost_rounds: set[int] = set()
+
+    def post(
+        self, spec: RoundSpec, phase: str, slots: Sequence[bytes | str], values: npt.ArrayLike
+    ) -> bool:
+        """Post, unless this round's upload is lost (then C never sees it)."""
+        if spec.round_id in self.lost_rounds:
+            return False
+        return super().post(spec, phase, slots, values)
 
 
 def central_per_agent_y(population: Population) -> torch.Tensor:
@@ -88,11 +132,18 @@ def central_per_agent_y(population: Population) -> torch.Tensor:
     return torch.stack(ys)
 
 
-@pytest.mark.parametrize("mode", [Mode.MAILBOX, Mode.SHUFFLED], ids=lambda m: m.value)
+@pytest.mark.parametrize(
+    ("mode", "unit_devices", "participants"),
+    [(Mode.MAILBOX, UNIT_DEVICES, 2), (Mode.SHUFFLED, UNIT_DEVICES, 2), (Mode.MAILBOX, 64, 6)],
+    ids=["mailbox", "shuffled", "mailbox-units-of-64"],
+)
 def test_pools_reproduce_the_central_run_exactly(
-    population: Population, central: RunResult, mode: Mode
+    population: Population, central: RunResult, mode: Mode, unit_devices: int, participants: int
 ) -> None:
-    driver, pools, _ = federation(population, mode)
+    driver, pools, parts = federation(population, mode, unit_devices=unit_devices)
+    # each pool of 150 devices is one participant, or three of at most 64 devices
+    assert [p.n_units for p in pools] == [participants // 2] * 2
+    assert all(len(ids) == N // 2 for ids in parts)
     driver.begin(THETA)
     assert torch.equal(sum(p.stage_counts() for p in pools), central.stage_counts[0])
     days = []
@@ -101,9 +152,12 @@ def test_pools_reproduce_the_central_run_exactly(
         days.append(result)
         assert torch.equal(dual.value(result.y), dual.value(central.y[day])), f"day {day}"
         assert torch.equal(sum(p.stage_counts() for p in pools), central.stage_counts[day + 1])
-        # shuffled mode counts unlinkable items, mailbox mode whole posts
-        assert result.messages.surviving == N * (ITEMS if mode is Mode.SHUFFLED else 1)
-        assert result.observations.surviving == N
+        # shuffled mode counts unlinkable items (devices × ITEMS per participant, dummies
+        # included), mailbox mode whole posts (one per participant)
+        expected = N * ITEMS if mode is Mode.SHUFFLED else participants
+        assert result.messages.surviving == expected
+        # one observation item per participant (its devices' y summed)
+        assert result.observations.surviving == participants
     y = torch.stack([d.y for d in days])
     assert float(dual.value(y)[:, 0].sum()) > 60  # a real epidemic was reproduced
     torch.testing.assert_close(dual.tangent(y), dual.tangent(central.y), rtol=1e-6, atol=1e-9)
@@ -121,10 +175,11 @@ def test_dropping_a_pools_messages_changes_the_aggregates(
 ) -> None:
     """The control: the comparison above can fail. Without pool 1's messages, its agents'
     infectiousness never reaches anyone and the epidemic diverges from the central one."""
-    driver, pools, parts = federation(population, Mode.MAILBOX)
+    driver, pools, _ = federation(population, Mode.MAILBOX)
     pools[1].set_dropouts(MESSAGES_PHASE, range(pools[1].n))
     run = driver.run(THETA, DAYS)
-    assert all(d.messages.surviving == parts[0].numel() for d in run.days)
+    # pool 1's participant still posts (only dummies): a silent device hides among them
+    assert all(d.messages.surviving == 2 for d in run.days)
     differs = [
         day
         for day in range(DAYS)
@@ -136,40 +191,73 @@ def test_dropping_a_pools_messages_changes_the_aggregates(
 def test_aggregate_dropout_opens_the_sum_over_the_surviving_devices(
     population: Population, central: RunResult
 ) -> None:
+    """A device silent in the observations phase (its participant posts the others' sum), and
+    a whole participant whose upload is lost (the surviving set excludes it): each day's
+    opened sum is exactly the central aggregate minus the missing devices' own y."""
     per_agent = central_per_agent_y(population)  # (T, N, 2)
     # the sanity link between the per-agent values and the central aggregates
     age = torch.nn.functional.one_hot(population.age_group, len(AGE_GROUPS)).double()
     assert torch.equal(torch.einsum("tnk,ng->tkg", per_agent, age), dual.value(central.y))
-    drop_day = 2
-    infected = torch.nonzero(per_agent[drop_day, :, 0] > 0).flatten()
+    device_day, unit_day = 2, 4
+    infected = torch.nonzero(per_agent[device_day, :, 0] > 0).flatten()
     assert infected.numel() > 0
     agent = int(infected[0])
+    sick_later = torch.nonzero(per_agent[unit_day, :, 0] > 0).flatten()
+    assert sick_later.numel() > 0
+    lost_agent = int(sick_later[0])
 
-    driver, pools, parts = federation(population, Mode.MAILBOX)
+    lossy: dict[tuple[int, int], LossyClient] = {}
+
+    def connect_for(servers: InMemoryServers, k: int) -> Connect:
+        def connect(unit: int, devices: int) -> tuple[DeviceClient, DeviceClient]:
+            nbhd, _ = servers.connect(unit, devices)
+            lossy[k, unit] = LossyClient(servers.aggregates)
+            return nbhd, lossy[k, unit]
+
+        return connect
+
+    driver, pools, parts = federation(
+        population, Mode.MAILBOX, unit_devices=64, connect_for=connect_for
+    )
+    participants = sum(p.n_units for p in pools)
+    assert participants == len(lossy) == 6
     owner = next(k for k, ids in enumerate(parts) if bool((ids == agent).any()))
     local = int(pools[owner].local_index(torch.tensor([agent]).numpy())[0])
+    # the participant hosting lost_agent, and every agent it hosts
+    k_lost = next(k for k, ids in enumerate(parts) if bool((ids == lost_agent).any()))
+    pool = pools[k_lost]
+    unit = int(pool.unit_of[pool.local_index(torch.tensor([lost_agent]).numpy())[0]])
+    hosted = parts[k_lost][int(pool.unit_bounds[unit]) : int(pool.unit_bounds[unit + 1])]
+    assert 0 < hosted.numel() <= 64 and bool((hosted == lost_agent).any())
+    lossy[k_lost, unit].lost_rounds.add(unit_day)  # round ids are days (round_base 0)
+
     driver.begin(THETA)
     for day in range(DAYS):
-        dropped = day == drop_day
-        pools[owner].set_dropouts(OBSERVATIONS_PHASE, [local] if dropped else [])
+        pools[owner].set_dropouts(OBSERVATIONS_PHASE, [local] if day == device_day else [])
         result = driver.run_day(day, THETA)
         expected = dual.value(central.y[day]).clone()
-        if dropped:
+        if day == device_day:
             expected -= torch.einsum("k,g->kg", per_agent[day, agent], age[agent])
+        if day == unit_day:
+            expected -= torch.einsum("nk,ng->kg", per_agent[day, hosted], age[hosted])
+        if day in (device_day, unit_day):
+            assert not torch.equal(expected, dual.value(central.y[day]))
         assert torch.equal(dual.value(result.y), expected), f"day {day}"
-        assert result.observations.surviving == N - dropped
-        assert result.messages.surviving == N
-    # the device kept computing: its state still matches the central run afterwards
+        assert result.observations.surviving == participants - (day == unit_day)
+        assert result.messages.surviving == participants
+    # the devices kept computing: their states still match the central run afterwards
     assert torch.equal(sum(p.stage_counts() for p in pools), central.stage_counts[DAYS])
 
 
 def test_a_device_hearing_more_rpis_than_the_phase_allows_is_refused(
     population: Population,
 ) -> None:
-    driver, _, _ = federation(population, Mode.MAILBOX, items=8)
+    # a phone (a participant of one device) has the phase's budget to itself
+    driver, _, _ = federation(population, Mode.MAILBOX, items=8, unit_devices=1)
     with pytest.raises(
         TraceOverflow,
-        match=r"day 0: a device heard \d+ RPIs, more than the phase's items_per_device=8",
+        match=r"day 0: participant \d+ heard \d+ distinct RPIs, more than its budget of 8 "
+        r"items \(items_per_device=8\)",
     ):
         driver.run(THETA, 1)
 
@@ -193,6 +281,10 @@ def test_pool_refuses_bad_input_and_calls_out_of_order(population: Population) -
     ids = torch.arange(5)
     with pytest.raises(PoolInputError, match=r"age_group must have shape \(5,\)"):
         DevicePool(ids, population.age_group[:4], CONFIG, SEED, keyring, world, servers.connect)
+    with pytest.raises(PoolInputError, match="unit_devices must be >= 1, got 0"):
+        DevicePool(
+            ids, population.age_group[ids], CONFIG, SEED, keyring, world, servers.connect, None, 0
+        )
     pool = DevicePool(ids, population.age_group[ids], CONFIG, SEED, keyring, world, servers.connect)
     spec = RoundSpec(0, ())
     with pytest.raises(PoolStateError, match="call begin"):

@@ -2,8 +2,9 @@
 
 In-process servers on ``127.0.0.1:0``: the aggregator's ``AggregatorLink`` (two secure-sum
 deployments), and the coordinator's ``DeviceGateway`` whose ``CoordinatorServer`` objects
-reach A through ``AggregatorLinkClient``. Two device pools connect through ``GrpcConnector``,
-each device presenting its own certificate from the run's local CA. Daily aggregates must
+reach A through ``AggregatorLinkClient``. Two device pools connect through ``GrpcConnector``:
+each pool splits into secure-sum participants, each presenting its own certificate from the
+run's local CA. Daily aggregates must
 equal the central run's bit for bit; refusals must come back with the right status and message.
 """
 
@@ -198,7 +199,8 @@ def mailbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack.close()
 
 
-def _run(stack: Stack, population: Population) -> FederatedRun:
+def _run(stack: Stack, population: Population, unit_devices: int) -> tuple[FederatedRun, int]:
+    """The run over gRPC, and how many secure-sum participants (certificates) took part."""
     keyring = SimulatedKeyring(bytes(range(16)))
     world = SimulatedWorld(population, CONFIG, IdealRadio(keyring), ADVERTISED)
     perm = torch.randperm(population.n_agents, generator=torch.Generator().manual_seed(11))
@@ -211,20 +213,25 @@ def _run(stack: Stack, population: Population) -> FederatedRun:
             keyring,
             world,
             stack.connector.connect,
+            unit_devices=unit_devices,
         )
         for ids in (torch.sort(part).values for part in perm.chunk(2))
     ]
     driver = RoundDriver(
         stack.services["neighbourhood"], stack.services["aggregates"], pools, ITEMS
     )
-    return driver.run(THETA, DAYS)
+    return driver.run(THETA, DAYS), sum(p.n_units for p in pools)
 
 
-def _check_equivalence(run: FederatedRun, central: RunResult, mode: Mode) -> None:
+def _check_equivalence(
+    run: FederatedRun, central: RunResult, mode: Mode, participants: int
+) -> None:
     for day in range(DAYS):
         assert torch.equal(dual.value(run.y[day]), dual.value(central.y[day])), f"day {day}"
-        assert run.days[day].observations.surviving == N
-        assert run.days[day].messages.surviving == N * (ITEMS if mode is Mode.SHUFFLED else 1)
+        # one observation item per participant; mailbox counts posts, shuffled items
+        assert run.days[day].observations.surviving == participants
+        expected = N * ITEMS if mode is Mode.SHUFFLED else participants
+        assert run.days[day].messages.surviving == expected
     assert float(dual.value(run.y)[:, 0].sum()) > 5  # a real epidemic went over the wire
     _, grad_c = central.loss_and_grad()
     _, grad_f = run.loss_and_grad(total_infections)
@@ -236,7 +243,10 @@ def _check_equivalence(run: FederatedRun, central: RunResult, mode: Mode) -> Non
 def test_mailbox_run_over_grpc_equals_the_central_run(
     mailbox: Stack, population: Population, central: RunResult
 ) -> None:
-    _check_equivalence(_run(mailbox, population), central, Mode.MAILBOX)
+    # pools of 60 devices in participants of at most 32: four certificates in all
+    run, participants = _run(mailbox, population, unit_devices=32)
+    assert participants == 4
+    _check_equivalence(run, central, Mode.MAILBOX, participants)
 
 
 def test_shuffled_run_over_grpc_equals_the_central_run(
@@ -244,7 +254,9 @@ def test_shuffled_run_over_grpc_equals_the_central_run(
 ) -> None:
     stack = Stack(tmp_path, Mode.SHUFFLED)
     try:
-        _check_equivalence(_run(stack, population), central, Mode.SHUFFLED)
+        run, participants = _run(stack, population, unit_devices=256)
+        assert participants == 2
+        _check_equivalence(run, central, Mode.SHUFFLED, participants)
     finally:
         stack.close()
 
@@ -260,33 +272,37 @@ def test_fetching_another_devices_slot_is_permission_denied(mailbox: Stack) -> N
     rid = 900
     _open_probe_round(mailbox, rid)
     alice_id, bob_id = os.urandom(16), os.urandom(16)
-    alice, _ = mailbox.connector.connect(alice_id)
-    bob, _ = mailbox.connector.connect(bob_id)
-    (alice_slot,) = alice.register(rid, [os.urandom(16)])
+    alice, _ = mailbox.connector.participant(alice_id)
+    bob, _ = mailbox.connector.participant(bob_id)
+    alice_slot, alice_other = alice.register(rid, [os.urandom(16), os.urandom(16)])
     (bob_slot,) = bob.register(rid, [os.urandom(16)])
     coordinator = mailbox.services["neighbourhood"].coordinator
     coordinator.close_registration(rid)
     coordinator.close_phase(rid, MESSAGES_PHASE)
+    width = 1 + len(PARAM_NAMES)
     with pytest.raises(
         ss_errors.NotRegistrant,
         match=r"coordinator refused \(PERMISSION_DENIED\): slot [0-9a-f]{16}… is registered "
-        "to another device",
+        "to another participant",
     ):
-        bob.fetch_ring(rid, MESSAGES_PHASE, alice_slot)
-    # the refusal changed nothing: the registrant still fetches its (empty) sum, once
-    assert alice.fetch_ring(rid, MESSAGES_PHASE, alice_slot).tolist() == [0] * (
-        1 + len(PARAM_NAMES)
+        bob.fetch_ring(rid, MESSAGES_PHASE, [bob_slot, alice_slot])
+    # the refusal changed nothing: the registrant still fetches its (empty) sums, in one batch
+    both = alice.fetch_ring(rid, MESSAGES_PHASE, [alice_slot, alice_other])
+    assert both.tolist() == [[0] * width] * 2
+    # a retry of the identical request gets the identical reply; any other fetch is refused
+    assert alice.fetch_ring(rid, MESSAGES_PHASE, [alice_slot, alice_other]).tolist() == (
+        both.tolist()
     )
     with pytest.raises(ss_errors.AlreadyFetched, match=r"FAILED_PRECONDITION.*already fetched"):
-        alice.fetch_ring(rid, MESSAGES_PHASE, alice_slot)
-    assert bob.fetch_ring(rid, MESSAGES_PHASE, bob_slot).shape == (1 + len(PARAM_NAMES),)
+        alice.fetch_ring(rid, MESSAGES_PHASE, [alice_slot])
+    assert bob.fetch_ring(rid, MESSAGES_PHASE, [bob_slot]).shape == (1, width)
 
 
 def test_the_peer_comes_from_the_certificate_not_the_body(mailbox: Stack) -> None:
     rid = 901
     _open_probe_round(mailbox, rid)
     alice_id, mallory_id = os.urandom(16), os.urandom(16)
-    alice, _ = mailbox.connector.connect(alice_id)
+    alice, _ = mailbox.connector.participant(alice_id)
     # Mallory sends a registration in Alice's name over her own certificate
     mallory_channel = mailbox.connector.channel(mallory_id)
     stub = pb_grpc.DeviceGatewayStub(mallory_channel)

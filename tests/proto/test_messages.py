@@ -12,6 +12,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from device_agent.pool import UNIT_DEVICES
 from proto import limits
 from proto.decentsim.v1 import (
     aggregator_pb2,
@@ -22,8 +23,10 @@ from proto.decentsim.v1 import (
 )
 from proto.framing import Reassembler, fragments
 from protocols.secure_sum import messages as ssm
+from protocols.secure_sum import protocol
 from protocols.secure_sum.config import Mode, PhaseSpec, RoundSpec, SlotKind
 from protocols.secure_sum.protocol import AggregatorServer, InMemoryNetwork
+from sim.params import PARAM_NAMES
 
 MODULES = (common_pb2, device_pb2, aggregator_pb2)
 ALL_MESSAGES = [
@@ -207,27 +210,73 @@ def test_gRPC_options_mirror_the_named_limits() -> None:
 
 def test_limits_are_consistent() -> None:
     page = limits.MAX_DIRECTORY_PAGE_SLOTS * 16
+    assert page + 1024 <= limits.DEVICE_MAX_REQUEST_BYTES
     assert page + 1024 <= limits.DEVICE_MAX_RESPONSE_BYTES
-    assert limits.MAX_PAYLOAD_BYTES * 16 <= limits.DEVICE_MAX_REQUEST_BYTES
+    # one payload at the per-message limit still fits a request with its routing fields
+    assert limits.MAX_PAYLOAD_BYTES + 1024 <= limits.DEVICE_MAX_REQUEST_BYTES
+    # a full pool participant (256 devices) may post 64 distinct beacons per device
+    assert UNIT_DEVICES * 64 <= limits.MAX_ITEMS_PER_POST <= protocol.MAX_ITEMS_PER_POST
     assert limits.LINK_CHUNK_BYTES + 4096 <= limits.LINK_MAX_MESSAGE_BYTES
     assert limits.LINK_MAX_PAYLOAD_BYTES < 2**31  # protobuf's ceiling for one message
 
 
-@pytest.mark.parametrize("mode", [Mode.MAILBOX, Mode.SHUFFLED])
-def test_worst_case_post_fits_the_payload_limit(mode: Mode) -> None:
-    """A real post at MAX_ITEMS_PER_POST × MAX_DIM, built by the secure-sum device client."""
-    phase = PhaseSpec(
-        "obs", limits.MAX_DIM, SlotKind.AGGREGATE, limits.MAX_ITEMS_PER_POST, ("global/day/0",)
-    )
-    net = InMemoryNetwork(mode)
+#: Bytes of one sealed envelope: version, 8-byte key id, 32-byte ephemeral key, 16-byte tag.
+_ENVELOPE = 57
+
+
+def _documented_size(mode: Mode, items: int, dim: int) -> int:
+    """A post's size by the layout ``proto.limits`` documents (fixed headers left out)."""
+    if mode is Mode.MAILBOX:  # slot ids, C-shares, one sealed 48-byte seed + digest
+        return 16 * items + 8 * items * dim + _ENVELOPE + 48
+    # an outer envelope of sealed C-items (id, slot, share) + length-prefixed sealed A-items
+    c_items = items * (_ENVELOPE + 32 + 8 * dim)
+    return _ENVELOPE + c_items + items * (4 + _ENVELOPE + 48)
+
+
+def _batch_of(raw: bytes, posts: int, items: int, dim: int) -> device_pb2.PostSharesRequest:
+    batch = device_pb2.PostSharesRequest(round=common_pb2.RoundRef(round_id=1, phase="obs"))
+    for k in range(posts):
+        batch.posts.add(
+            device=common_pb2.DeviceId(value=bytes([k + 1]) * 16),
+            item_count=items,
+            dim=dim,
+            payload=raw,
+        )
+    return batch
+
+
+def test_worst_case_mailbox_post_fits_the_payload_limit() -> None:
+    """A real mailbox post at MAX_ITEMS_PER_POST × MAX_DIM, built by the secure-sum client."""
+    items, dim = limits.MAX_ITEMS_PER_POST, limits.MAX_DIM
+    phase = PhaseSpec("obs", dim, SlotKind.AGGREGATE, items, ("global/day/0",))
+    net = InMemoryNetwork(Mode.MAILBOX)
     spec = RoundSpec(1, (phase,))
     net.open_round(spec)
-    raw = net.device().build_post(spec, "obs", ["global/day/0"], np.ones((1, limits.MAX_DIM)))
+    raw = net.device().build_post(spec, "obs", ["global/day/0"], np.ones((1, dim)))
+    assert 0 <= len(raw) - _documented_size(Mode.MAILBOX, items, dim) <= 1024
     assert 0.5 * limits.MAX_PAYLOAD_BYTES < len(raw) <= limits.MAX_PAYLOAD_BYTES
-    batch = device_pb2.PostSharesRequest(round=common_pb2.RoundRef(round_id=1, phase="obs"))
-    for _ in range(16):
-        batch.posts.add(device=common_pb2.DeviceId(value=b"\x01" * 16), payload=raw)
-    assert batch.ByteSize() <= limits.DEVICE_MAX_REQUEST_BYTES
+    # a batch of 4 worst-case posts fits one request
+    assert _batch_of(raw, 4, items, dim).ByteSize() <= limits.DEVICE_MAX_REQUEST_BYTES
+
+
+def test_full_pooled_shuffled_messages_post_fits_the_payload_limit() -> None:
+    """A real shuffled messages-phase post of a full pool participant (UNIT_DEVICES devices ×
+    64 items of dim 1 + p = 4: MAX_ITEMS_PER_POST items), to registered pseudonym slots."""
+    dim, per_device = 1 + len(PARAM_NAMES), limits.MAX_ITEMS_PER_POST // UNIT_DEVICES
+    phase = PhaseSpec("messages", dim, SlotKind.PSEUDONYM, per_device)
+    net = InMemoryNetwork(Mode.SHUFFLED, deployment_key=bytes(range(32)))
+    spec = RoundSpec(1, (phase,))
+    net.open_round(spec)
+    (slot,) = net.device().register(1, [bytes(16)])
+    net.coordinator.close_registration(1)
+    participant = net.device(devices=UNIT_DEVICES)
+    raw = participant.build_post(spec, "messages", [slot], np.ones((1, dim)))
+    items = UNIT_DEVICES * per_device
+    assert items == limits.MAX_ITEMS_PER_POST
+    assert len(ssm.ShuffledPost.from_bytes(raw).items_for_a) == items
+    assert 0 <= len(raw) - _documented_size(Mode.SHUFFLED, items, dim) <= 1024
+    assert len(raw) <= limits.MAX_PAYLOAD_BYTES
+    assert _batch_of(raw, 4, items, 0).ByteSize() <= limits.DEVICE_MAX_REQUEST_BYTES
 
 
 # -- real gRPC ---------------------------------------------------------------------------------
