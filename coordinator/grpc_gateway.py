@@ -228,6 +228,8 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
             with self.lock:
                 reply = coordinator.handle_device(raw, claimed)
         except SecureSumError as err:
+            if isinstance(err, ss_errors.RoundLost) and self._service is not None and ref:
+                self._service.round_lost(ref.round_id)
             # the message names what is wrong; protocol errors never carry values or shares
             return _refusal(status_of(err), type(err).__name__, str(err), ref)
         except LinkUnavailable as err:
@@ -497,6 +499,10 @@ class Service(Protocol):
 
     def enrol(self, request: pb.EnrolRequest) -> pb.EnrolResponse:
         """Redeem a token."""
+        ...
+
+    def round_lost(self, round_id: int) -> None:
+        """The aggregator no longer holds ``round_id``."""
         ...
 
     def schedule(self, newer_than: int, wait_ms: int) -> pb.RoundSchedule:

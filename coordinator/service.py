@@ -68,7 +68,7 @@ from proto.decentsim.v1 import device_pb2 as pb
 from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
 from proto.limits import Channel, channel_options, server_options
 from protocols.secure_sum import CoordinatorServer, Deployment, KeyPair, Mode
-from protocols.secure_sum.errors import SecureSumError
+from protocols.secure_sum.errors import RoundLost, SecureSumError
 from sim import dual
 from sim.calibration import ObservedSeries, series_loss
 from sim.model import OBSERVATIONS
@@ -270,6 +270,7 @@ class CoordinatorService:
         self._pos = _Step()
         self._done: dict[tuple[int, str], set[bytes]] = {}
         self._absent: set[str] = set()
+        self._lost: set[int] = set()
         self._bytes_in = 0
         self._stop = threading.Event()
         self.finished = threading.Event()
@@ -371,6 +372,13 @@ class CoordinatorService:
         self.seen(credential)
         return participant in self._units.get(credential, frozenset())
 
+    def round_lost(self, round_id: int) -> None:
+        """The aggregator no longer holds ``round_id`` (it restarted): void the attempt now
+        instead of at the step's deadline."""
+        with self._cond:
+            self._lost.add(round_id)
+            self._cond.notify_all()
+
     def seen(self, credential: str) -> None:
         """A credential called: it is expected in steps again."""
         if credential in self._absent:
@@ -454,9 +462,13 @@ class CoordinatorService:
         self._publish(step=step, deadline=deadline)
         with self._cond:
             while not self._stop.is_set():
+                if round_id in self._lost:
+                    raise RoundLost(f"round {round_id}: the aggregator lost it (restarted)")
                 done = self._done.get((round_id, step), set())
-                missing = self._expected(round_id, step) - done
-                if not missing:
+                expected = self._expected(round_id, step)
+                missing = expected - done
+                # nobody expected (all absent): wait for the deadline in case they come back
+                if expected and not missing:
                     return
                 remaining = deadline - time.time()
                 if remaining <= 0:
@@ -578,6 +590,10 @@ class CoordinatorService:
                     log.warning("round %d (epoch %d day %d) aborted: %s", rid, epoch, day, err)
                     self._end_round(rid, "aborted", f"{type(err).__name__}: {err}")
                     self._forget(rid)
+                    with self._cond:
+                        # a void attempt says nothing about who is alive: expect everyone
+                        self._absent.clear()
+                        self._lost.discard(rid)
                     self.view.write("abort", round=rid, reason=type(err).__name__)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 5.0)

@@ -378,6 +378,15 @@ class Agent:
         theta = self._theta(sched)
         step, day = sched.step, sched.day
         try:
+            if step != "register" and "register" not in done:
+                # a process (re)started mid-round: replay its registration (byte-identical, so
+                # the coordinator answers from its record) to learn its slots; if it had not
+                # registered before the step closed, it has none this round
+                try:
+                    pool.register(spec_m, day)
+                except SecureSumError as err:
+                    log.warning("round %d: no registration (%s)", sched.round_id, err)
+                done.add("register")
             if step == "register":
                 pool.register(spec_m, day)
             elif step == "messages":

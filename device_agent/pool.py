@@ -386,8 +386,13 @@ class DevicePool:
             summed = np.zeros((len(uniq), values.shape[1]), dtype=np.float64)
             np.add.at(summed, inverse.reshape(-1), values[rows])
             joined = pseudonym_slots(np.ascontiguousarray(uniq).tobytes(), spec.round_id, key)
-            slots = [joined[16 * j : 16 * j + 16] for j in range(len(uniq))]
-            client.post(spec, MESSAGES_PHASE, slots, summed)
+            # a beacon whose owner did not register this round (it dropped out) has no slot:
+            # its message has no recipient, as a phone's would not
+            _, registered = client.directory(spec.round_id).find(
+                np.frombuffer(joined, dtype=np.uint8).reshape(-1, 16)
+            )
+            slots = [joined[16 * j : 16 * j + 16] for j in np.flatnonzero(registered).tolist()]
+            client.post(spec, MESSAGES_PHASE, slots, summed[registered])
 
     def fetch_and_update(self, spec: RoundSpec, day: int) -> None:
         """Each participant fetches its slots' sums (its devices' ``incoming``); then f.

@@ -91,6 +91,10 @@ class UnknownPhase(PhaseError):
     """The round or phase is not declared."""
 
 
+class UnknownRound(UnknownPhase):
+    """The round is not open at this server (never opened, finished, or lost in a restart)."""
+
+
 class SubmissionError(SecureSumError):
     """A contribution is refused."""
 
@@ -101,3 +105,8 @@ class ConflictingSubmission(SubmissionError):
 
 class AgreementError(SecureSumError):
     """The two servers failed to agree on the surviving set."""
+
+
+class RoundLost(AgreementError):
+    """The aggregator no longer holds a round the coordinator has open (it restarted): the
+    round's attempt is void and must run again."""

@@ -42,8 +42,9 @@ from .errors import (
     PhaseClosed,
     PhaseError,
     RegistrationError,
+    RoundLost,
     SecureSumError,
-    UnknownPhase,
+    UnknownRound,
     WrongLength,
 )
 from .fixed_point import FixedPointCodec
@@ -320,7 +321,7 @@ class _Server:
     def _round(self, round_id: int) -> _Round:
         rnd = self.rounds.get(round_id)
         if rnd is None:
-            raise UnknownPhase(f"round {round_id} is not open on the {self.role}")
+            raise UnknownRound(f"round {round_id} is not open on the {self.role}")
         return rnd
 
     def _accumulator(self, rnd: _Round, phase: str) -> ShareAccumulator:
@@ -639,7 +640,16 @@ class CoordinatorServer(_Server):
         self.permutation = permutation
 
     def _ask(self, msg: Message, expect: type[Message]) -> Message:
-        return _expect(self._to_a(msg.to_bytes()), expect)
+        try:
+            return _expect(self._to_a(msg.to_bytes()), expect)
+        except UnknownRound as err:
+            round_id = getattr(msg, "round_id", None)
+            if round_id is not None and round_id in self.rounds:
+                raise RoundLost(
+                    f"round {round_id} is open here but not at the aggregator (it restarted): "
+                    "the round's attempt is void"
+                ) from err
+            raise
 
     # -- orchestration ----------------------------------------------------------------------
     def open_round(self, spec: RoundSpec) -> None:

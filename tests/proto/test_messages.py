@@ -429,6 +429,6 @@ def test_fragmented_relay_reaches_the_aggregator_over_grpc() -> None:
     assert servicer.fragments_in == -(-len(relay) // chunk) > 1
     reply = ssm.decode(asm.payload())
     assert isinstance(reply, ssm.ErrorReply)
-    assert reply.error == "UnknownPhase"
+    assert reply.error == "UnknownRound"
     assert "round 99 is not open on the aggregator" in reply.detail
     assert n_back == -(-len(reply.to_bytes()) // 16) > 1

@@ -767,3 +767,18 @@ def test_shuffled_lost_a_item_is_excluded_exactly() -> None:
     # exactly one slot lost exactly its one contribution; the others are exact
     assert (got != full).any(axis=1).sum() == 1
     assert (got == 0).all(axis=1).sum() == 1
+
+
+def test_a_round_the_aggregator_lost_is_void_at_the_coordinator() -> None:
+    """A restarted aggregator holds no round: C's next call for it raises RoundLost (the
+    attempt is void), while a round C never opened stays an ordinary UnknownRound."""
+    from protocols.secure_sum import AggregatorServer, RoundLost, UnknownRound
+
+    net = InMemoryNetwork(Mode.MAILBOX)
+    spec = RoundSpec(5, (PhaseSpec("obs", 2, SlotKind.AGGREGATE, 1, ("global/day/0",)),))
+    net.open_round(spec)
+    net.aggregator = AggregatorServer(net.a_keys, net.deployment)  # the restart: state gone
+    with pytest.raises(RoundLost, match="round 5 is open here but not at the aggregator"):
+        net.coordinator.close_registration(5)
+    with pytest.raises(UnknownRound, match="round 6 is not open on the coordinator"):
+        net.coordinator.close_registration(6)
