@@ -34,7 +34,7 @@ def test_run_spec_round_trips_and_names_bad_fields() -> None:
         RunSpec(population="synthetic:50", days=3, mode="carrier-pigeon")
     with pytest.raises(RunSpecError, match=r"run.json: unknown field\(s\) \['colour'\]"):
         RunSpec.from_json('{"population": "synthetic:5", "days": 2, "colour": 1}', "run.json")
-    with pytest.raises(RunSpecError, match="run.json: not JSON"):
+    with pytest.raises(RunSpecError, match=r"run\.json: not JSON"):
         RunSpec.from_json("{", "run.json")
     with pytest.raises(RunSpecError, match="bad intervention"):
         RunSpec(population="synthetic:50", days=3, lockdowns=("household:x:0.5",))
