@@ -677,25 +677,6 @@ class CoordinatorService:
         self.view.write("epoch", epoch=epoch, loss=loss, grad=grad.tolist())
         log.info("epoch %d: loss %.6g", epoch, loss)
 
-    def results(self) -> dict[str, Any]:
-        """The run's public results: per epoch θ, loss, grad; the last epoch's aggregates."""
-        epochs = self.db.execute(
-            "SELECT epoch, theta, loss, grad FROM epochs ORDER BY epoch"
-        ).fetchall()
-        days = self.db.execute("SELECT SUM(bytes_in) FROM days").fetchone()[0]
-        return {
-            "epochs": [
-                {
-                    "epoch": e,
-                    "theta": json.loads(t),
-                    "loss": loss,
-                    "grad": json.loads(g) if g else None,
-                }
-                for e, t, loss, g in epochs
-            ],
-            "bytes_device_to_servers": int(days or 0),
-        }
-
     # -- lifecycle ----------------------------------------------------------------------------
     def serve(self, listen: str, enrol_listen: str) -> tuple[int, int]:
         """Start the gateway (mutual TLS) on ``listen``, the enrolment endpoint (server TLS
