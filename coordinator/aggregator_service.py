@@ -121,8 +121,10 @@ class AggregatorService:
         mode: Mode,
         coordinator_export: Path,
         hostnames: tuple[str, ...] = ("localhost", "127.0.0.1"),
+        insecure: bool = False,
     ) -> None:
         self.state_dir = state_dir
+        self.insecure = insecure
         aggregator_init(state_dir, hostnames)
         self.ca = LocalCA.load_or_create(state_dir / "pki", "decentsim aggregator CA")
         self._pem = self.ca.ensure_credential(
@@ -152,6 +154,7 @@ class AggregatorService:
             allowed_peers=frozenset({COORDINATOR_CN}),
             policy=round_policy,
             observer=self._observe,
+            insecure=insecure,
         )
         self._server: grpc.Server | None = None
 
@@ -185,7 +188,11 @@ class AggregatorService:
             self._c_ca,
             require_client_auth=True,
         )
-        port = server.add_secure_port(listen, creds)
+        port = (
+            server.add_insecure_port(listen)
+            if self.insecure
+            else server.add_secure_port(listen, creds)
+        )
         if port == 0:
             raise ServiceError(f"cannot listen on {listen}")
         server.start()

@@ -31,6 +31,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+INSECURE_HELP = "DEBUGGING ONLY: no TLS, identities unproven (a loud warning is printed)"
+
+
+def warn_insecure(role: str) -> None:
+    """Say loudly, on stderr and in the log, that this process runs without TLS."""
+    text = (
+        f"WARNING: decentsim {role} runs with --insecure: NO TLS, peers are not authenticated "
+        "and everything on the wire is readable. Use only for debugging on a trusted host."
+    )
+    sys.stderr.write(text + "\n")
+    logging.getLogger(__name__).warning(text)
+
+
 def _hostnames(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(args.hostname) or ("localhost", "127.0.0.1")
 
@@ -84,6 +97,7 @@ def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         help="the aggregator's export dir (ca.pem, aggregator_public.json)",
     )
+    serve.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     serve.add_argument(
         "--exit-when-finished",
         action="store_true",
@@ -118,8 +132,15 @@ def run_coordinator(args: argparse.Namespace) -> int:
             return 0
         _log_to(args.state_dir, "coordinator")
         spec = RunSpec.from_json(args.run.read_text(), str(args.run)) if args.run else None
+        if args.insecure:
+            warn_insecure("coordinator")
         service = CoordinatorService(
-            args.state_dir, spec, args.aggregator, args.aggregator_export, _hostnames(args)
+            args.state_dir,
+            spec,
+            args.aggregator,
+            args.aggregator_export,
+            _hostnames(args),
+            insecure=args.insecure,
         )
     except (ServiceError, RunSpecError, OSError) as e:
         raise SystemExit(f"decentsim coordinator {args.action}: {e}") from None
@@ -153,6 +174,7 @@ def add_aggregator_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         help="the coordinator's export dir (ca.pem, coordinator_public.json)",
     )
+    serve.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
 
 
 def run_aggregator(args: argparse.Namespace) -> int:
@@ -166,8 +188,14 @@ def run_aggregator(args: argparse.Namespace) -> int:
             print(f"aggregator identity in {args.state_dir}; share {export} with the coordinator")
             return 0
         _log_to(args.state_dir, "aggregator")
+        if args.insecure:
+            warn_insecure("aggregator")
         service = AggregatorService(
-            args.state_dir, Mode(args.mode), args.coordinator_export, _hostnames(args)
+            args.state_dir,
+            Mode(args.mode),
+            args.coordinator_export,
+            _hostnames(args),
+            insecure=args.insecure,
         )
     except (ServiceError, OSError) as e:
         raise SystemExit(f"decentsim aggregator {args.action}: {e}") from None

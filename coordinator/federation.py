@@ -96,12 +96,17 @@ class Federation:
             ``root/pool-<i>``).
         spec: the run.
         population_seed: seed of a ``synthetic:N`` population (the pools generate it).
+        insecure: DEBUGGING ONLY: run every process with ``--insecure`` (no TLS).
     """
 
-    def __init__(self, root: Path, spec: RunSpec, population_seed: int = 0) -> None:
+    def __init__(
+        self, root: Path, spec: RunSpec, population_seed: int = 0, insecure: bool = False
+    ) -> None:
         self.root = root
         self.spec = spec
         self.population_seed = population_seed
+        #: DEBUGGING ONLY: every process without TLS
+        self.insecure = insecure
         self.c_dir = root / "coordinator"
         self.a_dir = root / "aggregator"
         self.pool_dirs = [root / f"pool-{i}" for i in range(spec.pools)]
@@ -115,6 +120,8 @@ class Federation:
 
     def _spawn(self, name: str, args: list[str], log_dir: Path) -> None:
         log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.insecure:
+            args = [*args, "--insecure"]
         with (log_dir / "stderr.log").open("ab") as err:
             self.procs[name] = subprocess.Popen(
                 self._cli(*args), stdout=subprocess.DEVNULL, stderr=err, env=self._env

@@ -64,6 +64,8 @@ from protocols.secure_sum.messages import (
 
 _SLOT_BYTES = 16
 _DEVICE_CN = re.compile(r"^[0-9a-f]{32}$")
+#: Call metadata naming the caller's credential in ``--insecure`` (debugging) mode only.
+CREDENTIAL_METADATA = "decentsim-credential"
 #: Heartbeat pacing suggested to devices.
 HEARTBEAT_INTERVAL_MS = 10_000
 #: Longest GetRound long poll the gateway would allow (reported by Heartbeat).
@@ -120,6 +122,8 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
         clock: unix seconds (Heartbeat).
         service: the run's coordinator service (credentials owning participants, Enrol,
             GetRound, progress reports).
+        insecure: DEBUGGING ONLY, no TLS: the caller names its credential in the
+            ``decentsim-credential`` metadata and nothing proves it.
 
     ``lock`` serializes every call into the protocol objects (they are not thread-safe); the
     round driver holds it too when it closes phases while devices may be calling.
@@ -132,12 +136,14 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
         authenticate: Authenticate | None = None,
         clock: Callable[[], float] = time.time,
         service: Service | None = None,
+        insecure: bool = False,
     ) -> None:
         self.neighbourhood = neighbourhood
         self.aggregates = aggregates if aggregates is not None else neighbourhood
         self._authenticate = authenticate
         self._clock = clock
         self._service = service
+        self._insecure = insecure
         self.lock = threading.RLock()
         #: set by :meth:`drain`: Heartbeat tells devices the server is going away
         self.draining = False
@@ -149,7 +155,15 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
     # -- identity ---------------------------------------------------------------------------
     def _peer(self, context: grpc.ServicerContext) -> bytes:
         """The device id authenticated by the TLS client certificate (never the body)."""
-        if self._authenticate is not None:
+        if self._insecure:
+            device_hex = str(dict(context.invocation_metadata()).get(CREDENTIAL_METADATA, ""))
+            if not _DEVICE_CN.match(device_hex):
+                abort(
+                    context,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"insecure mode: name the credential in {CREDENTIAL_METADATA!r} metadata",
+                )
+        elif self._authenticate is not None:
             pems = context.auth_context().get("x509_pem_cert", [])
             if not pems:
                 abort(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate")

@@ -171,6 +171,7 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
         policy: checks a round spec C proposes in OpenRound (its phases); A then opens it
             itself. Without a policy, A's operator opens rounds from its own schedule.
         observer: told of every served call (A's recorded view for the audit).
+        insecure: DEBUGGING ONLY: serve without TLS, accepting any caller.
 
     ``lock`` serializes every call into the protocol objects (they are not thread-safe); A's
     operator holds it too when it opens a round from its own schedule.
@@ -182,6 +183,7 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
         allowed_peers: frozenset[str] = frozenset({COORDINATOR_CN}),
         policy: RoundPolicy | None = None,
         observer: LinkObserver | None = None,
+        insecure: bool = False,
     ) -> None:
         if not servers:
             raise ValueError("an aggregator link needs at least one deployment")
@@ -189,11 +191,13 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
         self._allowed = allowed_peers
         self._policy = policy
         self._observer = observer
+        #: DEBUGGING ONLY: no TLS, so no peer identity to check
+        self.insecure = insecure
         self.lock = threading.RLock()
 
     def _server(self, context: grpc.ServicerContext) -> AggregatorServer:
         cn = peer_common_name(context)
-        if cn not in self._allowed:
+        if not self.insecure and cn not in self._allowed:
             abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,

@@ -214,6 +214,7 @@ class CoordinatorService:
         spec: the run; ``None`` resumes the run persisted in ``state_dir``.
         aggregator: ``HOST:PORT`` of the aggregator's link.
         aggregator_export: the aggregator's export dir (``ca.pem``, ``aggregator_public.json``).
+        insecure: DEBUGGING ONLY: no TLS anywhere; a caller names its credential in metadata.
     """
 
     def __init__(
@@ -223,8 +224,10 @@ class CoordinatorService:
         aggregator: str,
         aggregator_export: Path,
         hostnames: tuple[str, ...] = ("localhost", "127.0.0.1"),
+        insecure: bool = False,
     ) -> None:
         self.state_dir = state_dir
+        self.insecure = insecure
         coordinator_init(state_dir, hostnames)
         self.db = open_db(
             state_dir / "coordinator.sqlite3", migrations=_MIGRATIONS, check_same_thread=False
@@ -249,8 +252,10 @@ class CoordinatorService:
         except FileNotFoundError:
             raise ServiceError(f"{aggregator_export / 'ca.pem'}: aggregator CA not found") from None
         creds = grpc.ssl_channel_credentials(a_ca, link_pem.private_key, link_pem.certificate_chain)
-        self._a_channel = grpc.secure_channel(
-            aggregator, creds, options=channel_options(Channel.LINK)
+        self._a_channel = (
+            grpc.insecure_channel(aggregator, options=channel_options(Channel.LINK))
+            if insecure
+            else grpc.secure_channel(aggregator, creds, options=channel_options(Channel.LINK))
         )
         for name in DEPLOYMENTS:
             pair = KeyPair.from_private_bytes(keys[name])
@@ -265,6 +270,7 @@ class CoordinatorService:
             self.servers["aggregates"],
             authenticate=self.registry.authenticate,
             service=self,
+            insecure=insecure,
         )
         self._cond = threading.Condition()
         self._pos = _Step()
@@ -700,7 +706,10 @@ class CoordinatorService:
                 pem.root_certificates if mutual else None,
                 require_client_auth=mutual,
             )
-            port = server.add_secure_port(address, creds)
+            if self.insecure:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, creds)
             if port == 0:
                 raise ServiceError(f"cannot listen on {address}")
             server.start()

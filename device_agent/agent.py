@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from coordinator.enrolment import build_enrolment_csr
+from coordinator.grpc_gateway import CREDENTIAL_METADATA
 from coordinator.pki import generate_private_key
 from coordinator.rounds import round_specs
 from coordinator.runspec import RunSpec
@@ -182,6 +183,8 @@ class AgentConfig:
     token: str | None = None
     enrol_address: str | None = None
     world_secret: bytes | None = None
+    #: DEBUGGING ONLY: plaintext gRPC; the credential is named in call metadata
+    insecure: bool = False
     policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=8, timeout_s=120.0))
 
 
@@ -201,6 +204,25 @@ def _retry(call: Callable[[], _T], what: str, give_up_s: float = 600.0) -> _T:
             wait = min(wait * 2, 2.0)
 
 
+def _channel(target: str, creds: grpc.ChannelCredentials, insecure: bool) -> grpc.Channel:
+    """A TLS channel, or (``--insecure``, debugging only) a plaintext one."""
+    opts = channel_options(Channel.DEVICE)
+    if insecure:
+        return grpc.insecure_channel(target, options=opts)
+    return grpc.secure_channel(target, creds, options=opts)
+
+
+class _CredentialMetadata(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """``--insecure`` only: name the credential in every call's metadata (nothing proves it)."""
+
+    def __init__(self, credential: str) -> None:
+        self._item = (CREDENTIAL_METADATA, credential)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._item]
+        return continuation(details._replace(metadata=metadata), request)
+
+
 def enrol(config: AgentConfig, store: PoolStore, device_count: int) -> None:
     """Redeem the token: a new key pair here, a certificate from the coordinator."""
     if config.token is None or config.enrol_address is None:
@@ -209,10 +231,10 @@ def enrol(config: AgentConfig, store: PoolStore, device_count: int) -> None:
     csr_pem = build_enrolment_csr(key)
     csr_der = x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
     ca = config.ca_pem.read_bytes()
-    channel = grpc.secure_channel(
+    channel = _channel(
         config.enrol_address,
         grpc.ssl_channel_credentials(ca),
-        options=channel_options(Channel.DEVICE),
+        config.insecure,
     )
     try:
         stub = pb_grpc.DeviceGatewayStub(channel)
@@ -265,9 +287,11 @@ class Agent:
         creds = grpc.ssl_channel_credentials(
             config.ca_pem.read_bytes(), key_pem, _pem_of_der(reply.client_certificate_der)
         )
-        self.channel = grpc.secure_channel(
-            config.coordinator, creds, options=channel_options(Channel.DEVICE)
-        )
+        self.channel = _channel(config.coordinator, creds, config.insecure)
+        if config.insecure:
+            self.channel = grpc.intercept_channel(
+                self.channel, _CredentialMetadata(reply.credential_id)
+            )
         self.stub = pb_grpc.DeviceGatewayStub(self.channel)
         self._directory: dict[int, SlotTable] = {}
         self.pool: DevicePool | None = None

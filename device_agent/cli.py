@@ -35,6 +35,11 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         " bleak: a real BLE scanner (pilot devices only)",
     )
     run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="DEBUGGING ONLY: no TLS (the coordinator must run --insecure too)",
+    )
+    run.add_argument(
         "--world-secret",
         type=Path,
         help="file with the simulated world's beacon secret (simulated radio)",
@@ -58,6 +63,10 @@ def run_agent(args: argparse.Namespace) -> int:
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.insecure:
+        from coordinator.cli_servers import warn_insecure
+
+        warn_insecure("device-agent")
     try:
         config = AgentConfig(
             coordinator=args.coordinator,
@@ -69,6 +78,7 @@ def run_agent(args: argparse.Namespace) -> int:
             token=token,
             enrol_address=args.enrol,
             world_secret=world,
+            insecure=args.insecure,
         )
         run_pool(config)
     except (AgentError, RunSpecError, PopulationError, OSError) as e:

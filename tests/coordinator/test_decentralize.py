@@ -81,3 +81,42 @@ def test_decentralize_syncs_rounds_equal_to_the_central_run(tmp_path: Path) -> N
     assert summary["daily"]["new_deaths"] == central.new_deaths.tolist()
     assert (tmp_path / "out" / "federated.png").stat().st_size > 0
     assert (tmp_path / "out" / "views" / "coordinator.jsonl").exists()
+
+
+def test_insecure_debug_mode_runs_without_tls_and_still_checks_the_credential(
+    tmp_path: Path,
+) -> None:
+    """``--insecure`` (debugging only): plaintext gRPC everywhere, a loud warning from every
+    process, the same results; a call that names no credential is refused."""
+    import grpc
+
+    from coordinator.federation import Federation, items_budget
+    from proto.decentsim.v1 import device_pb2 as pb
+    from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
+
+    theta = {"beta": 0.6, "mortality": 0.01, "init_frac": 0.05}
+    spec = RunSpec(
+        population="synthetic:200", days=2, seed=4, theta=theta, pools=1,
+        items_per_device=items_budget("synthetic:200", 4, 1), advertising_intervals=4,
+        step_timeout_s=60,
+    )  # fmt: skip
+    fed = Federation(tmp_path, spec, population_seed=4, insecure=True)
+    try:
+        fed.start()
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{fed.c_port}") as channel,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            pb_grpc.DeviceGatewayStub(channel).GetRound(pb.GetRoundRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "decentsim-credential" in (refused.value.details() or "")
+        fed.wait(timeout_s=120)
+        results = fed.results()
+    finally:
+        fed.stop()
+    central = CentralSimulator(
+        populations.from_spec("synthetic:200", seed=4), spec.model_config(), 4, dtype=torch.float64
+    ).run(spec.theta_object(), 2, "forward")
+    assert results["y"][..., 0].sum(-1)[:, 0].tolist() == central.new_infections.tolist()
+    for role in ("coordinator", "aggregator", "pool-0"):
+        assert "--insecure: NO TLS" in (tmp_path / role / "stderr.log").read_text()
