@@ -291,8 +291,15 @@ class CoordinatorService:
         with self._db_lock, transaction(self.db) as conn:
             yield conn
 
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """Rows of a read, under the lock every write holds: one connection serves the
+        driver and the gateway's threads."""
+        with self._db_lock:
+            return self.db.execute(sql, args).fetchall()
+
     def _load_or_store_spec(self, spec: RunSpec | None) -> RunSpec:
-        row = self.db.execute("SELECT spec FROM run").fetchone()
+        rows = self._read("SELECT spec FROM run")
+        row = rows[0] if rows else None
         if row is not None:
             stored = RunSpec.from_json(row[0], f"{self.state_dir}/coordinator.sqlite3")
             if spec is not None and spec != stored:
@@ -314,7 +321,7 @@ class CoordinatorService:
         return spec
 
     def _load_units(self) -> dict[str, frozenset[bytes]]:
-        rows = self.db.execute("SELECT credential, units FROM credentials").fetchall()
+        rows = self._read("SELECT credential, units FROM credentials")
         return {c: frozenset(bytes(u[i : i + 16]) for i in range(0, len(u), 16)) for c, u in rows}
 
     def _abort_open_rounds(self) -> None:
@@ -439,14 +446,12 @@ class CoordinatorService:
 
     def theta(self, epoch: int) -> Theta:
         """θ of an epoch (persisted at the end of the previous one)."""
-        row = self.db.execute("SELECT theta FROM epochs WHERE epoch = ?", (epoch,)).fetchone()
+        (row,) = self._read("SELECT theta FROM epochs WHERE epoch = ?", (epoch,))
         return Theta(**json.loads(row[0]))
 
     def committed_days(self, epoch: int) -> int:
         """Days of ``epoch`` whose aggregates are committed."""
-        return int(
-            self.db.execute("SELECT COUNT(*) FROM days WHERE epoch = ?", (epoch,)).fetchone()[0]
-        )
+        return int(self._read("SELECT COUNT(*) FROM days WHERE epoch = ?", (epoch,))[0][0])
 
     # -- the round state machine --------------------------------------------------------------
     def _publish(self, **changes: Any) -> None:
@@ -615,8 +620,8 @@ class CoordinatorService:
         self.finished.set()
 
     def _epoch_done(self, epoch: int) -> bool:
-        row = self.db.execute("SELECT loss FROM epochs WHERE epoch = ?", (epoch,)).fetchone()
-        return row is not None and row[0] is not None
+        rows = self._read("SELECT loss FROM epochs WHERE epoch = ?", (epoch,))
+        return bool(rows) and rows[0][0] is not None
 
     # -- loss, gradient, θ step ---------------------------------------------------------------
     def loss_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -630,9 +635,7 @@ class CoordinatorService:
 
     def aggregates(self, epoch: int) -> torch.Tensor:
         """The committed aggregates of an epoch: dual (T, 2, G, 1 + p)."""
-        rows = self.db.execute(
-            "SELECT y FROM days WHERE epoch = ? ORDER BY day", (epoch,)
-        ).fetchall()
+        rows = self._read("SELECT y FROM days WHERE epoch = ? ORDER BY day", (epoch,))
         width = 1 + len(PARAM_NAMES)
         return torch.from_numpy(
             np.stack([np.frombuffer(r[0], "<f8") for r in rows]).reshape(
@@ -652,7 +655,7 @@ class CoordinatorService:
         """Record the epoch's loss and gradient; with more epochs to go, step θ (Adam, log θ)."""
         loss, grad = self.loss_and_grad(epoch)
         theta = self.theta(epoch)
-        row = self.db.execute("SELECT adam FROM epochs WHERE epoch = ?", (epoch,)).fetchone()
+        (row,) = self._read("SELECT adam FROM epochs WHERE epoch = ?", (epoch,))
         adam = (
             json.loads(row[0])
             if row[0]
