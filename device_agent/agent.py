@@ -11,8 +11,9 @@ Everything that must survive a crash lives in the pool's own SQLite store (WAL, 
 credential and participant ids, the run's deployments (with the secret pseudonym-slot key), its
 secret (from which every participant derives the randomness of its requests, so a restarted
 agent resends byte-identical requests: the servers see replays, never conflicts), the
-start-of-day state of every day (the agent resumes or re-runs a day from it), and its own
-daily observation totals (a local diagnostic). The store never leaves the device.
+start-of-day state of every day (the agent resumes or re-runs a day from it), its devices'
+contact log of the last 14 days (heard RPIs and weights), and its own daily observation totals
+(a local diagnostic). The store never leaves the device.
 
 A pool loads its own agents' slice of the population itself; the coordinator never receives an
 agent's attributes. In a simulated federation the pool's radio is driven by the population's
@@ -50,6 +51,7 @@ from proto.decentsim.v1 import device_pb2 as pb
 from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
 from proto.limits import Channel, channel_options
 from protocols.ble.radio import IdealRadio, Radio, SimulatedRadio
+from protocols.ble.scoring import Trace
 from protocols.ble.simkeys import SimulatedKeyring
 from protocols.secure_sum import DeviceClient, RoundSpec
 from protocols.secure_sum.errors import SecureSumError
@@ -70,8 +72,13 @@ _MIGRATIONS = (
                          PRIMARY KEY (epoch, day));
     CREATE TABLE observed (epoch INTEGER NOT NULL, day INTEGER NOT NULL, round_id INTEGER NOT NULL,
                            y BLOB NOT NULL, PRIMARY KEY (epoch, day));
+    CREATE TABLE traces (epoch INTEGER NOT NULL, day INTEGER NOT NULL, entries INTEGER NOT NULL,
+                         observer BLOB NOT NULL, rpi BLOB NOT NULL, weight BLOB NOT NULL,
+                         PRIMARY KEY (epoch, day));
     """,
 )
+#: Days of contact log a device keeps (Exposure Notification keeps 14).
+TRACE_RETENTION_DAYS = 14
 
 
 class AgentError(Exception):
@@ -151,6 +158,35 @@ class PoolStore:
                 "INSERT OR REPLACE INTO observed VALUES (?, ?, ?, ?)",
                 (epoch, day, round_id, y.numpy().astype("<f8").tobytes()),
             )
+
+    def save_trace(self, epoch: int, day: int, trace: Trace) -> None:
+        """Keep the day's contact log (who heard which RPI, with what weight); days older
+        than :data:`TRACE_RETENTION_DAYS` are deleted."""
+        with transaction(self.db) as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO traces VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    epoch,
+                    day,
+                    len(trace.observer),
+                    trace.observer.astype("<i8").tobytes(),
+                    np.ascontiguousarray(trace.rpi).tobytes(),
+                    trace.weight.astype("<f8").tobytes(),
+                ),
+            )
+            conn.execute(
+                "DELETE FROM traces WHERE epoch < ? OR (epoch = ? AND day <= ?)",
+                (epoch, epoch, day - TRACE_RETENTION_DAYS),
+            )
+
+    def trace_days(self) -> list[tuple[int, int, int]]:
+        """(epoch, day, entries) of the contact log kept."""
+        return [
+            (int(e), int(d), int(n))
+            for e, d, n in self.db.execute(
+                "SELECT epoch, day, entries FROM traces ORDER BY epoch, day"
+            ).fetchall()
+        ]
 
     def observed(self, epoch: int) -> dict[int, np.ndarray]:
         """The pool's own observation totals of an epoch, by day."""
@@ -415,6 +451,8 @@ class Agent:
                 pool.register(spec_m, day)
             elif step == "messages":
                 pool.post_messages(spec_m, day, theta)
+                if pool.last_trace is not None:
+                    self.store.save_trace(sched.epoch, day, pool.last_trace)
             elif step == "fetch":
                 self._finish_day(sched, spec_m)
             elif step == "observations":

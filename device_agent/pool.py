@@ -37,6 +37,7 @@ import torch
 from protocols.ble import gaen
 from protocols.ble.mapping import sightings_from_contacts, traces_from_sightings
 from protocols.ble.radio import DayContacts, Radio, RadioDay
+from protocols.ble.scoring import Trace
 from protocols.ble.sightings import Sightings
 from protocols.ble.simkeys import SimulatedKeyring
 from protocols.secure_sum import DeviceClient, RoundSpec, pseudonym_slots
@@ -276,6 +277,7 @@ class DevicePool:
         self._silent: dict[str, frozenset[int]] = {}
         #: sum of the last update's y over all devices (a local diagnostic, never sent as such)
         self.last_y: torch.Tensor | None = None
+        self.last_trace: Trace | None = None
 
     @property
     def n(self) -> int:
@@ -367,6 +369,8 @@ class DevicePool:
         """
         q = self.prepare(day, theta)
         trace = traces_from_sightings(self.world.sightings(day, self._ids_np))
+        #: the day's private contact trace (heard RPI, weight per device); kept by the device
+        self.last_trace = trace
         local = self.local_index(trace.observer)
         values = message(q[torch.from_numpy(local)], torch.from_numpy(trace.weight)).numpy()
         keep = self._speaking(MESSAGES_PHASE)[local]

@@ -266,6 +266,11 @@ def test_federated_run_equals_central(finished: Finished) -> None:
     own = [observed(finished.fed, i) for i in range(POOLS)]
     for d in range(EQ_DAYS):
         np.testing.assert_array_equal(sum(o[d][..., 0] for o in own), ref[d])
+    # every pool keeps its devices' contact log of each day it took part in
+    for d in finished.fed.pool_dirs:
+        kept = PoolStore(d).trace_days()
+        assert [day for _, day, _ in kept] == list(range(EQ_DAYS))
+        assert all(entries > 0 for _, _, entries in kept)
 
 
 # -- 2. crash and resume ----------------------------------------------------------------------
@@ -547,6 +552,12 @@ def planted(fed: Finished) -> dict[str, list[bytes]]:
         assert len(states) >= 10, f"pool {i}: too few distinctive state values to plant"
         for j, v in enumerate(states[:40]):
             needles[f"pool-{i} device state tangent #{j}"] = float_needles(v)
+        # the beacons its devices heard (the contact log): servers see only slots
+        heard = query(d / "pool.sqlite3", "SELECT rpi FROM traces")
+        rpis = np.frombuffer(b"".join(bytes(r) for (r,) in heard), np.uint8).reshape(-1, 16)
+        assert len(rpis) > 0
+        for j, rpi in enumerate(rpis[:: max(1, len(rpis) // 20)][:20]):
+            needles[f"pool-{i} heard RPI #{j}"] = bytes_needles(bytes(rpi))
         own = np.concatenate([o[..., 1:].ravel() for o in observed(fed.fed, i).values()])
         for j, v in enumerate(distinctive(own, public)[:20]):
             needles[f"pool-{i} own daily total #{j}"] = float_needles(v)
