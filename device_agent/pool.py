@@ -70,7 +70,7 @@ OBSERVATIONS_PHASE = "observations"
 Connect = Callable[[int, int], tuple[DeviceClient, DeviceClient]]
 
 #: Devices per secure-sum participant of a pool (bounds one post's size).
-UNIT_DEVICES = 256
+UNIT_DEVICES = 1024
 
 
 log = logging.getLogger(__name__)
@@ -351,6 +351,8 @@ class DevicePool:
                 client.register(spec.round_id, [raw[16 * j : 16 * j + 16] for j in range(lo, hi)])
             )
         self._slots = slots
+        # the day's radio (cached) runs now, while the other participants still register
+        self.world.radio_day(day)
 
     def prepare(self, day: int, theta: torch.Tensor) -> torch.Tensor:
         """Adopt the round's public θ (p,) and compute the day's behaviour; returns every

@@ -14,9 +14,10 @@ bytes: version, 8-byte key id, 32-byte ephemeral key, 16-byte tag):
   plus ``items`` sealed A-items of ``57 + 48`` bytes each (each with a 4-byte length prefix).
 
 A post comes from one secure-sum participant: a phone (one device) or a share of a device pool
-(up to ``device_agent.pool.UNIT_DEVICES`` = 256 devices, padded to ``devices × items_per_device``
-items). At the limits below (16,384 items of dim 64) a mailbox post is about 8.6 MB; a shuffled
-post of 16,384 items of dim 4 (the messages phase) about 3.8 MB: both fit ``MAX_PAYLOAD_BYTES``.
+(up to ``device_agent.pool.UNIT_DEVICES`` = 1,024 devices, padded to ``devices ×
+items_per_device`` items). At the limits below (65,536 items of dim 64) a mailbox post is about
+34.6 MB; a messages-phase post of 65,536 items of dim 4 about 3.1 MB (mailbox) or 15 MB
+(shuffled): all fit ``MAX_PAYLOAD_BYTES``.
 """
 
 from __future__ import annotations
@@ -25,19 +26,19 @@ import enum
 
 _MiB = 1 << 20
 
-#: Most items one participant may post in one phase (``devices × items_per_device``): 256
+#: Most items one participant may post in one phase (``devices × items_per_device``): 1,024
 #: pooled devices × 64 distinct beacons a day each, and keeps one post under
 #: ``MAX_PAYLOAD_BYTES``.
-MAX_ITEMS_PER_POST = 16_384
+MAX_ITEMS_PER_POST = 65_536
 
 #: Most ring elements per item (``PhaseSpec.dim``): a value plus p ≲ 16 tangents per message,
 #: or a few observations × (1 + p) per aggregate item; 64 leaves room for either.
 MAX_DIM = 64
 
 #: Most bytes of one encoded secure-sum message carried in one ``payload`` field of a unary
-#: device RPC (one post, registration or fetch). 16 MiB holds the largest post the two limits
-#: above allow (≈ 8.6 MB, see the module docstring).
-MAX_PAYLOAD_BYTES = 16 * _MiB
+#: device RPC (one post, registration or fetch). 40 MiB holds the largest post the two limits
+#: above allow (≈ 34.6 MB, see the module docstring).
+MAX_PAYLOAD_BYTES = 40 * _MiB
 
 #: Most entries (devices' posts, registrations, or fetches) in one batched device RPC. Pools
 #: split larger batches; the byte limit below is the binding one for big posts.
@@ -47,8 +48,8 @@ MAX_ENTRIES_PER_BATCH = 4096
 MAX_DIRECTORY_PAGE_SLOTS = 1 << 18
 
 #: Most bytes of one device → coordinator request (server receive, device send). 64 MiB holds
-#: a batch of a few worst-case posts, or many typical ones, and keeps one request's memory
-#: bounded at C.
+#: one worst-case post, or a batch of a few full messages-phase posts, and keeps one request's
+#: memory bounded at C.
 DEVICE_MAX_REQUEST_BYTES = 64 * _MiB
 
 #: Most bytes of one coordinator → device reply (server send, device receive): a full directory
