@@ -9,6 +9,7 @@ coordinator writes its gateway port and then its enrolment port).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import signal
 import sys
@@ -120,8 +121,6 @@ def run_coordinator(args: argparse.Namespace) -> int:
 
             coordinator_init(args.state_dir, _hostnames(args))
             ca = LocalCA.load_or_create(args.state_dir / "pki", "decentsim coordinator CA")
-            import datetime as dt
-
             with EnrolmentRegistry(args.state_dir / "enrolment.sqlite3", ca) as registry:
                 minted = registry.mint_tokens(args.count, dt.timedelta(days=7))
             text = "\n".join(minted) + "\n"
