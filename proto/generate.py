@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: where the sources of package decentsim.v1 live, relative to ROOT
 SOURCE_DIR = Path("proto/decentsim/v1")
 #: the grpcio-tools release the committed code was generated with
-GRPC_TOOLS_VERSION = "1.85.1"
+GRPC_TOOLS_VERSION = "1.81.1"
 #: what protoc writes for each source ``X.proto``
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
