@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: install demo test lint bench proto clean
 
@@ -27,7 +29,7 @@ demo: install
 		"servers' recorded views: out/demo/federated/views/"
 
 test: install
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -57,6 +57,10 @@ MAX_DEVICES = 2**20
 MAX_SLOT_SUMMANDS = 2**24
 
 
+#: The steps of a round, in order (a federated run's day).
+STEPS = ("register", "messages", "fetch", "observations")
+
+
 class RoundError(Exception):
     """A round could not run as asked; the message names the reason."""
 

@@ -41,11 +41,17 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from coordinator.enrolment import build_enrolment_csr
 from coordinator.grpc_gateway import CREDENTIAL_METADATA
 from coordinator.pki import generate_private_key
-from coordinator.rounds import round_specs
+from coordinator.rounds import STEPS, round_specs
 from coordinator.runspec import RunSpec
 from coordinator.store import open_db, transaction
 from coordinator.wire import deployment_from_pb
-from device_agent.grpc_client import GatewayLink, RetryPolicy, Role, TransportError
+from device_agent.grpc_client import (
+    AwaitingReply,
+    GatewayLink,
+    RetryPolicy,
+    Role,
+    TransportError,
+)
 from device_agent.pool import UNIT_DEVICES, DevicePool, SimulatedWorld
 from proto.decentsim.v1 import device_pb2 as pb
 from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
@@ -58,7 +64,7 @@ from protocols.secure_sum.errors import SecureSumError
 from protocols.secure_sum.slots import SlotTable
 from sim.model import State
 from sim.params import PARAM_NAMES
-from sim.populations import from_spec
+from sim.populations import Population, from_spec
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,12 @@ _MIGRATIONS = (
     CREATE TABLE traces (epoch INTEGER NOT NULL, day INTEGER NOT NULL, entries INTEGER NOT NULL,
                          observer BLOB NOT NULL, rpi BLOB NOT NULL, weight BLOB NOT NULL,
                          PRIMARY KEY (epoch, day));
+    """,
+    # an Enrol request in flight over a transport that answers later (Flower): kept so the
+    # redone request is byte-identical (a new key would make it a different request)
+    """
+    CREATE TABLE pending_enrolment (id INTEGER PRIMARY KEY CHECK (id = 1),
+                                    key_pem BLOB NOT NULL, request BLOB NOT NULL);
     """,
 )
 #: Days of contact log a device keeps (Exposure Notification keeps 14).
@@ -135,6 +147,22 @@ class PoolStore:
                 "INSERT INTO credential VALUES (1, ?, ?, ?)",
                 (key_pem, reply.SerializeToString(), os.urandom(32)),
             )
+            conn.execute("DELETE FROM pending_enrolment")
+
+    def pending_enrolment(
+        self, make: Callable[[], tuple[bytes, pb.EnrolRequest]]
+    ) -> tuple[bytes, pb.EnrolRequest]:
+        """The Enrol request in flight (key PEM, request), made by ``make`` and kept first."""
+        row = self.db.execute("SELECT key_pem, request FROM pending_enrolment").fetchone()
+        if row is not None:
+            return bytes(row[0]), pb.EnrolRequest.FromString(bytes(row[1]))
+        key_pem, request = make()
+        with transaction(self.db) as conn:
+            conn.execute(
+                "INSERT INTO pending_enrolment VALUES (1, ?, ?)",
+                (key_pem, request.SerializeToString()),
+            )
+        return key_pem, request
 
     def state(self, epoch: int, day: int) -> State | None:
         """The stored start-of-day state, if any."""
@@ -259,13 +287,29 @@ class _CredentialMetadata(grpc.UnaryUnaryClientInterceptor):  # type: ignore[mis
         return continuation(details._replace(metadata=metadata), request)
 
 
+def enrolment_request(token: str, device_count: int) -> tuple[bytes, pb.EnrolRequest]:
+    """A new key pair (PEM, unencrypted: it goes into the pool's 0600 store) and the Enrol
+    request for it."""
+    key = generate_private_key()
+    csr_der = x509.load_pem_x509_csr(build_enrolment_csr(key)).public_bytes(
+        serialization.Encoding.DER
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    request = pb.EnrolRequest(
+        token=token, csr_der=csr_der, device_count=device_count, agent_version="1"
+    )
+    return key_pem, request
+
+
 def enrol(config: AgentConfig, store: PoolStore, device_count: int) -> None:
     """Redeem the token: a new key pair here, a certificate from the coordinator."""
     if config.token is None or config.enrol_address is None:
         raise AgentError(f"{config.state_dir}: not enrolled yet: give --token and --enrol")
-    key = generate_private_key()
-    csr_pem = build_enrolment_csr(key)
-    csr_der = x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
+    key_pem, req = enrolment_request(config.token, device_count)
     ca = config.ca_pem.read_bytes()
     channel = _channel(
         config.enrol_address,
@@ -274,41 +318,57 @@ def enrol(config: AgentConfig, store: PoolStore, device_count: int) -> None:
     )
     try:
         stub = pb_grpc.DeviceGatewayStub(channel)
-        req = pb.EnrolRequest(
-            token=config.token, csr_der=csr_der, device_count=device_count, agent_version="1"
-        )
         reply = _retry(lambda: stub.Enrol(req, timeout=30), "Enrol")
     finally:
         channel.close()
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
     store.save_enrolment(key_pem, reply)
 
 
-def _pem_of_der(der: bytes) -> bytes:
+def pem_of_der(der: bytes) -> bytes:
+    """A DER certificate as PEM."""
     return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
 
 
-class Agent:
-    """One device-agent process: a pool of devices following the coordinator's rounds."""
+def load_slice(config: AgentConfig) -> tuple[Population, torch.Tensor]:
+    """The population and this pool's agent ids (its slice); the pool loads its own agents."""
+    population = from_spec(config.population, seed=config.population_seed)
+    ids = slice_ids(population.n_agents, *config.slice)
+    if ids.numel() == 0:
+        raise AgentError(f"slice {config.slice} of {population.n_agents} agents is empty")
+    return population, ids
 
-    def __init__(self, config: AgentConfig) -> None:
+
+def units_of(ids: torch.Tensor) -> int:
+    """Secure-sum participants a pool of these devices needs."""
+    return -(-ids.numel() // UNIT_DEVICES)
+
+
+class PoolRunner:
+    """A device pool following the coordinator's round schedule, over any transport.
+
+    ``stub`` is anything with the DeviceGateway's unary methods (``RegisterSlots(request,
+    timeout=…)``, …): a gRPC stub, or the Flower transport's tunnel. The runner acts on each
+    schedule it is shown (:meth:`follow`); every step is safe to redo (its requests are
+    byte-identical), which is how a failed or interrupted step is retried.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: PoolStore,
+        stub: Any,
+        population: Population,
+        ids: torch.Tensor,
+    ) -> None:
         self.config = config
-        self.store = PoolStore(config.state_dir)
-        population = from_spec(config.population, seed=config.population_seed)
+        self.store = store
         self.population = population
-        self.ids = slice_ids(population.n_agents, *config.slice)
-        if self.ids.numel() == 0:
-            raise AgentError(f"slice {config.slice} of {population.n_agents} agents is empty")
-        units = -(-self.ids.numel() // UNIT_DEVICES)
-        if self.store.enrolment() is None:
-            enrol(config, self.store, units)
-        enrolled = self.store.enrolment()
-        assert enrolled is not None
-        key_pem, reply, self.secret = enrolled
+        self.ids = ids
+        enrolled = store.enrolment()
+        if enrolled is None:
+            raise AgentError(f"{config.state_dir}: not enrolled")
+        _, reply, self.secret = enrolled
+        units = units_of(ids)
         if len(reply.devices) != units:
             raise AgentError(
                 f"{config.state_dir}: enrolled with {len(reply.devices)} participants but this "
@@ -320,25 +380,19 @@ class Agent:
             deployments["neighbourhood"],
             deployments["aggregates"],
         )
-        creds = grpc.ssl_channel_credentials(
-            config.ca_pem.read_bytes(), key_pem, _pem_of_der(reply.client_certificate_der)
-        )
-        self.channel = _channel(config.coordinator, creds, config.insecure)
-        if config.insecure:
-            self.channel = grpc.intercept_channel(
-                self.channel, _CredentialMetadata(reply.credential_id)
-            )
-        self.stub = pb_grpc.DeviceGatewayStub(self.channel)
+        self.stub = stub
         self._directory: dict[int, SlotTable] = {}
         self.pool: DevicePool | None = None
         self.spec: RunSpec | None = None
+        self._day_key: tuple[int, int, int] | None = None  # (epoch, day, round id) in work
+        self._done: set[str] = set()
 
     def _connect(self, unit: int, devices: int) -> tuple[DeviceClient, DeviceClient]:
         pid = self.units[unit]
         secret = participant_secret(self.secret, unit)
         policy = self.config.policy
-        nbhd = GatewayLink(self.channel, pid, Role.NEIGHBOURHOOD, policy)
-        aggr = GatewayLink(self.channel, pid, Role.AGGREGATES, policy)
+        nbhd = GatewayLink(self.stub, pid, Role.NEIGHBOURHOOD, policy)
+        aggr = GatewayLink(self.stub, pid, Role.AGGREGATES, policy)
         return (
             DeviceClient(
                 pid, self.neighbourhood, nbhd, self._directory, devices=devices, secret=secret
@@ -370,34 +424,21 @@ class Agent:
             None if infected is None else infected[self.ids],
         )
 
-    def run(self, on_step: Callable[[pb.RoundSchedule], None] | None = None) -> None:
-        """Follow the rounds until the run is finished."""
-        version = 0
-        day_key: tuple[int, int, int] | None = None  # (epoch, day, round id) being worked on
-        done: set[str] = set()
-        while True:
-            sched = _retry(
-                lambda v=version: self.stub.GetRound(
-                    pb.GetRoundRequest(newer_than=v, wait_ms=2000), timeout=30
-                ),
-                "GetRound",
-            )
-            version = sched.version
-            if sched.step == "finished":
-                return
-            if sched.step not in ("register", "messages", "fetch", "observations"):
-                continue
-            if self.pool is None:
-                self.spec = RunSpec.from_json(sched.run_json, "the coordinator's run_json")
-                self.pool = self._build_pool(self.spec)
-            key = (sched.epoch, sched.day, sched.round_id)
-            if key != day_key:
-                self._start_day(sched)
-                day_key, done = key, set()
-            if sched.step not in done:
-                self._act(sched, done)
-            if on_step is not None:
-                on_step(sched)
+    def follow(self, sched: pb.RoundSchedule) -> bool:
+        """Act on one schedule (a step of a round); False if the step must be retried later
+        (a transport failure: its requests did not all get answers)."""
+        if sched.step not in STEPS:
+            return True
+        if self.pool is None:
+            self.spec = RunSpec.from_json(sched.run_json, "the coordinator's run_json")
+            self.pool = self._build_pool(self.spec)
+        key = (sched.epoch, sched.day, sched.round_id)
+        if key != self._day_key:
+            self._start_day(sched)
+            self._day_key, self._done = key, set()
+        if sched.step in self._done:
+            return True
+        return self._act(sched, self._done)
 
     def _theta(self, sched: pb.RoundSchedule) -> torch.Tensor:
         if list(sched.theta.names) != list(PARAM_NAMES):
@@ -431,7 +472,7 @@ class Agent:
         assert pool.state is not None
         self.store.save_state(sched.epoch, sched.day + 1, pool.state)
 
-    def _act(self, sched: pb.RoundSchedule, done: set[str]) -> None:
+    def _act(self, sched: pb.RoundSchedule, done: set[str]) -> bool:
         pool = self.pool
         assert pool is not None and self.spec is not None
         spec_m, spec_o = _specs(sched, self.spec)
@@ -458,6 +499,7 @@ class Agent:
             elif step == "observations":
                 if "fetch" not in done:
                     self._finish_day(sched, spec_m)
+                    done.add("fetch")
                 pool.post_observations(spec_o, day)
                 assert pool.last_y is not None
                 self.store.save_observed(sched.epoch, day, sched.round_id, pool.last_y)
@@ -465,12 +507,67 @@ class Agent:
             # e.g. the step closed while we were down: we drop out of it; the refusal names no
             # value. A device that missed a step still updates (finish_day) later.
             log.warning("round %d step %s refused: %s", sched.round_id, step, err)
+        except AwaitingReply:
+            return False  # the tunnel delivers the replies with the next message
         except TransportError as err:
             log.warning(
                 "round %d step %s: transport failed, will retry: %s", sched.round_id, step, err
             )
-            return
+            return False
         done.add(step)
+        return True
+
+
+class Agent:
+    """One device-agent process: a pool of devices following the coordinator's rounds over
+    gRPC (enrolment on the server-TLS port, then mutual TLS; ``GetRound`` long polls)."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        store = PoolStore(config.state_dir)
+        population, ids = load_slice(config)
+        if store.enrolment() is None:
+            enrol(config, store, units_of(ids))
+        enrolled = store.enrolment()
+        assert enrolled is not None
+        key_pem, reply, _ = enrolled
+        creds = grpc.ssl_channel_credentials(
+            config.ca_pem.read_bytes(), key_pem, pem_of_der(reply.client_certificate_der)
+        )
+        self.channel = _channel(config.coordinator, creds, config.insecure)
+        if config.insecure:
+            self.channel = grpc.intercept_channel(
+                self.channel, _CredentialMetadata(reply.credential_id)
+            )
+        self.stub = pb_grpc.DeviceGatewayStub(self.channel)
+        self.runner = PoolRunner(config, store, self.stub, population, ids)
+
+    @property
+    def store(self) -> PoolStore:
+        """The pool's private store."""
+        return self.runner.store
+
+    @property
+    def pool(self) -> DevicePool | None:
+        """The device pool (built at the first round)."""
+        return self.runner.pool
+
+    def run(self, on_step: Callable[[pb.RoundSchedule], None] | None = None) -> None:
+        """Follow the rounds until the run is finished."""
+        version = 0
+        while True:
+            sched = _retry(
+                lambda v=version: self.stub.GetRound(
+                    pb.GetRoundRequest(newer_than=v, wait_ms=2000), timeout=30
+                ),
+                "GetRound",
+            )
+            version = sched.version
+            if sched.step == "finished":
+                return
+            self.runner.follow(sched)
+            if on_step is not None:
+                on_step(sched)
 
 
 def _specs(sched: pb.RoundSchedule, spec: RunSpec) -> tuple[RoundSpec, RoundSpec]:

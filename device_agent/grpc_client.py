@@ -64,6 +64,14 @@ class TransportError(Exception):
         self.code = code
 
 
+class AwaitingReply(TransportError):
+    """A request whose reply has not arrived yet: over the Flower transport the server answers
+    with its next message, so the step is redone then (its requests are byte-identical)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, detail)
+
+
 class Role(enum.Enum):
     """Which of the run's two secure-sum deployments a link serves (decides the post RPC)."""
 
@@ -145,7 +153,8 @@ class GatewayLink:
     """``send(raw) -> raw`` for one device's ``DeviceClient`` over a gRPC channel.
 
     Args:
-        channel: a ``grpc.secure_channel`` presenting this device's client certificate.
+        channel: a ``grpc.secure_channel`` presenting this device's client certificate, or a
+            ready DeviceGateway stub (e.g. the Flower transport's tunnel).
         device_id: the device (its certificate's CN is ``device_id.hex()``).
         role: which deployment this link serves (posts go to PostShares or SubmitAggregates).
         policy: deadlines and retries.
@@ -154,13 +163,14 @@ class GatewayLink:
 
     def __init__(
         self,
-        channel: grpc.Channel,
+        channel: grpc.Channel | Any,
         device_id: bytes,
         role: Role,
         policy: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._stub = pb_grpc.DeviceGatewayStub(channel)
+        is_stub = hasattr(channel, "RegisterSlots")
+        self._stub = channel if is_stub else pb_grpc.DeviceGatewayStub(channel)
         self.device_id = device_id
         self.role = role
         self.policy = policy or RetryPolicy()

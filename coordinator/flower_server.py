@@ -1,0 +1,252 @@
+"""The coordinator as a Flower ``ServerApp``: the round logic drives device pools through
+Flower's Message API instead of the gRPC gateway.
+
+The ServerApp hosts the same :class:`~coordinator.service.CoordinatorService` as
+``decentsim coordinator serve`` (SQLite state, round state machine, step deadlines, the mTLS
+link to the aggregator, which stays a separate process) and pumps its schedule to the nodes:
+
+    enrol:  query.enrol (a single-use token)  →  the node's Enrol request  →  its credential
+    each step of each round (register, messages, fetch, observations):
+            query.<step> (schedule + answers)  →  the node's requests, or done
+    end:    query.finished
+
+Requests run through the service's own ``DeviceGatewayServicer`` (``coordinator.tunnel``), so
+the Flower transport has no protocol logic: the same checks, refusals, idempotent replays and
+views as gRPC. A node that fails (Flower error reply) or does not answer within the step's
+deadline is not asked again in that step: the service's deadline drops it out exactly as it
+drops a silent gRPC device, and it is asked again at the next step (a device coming back).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from coordinator.rounds import STEPS
+from coordinator.runspec import RunSpec
+from coordinator.service import CoordinatorService
+from coordinator.tunnel import ENROL, FINISHED, TunnelReply, TunnelServer
+from device_agent.agent import pem_of_der
+from device_agent.flower_client import RECORD, Handler
+from proto.decentsim.v1 import device_pb2 as pb
+
+if TYPE_CHECKING:
+    from coordinator.federation import Federation
+
+log = logging.getLogger(__name__)
+
+#: exchanges per node and step before the pump gives up on it (a step takes 2–4)
+MAX_EXCHANGES = 64
+
+
+class FlowerRunError(RuntimeError):
+    """The Flower transport cannot go on (names why)."""
+
+
+@dataclass(frozen=True)
+class FlowerServerConfig:
+    """What the ServerApp needs to host the coordinator.
+
+    Attributes:
+        state_dir: the coordinator's state dir (``decentsim coordinator init``).
+        spec: the run (``None``: resume the one stored in ``state_dir``).
+        aggregator: ``HOST:PORT`` of the aggregator's link; ``aggregator_export`` its export.
+        node_wait_s: how long to wait for ``spec.pools`` nodes to connect.
+        progress: a progress bar of committed days on stderr.
+    """
+
+    state_dir: Path
+    spec: RunSpec | None
+    aggregator: str
+    aggregator_export: Path
+    node_wait_s: float = 120.0
+    progress: bool = False
+
+
+class FlowerPump:
+    """Moves the service's schedule to Flower nodes and their requests to the service."""
+
+    def __init__(self, grid: Any, service: CoordinatorService, progress: bool = False) -> None:
+        from decentsim.flower_env import import_flwr
+
+        import_flwr()
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        self._message = Message
+        self._record = lambda fields: RecordDict({RECORD: ConfigRecord(fields)})
+        self.grid = grid
+        self.service = service
+        self.tunnel = TunnelServer(service.gateway, self._bind)
+        self.nodes: list[int] = []
+        self._bar = tqdm(
+            total=service.spec.days * service.spec.epochs,
+            unit="day",
+            disable=not progress,
+            file=sys.stderr,
+        )
+
+    def _bind(self, node: int, reply: pb.EnrolResponse) -> None:
+        self.tunnel.bind(node, pem_of_der(reply.client_certificate_der))
+
+    def run(self, node_wait_s: float) -> None:
+        """Enrol the nodes, then follow the run to its end."""
+        self.nodes = self._wait_for_nodes(node_wait_s)
+        tokens = self.service.mint_tokens(len(self.nodes))
+        self._exchange(
+            ENROL, b"", dict(zip(self.nodes, tokens, strict=True)), time.time() + node_wait_s
+        )
+        missing = [n for n in self.nodes if not self.tunnel.bound(n)]
+        if missing:
+            raise FlowerRunError(f"node(s) {missing} did not enrol")
+        self.service.start_driver()
+        version = 0
+        while True:
+            sched = self.service.schedule(version, 1000)
+            if sched.version == version:
+                continue
+            version = sched.version
+            done = sched.epoch * self.service.spec.days + sched.committed_days
+            self._bar.update(done - self._bar.n)
+            if sched.step == FINISHED:
+                self._exchange(FINISHED, sched.SerializeToString(), {}, deadline=time.time() + 30)
+                self._bar.close()
+                return
+            if sched.step not in STEPS:
+                continue
+            self.tunnel.new_round(sched.round_id)
+            self._exchange(
+                sched.step, sched.SerializeToString(), {}, sched.step_deadline_unix_ms / 1000
+            )
+
+    def _wait_for_nodes(self, wait_s: float) -> list[int]:
+        want = self.service.spec.pools
+        deadline = time.time() + wait_s
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= want:
+                return nodes[:want]
+            if time.time() > deadline:
+                raise FlowerRunError(f"{len(nodes)} of {want} Flower nodes after {wait_s:.0f} s")
+            time.sleep(0.5)
+
+    def _exchange(
+        self, step: str, schedule: bytes, tokens: dict[int, str], deadline: float | None
+    ) -> None:
+        """Message every node until it is done with ``step``, fails, or stops answering."""
+        waiting = set(self.nodes)
+        for _ in range(MAX_EXCHANGES):
+            if not waiting:
+                return
+            timeout = None if deadline is None else max(1.0, deadline - time.time())
+            messages = [
+                self._message(
+                    self._record(self.tunnel.message(n, schedule, tokens.get(n, "")).to_fields()),
+                    dst_node_id=n,
+                    message_type=f"query.{step}",
+                    group_id=step,
+                )
+                for n in sorted(waiting)
+            ]
+            answered: set[int] = set()
+            for reply in self.grid.send_and_receive(messages, timeout=timeout):
+                node = reply.metadata.src_node_id
+                answered.add(node)
+                if reply.has_error():
+                    # the node is down for this step; the service's deadline decides the rest
+                    log.warning("node %d failed step %s: %s", node, step, reply.error.reason)
+                    waiting.discard(node)
+                    continue
+                answer = TunnelReply.from_fields(reply.content[RECORD])
+                if answer.calls:
+                    self.tunnel.run(node, answer.calls)
+                elif answer.done:
+                    waiting.discard(node)
+            silent = waiting - answered
+            if silent:
+                log.warning("node(s) %s did not answer step %s in time", sorted(silent), step)
+            waiting &= answered
+        log.warning(
+            "step %s: node(s) %s still busy after %d exchanges", step, waiting, MAX_EXCHANGES
+        )
+
+
+def make_server_app(config: FlowerServerConfig) -> Any:
+    """The ``ServerApp`` hosting the coordinator of ``config``'s run."""
+    from decentsim.flower_env import import_flwr
+
+    import_flwr()
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        del context  # everything comes from `config` (a deployment: from the run config)
+        serve_flower(grid, config)
+
+    return app
+
+
+def serve_flower(grid: Any, config: FlowerServerConfig) -> None:
+    """Run the coordinator of ``config`` over ``grid`` until its run is finished."""
+    service = CoordinatorService(
+        config.state_dir, config.spec, config.aggregator, config.aggregator_export
+    )
+    try:
+        FlowerPump(grid, service, config.progress).run(config.node_wait_s)
+    finally:
+        service.stop()
+
+
+def simulate_federation(
+    fed: Federation, progress: bool = False, handler: Handler | None = None
+) -> None:
+    """Run ``fed``'s run with its pools as virtual nodes of Flower's simulation engine.
+
+    The aggregator is a real process (as in every federation); the ServerApp, hosting the
+    coordinator, runs in this process; each virtual node hosts pool ``partition-id`` with its
+    store in ``fed.root/pool-<i>`` (the same layout as the gRPC transport's pools).
+    ``handler`` replaces the nodes' message handler (tests: a failing node).
+    """
+    from decentsim.flower_env import import_flwr
+
+    import_flwr()
+    from flwr.simulation import run_simulation
+
+    from device_agent.flower_client import make_client_app
+
+    fed.prepare()
+    fed.start_aggregator()
+    spec = fed.spec
+    config = FlowerServerConfig(
+        fed.c_dir, spec, f"127.0.0.1:{fed.a_port}", fed.a_dir / "export", progress=progress
+    )
+    defaults = {
+        "state-dir": str(fed.root / "pool-{partition-id}"),
+        "population": spec.population,
+        "population-seed": str(fed.population_seed),
+        "world-secret": str(fed.world_secret),
+    }
+    workers = max(1, min(spec.pools, os.cpu_count() or 1))
+    run_simulation(
+        server_app=make_server_app(config),
+        client_app=make_client_app(defaults, handler),
+        num_supernodes=spec.pools,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": workers, "num_gpus": 0, "logging_level": logging.ERROR},
+        },
+    )
+    if not fed.finished():
+        raise FlowerRunError(
+            "the Flower simulation ended before the run finished; see the log above and "
+            f"{fed.a_dir / 'stderr.log'}"
+        )
