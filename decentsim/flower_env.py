@@ -20,6 +20,8 @@ FLOWER_ENV: dict[str, str] = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     # Flower's simulation engine runs on Ray, which has usage statistics of its own
     "RAY_USAGE_STATS_ENABLED": "0",
+    # keep Ray's behaviour with num_gpus=0 and silence its warning about changing it
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
