@@ -16,17 +16,20 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,ble,flower]"
+	$(PY) -m pip install -q -e ".[test,ble,flower,dp]"
 	touch $(STAMP)
 
 # The central simulator, then the same model as a federation: coordinator + aggregator + 2
-# device-pool processes over gRPC/TLS on loopback, BLE beacons over the simulated radio.
+# device-pool processes over gRPC/TLS on loopback, BLE beacons over the simulated radio; then
+# the privacy audit of that federation's recorded views (exits non-zero if a check fails).
 demo: install
 	$(VENV)/bin/decentsim simulate --population synthetic:10000 --days 60 --seed 1 --grad forward --out out/demo/central
 	$(VENV)/bin/decentsim federated run --population synthetic:2000 --days 20 --seed 1 --pools 2 \
 		--radio simulated --theta beta=0.5,init_frac=0.02 --out out/demo/federated
+	$(VENV)/bin/decentsim audit out/demo/federated
 	@echo "plots: out/demo/central/*.png, out/demo/federated/federated.png;" \
-		"servers' recorded views: out/demo/federated/views/"
+		"servers' recorded views: out/demo/federated/views/;" \
+		"privacy audit: out/demo/federated/audit/report/report.html"
 
 test: install
 	$(PY) -m pytest -n 2 --dist loadgroup -q

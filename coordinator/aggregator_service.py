@@ -42,6 +42,7 @@ from coordinator.service import (
     ServiceError,
     ViewLog,
     load_or_create_keys,
+    open_transcript,
     read_public_keys,
 )
 from coordinator.store import open_db, transaction
@@ -122,6 +123,8 @@ class AggregatorService:
         coordinator_export: Path,
         hostnames: tuple[str, ...] = ("localhost", "127.0.0.1"),
         insecure: bool = False,
+        audit_key: Path | None = None,
+        min_cohort: int = 0,
     ) -> None:
         self.state_dir = state_dir
         self.insecure = insecure
@@ -144,6 +147,10 @@ class AggregatorService:
             pair = KeyPair.from_private_bytes(keys[name])
             deployment = Deployment(mode, codecs[name], c_public[name], pair.public)
             self.servers[name] = AggregatorServer(pair, deployment)
+        #: every message in and out, sealed to the auditor (only with ``--audit-key``)
+        self.transcript = open_transcript(audit_key, state_dir, "aggregator", self.servers)
+        # A's operator sets the minimum cohort itself; it must equal the run's (C's)
+        self.servers["neighbourhood"].min_cohort = min_cohort
         self.db = open_db(
             state_dir / "aggregator.sqlite3", migrations=_MIGRATIONS, check_same_thread=False
         )
@@ -204,4 +211,6 @@ class AggregatorService:
         if self._server is not None:
             self._server.stop(grace_s).wait()
         self.view.close()
+        if self.transcript is not None:
+            self.transcript.close()
         self.db.close()

@@ -33,6 +33,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 INSECURE_HELP = "DEBUGGING ONLY: no TLS, identities unproven (a loud warning is printed)"
+AUDIT_KEY_HELP = (
+    "the auditor's X25519 public key (auditor.pub, hex): record every message in and out in "
+    "views/<role>.transcript, each record sealed to it (see docs/audit.md)"
+)
 
 
 def warn_insecure(role: str) -> None:
@@ -104,6 +108,7 @@ def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="exit a few seconds after the run is finished (devices see it first)",
     )
+    serve.add_argument("--audit-key", type=Path, help=AUDIT_KEY_HELP)
 
 
 def run_coordinator(args: argparse.Namespace) -> int:
@@ -140,6 +145,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
             args.aggregator_export,
             _hostnames(args),
             insecure=args.insecure,
+            audit_key=args.audit_key,
         )
     except (ServiceError, RunSpecError, OSError) as e:
         raise SystemExit(f"decentsim coordinator {args.action}: {e}") from None
@@ -174,6 +180,13 @@ def add_aggregator_arguments(p: argparse.ArgumentParser) -> None:
         help="the coordinator's export dir (ca.pem, coordinator_public.json)",
     )
     serve.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
+    serve.add_argument("--audit-key", type=Path, help=AUDIT_KEY_HELP)
+    serve.add_argument(
+        "--min-cohort",
+        type=int,
+        default=0,
+        help="release pseudonym slots with fewer summands as zeros (must equal the run's)",
+    )
 
 
 def run_aggregator(args: argparse.Namespace) -> int:
@@ -195,6 +208,8 @@ def run_aggregator(args: argparse.Namespace) -> int:
             args.coordinator_export,
             _hostnames(args),
             insecure=args.insecure,
+            audit_key=args.audit_key,
+            min_cohort=args.min_cohort,
         )
     except (ServiceError, OSError) as e:
         raise SystemExit(f"decentsim aggregator {args.action}: {e}") from None

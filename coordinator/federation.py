@@ -11,7 +11,10 @@ Layout of ``DIR`` (``--out``)::
     trajectory.csv      day, new_infections, new_deaths (the opened daily aggregates)
     summary.json        agents, days, mode, wall_s, bytes_device_to_servers, daily, loss, grad, …
     federated.png       daily aggregates by age group
-    views/              the servers' recorded views (coordinator.jsonl, aggregator.jsonl)
+    views/              the servers' recorded views (coordinator.jsonl, aggregator.jsonl) and
+                        their transcripts, every record sealed to the auditor (*.transcript)
+    audit/              the auditor's key pair (auditor.key 0600, the launcher's; servers get
+                        auditor.pub) and truth.json (population seed) for ``decentsim audit``
     state/              every process's state dir (identities, databases, logs)
 
 View format (``views/*.jsonl``, one JSON object per line): ``t`` (unix time), ``event`` and
@@ -43,6 +46,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from audit.transcript import create_auditor_keys
 from coordinator.runspec import RunSpec, RunSpecError
 from sim.calibration import TargetFileError
 from sim.model import OBSERVATIONS
@@ -110,6 +114,8 @@ class Federation:
         self.c_dir = root / "coordinator"
         self.a_dir = root / "aggregator"
         self.pool_dirs = [root / f"pool-{i}" for i in range(spec.pools)]
+        #: the auditor's key pair (the launcher's; servers get only the public key)
+        self.audit_dir = root.parent / "audit"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._env = _free_env()
         self._tokens: list[str] = []
@@ -156,24 +162,37 @@ class Federation:
 
     def start(self) -> None:
         """Create identities, mint tokens and start every process."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._run_cli("coordinator", "init", "--state-dir", str(self.c_dir))
-        self._run_cli("aggregator", "init", "--state-dir", str(self.a_dir))
+        self.prepare()
         token_file = self.c_dir / "tokens.txt"
         self._run_cli(
             "coordinator", "tokens", "--state-dir", str(self.c_dir),
             "--count", str(self.spec.pools), "--out", str(token_file),
         )  # fmt: skip
         self._tokens = token_file.read_text().split()
-        world = self.root / "world-secret"
-        fd = os.open(world, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(os.urandom(16))
-        (self.root / "run.json").write_text(self.spec.to_json())
         self.start_aggregator()
         self.start_coordinator()
         for i in range(self.spec.pools):
             self.start_pool(i)
+
+    def prepare(self) -> None:
+        """Both servers' identities, the simulated world's beacon secret and the run file."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._run_cli("coordinator", "init", "--state-dir", str(self.c_dir))
+        self._run_cli("aggregator", "init", "--state-dir", str(self.a_dir))
+        fd = os.open(self.world_secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(os.urandom(16))
+        (self.root / "run.json").write_text(self.spec.to_json())
+        # servers record sealed transcripts for the audit; the ground truth's population seed
+        create_auditor_keys(self.audit_dir)
+        (self.audit_dir / "truth.json").write_text(
+            json.dumps({"population_seed": self.population_seed})
+        )
+
+    @property
+    def world_secret(self) -> Path:
+        """The file of the simulated world's beacon secret (shared by the pools)."""
+        return self.root / "world-secret"
 
     def start_aggregator(self) -> None:
         """Start (or restart) the aggregator on a fresh port."""
@@ -182,7 +201,9 @@ class Federation:
             "aggregator",
             ["aggregator", "serve", "--state-dir", str(self.a_dir), "--mode", self.spec.mode,
              "--coordinator-export", str(self.c_dir / "export"),
-             "--listen", f"127.0.0.1:{self._a_port_hint()}"],
+             "--listen", f"127.0.0.1:{self._a_port_hint()}",
+             "--audit-key", str(self.audit_dir / "auditor.pub"),
+             "--min-cohort", str(self.spec.min_cohort)],
             self.a_dir,
         )  # fmt: skip
         (self.a_port,) = self._port(self.a_dir, "aggregator")
@@ -203,7 +224,7 @@ class Federation:
              "--aggregator-export", str(self.a_dir / "export"),
              "--listen", f"127.0.0.1:{getattr(self, 'c_port', 0)}",
              "--enrol-listen", f"127.0.0.1:{getattr(self, 'enrol_port', 0)}",
-             "--exit-when-finished", *run],
+             "--exit-when-finished", "--audit-key", str(self.audit_dir / "auditor.pub"), *run],
             self.c_dir,
         )  # fmt: skip
         self.c_port, self.enrol_port = self._port(self.c_dir, "coordinator")
@@ -217,7 +238,7 @@ class Federation:
             "--population", self.spec.population,
             "--population-seed", str(self.population_seed),
             "--slice", f"{i}/{self.spec.pools}",
-            "--world-secret", str(self.root / "world-secret"),
+            "--world-secret", str(self.world_secret),
         ]  # fmt: skip
         if not (d / "pool.sqlite3").exists():
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -269,7 +290,10 @@ class Federation:
     def check_alive(self, allow: frozenset[str] = frozenset()) -> None:
         """Raise if a process died unexpectedly (its log tail in the message)."""
         for name, proc in self.procs.items():
-            if name in allow or proc.poll() is None or proc.returncode == 0:
+            if name in allow or proc.poll() is None:
+                continue
+            # the coordinator and pools exit 0 at the run's end; the aggregator never should
+            if proc.returncode == 0 and name != "aggregator":
                 continue
             state = self.root / name
             raise FederationError(f"{name} exited with {proc.returncode}: {self._tail(state)}")
@@ -375,9 +399,15 @@ def write_outputs(
     views = out / "views"
     views.mkdir(exist_ok=True)
     for role, d in (("coordinator", fed.c_dir), ("aggregator", fed.a_dir)):
-        src = d / "views" / f"{role}.jsonl"
-        if src.exists():
-            shutil.copyfile(src, views / f"{role}.jsonl")
+        for name in (f"{role}.jsonl", f"{role}.transcript"):  # the transcript is sealed
+            src, dst = d / "views" / name, views / name
+            if not src.exists():
+                continue
+            dst.unlink(missing_ok=True)
+            try:  # a transcript is as large as the traffic: link it rather than copy
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
     _plot(y, out / "federated.png", f"federated run ({fed.spec.mode}, {fed.spec.pools} pools)")
     return summary
 
@@ -409,16 +439,27 @@ def federated_run(
     population_seed: int = 0,
     progress: bool = False,
     timeout_s: float = 3600.0,
+    transport: str = "grpc",
 ) -> dict[str, Any]:
-    """Run a whole simulated federation; returns the summary (also written into ``out``)."""
+    """Run a whole simulated federation; returns the summary (also written into ``out``).
+
+    ``transport="grpc"``: every party is a process on loopback (TLS). ``"flower"``: the pools
+    are virtual nodes of Flower's simulation engine driven by a ServerApp hosting the
+    coordinator (``coordinator.flower_server``); the aggregator is a process either way.
+    """
     state = out / "state"
     if state.exists():
         shutil.rmtree(state)
     fed = Federation(state, spec, population_seed)
     start = time.perf_counter()
     try:
-        fed.start()
-        fed.wait(timeout_s=timeout_s, progress=progress)
+        if transport == "flower":
+            from coordinator.flower_server import simulate_federation
+
+            simulate_federation(fed, progress=progress)
+        else:
+            fed.start()
+            fed.wait(timeout_s=timeout_s, progress=progress)
         wall = time.perf_counter() - start
         results = fed.results()
     finally:
@@ -450,6 +491,20 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--target-column", default="cases_week")
     run.add_argument("--step-timeout", type=float, default=120.0, help="seconds per step")
+    run.add_argument(
+        "--min-cohort",
+        type=int,
+        default=0,
+        metavar="K",
+        help="both servers release pseudonym slots with fewer than K summands as zeros",
+    )
+    run.add_argument(
+        "--transport",
+        default="grpc",
+        choices=("grpc", "flower"),
+        help="grpc: pools are device-agent processes; flower: virtual nodes of Flower's "
+        "simulation engine (Ray) driven by a ServerApp",
+    )
     run.add_argument("--out", type=Path, default=Path("out/federated"))
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
@@ -485,6 +540,7 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
             radio=args.radio,
             pools=args.pools,
             step_timeout_s=args.step_timeout,
+            min_cohort=args.min_cohort,
         )
     except (RunSpecError, ParameterError, PopulationError, TargetFileError, ValueError) as e:
         raise SystemExit(f"decentsim federated run: {e}") from None
@@ -494,7 +550,9 @@ def run_federated(args: argparse.Namespace) -> int:
     """Run ``federated run``."""
     spec = run_spec_from_args(args)
     try:
-        summary = federated_run(spec, args.out, args.seed, progress=sys.stderr.isatty())
+        summary = federated_run(
+            spec, args.out, args.seed, progress=sys.stderr.isatty(), transport=args.transport
+        )
     except FederationError as e:
         raise SystemExit(f"decentsim federated run: {e}") from None
     if args.json:

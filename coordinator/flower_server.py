@@ -60,6 +60,8 @@ class FlowerServerConfig:
         aggregator: ``HOST:PORT`` of the aggregator's link; ``aggregator_export`` its export.
         node_wait_s: how long to wait for ``spec.pools`` nodes to connect.
         progress: a progress bar of committed days on stderr.
+        audit_key: the auditor's public key: record the coordinator's sealed transcript
+            (``views/coordinator.transcript``, see docs/audit.md), as ``--audit-key`` does.
     """
 
     state_dir: Path
@@ -68,6 +70,7 @@ class FlowerServerConfig:
     aggregator_export: Path
     node_wait_s: float = 120.0
     progress: bool = False
+    audit_key: Path | None = None
 
 
 class FlowerPump:
@@ -110,6 +113,8 @@ class FlowerPump:
         while True:
             sched = self.service.schedule(version, 1000)
             if sched.version == version:
+                if not self.service.driving():
+                    raise FlowerRunError("the coordinator's round driver stopped (see its log)")
                 continue
             version = sched.version
             done = sched.epoch * self.service.spec.days + sched.committed_days
@@ -198,7 +203,11 @@ def make_server_app(config: FlowerServerConfig) -> Any:
 def serve_flower(grid: Any, config: FlowerServerConfig) -> None:
     """Run the coordinator of ``config`` over ``grid`` until its run is finished."""
     service = CoordinatorService(
-        config.state_dir, config.spec, config.aggregator, config.aggregator_export
+        config.state_dir,
+        config.spec,
+        config.aggregator,
+        config.aggregator_export,
+        audit_key=config.audit_key,
     )
     try:
         FlowerPump(grid, service, config.progress).run(config.node_wait_s)
@@ -227,7 +236,12 @@ def simulate_federation(
     fed.start_aggregator()
     spec = fed.spec
     config = FlowerServerConfig(
-        fed.c_dir, spec, f"127.0.0.1:{fed.a_port}", fed.a_dir / "export", progress=progress
+        fed.c_dir,
+        spec,
+        f"127.0.0.1:{fed.a_port}",
+        fed.a_dir / "export",
+        progress=progress,
+        audit_key=fed.audit_dir / "auditor.pub",
     )
     defaults = {
         "state-dir": str(fed.root / "pool-{partition-id}"),

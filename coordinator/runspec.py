@@ -46,6 +46,8 @@ class RunSpec:
         step_timeout_s: deadline of each step of a round; late participants drop out of it.
         lockdowns, vaccinations: ``LAYER:DAY:SCALE`` / ``DAY:FRACTION[:EFFICACY]`` strings.
         estimator, population_seeds: as the ``simulate`` options of the same names.
+        min_cohort: a pseudonym slot whose agreed summands (padding dummies included) number
+            fewer than this is released as zeros by both servers (0: off); see docs/audit.md.
     """
 
     population: str
@@ -66,6 +68,7 @@ class RunSpec:
     vaccinations: tuple[str, ...] = ()
     estimator: str = "st"
     population_seeds: bool = False
+    min_cohort: int = 0
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -83,6 +86,7 @@ class RunSpec:
             (math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (set(self.theta) == set(PARAM_NAMES), f"theta must name exactly {PARAM_NAMES}"),
             (self.target_period_days >= 1, "target_period_days must be >= 1"),
+            (self.min_cohort >= 0, f"min_cohort must be >= 0, got {self.min_cohort}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from audit.transcript import TranscriptError, TranscriptWriter, load_auditor_public
 from coordinator.enrolment import EnrolmentRegistry
 from coordinator.grpc_gateway import DeviceGatewayServicer
 from coordinator.grpc_link import COORDINATOR_CN, AggregatorLinkClient, LinkError
@@ -56,6 +58,7 @@ from coordinator.pki import LocalCA, Purpose
 from coordinator.rounds import (
     MESSAGES_PHASE,
     OBSERVATIONS_PHASE,
+    STEPS,
     aggregates_codec,
     neighbourhood_codec,
     round_specs,
@@ -67,7 +70,7 @@ from proto.decentsim.v1 import common_pb2
 from proto.decentsim.v1 import device_pb2 as pb
 from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
 from proto.limits import Channel, channel_options, server_options
-from protocols.secure_sum import CoordinatorServer, Deployment, KeyPair, Mode
+from protocols.secure_sum import AggregatorServer, CoordinatorServer, Deployment, KeyPair, Mode
 from protocols.secure_sum.errors import RoundLost, SecureSumError
 from sim import dual
 from sim.calibration import ObservedSeries, series_loss
@@ -82,8 +85,6 @@ log = logging.getLogger(__name__)
 DEPLOYMENTS = ("neighbourhood", "aggregates")
 #: Most participant ids one credential may ask for.
 MAX_UNITS_PER_CREDENTIAL = 4096
-#: The steps of a round, in order.
-STEPS = ("register", "messages", "fetch", "observations")
 #: Longest GetRound long poll the coordinator holds.
 MAX_WAIT_MS = 5_000
 
@@ -175,6 +176,33 @@ class ViewLog:
             self._file.close()
 
 
+def open_transcript(
+    audit_key: Path | None,
+    state_dir: Path,
+    role: str,
+    servers: dict[str, CoordinatorServer] | dict[str, AggregatorServer],
+) -> TranscriptWriter | None:
+    """With an auditor public key: ``views/<role>.transcript``, recording every message of
+    ``servers`` (by deployment name), each record sealed to the auditor. Without: ``None``."""
+    if audit_key is None:
+        return None
+    try:
+        writer = TranscriptWriter(
+            state_dir / "views" / f"{role}.transcript", role, load_auditor_public(audit_key)
+        )
+    except TranscriptError as e:
+        raise ServiceError(f"--audit-key: {e}") from None
+    for name, server in servers.items():
+        server.observer = functools.partial(_record, writer, name)
+    return writer
+
+
+def _record(
+    writer: TranscriptWriter, deployment: str, direction: str, peer: str, raw: bytes
+) -> None:
+    writer.record(direction, deployment, peer, raw)
+
+
 def coordinator_init(state_dir: Path, hostnames: tuple[str, ...]) -> Path:
     """Create the coordinator's identity (idempotent); returns its export dir.
 
@@ -225,6 +253,7 @@ class CoordinatorService:
         aggregator_export: Path,
         hostnames: tuple[str, ...] = ("localhost", "127.0.0.1"),
         insecure: bool = False,
+        audit_key: Path | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.insecure = insecure
@@ -265,6 +294,9 @@ class CoordinatorService:
             )
             self.links[name] = AggregatorLinkClient(self._a_channel, mode, name, timeout_s=120.0)
             self.servers[name] = CoordinatorServer(pair, self.deployments[name], self.links[name])
+        #: every message in and out, sealed to the auditor (only with ``--audit-key``)
+        self.transcript = open_transcript(audit_key, state_dir, "coordinator", self.servers)
+        self.servers["neighbourhood"].min_cohort = self.spec.min_cohort
         self.gateway = DeviceGatewayServicer(
             self.servers["neighbourhood"],
             self.servers["aggregates"],
@@ -718,9 +750,18 @@ class CoordinatorService:
             server.start()
             self._servers.append(server)
             ports.append(port)
+        self.start_driver()
+        return ports[0], ports[1]
+
+    def start_driver(self) -> None:
+        """Start the round driver (the gRPC gateway's :meth:`serve`, or the Flower transport's
+        ServerApp, moves the devices)."""
         self._driver = threading.Thread(target=self._drive, name="round-driver", daemon=True)
         self._driver.start()
-        return ports[0], ports[1]
+
+    def driving(self) -> bool:
+        """Whether the round driver is running (or finished the run)."""
+        return self.finished.is_set() or (self._driver is not None and self._driver.is_alive())
 
     def stop(self, grace_s: float = 1.0) -> None:
         """Stop the driver and the server; the state dir keeps everything committed."""
@@ -734,6 +775,8 @@ class CoordinatorService:
             self._driver.join(timeout=10)
         self._a_channel.close()
         self.view.close()
+        if self.transcript is not None:
+            self.transcript.close()
         self.registry.close()
         self.db.close()
 

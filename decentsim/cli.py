@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "aggregator": ("coordinator.cli_servers:aggregator", "the aggregator server process"),
     "device-agent": ("device_agent.cli:agent", "a device (pool) process"),
     "federated": ("coordinator.federation:federated", "a simulated federation on this machine"),
+    "audit": ("audit.cli", "audit a federated run's recorded views"),
 }
 
 #: bench name -> module path
@@ -33,6 +34,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "securesum": ("protocols.secure_sum.bench", "two-server slot sums"),
     "ble": ("protocols.ble.bench", "simulated radio + exposure scoring"),
     "federated": ("coordinator.bench", "federated run vs the central simulator"),
+    "vs-secaggplus": ("coordinator.bench_secaggplus", "two-server sum vs Flower's SecAgg+"),
 }
 
 

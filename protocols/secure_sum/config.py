@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .dp import DPConfig
 from .errors import SecureSumError, UnknownPhase
 from .fixed_point import FixedPointCodec
 from .slots import aggregate_slot
@@ -40,6 +41,10 @@ class PhaseSpec:
             dummies), so per-device counts leak nothing; a participant hosting ``m`` devices
             posts ``m × items_per_device``.
         aggregate_slots: the named slots of an aggregate phase.
+        dp: optional differential privacy of an aggregate phase: each server adds its part of
+            discrete Gaussian noise to its share sums of every slot before C opens them (one
+            *release* per opening). Covers all ``len(aggregate_slots) × dim`` coordinates;
+            part of the round-spec digest, so both servers must hold the same settings.
     """
 
     name: str
@@ -47,6 +52,7 @@ class PhaseSpec:
     kind: SlotKind
     items_per_device: int
     aggregate_slots: tuple[str, ...] = ()
+    dp: DPConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name.encode()) > 64:
@@ -63,6 +69,22 @@ class PhaseSpec:
             raise SecureSumError(f"pseudonym phase {self.name!r} cannot declare named slots")
         for n in self.aggregate_slots:
             aggregate_slot(n)  # validates the name
+        if self.dp is not None:
+            if self.kind is not SlotKind.AGGREGATE:
+                raise SecureSumError(
+                    f"phase {self.name!r}: differential privacy applies to aggregate phases only"
+                )
+            if not isinstance(self.dp, DPConfig):
+                raise SecureSumError(
+                    f"phase {self.name!r}: dp must be a DPConfig, got {type(self.dp).__name__}"
+                )
+            want = len(self.aggregate_slots) * self.dim
+            if self.dp.coordinates != want:
+                # the accounting is per release: a config for another shape states a wrong ε
+                raise SecureSumError(
+                    f"phase {self.name!r}: dp.coordinates is {self.dp.coordinates}, but the "
+                    f"phase releases {len(self.aggregate_slots)} slot(s) × dim {self.dim} = {want}"
+                )
 
     def aggregate_ids(self) -> list[bytes]:
         """Identifiers of the declared aggregate slots, in declaration order."""

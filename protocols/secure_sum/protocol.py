@@ -25,7 +25,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +33,7 @@ import numpy.typing as npt
 from . import errors
 from .accumulator import KEY_BYTES, ShareAccumulator, key_set_digest, keys_from_bytes
 from .config import Deployment, Mode, PhaseSpec, RoundSpec, SlotKind
+from .dp import DPConfig, NoiseRng, check_headroom, check_noisy_sum, noisy_share_sums
 from .envelope import OVERHEAD, KeyPair, box_open, box_seal, hkdf_sha256, open_envelope, seal
 from .errors import (
     AgreementError,
@@ -118,9 +119,16 @@ MAX_ITEMS_PER_POST = 2**22
 MAX_SLOTS_PER_FETCH = 2**22
 _DERIVE_LABEL = b"decentsim/participant-derive/v1"
 _REQUEST_LABEL = b"decentsim/request-digest/v1"
+_NOISE_LABEL = b"decentsim/agg-noise/v1"
+#: bytes of a server's persisted noise secret (``_Server.noise_secret``)
+NOISE_SECRET_BYTES = 32
 
 #: a permutation source: n -> a uniformly random permutation of range(n)
 Permutation = Callable[[int], npt.NDArray[np.int64]]
+#: ``observer(direction, peer, raw)``: told of every message a server receives (``"in"``) or
+#: sends (``"out"``); ``peer`` is a participant id in hex, ``"coordinator"`` or
+#: ``"aggregator"``. The audit's sealed transcript (``audit.transcript``) is one.
+Observer = Callable[[str, str, bytes], None]
 
 
 class InsecurePlaintextWarning(UserWarning):
@@ -235,7 +243,31 @@ def spec_digest(spec: RoundSpec) -> bytes:
         parts += [p.name.encode(), b"\x00", p.kind.value.encode(), b"\x00"]
         parts += [p.dim.to_bytes(4, "big"), p.items_per_device.to_bytes(4, "big")]
         parts += [n.encode() + b"\x00" for n in p.aggregate_slots]
+        if p.dp is not None:
+            # 0xFF never occurs in UTF-8 names, and the encoding has a fixed length: unambiguous
+            # (a phase without DP keeps its former digest)
+            parts += [b"\xff", p.dp.encode()]
     return hashlib.sha256(b"decentsim/round-spec/v1" + b"".join(parts)).digest()
+
+
+def noise_context(deployment: Deployment, round_id: int, phase: str, surviving: bytes) -> bytes:
+    """What a server's noise for one release is derived from (with its own noise secret).
+
+    Binds the deployment (both servers' public keys), the round, the phase and the agreed
+    surviving-set digest: re-opening the same surviving set re-adds the identical noise (so
+    repeated requests cannot average it away), any other release gets independent noise.
+    """
+    name = phase.encode()
+    return b"".join(
+        (
+            _NOISE_LABEL,
+            hashlib.sha256(deployment.coordinator_public + deployment.aggregator_public).digest(),
+            round_id.to_bytes(8, "big"),
+            len(name).to_bytes(1, "big"),
+            name,
+            surviving,
+        )
+    )
 
 
 def item_c_bytes(dim: int) -> int:
@@ -310,13 +342,52 @@ class _Server:
         self.deployment = deployment
         self.codec = deployment.codec
         self.rounds: dict[int, _Round] = {}
+        #: told of every message in and out (the audit transcript); ``None``: nothing recorded
+        self.observer: Observer | None = None
+        #: minimum cohort: a pseudonym slot holding fewer summands is released as zeros (0: off)
+        self.min_cohort = 0
+        #: this server's own noise secret for DP phases: never sent, never logged. A fresh one
+        #: per process by default; a service sets its persisted one so that a restarted server
+        #: re-adds the same noise to a re-opened release.
+        self.noise_secret = os.urandom(NOISE_SECRET_BYTES)
         if deployment.mode is Mode.PLAINTEXT:
             _warn_plaintext(self.role)
+
+    def _cohort_rows(
+        self, rows: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int64]:
+        """A fetch's share-sum rows with slots of fewer than ``min_cohort`` summands zeroed.
+
+        Both servers hold the same agreed summands, so both zero the same slots and the
+        registrant's sum of such a slot is exactly zero. Summands include the zero-valued padding
+        dummies (servers cannot tell them apart): ``min_cohort`` bounds items, not distinct
+        real contributors.
+        """
+        if self.min_cohort <= 1:
+            return rows
+        return np.where((counts < self.min_cohort)[:, None], np.int64(0), rows)
 
     def _open(self, spec: RoundSpec) -> None:
         if spec.round_id in self.rounds:
             raise PhaseError(f"round {spec.round_id} is already open")
+        for p in spec.phases:
+            if p.dp is not None:
+                check_headroom(p.dp, self.codec)  # a noisy sum must not wrap 2^64
         self.rounds[spec.round_id] = _Round(spec)
+
+    def _released_aggregates(
+        self, rnd: _Round, phase: str
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """This server's share sums and counts of an agreed aggregate phase, with its own part
+        of the DP noise added when the phase carries a ``DPConfig``."""
+        p = rnd.phase(phase)
+        acc = self._accumulator(rnd, phase)
+        sums, counts = acc.released_sums(np.arange(acc.n_slots))
+        if p.dp is not None:
+            assert acc.surviving_digest is not None  # released_sums requires agreement
+            ctx = noise_context(self.deployment, rnd.spec.round_id, phase, acc.surviving_digest)
+            sums = noisy_share_sums(p.dp, sums, NoiseRng.derive(self.noise_secret, ctx))
+        return sums, counts
 
     def _round(self, round_id: int) -> _Round:
         rnd = self.rounds.get(round_id)
@@ -358,25 +429,54 @@ class AggregatorServer(_Server):
     ) -> None:
         super().__init__(keypair, deployment)
         self.permutation = permutation
+        #: DP settings A's operator requires, by phase name (see :meth:`open_round`)
+        self.phase_dp: dict[str, DPConfig] = {}
 
     def open_round(self, spec: RoundSpec) -> None:
-        """A's operator opens a round from its own copy of the spec."""
-        self._open(spec)
+        """A's operator opens a round from its own copy of the spec.
+
+        A phase named in ``phase_dp`` gets A's own DP settings when the spec carries none (a
+        spec from the wire never does); a spec carrying different ones is refused. Either way
+        C's ``OpenRound`` digest must then match, so C and A add noise under identical settings.
+
+        Raises:
+            AgreementError: the spec's DP settings of a phase differ from ``phase_dp``.
+        """
+        phases = []
+        for p in spec.phases:
+            want = self.phase_dp.get(p.name)
+            if want is not None and p.dp is None:
+                p = replace(p, dp=want)
+            elif want is not None and p.dp != want:
+                raise AgreementError(
+                    f"round {spec.round_id} phase {p.name!r}: the spec's DP settings differ "
+                    "from the aggregator's"
+                )
+            phases.append(p)
+        self._open(RoundSpec(spec.round_id, tuple(phases)))
 
     def handle(self, raw: bytes) -> bytes:
         """Serve one request from C; refusals come back as :class:`ErrorReply`."""
+        if self.observer is not None:
+            self.observer("in", "coordinator", raw)
         try:
             msg = decode(raw)
             handler = self._handlers.get(type(msg))
             if handler is None:
                 raise MessageError(f"the aggregator does not serve {type(msg).__name__}")
-            return handler(self, msg).to_bytes()
+            reply = handler(self, msg).to_bytes()
         except SecureSumError as err:
-            return ErrorReply(type(err).__name__, str(err)).to_bytes()
+            reply = ErrorReply(type(err).__name__, str(err)).to_bytes()
+        if self.observer is not None:
+            self.observer("out", "coordinator", reply)
+        return reply
 
     def _on_open_round(self, m: OpenRound) -> Message:
         if spec_digest(self._round(m.round_id).spec) != m.spec_digest:
-            raise AgreementError(f"round {m.round_id}: C and A hold different round specs")
+            raise AgreementError(
+                f"round {m.round_id}: C and A hold different round specs (phases, slots or "
+                "DP settings)"
+            )
         return Agreed(m.spec_digest)
 
     def _on_register(self, m: RelayRegister) -> Message:
@@ -535,8 +635,7 @@ class AggregatorServer(_Server):
             raise RegistrationError(
                 f"phase {m.phase!r} sums pseudonym slots; only registrants fetch"
             )
-        acc = self._accumulator(rnd, m.phase)
-        sums, counts = acc.released_sums(np.arange(acc.n_slots))
+        sums, counts = self._released_aggregates(rnd, m.phase)
         return AggregateShares(sums.astype("<i8").tobytes(), counts.astype("<i8").tobytes())
 
     def _on_fetch(self, m: RelayFetch) -> Message:
@@ -558,7 +657,7 @@ class AggregatorServer(_Server):
             tag, fetch_tag(reg.fetch_secret, m.round_id, m.phase, m.slot_ids)
         ):
             raise NotRegistrant("fetch proof does not match the registrant's secret")
-        rows, _ = acc.released_sums(idx)
+        rows = self._cohort_rows(*acc.released_sums(idx))
         box = box_seal(reg.fetch_secret, rows.astype("<i8").tobytes(), INFO_FETCH_REPLY, aad)
         reply = FetchReply(box)
         rnd.registry.record_fetch(reg, m.phase, digest, reply.to_bytes())
@@ -640,8 +739,14 @@ class CoordinatorServer(_Server):
         self.permutation = permutation
 
     def _ask(self, msg: Message, expect: type[Message]) -> Message:
+        raw = msg.to_bytes()
+        if self.observer is not None:
+            self.observer("out", "aggregator", raw)
         try:
-            return _expect(self._to_a(msg.to_bytes()), expect)
+            reply = self._to_a(raw)
+            if self.observer is not None:
+                self.observer("in", "aggregator", reply)
+            return _expect(reply, expect)
         except UnknownRound as err:
             round_id = getattr(msg, "round_id", None)
             if round_id is not None and round_id in self.rounds:
@@ -771,16 +876,20 @@ class CoordinatorServer(_Server):
         p = rnd.phase(phase)
         if p.kind is not SlotKind.AGGREGATE:
             raise RegistrationError(f"phase {phase!r} sums pseudonym slots; only registrants fetch")
-        acc = self._accumulator(rnd, phase)
-        sums, counts = acc.released_sums(np.arange(acc.n_slots))
+        sums, counts = self._released_aggregates(rnd, phase)
         a = self._ask(AggregateRequest(round_id, phase), AggregateShares)
         assert isinstance(a, AggregateShares)
         a_sums = np.frombuffer(a.sums, dtype="<i8").astype(np.int64).reshape(sums.shape)
         a_counts = np.frombuffer(a.counts, dtype="<i8").astype(np.int64)
         if not np.array_equal(a_counts, counts):
             raise AgreementError("per-slot summand counts differ between the servers")
-        # a sum outside count × max_encoded means an out-of-range contribution or a wrap
-        total = self.codec.check_sum(sums + a_sums, counts)
+        # a sum outside count × max_encoded (+ the noise bound) means an out-of-range
+        # contribution or a wrap
+        both = (sums.view(np.uint64) + a_sums.view(np.uint64)).view(np.int64)
+        if p.dp is None:
+            total = self.codec.check_sum(both, counts)
+        else:
+            total = check_noisy_sum(p.dp, self.codec, both, counts)
         return {name: total[i] for i, name in enumerate(p.aggregate_slots)}
 
     # -- device-facing ----------------------------------------------------------------------
@@ -794,6 +903,14 @@ class CoordinatorServer(_Server):
         Raises:
             SecureSumError: a specific subclass for every refusal; state is unchanged.
         """
+        if self.observer is None:
+            return self._serve_device(raw, peer)
+        self.observer("in", peer.hex(), raw)
+        reply = self._serve_device(raw, peer)
+        self.observer("out", peer.hex(), reply)
+        return reply
+
+    def _serve_device(self, raw: bytes, peer: bytes) -> bytes:
         msg = decode(raw)
         claimed = getattr(msg, "device_id", peer)
         if not hmac.compare_digest(claimed, peer):
@@ -907,7 +1024,7 @@ class CoordinatorServer(_Server):
         cached = rnd.registry.cached_fetch(reg, m.phase, digest)
         if cached is not None:  # a retry of the answered request: the same bytes, nothing new
             return FetchResponse.from_bytes(cached)
-        rows, _ = acc.released_sums(idx)
+        rows = self._cohort_rows(*acc.released_sums(idx))
         reply = self._ask(
             RelayFetch(m.device_id, m.round_id, m.phase, m.slot_ids, m.sealed_for_a), FetchReply
         )

@@ -1,0 +1,1228 @@
+"""The audit's checks: each reads an :class:`~audit.views.AuditInput` and returns a verdict.
+
+Verdicts (:class:`Status`): ``pass`` — nothing beyond the mode's documented leakage;
+``leak`` — leakage the mode's profile (``LEAKAGE.md``) documents, measured and reported;
+``fail`` — a server learns more than its mode promises, or the audit's own control failed;
+``skip`` — the input lacks what the check needs (said why). The CLI exits non-zero on a fail.
+
+Statistics are sized so that an honest run fails a check with probability below
+:data:`FALSE_FAILURE` (10⁻⁶): uniformity tests are Bonferroni-corrected at that level; the
+linkage test needs a z-score above :data:`Z_CRIT` (one-sided normal tail ≈ 5·10⁻⁸); a
+reconstruction counts only exact recoveries (within :data:`RING_TOLERANCE` ring units on every
+coordinate) of non-zero values, which a uniform share hits with probability about 2⁻⁶⁰ per
+coordinate. Samples are drawn with fixed seeds, so an audit is reproducible.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import stat
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import stats
+
+from audit.views import (
+    ROLES,
+    AuditInput,
+    Rows,
+    TrueItem,
+    fetch_releases,
+    registrations,
+    server_shares,
+)
+from protocols.secure_sum import Mode
+from protocols.secure_sum.messages import decode
+
+#: probability budget of a false failure of any statistical check on an honest run
+FALSE_FAILURE = 1e-6
+#: one-sided z above which an attack beats chance (normal tail ≈ 5e-8 < FALSE_FAILURE)
+Z_CRIT = 5.33
+#: ring units a recovered value may differ from the truth by (fixed-point rounding)
+RING_TOLERANCE = 2
+#: fewest ring words a uniformity series needs (256 bins × 5 expected, with margin)
+MIN_WORDS = 2048
+#: most words per uniformity series (a fixed-seed subsample beyond)
+MAX_WORDS = 1_000_000
+#: fraction of true items the C + A control must reconstruct (the harness's self-test)
+CONTROL_MIN = 0.99
+
+
+class Status(str, enum.Enum):
+    """A check's verdict."""
+
+    PASS = "pass"
+    LEAK = "leak"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+@dataclass
+class CheckResult:
+    """One check's verdict, with the numbers behind it and what the report plots.
+
+    Attributes:
+        key: short machine name (``uniformity``, ``reconstruction``, …).
+        title: human title.
+        status: the verdict.
+        summary: one or two sentences saying why.
+        details: the numbers (JSON-serializable).
+        table: rows for the report (first row = header), possibly empty.
+        plot: data the report plots (JSON-serializable), possibly empty.
+    """
+
+    key: str
+    title: str
+    status: Status
+    summary: str
+    details: dict[str, Any] = field(default_factory=dict)
+    table: list[list[str]] = field(default_factory=list)
+    plot: dict[str, Any] = field(default_factory=dict)
+
+
+def _dims(inp: AuditInput) -> dict[str, int]:
+    """Each deployment's vector length, from its posts (first seen) or the truth."""
+    dims: dict[str, int] = {}
+    for view in inp.servers.values():
+        for r in view.records:
+            if r.deployment in dims or r.kind not in (
+                "MailboxPost",
+                "RelayShuffled",
+                "ShuffledPost",
+            ):
+                continue
+            if r.kind == "MailboxPost":
+                dims[r.deployment] = int(getattr(decode(r.payload), "dim", 0))
+    if inp.truth is not None:
+        for it in inp.truth.items:
+            dims.setdefault(it.deployment, int(it.value.size))
+    for name in inp.codecs:
+        dims.setdefault(name, _dim_from_relays(inp, name))
+    return {k: v for k, v in dims.items() if v > 0}
+
+
+def _dim_from_relays(inp: AuditInput, deployment: str) -> int:
+    """A shuffled deployment's dim from the C-item size inside A's outer envelopes: the outer
+    holds n items of ``item_c_bytes(dim)``; the A-items count gives n."""
+    from protocols.secure_sum.envelope import OVERHEAD
+    from protocols.secure_sum.protocol import CID_BYTES
+    from protocols.secure_sum.slots import SLOT_ID_BYTES
+
+    for r in inp.servers["coordinator"].records:
+        if r.deployment == deployment and r.kind == "ShuffledPost" and r.direction == "in":
+            m = decode(r.payload)
+            n = len(m.items_for_a)  # type: ignore[attr-defined]
+            per_item = (len(m.outer_for_a) - OVERHEAD) // n  # type: ignore[attr-defined]
+            return (per_item - OVERHEAD - CID_BYTES - SLOT_ID_BYTES) // 8
+    return 0
+
+
+@dataclass
+class _Shares:
+    """Both servers' share rows by deployment (computed once per audit)."""
+
+    rows: dict[str, dict[str, Rows]]
+
+
+def shares_of(inp: AuditInput, max_open: int = 200_000) -> _Shares:
+    """Every server's share rows (see :func:`~audit.views.server_shares`)."""
+    dims = _dims(inp)
+    return _Shares(
+        {role: server_shares(inp.servers[role], inp.mode, dims, max_open) for role in ROLES}
+    )
+
+
+# -- 1. uniformity ----------------------------------------------------------------------------
+def _uniform_tests(words: npt.NDArray[np.int64]) -> dict[str, float]:
+    """p-values of: bytes chi-square, top-byte chi-square (ring elements), KS on u = w / 2^64."""
+    u = words.astype(np.int64).view(np.uint64)
+    byte_counts = np.bincount(u.view(np.uint8), minlength=256)
+    top_counts = np.bincount((u >> np.uint64(56)).astype(np.int64), minlength=256)
+    x = (u >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return {
+        "bytes_chi2_p": float(stats.chisquare(byte_counts).pvalue),
+        "ring_top_byte_chi2_p": float(stats.chisquare(top_counts).pvalue),
+        "ring_ks_p": float(stats.kstest(x, "uniform").pvalue),
+    }
+
+
+def _subsample(words: npt.NDArray[np.int64], salt: int) -> npt.NDArray[np.int64]:
+    if words.size <= MAX_WORDS:
+        return words
+    rng = np.random.default_rng(0x5EED + salt)
+    return words[rng.choice(words.size, size=MAX_WORDS, replace=False)]
+
+
+def check_uniformity(inp: AuditInput, shares: _Shares) -> CheckResult:
+    """Each server's received shares are indistinguishable from uniform ring elements.
+
+    Series: per server and deployment, every share word it holds. Control: the same tests on
+    the values themselves (C's and A's shares of each item added — what a plaintext server
+    would receive). Fails if any series' p-value is below ``FALSE_FAILURE / #tests``.
+    """
+    series: dict[str, npt.NDArray[np.int64]] = {}
+    for role in ROLES:
+        words = [rows.share.ravel() for rows in shares.rows[role].values() if len(rows)]
+        if words:
+            series[role] = np.concatenate(words)
+    control = _control_values(inp, shares)
+    tested = {k: v for k, v in series.items() if v.size >= MIN_WORDS}
+    if not tested:
+        return CheckResult(
+            "uniformity",
+            "Share uniformity",
+            Status.SKIP,
+            f"fewer than {MIN_WORDS} share words per server: nothing to test",
+        )
+    n_tests = 3 * len(tested)
+    threshold = FALSE_FAILURE / n_tests
+    results: dict[str, dict[str, float]] = {}
+    hist: dict[str, list[int]] = {}
+    for i, (name, words) in enumerate(sorted(tested.items())):
+        sample = _subsample(words, i)
+        results[name] = {
+            **_uniform_tests(sample),
+            "words": int(words.size),
+            "tested": int(sample.size),
+        }
+        hist[name] = np.bincount(
+            (sample.view(np.uint64) >> np.uint64(56)).astype(np.int64), minlength=256
+        ).tolist()
+    control_p: dict[str, float] = {}
+    values = np.concatenate(list(control.values())) if control else np.zeros(0, np.int64)
+    if values.size >= MIN_WORDS:
+        sample = _subsample(values, 99)
+        control_p = _uniform_tests(sample)
+        hist["control (the values)"] = np.bincount(
+            (sample.view(np.uint64) >> np.uint64(56)).astype(np.int64), minlength=256
+        ).tolist()
+    failed = sorted(
+        name for name, r in results.items() if min(r[k] for k in r if k.endswith("_p")) < threshold
+    )
+    table = [["series", "words", "bytes χ² p", "ring top-byte χ² p", "ring KS p", "verdict"]]
+    for name, r in sorted(results.items()):
+        table.append(
+            [
+                name,
+                str(r["words"]),
+                f"{r['bytes_chi2_p']:.3g}",
+                f"{r['ring_top_byte_chi2_p']:.3g}",
+                f"{r['ring_ks_p']:.3g}",
+                "non-uniform" if name in failed else "uniform",
+            ]
+        )
+    status = Status.FAIL if failed else Status.PASS
+    summary = (
+        f"non-uniform shares at {', '.join(failed)} (p < {threshold:.1e})"
+        if failed
+        else f"all {len(results)} share series are uniform (every p ≥ {threshold:.1e}); the "
+        "plaintext control is not"
+        if control_p and min(control_p.values()) < threshold
+        else f"all {len(results)} share series are uniform (every p ≥ {threshold:.1e})"
+    )
+    return CheckResult(
+        "uniformity",
+        "Share uniformity",
+        status,
+        summary,
+        {"threshold": threshold, "series": results, "control": control_p},
+        table,
+        {"top_byte_histograms": hist},
+    )
+
+
+def _control_values(inp: AuditInput, shares: _Shares) -> dict[str, npt.NDArray[np.int64]]:
+    """The contributed ring values (C-share + A-share of each item), by deployment."""
+    out: dict[str, npt.NDArray[np.int64]] = {}
+    for dep in shares.rows["coordinator"]:
+        pairs = _pair_rows(
+            shares.rows["coordinator"][dep], shares.rows["aggregator"].get(dep), inp.mode
+        )
+        if pairs is not None:
+            out[dep] = pairs[2].ravel()
+    return out
+
+
+# -- keys: fixed-width byte strings as numpy void scalars, so joins are sorts, not dict loops ---
+def _void(*cols: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
+    """Rows of the concatenated uint8 columns as one void key per row."""
+    mat = np.ascontiguousarray(np.concatenate([c.reshape(len(c), -1) for c in cols], axis=1))
+    return mat.view(f"V{mat.shape[1]}").ravel()
+
+
+def _be(x: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
+    """int64s as big-endian bytes (n, 8): keys sort by value."""
+    return np.ascontiguousarray(np.asarray(x, dtype=">i8")).view(np.uint8).reshape(-1, 8)
+
+
+def _ids(raw: list[bytes] | set[bytes]) -> npt.NDArray[np.uint8]:
+    """Concatenated 16-byte ids as an ``(n, 16)`` matrix."""
+    return np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(-1, 16)
+
+
+def _near_rows(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Per row: every coordinate within ``RING_TOLERANCE`` in the ring (wrapping difference)."""
+    d = a - b  # int64 arrays wrap, as the protocol's arithmetic does
+    return np.all((d >= -RING_TOLERANCE) & (d <= RING_TOLERANCE), axis=1)
+
+
+def _group_sum(
+    keys: npt.NDArray[np.void], vals: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.void], npt.NDArray[np.int64]]:
+    """Unique keys and the ring sum of the rows of each."""
+    uniq, inv = np.unique(keys, return_inverse=True)
+    sums = np.zeros((len(uniq), vals.shape[1]), dtype=np.int64)
+    np.add.at(sums, inv.reshape(-1), vals)
+    return uniq, sums
+
+
+def _pair_rows(
+    c: Rows, a: Rows | None, mode: Mode
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
+    """Rows of C and A holding shares of the same item: (C row indices, A row indices,
+    C-share + A-share). Mailbox: same post (round, participant) and position in it; shuffled:
+    same contribution id and round."""
+    if a is None or not len(c) or not len(a):
+        return None
+
+    def key(r: Rows) -> npt.NDArray[np.void]:
+        if mode is Mode.SHUFFLED:
+            return _void(r.cid, _be(r.round_id))
+        return _void(_be(r.round_id), r.participant, _be(r.position))
+
+    _, ci, ai = np.intersect1d(key(c), key(a), assume_unique=False, return_indices=True)
+    return ci.astype(np.int64), ai.astype(np.int64), c.share[ci] + a.share[ai]
+
+
+# -- 2. reconstruction ------------------------------------------------------------------------
+@dataclass
+class _Table:
+    """Contributions of one deployment as arrays (ground truth, or targets)."""
+
+    round_id: npt.NDArray[np.int64]
+    participant: npt.NDArray[np.uint8]
+    slot: npt.NDArray[np.uint8]
+    value: npt.NDArray[np.float64]
+    devices: npt.NDArray[np.int64]
+
+    @property
+    def edge(self) -> npt.NDArray[np.void]:
+        return _void(_be(self.round_id), self.participant, self.slot)
+
+    @property
+    def slot_key(self) -> npt.NDArray[np.void]:
+        return _void(_be(self.round_id), self.slot)
+
+
+def _truth_table(items: list[TrueItem], dep: str) -> _Table:
+    sel = [it for it in items if it.deployment == dep]
+    dim = sel[0].value.size if sel else 1
+    return _Table(
+        np.asarray([it.round_id for it in sel], dtype=np.int64),
+        _ids([it.participant for it in sel]) if sel else np.zeros((0, 16), np.uint8),
+        _ids([it.slot for it in sel]) if sel else np.zeros((0, 16), np.uint8),
+        np.asarray([it.value for it in sel], dtype=np.float64).reshape(-1, dim),
+        np.asarray([it.devices for it in sel], dtype=np.int64),
+    )
+
+
+@dataclass
+class _Targets:
+    """One deployment's targets: unique (round, participant, slot) with the true ring value."""
+
+    edge: npt.NDArray[np.void]  # sorted unique
+    slot_key: npt.NDArray[np.void]
+    participant: npt.NDArray[np.uint8]
+    value: npt.NDArray[np.int64]
+
+
+def _targets(table: _Table, codec: Any, keep: npt.NDArray[np.bool_]) -> _Targets:
+    ok = keep & np.all(np.isfinite(table.value), axis=1)
+    ok &= np.all(np.abs(table.value) <= codec.max_abs, axis=1)
+    t = _Table(
+        *(getattr(table, f)[ok] for f in ("round_id", "participant", "slot", "value", "devices"))
+    )
+    ring = (
+        codec.encode(t.value).astype(np.int64)
+        if len(t.round_id)
+        else np.zeros((0, t.value.shape[1]), np.int64)
+    )
+    edge, value = _group_sum(t.edge, ring)
+    raw = edge.view(np.uint8).reshape(-1, 40)
+    return _Targets(edge, _void(raw[:, :8], raw[:, 24:]), np.ascontiguousarray(raw[:, 8:24]), value)
+
+
+@dataclass
+class _Guesses:
+    """An attacker's guesses: attributed (edge key, value) and unattributed (slot key, value) —
+    the value is known, its sender is not."""
+
+    edge: list[npt.NDArray[np.void]] = field(default_factory=list)
+    edge_val: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    slot: list[npt.NDArray[np.void]] = field(default_factory=list)
+    slot_val: list[npt.NDArray[np.int64]] = field(default_factory=list)
+
+    def add_rows(self, rows: Rows, values: npt.NDArray[np.int64]) -> None:
+        """Each row's value as a guess (attributed where the row names its poster), plus the
+        sum of each poster's rows per slot (a participant's items to one slot add up)."""
+        k = rows.known
+        if k.any():
+            edge = _void(_be(rows.round_id[k]), rows.participant[k], rows.slot[k])
+            self.edge.append(edge)
+            self.edge_val.append(values[k])
+            uniq, sums = _group_sum(edge, values[k])
+            self.edge.append(uniq)
+            self.edge_val.append(sums)
+        if (~k).any():
+            self.slot.append(_void(_be(rows.round_id[~k]), rows.slot[~k]))
+            self.slot_val.append(values[~k])
+
+    def extend(self, other: _Guesses) -> None:
+        for f in ("edge", "edge_val", "slot", "slot_val"):
+            getattr(self, f).extend(getattr(other, f))
+
+    def hits(self, t: _Targets) -> npt.NDArray[np.bool_]:
+        """Which targets some guess equals."""
+        hit = np.zeros(len(t.edge), dtype=bool)
+        if not len(t.edge):
+            return hit
+        if self.edge:
+            keys, vals = np.concatenate(self.edge), np.concatenate(self.edge_val)
+            idx = np.minimum(np.searchsorted(t.edge, keys), len(t.edge) - 1)
+            ok = t.edge[idx] == keys
+            near = _near_rows(vals[ok], t.value[idx[ok]])
+            hit[idx[ok][near]] = True
+        if self.slot:
+            keys, vals = np.concatenate(self.slot), np.concatenate(self.slot_val)
+            order = np.argsort(t.slot_key, kind="stable")
+            sk = t.slot_key[order]
+            lo, hi = np.searchsorted(sk, keys, "left"), np.searchsorted(sk, keys, "right")
+            counts = hi - lo
+            guess = np.repeat(np.arange(len(keys)), counts)
+            offs = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            tgt = order[np.repeat(lo, counts) + offs]
+            near = _near_rows(vals[guess], t.value[tgt])
+            hit[tgt[near]] = True
+        return hit
+
+
+def check_reconstruction(inp: AuditInput, shares: _Shares, colluders: int = 1) -> CheckResult:
+    """Try to recover honest participants' contributions (messages and observations).
+
+    Attackers: C's view alone; A's view alone; C with ``colluders`` colluding trust domains
+    (pools: their own contributions and the sums their registrants fetched — what those devices
+    hold); and C + A together (the threat model's boundary: expected to succeed). Chance is the
+    data-free guess "zero" (many true messages are zero). Fails if C or A alone, or C with the
+    colluders beyond the documented subtraction on small cohorts, recovers any non-zero value,
+    or if the C + A control does not recover ≥ 99 % of the values (the harness is broken).
+    """
+    if inp.truth is None or not inp.truth.items:
+        return CheckResult(
+            "reconstruction", "Reconstruction attacks", Status.SKIP, "no ground truth in the run"
+        )
+    c_rows, a_rows = shares.rows["coordinator"], shares.rows["aggregator"]
+    colluding = {p for p, d in inp.truth.domains.items() if d < colluders}
+    coll_ids = _ids(sorted(colluding)) if colluding else np.zeros((0, 16), np.uint8)
+    regs = registrations(inp.servers["coordinator"])
+    coll_name = f"coordinator + {colluders} colluding pool(s)"
+    names = ("coordinator", "aggregator", "coordinator + aggregator", coll_name)
+    totals = {n: np.zeros(3, dtype=np.int64) for n in names}  # recovered, non-zero, undocumented
+    n_targets = n_nonzero = n_documented = 0
+    for dep, codec in inp.codecs.items():
+        table = _truth_table(inp.truth.items, dep)
+        rounds = np.unique(
+            np.concatenate(
+                [r[dep].round_id for r in (c_rows, a_rows) if dep in r] or [np.zeros(0, np.int64)]
+            )
+        )
+        in_run = np.isin(table.round_id, rounds)
+        is_coll = _rows_in(table.participant, coll_ids)
+        every = _targets(table, codec, in_run)
+        honest = _targets(table, codec, in_run & ~is_coll)
+        if not len(honest.edge):
+            continue
+        nonzero = np.any(np.abs(honest.value) > RING_TOLERANCE, axis=1)
+        n_targets += len(honest.edge)
+        n_nonzero += int(nonzero.sum())
+        guesses = {n: _Guesses() for n in names}
+        if dep in c_rows:
+            guesses["coordinator"].add_rows(c_rows[dep], c_rows[dep].share)
+        if dep in a_rows:
+            guesses["aggregator"].add_rows(a_rows[dep], a_rows[dep].share)
+            guesses["aggregator"].add_rows(a_rows[dep], -a_rows[dep].share)
+        pairs = _pair_rows(c_rows[dep], a_rows.get(dep), inp.mode) if dep in c_rows else None
+        if pairs is not None:
+            guesses["coordinator + aggregator"].add_rows(_take(c_rows[dep], pairs[0]), pairs[2])
+        guesses[coll_name].extend(guesses["coordinator"])
+        documented = _subtraction_attack(
+            dep, every, honest, coll_ids, regs, c_rows.get(dep), guesses[coll_name]
+        )
+        n_documented += int((documented & nonzero).sum())
+        for n in names:
+            hit = guesses[n].hits(honest)
+            totals[n] += [
+                int(hit.sum()),
+                int((hit & nonzero).sum()),
+                int((hit & nonzero & ~documented).sum()),
+            ]
+    if not n_targets:
+        return CheckResult(
+            "reconstruction",
+            "Reconstruction attacks",
+            Status.SKIP,
+            "no honest contribution in the views",
+        )
+    chance = (n_targets - n_nonzero) / n_targets
+    results: dict[str, dict[str, Any]] = {
+        n: {
+            "recovered": int(v[0]),
+            "recovered_nonzero": int(v[1]),
+            "rate": float(v[0]) / n_targets,
+            "chance": chance,
+        }
+        for n, v in totals.items()
+    }
+    undocumented = int(totals[coll_name][2])
+    results[coll_name]["documented_small_cohort"] = int(totals[coll_name][1]) - undocumented
+    results[coll_name]["undocumented"] = undocumented
+    unopened = sum(r.unopened for role in ROLES for r in shares.rows[role].values())
+    control_rate = results["coordinator + aggregator"]["rate"]
+    problems = []
+    for name in ("coordinator", "aggregator"):
+        if results[name]["recovered_nonzero"]:
+            problems.append(f"{name} alone recovered {results[name]['recovered_nonzero']} value(s)")
+    if undocumented:
+        problems.append(f"{coll_name} recovered {undocumented} value(s) beyond small cohorts")
+    if not unopened and control_rate < CONTROL_MIN:
+        problems.append(
+            f"control C + A recovered only {control_rate:.1%} of values: the audit cannot vouch "
+            "for its attacks"
+        )
+    table = [["attacker", "targets", "recovered", "rate", "chance (guess 0)", "non-zero recovered"]]
+    for name, r in results.items():
+        table.append(
+            [
+                name,
+                str(n_targets),
+                str(r["recovered"]),
+                f"{r['rate']:.1%}",
+                f"{r['chance']:.1%}",
+                str(r["recovered_nonzero"]),
+            ]
+        )
+    if problems:
+        status, summary = Status.FAIL, "; ".join(problems)
+    elif results[coll_name]["documented_small_cohort"]:
+        status = Status.LEAK
+        summary = (
+            f"no server alone recovers a value; {coll_name} recovers "
+            f"{results[coll_name]['documented_small_cohort']} value(s), each the residual of a "
+            "colluder's slot or an aggregate after subtracting the colluders' own (documented: "
+            f"LEAKAGE.md, C + t devices); C + A together recover {control_rate:.0%} (the boundary)"
+        )
+    else:
+        status = Status.PASS
+        summary = (
+            f"no attacker within the threat model beats chance; C + A together recover "
+            f"{control_rate:.0%} (the boundary)"
+        )
+    return CheckResult(
+        "reconstruction",
+        "Reconstruction attacks",
+        status,
+        summary,
+        {
+            "targets": n_targets,
+            "nonzero_targets": n_nonzero,
+            "documented_by_subtraction": n_documented,
+            "colluders": colluders,
+            "attackers": results,
+            "unopened_items": unopened,
+        },
+        table,
+        {
+            "rates": {
+                k: (v["rate"], v["chance"], v["recovered_nonzero"] / max(n_nonzero, 1))
+                for k, v in results.items()
+            }
+        },
+    )
+
+
+def _rows_in(ids: npt.NDArray[np.uint8], members: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """Which rows of ``ids`` (n, 16) are among ``members`` (m, 16)."""
+    if not len(members) or not len(ids):
+        return np.zeros(len(ids), dtype=bool)
+    return np.isin(_void(ids), _void(members))
+
+
+def _take(rows: Rows, idx: npt.NDArray[np.int64]) -> Rows:
+    return Rows(
+        rows.round_id[idx],
+        rows.phase[idx],
+        rows.participant[idx],
+        rows.known[idx],
+        rows.slot[idx],
+        rows.share[idx],
+        rows.cid[idx],
+        rows.position[idx],
+        rows.batch,
+    )
+
+
+def _subtraction_attack(
+    dep: str,
+    every: _Targets,
+    honest: _Targets,
+    coll_ids: npt.NDArray[np.uint8],
+    regs: dict[int, dict[bytes, bytes]],
+    c_rows: Rows | None,
+    guesses: _Guesses,
+) -> npt.NDArray[np.bool_]:
+    """C + colluders: a colluding registrant's fetched sum minus the colluders' own items leaves
+    the honest contributions to that slot; aggregates are opened to C anyway. The residual is
+    guessed as a lone honest contribution's value, attributed where C sees a single honest
+    poster (mailbox mode; dummies usually hide it). Returns which honest targets this documented
+    attack may recover (each honest contribution equal to its slot's residual)."""
+    slots, total = _group_sum(every.slot_key, every.value)
+    coll = _rows_in(every.participant, coll_ids)
+    own_keys, own = _group_sum(every.slot_key[coll], every.value[coll])
+    residual = total.copy()
+    if len(own_keys):
+        residual[np.searchsorted(slots, own_keys)] -= own
+    eligible = np.ones(len(slots), dtype=bool)
+    if dep == "neighbourhood":
+        owned = [
+            (rnd, slot)
+            for rnd, m in regs.items()
+            for slot, pid in m.items()
+            if pid in set(map(bytes, coll_ids))
+        ]
+        keys = (
+            _void(_be(np.asarray([r for r, _ in owned])), _ids([s for _, s in owned]))
+            if owned
+            else np.zeros(0, dtype="V24")
+        )
+        eligible = np.isin(slots, keys)
+    slots, residual = slots[eligible], residual[eligible]
+    documented = np.zeros(len(honest.edge), dtype=bool)
+    if not len(slots):
+        return documented
+    idx = np.minimum(np.searchsorted(slots, honest.slot_key), len(slots) - 1)
+    at = slots[idx] == honest.slot_key
+    documented[at] = _near_rows(residual[idx[at]], honest.value[at])
+    guesses.slot.append(slots)
+    guesses.slot_val.append(residual)
+    if c_rows is not None and c_rows.known.any():
+        k = c_rows.known & ~_rows_in(c_rows.participant, coll_ids)
+        pairs = np.unique(_void(_be(c_rows.round_id[k]), c_rows.slot[k], c_rows.participant[k]))
+        raw = pairs.view(np.uint8).reshape(-1, 40)
+        slot_of = _void(raw[:, :24])
+        uniq, first, counts = np.unique(slot_of, return_index=True, return_counts=True)
+        lone = uniq[counts == 1]
+        poster = raw[first[counts == 1], 24:]
+        sel = np.isin(slots, lone)
+        if sel.any():
+            pos = np.searchsorted(lone, slots[sel])
+            s_raw = slots[sel].view(np.uint8).reshape(-1, 24)
+            guesses.edge.append(_void(s_raw[:, :8], poster[pos], s_raw[:, 8:]))
+            guesses.edge_val.append(residual[sel])
+    return documented
+
+
+# -- 3. linkage -------------------------------------------------------------------------------
+def _guess_senders(rows: Rows) -> npt.NDArray[np.uint8]:
+    """Each row's sender: its poster where the server saw it, else the order attack — the item
+    at position i of a batch came from the poster whose cumulative item range covers i (right
+    if the relay kept arrival order)."""
+    out = rows.participant.copy()
+    for (rnd, phase), posters in rows.batch.items():
+        sel = ~rows.known & (rows.round_id == rnd) & (rows.phase == phase)
+        if not sel.any() or not posters:
+            continue
+        ends = np.cumsum([n for _, n in posters]).astype(np.int64)
+        j = np.minimum(np.searchsorted(ends, rows.position[sel], side="right"), len(posters) - 1)
+        out[sel] = _ids([p for p, _ in posters])[j]
+    return out
+
+
+def _chance_none(
+    n_items: npt.NDArray[np.int64], n_p: npt.NDArray[np.int64], total: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float64]:
+    """P(none of ``n_items`` items at random distinct positions of a batch of ``total`` falls in
+    a poster's ``n_p`` positions) = C(total − n_p, n_items) / C(total, n_items), exact."""
+    from scipy.special import gammaln
+
+    free = total - n_p
+    ok = n_items <= free
+    f, n, t = (
+        free[ok].astype(np.float64),
+        n_items[ok].astype(np.float64),
+        total[ok].astype(np.float64),
+    )
+    out = np.zeros(len(n_items))
+    out[ok] = np.exp(gammaln(f + 1) - gammaln(f - n + 1) - gammaln(t + 1) + gammaln(t - n + 1))
+    return out
+
+
+def check_linkage(inp: AuditInput, shares: _Shares) -> CheckResult:
+    """Each server's best sender ↔ slot edge recovery against the true contact graph.
+
+    For every neighbourhood item a server holds it asserts a sender (the poster it saw, or by
+    the order attack); the asserted edges are scored against the true (sender participant,
+    slot) edges of each round. Recall of a true edge under chance — senders assigned to the
+    server's items at random positions of the batch — is exact (hypergeometric); the verdict
+    is a one-sided z-test of the recovered edges against it (``Z_CRIT``). Linkable is a failure
+    in ``shuffled`` mode and documented leakage in ``mailbox``/``plaintext``.
+    """
+    if inp.truth is None:
+        return CheckResult(
+            "linkage", "Linkage attack", Status.SKIP, "no ground truth (contact graph)"
+        )
+    table_t = _truth_table(inp.truth.items, "neighbourhood")
+    if not len(table_t.round_id):
+        return CheckResult(
+            "linkage", "Linkage attack", Status.SKIP, "no true contacts in the truth"
+        )
+    edges = np.unique(table_t.edge)
+    results: dict[str, dict[str, Any]] = {}
+    for role in ROLES:
+        rows = shares.rows[role].get("neighbourhood")
+        if rows is None or not len(rows):
+            continue
+        guess = _guess_senders(rows)
+        asserted = np.unique(_void(_be(rows.round_id), guess, rows.slot))
+        raw = edges.view(np.uint8).reshape(-1, 40)
+        e_round = raw[:, :8].copy().view(">i8").ravel().astype(np.int64)
+        covered = edges[np.isin(e_round, np.unique(rows.round_id))]
+        if not len(covered):
+            continue
+        craw = covered.view(np.uint8).reshape(-1, 40)
+        c_round = craw[:, :8].copy().view(">i8").ravel().astype(np.int64)
+        found = np.isin(covered, asserted)
+        # items per (round, slot) at this server, and each poster's item count per round
+        sk, sk_counts = np.unique(_void(_be(rows.round_id), rows.slot), return_counts=True)
+        c_sk = _void(craw[:, :8], craw[:, 24:])
+        pos = np.minimum(np.searchsorted(sk, c_sk), len(sk) - 1)
+        n_s = np.where(sk[pos] == c_sk, sk_counts[pos], 0)
+        sk_round = sk.view(np.uint8).reshape(-1, 24)[:, :8].copy().view(">i8").ravel()
+        slots_per_round = dict(zip(*np.unique(sk_round, return_counts=True), strict=True))
+        poster_keys, poster_n, totals = [], [], {}
+        n_candidates = 0
+        for (rnd, _), posters in rows.batch.items():
+            totals[rnd] = sum(n for _, n in posters)
+            poster_keys += [int(rnd).to_bytes(8, "big", signed=True) + p for p, _ in posters]
+            poster_n += [n for _, n in posters]
+            n_candidates += len(posters) * int(slots_per_round.get(rnd, 0))
+        pk = (
+            np.frombuffer(b"".join(poster_keys), dtype="V24") if poster_keys else np.zeros(0, "V24")
+        )
+        order = np.argsort(pk)
+        pk, pn = pk[order], np.asarray(poster_n, dtype=np.int64)[order]
+        c_pk = _void(craw[:, :24])
+        ppos = np.minimum(np.searchsorted(pk, c_pk), max(len(pk) - 1, 0))
+        n_p = np.where((pk[ppos] == c_pk) if len(pk) else False, pn[ppos] if len(pk) else 0, 0)
+        total = np.asarray([totals.get(int(r), 0) for r in c_round], dtype=np.int64)
+        chance = 1.0 - _chance_none(n_s, n_p, total)
+        hits = int(found.sum())
+        mean, var = float(chance.sum()), float((chance * (1 - chance)).sum())
+        z = (hits - mean) / math.sqrt(var) if var > 0 else 0.0
+        results[role] = {
+            "true_edges": len(covered),
+            "asserted_edges": len(asserted),
+            "recall": hits / len(covered),
+            "chance_recall": mean / len(covered),
+            "precision": int(np.isin(asserted, covered).sum()) / max(len(asserted), 1),
+            "chance_precision": len(covered) / max(n_candidates, 1),
+            "z": z,
+            "linkable": bool(z > Z_CRIT),
+        }
+
+    if not results:
+        return CheckResult("linkage", "Linkage attack", Status.SKIP, "no neighbourhood items seen")
+    linkable = sorted(r for r, v in results.items() if v["linkable"])
+    table = [
+        [
+            "server",
+            "true edges",
+            "recall",
+            "chance recall",
+            "precision",
+            "chance precision",
+            "z",
+            "linkable",
+        ]
+    ]
+    for role, r in results.items():
+        table.append(
+            [
+                role,
+                str(r["true_edges"]),
+                f"{r['recall']:.3f}",
+                f"{r['chance_recall']:.3f}",
+                f"{r['precision']:.3f}",
+                f"{r['chance_precision']:.3f}",
+                f"{r['z']:.1f}",
+                "yes" if r["linkable"] else "no",
+            ]
+        )
+    if not linkable:
+        status = Status.PASS
+        summary = "no server links senders to slots better than chance"
+    elif inp.mode is Mode.SHUFFLED:
+        status = Status.FAIL
+        summary = (
+            f"shuffled mode promises unlinkability, but {', '.join(linkable)} link(s) senders "
+            "to slots"
+        )
+    else:
+        best = max(linkable, key=lambda r: results[r]["recall"])
+        status = Status.LEAK
+        summary = (
+            f"{', '.join(linkable)} recover(s) the sender↔slot graph (recall "
+            f"{results[best]['recall']:.2f} vs chance {results[best]['chance_recall']:.2f}, "
+            f"z = {results[best]['z']:.0f}): documented for {inp.mode.value} mode"
+        )
+    return CheckResult(
+        "linkage",
+        "Linkage attack",
+        status,
+        summary,
+        {"servers": results},
+        table,
+        {"linkage": results},
+    )
+
+
+# -- 4. small cohorts -------------------------------------------------------------------------
+def check_cohorts(inp: AuditInput, shares: _Shares, k: int = 2) -> CheckResult:
+    """How many released slots summed fewer than ``k`` contributors (a slot summing one contact
+    reveals that contact's message to its registrant), and whether a configured minimum cohort
+    was enforced: every slot the servers counted below it must be released as zero."""
+    if inp.truth is None:
+        return CheckResult("cohorts", "Small cohorts", Status.SKIP, "no ground truth")
+    k = max(k, inp.min_cohort)
+    t = _truth_table(inp.truth.items, "neighbourhood")
+    if not len(t.round_id):
+        return CheckResult(
+            "cohorts", "Small cohorts", Status.SKIP, "no neighbourhood contributions"
+        )
+    slot_keys, inv = np.unique(t.slot_key, return_inverse=True)
+    inv = inv.reshape(-1)
+    dev = np.bincount(inv, weights=t.devices, minlength=len(slot_keys)).astype(np.int64)
+    mass = np.bincount(inv, weights=np.abs(t.value[:, 0]), minlength=len(slot_keys))
+    pairs = _void(t.slot_key.view(np.uint8).reshape(-1, 24), t.participant)
+    first = np.unique(pairs, return_index=True)[1]
+    parts = np.bincount(inv[first], minlength=len(slot_keys))
+    n_slots = len(slot_keys)
+    small = dev < k
+    hist = np.bincount(np.minimum(dev, 20), minlength=21).tolist()
+    details: dict[str, Any] = {
+        "k": k,
+        "slots": n_slots,
+        "below_k_devices": int(small.sum()),
+        "below_k_participants": int((parts < k).sum()),
+        "single_contact": int((dev == 1).sum()),
+        "min_cohort": inp.min_cohort,
+    }
+    table = [["measure", "value"], ["slots with ≥ 1 contributor", str(n_slots)]]
+    table.append(
+        [f"slots with < {k} contributing devices", f"{int(small.sum())} ({small.mean():.1%})"]
+    )
+    table.append(
+        [f"slots with < {k} contributing participants", str(details["below_k_participants"])]
+    )
+    table.append(["slots summing exactly one contact", str(details["single_contact"])])
+    status = Status.LEAK if small.any() else Status.PASS
+    summary = (
+        f"{int(small.sum())} of {n_slots} slots ({small.mean():.1%}) summed fewer than {k} "
+        "contacts (documented: a registrant learns such a slot's sum); no minimum cohort was "
+        "enforced"
+        if small.any()
+        else f"every slot summed at least {k} contacts"
+    )
+    if inp.min_cohort:
+        c_rows = shares.rows["coordinator"].get("neighbourhood")
+        if c_rows is not None and len(c_rows):
+            held, held_n = np.unique(_void(_be(c_rows.round_id), c_rows.slot), return_counts=True)
+        else:
+            held, held_n = np.zeros(0, "V24"), np.zeros(0, np.int64)
+        rel_keys, rel_zero = [], []
+        for rnd, _, slot_ids, rows in fetch_releases(inp.servers["coordinator"]):
+            n = rows.shape[0]
+            rel_keys.append(
+                _void(_be(np.full(n, rnd)), np.frombuffer(slot_ids, np.uint8).reshape(n, 16))
+            )
+            rel_zero.append(~np.any(rows != 0, axis=1))
+        keys = np.concatenate(rel_keys) if rel_keys else np.zeros(0, "V24")
+        zero = np.concatenate(rel_zero) if rel_zero else np.zeros(0, bool)
+        pos = np.minimum(np.searchsorted(held, keys), max(len(held) - 1, 0))
+        count = (
+            np.where(held[pos] == keys, held_n[pos], 0)
+            if len(held)
+            else np.zeros(len(keys), np.int64)
+        )
+        below = count < inp.min_cohort
+        released_bad = int((below & ~zero).sum())
+        spos = np.minimum(np.searchsorted(slot_keys, keys), n_slots - 1)
+        real = slot_keys[spos] == keys
+        sup = below & zero & real
+        suppressed = int(sup.sum())
+        suppressed_mass = float(mass[spos[sup]].sum())
+        total_mass = float(mass.sum()) or 1.0
+        details.update(
+            {
+                "released_below_min_cohort": released_bad,
+                "suppressed_slots": suppressed,
+                "suppressed_message_mass": suppressed_mass / total_mass,
+            }
+        )
+        table.append(
+            [f"slots suppressed (< {inp.min_cohort} items at the servers)", str(suppressed)]
+        )
+        table.append(
+            ["message mass suppressed (fidelity cost)", f"{suppressed_mass / total_mass:.2%}"]
+        )
+        if released_bad:
+            status = Status.FAIL
+            summary = (
+                f"{released_bad} slot(s) below the minimum cohort {inp.min_cohort} were released"
+            )
+        else:
+            passed_small = int(small.sum()) - int((sup & small[spos]).sum())
+            status = Status.LEAK if passed_small > 0 else Status.PASS
+            summary = (
+                f"minimum cohort {inp.min_cohort} enforced: {suppressed} slot(s) suppressed, "
+                f"{suppressed_mass / total_mass:.2%} of the message mass lost"
+                + (
+                    f"; {passed_small} slot(s) with < {k} real contacts passed (padding dummies "
+                    "count as items at the servers)"
+                    if passed_small > 0
+                    else ""
+                )
+            )
+    return CheckResult(
+        "cohorts", "Small cohorts", status, summary, details, table, {"cohort_histogram": hist}
+    )
+
+
+def add_fidelity(result: CheckResult, run: dict[str, Any], baseline: dict[str, Any]) -> None:
+    """Add the fidelity effect of the run's protection (e.g. a minimum cohort) to ``result``:
+    its opened daily series against a baseline run's (same population, seed and θ, without it),
+    from the two runs' ``summary.json``."""
+    diffs: dict[str, Any] = {}
+    for name, series in run.get("daily", {}).items():
+        base = baseline.get("daily", {}).get(name)
+        if base is None or len(base) != len(series):
+            continue
+        a, b = np.asarray(series, dtype=np.float64), np.asarray(base, dtype=np.float64)
+        diffs[name] = {
+            "total": float(a.sum()),
+            "baseline_total": float(b.sum()),
+            "relative_change": float((a.sum() - b.sum()) / b.sum()) if b.sum() else 0.0,
+            "max_daily_abs_diff": float(np.abs(a - b).max()) if a.size else 0.0,
+        }
+        result.table.append(
+            [
+                f"{name}: total vs baseline",
+                f"{a.sum():.0f} vs {b.sum():.0f} ({diffs[name]['relative_change']:+.1%})",
+            ]
+        )
+    result.details["fidelity_vs_baseline"] = diffs
+
+
+# -- 5. differential privacy ------------------------------------------------------------------
+def check_dp(inp: AuditInput) -> CheckResult:
+    """Report the run's (ε, δ) and noise when it used differential privacy.
+
+    The run spec's ``dp`` entry holds the fields of ``protocols.secure_sum.dp.DPConfig`` (one
+    release = one day's aggregate phase); the guarantee over every release of the run comes from
+    ``dp.privacy_report`` (both adversaries, both accountants). The fidelity cost is added from
+    a noise-free baseline run (``--baseline``, see :func:`add_dp_fidelity`). Fails if the
+    configuration is invalid (the report cannot state a guarantee).
+    """
+    dp_conf = inp.config.get("dp")
+    if not dp_conf:
+        return CheckResult(
+            "dp",
+            "Differential privacy",
+            Status.SKIP,
+            "the run did not add differential-privacy noise (aggregates are exact)",
+        )
+    from protocols.secure_sum import dp
+
+    try:
+        fields = dict(dp_conf)
+        if "split" in fields:
+            fields["split"] = dp.NoiseSplit(fields["split"])
+        config = dp.DPConfig(**fields)
+    except (TypeError, ValueError, dp.DPError) as e:
+        return CheckResult(
+            "dp", "Differential privacy", Status.FAIL, f"the run's DP configuration is invalid: {e}"
+        )
+    releases = sum(
+        1 for e in inp.servers["coordinator"].records if e.kind == "AggregateRequest"
+    ) or int(inp.config.get("days", 1)) * int(inp.config.get("epochs", 1))
+    report = dp.privacy_report(config, releases)
+    table = [["quantity", "value"]] + [
+        [k, f"{v:.6g}" if isinstance(v, float) else str(v)] for k, v in report.items()
+    ]
+    eps = {k: v for k, v in report.items() if k.startswith("epsilon_")}
+    worst = max(eps.values()) if eps else float("nan")
+    return CheckResult(
+        "dp",
+        "Differential privacy",
+        Status.PASS,
+        f"{releases} noisy release(s): ε ≤ {worst:.3g} at δ = {config.delta:g} (worst adversary "
+        "and accountant; see the table)",
+        {"privacy": report},
+        table,
+    )
+
+
+def add_dp_fidelity(result: CheckResult, run: dict[str, Any], baseline: dict[str, Any]) -> None:
+    """Add the DP noise's fidelity cost (``dp.fidelity_cost``) of the opened daily series
+    against a noise-free baseline run's."""
+    if result.status is Status.SKIP or "privacy" not in result.details:
+        return
+    from protocols.secure_sum import dp
+
+    for name, series in run.get("daily", {}).items():
+        base = baseline.get("daily", {}).get(name)
+        if base is None or len(base) != len(series):
+            continue
+        cost = dp.fidelity_cost(np.asarray(base), np.asarray(series)).as_dict()
+        result.details.setdefault("fidelity_vs_baseline", {})[name] = cost
+        result.table.append(
+            [f"{name}: RMS error vs the noise-free run", f"{cost['rms_error']:.4g}"]
+        )
+
+
+# -- 6. secrets at rest -----------------------------------------------------------------------
+def _server_key_needles(inp: AuditInput) -> dict[str, dict[str, list[bytes]]]:
+    """Per role, the other server's private keys (a server must never hold its peer's)."""
+    out: dict[str, dict[str, list[bytes]]] = {}
+    for role in ROLES:
+        other = ROLES[1 - ROLES.index(role)]
+        out[role] = {
+            f"{other} private key ({dep})": [
+                kp.private.private_bytes_raw(),
+                kp.private.private_bytes_raw().hex().encode(),
+            ]
+            for dep, kp in inp.servers[other].keys.items()
+        }
+    return out
+
+
+def check_secrets(inp: AuditInput) -> CheckResult:
+    """Scan every server file (databases, logs, views, transcripts, keys) for planted plaintext:
+    pools' secrets and keys, devices' state values, messages, own totals, heard beacons, the
+    world's beacon secret, the auditor's key, and the other server's keys; and check that key
+    files are readable by their owner only."""
+    if not inp.scan_files:
+        return CheckResult(
+            "secrets", "Secrets at rest and in logs", Status.SKIP, "no server files to scan"
+        )
+    needles = dict(inp.truth.needles) if inp.truth is not None else {}
+    cross = _server_key_needles(inp)
+    hits: list[tuple[str, str]] = []
+    loose: list[str] = []
+    for path in inp.scan_files:
+        data = path.read_bytes()
+        role = next((r for r in ROLES if f"/{r}/" in str(path) or path.name.startswith(r)), None)
+        scope = dict(needles)
+        if role is not None:
+            scope.update(cross[role])
+        hits += [
+            (label, str(path)) for label, ns in scope.items() if any(n and n in data for n in ns)
+        ]
+        if (path.name.endswith(".key") or path.name == "keys.json") and stat.S_IMODE(
+            os.stat(path).st_mode
+        ) & 0o077:
+            loose.append(str(path))
+    table = [["planted", "found in"]] + [[label, f] for label, f in hits[:50]]
+    details = {
+        "files": len(inp.scan_files),
+        "needles": len(needles) + sum(len(v) for v in cross.values()),
+        "hits": [{"needle": label, "file": f} for label, f in hits],
+        "loose_key_files": loose,
+    }
+    if hits or loose:
+        parts = []
+        if hits:
+            parts.append(f"{len(hits)} planted value(s) found in server files")
+        if loose:
+            parts.append(f"{len(loose)} key file(s) readable by group/others")
+        return CheckResult(
+            "secrets", "Secrets at rest and in logs", Status.FAIL, "; ".join(parts), details, table
+        )
+    return CheckResult(
+        "secrets",
+        "Secrets at rest and in logs",
+        Status.PASS,
+        f"none of {details['needles']} planted values in {len(inp.scan_files)} server files; "
+        "key files are 0600",
+        details,
+    )
+
+
+# -- 7. leakage profile -----------------------------------------------------------------------
+#: What each party learns, per mode (LEAKAGE.md, condensed).
+PROFILE: dict[str, dict[str, str]] = {
+    "mailbox": {
+        "coordinator": (
+            "uniform C-shares; which participant posted to which slot (pseudonymous contact "
+            "graph, dummies included); per-slot counts; registrations and fetches; sizes and "
+            "timing; opened aggregates"
+        ),
+        "aggregator": (
+            "uniform A-shares (seeds); the sender→slot graph from the relay; per-slot counts; "
+            "which registrant fetched"
+        ),
+        "a device": "the sums of its own registered slots, once per phase",
+        "coordinator + t devices": (
+            "the colluders' own values and sums; a colluder's slot sum minus their items = the "
+            "honest contributions to it (one honest contributor: its value, and C knows who)"
+        ),
+        "coordinator + aggregator": "everything (they add their shares): outside the threat model",
+    },
+    "shuffled": {
+        "coordinator": (
+            "that each participant posted (fixed count and size); shuffled C-items (slot, uniform"
+            " share) without senders; per-slot counts (padded); registrations and fetches; opened"
+            " aggregates"
+        ),
+        "aggregator": (
+            "that each participant posted; A-items (slot, seed) shuffled by C, without senders; "
+            "per-slot counts (padded)"
+        ),
+        "a device": "the sums of its own registered slots, once per phase",
+        "coordinator + t devices": (
+            "the same subtraction on values; the sender of a lone honest contribution stays "
+            "hidden (no sender↔slot link)"
+        ),
+        "coordinator + aggregator": (
+            "everything, including senders (contribution ids link the two shares): outside the "
+            "threat model"
+        ),
+    },
+    "plaintext": {
+        "coordinator": "every raw value with its sender and slot (INSECURE baseline)",
+        "aggregator": "nothing of value (zero shares); the sender→slot graph from the relay",
+        "a device": "the sums of its own registered slots",
+        "coordinator + t devices": "everything",
+        "coordinator + aggregator": "everything",
+    },
+}
+
+#: message types each server may receive, per mode (from devices / from the other server)
+_ALLOWED: dict[str, dict[str, set[str]]] = {
+    "coordinator": {
+        "device": {"RegisterRequest", "DirectoryRequest", "FetchRequest"},
+        "server": {
+            "Agreed",
+            "RegisterResponse",
+            "KeySetReply",
+            "AggregateShares",
+            "FetchReply",
+            "ErrorReply",
+        },
+    },
+    "aggregator": {
+        "device": set(),
+        "server": {
+            "OpenRound",
+            "RelayRegister",
+            "CloseRegistration",
+            "KeySetOffer",
+            "SurvivingSet",
+            "AggregateRequest",
+            "RelayFetch",
+        },
+    },
+}
+
+
+def _allowed(role: str, mode: Mode) -> dict[str, set[str]]:
+    allowed = {k: set(v) for k, v in _ALLOWED[role].items()}
+    shuffled = mode is Mode.SHUFFLED
+    if role == "coordinator":
+        allowed["device"].add("ShuffledPost" if shuffled else "MailboxPost")
+        allowed["server"].add("ShuffledForC" if shuffled else "RelayReceipt")
+    else:
+        allowed["server"].add("RelayShuffled" if shuffled else "RelayMailbox")
+    return allowed
+
+
+def check_profile(inp: AuditInput) -> CheckResult:
+    """The leakage profile of the run's configuration, and a check that each server's
+    transcript holds only the message types its mode allows (e.g. no mailbox post, with its
+    sender↔slot pairs, reaches C in shuffled mode; A never hears from a device)."""
+    mode = inp.mode.value
+    violations: list[str] = []
+    counts: dict[str, dict[str, int]] = {}
+    for role in ROLES:
+        allowed = _allowed(role, inp.mode)
+        seen: dict[str, int] = defaultdict(int)
+        for r in inp.servers[role].records:
+            if r.direction != "in":
+                continue
+            src = "server" if r.peer in ROLES else "device"
+            seen[r.kind] += 1
+            if r.kind not in allowed[src]:
+                violations.append(f"{role} received {r.kind} from a {src}")
+        counts[role] = dict(seen)
+    violations = sorted(set(violations))
+    regs = registrations(inp.servers["coordinator"])
+    participants = {p for slots in regs.values() for p in slots.values()}
+    table = [["party", f"learns ({mode})"]] + [[p, t] for p, t in PROFILE[mode].items()]
+    config = {
+        "mode": mode,
+        "participants": len(participants),
+        "rounds": len(regs),
+        "registered_slots": sum(len(v) for v in regs.values()),
+        "items_per_device": inp.config.get("items_per_device"),
+        "pools": inp.config.get("pools"),
+        "min_cohort": inp.min_cohort,
+        "dp": inp.config.get("dp"),
+    }
+    if violations:
+        return CheckResult(
+            "profile",
+            "Leakage profile",
+            Status.FAIL,
+            f"transcripts hold messages outside the {mode} profile: {'; '.join(violations[:5])}",
+            {"config": config, "messages": counts, "violations": violations},
+            table,
+        )
+    status = Status.LEAK if inp.mode is Mode.PLAINTEXT else Status.PASS
+    return CheckResult(
+        "profile",
+        "Leakage profile",
+        status,
+        f"{mode} mode; every message each server received fits the profile"
+        + (" (plaintext is the insecure baseline)" if status is Status.LEAK else ""),
+        {"config": config, "messages": counts, "violations": []},
+        table,
+    )
+
+
+def run_checks(
+    inp: AuditInput, colluders: int = 1, cohort_k: int = 2, max_open: int = 200_000
+) -> list[CheckResult]:
+    """Every check, in report order."""
+    shares = shares_of(inp, max_open)
+    return [
+        check_uniformity(inp, shares),
+        check_reconstruction(inp, shares, colluders),
+        check_linkage(inp, shares),
+        check_cohorts(inp, shares, cohort_k),
+        check_dp(inp),
+        check_secrets(inp),
+        check_profile(inp),
+    ]

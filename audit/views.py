@@ -1,0 +1,566 @@
+"""The audit's typed model of a run: what each server saw, and (where present) the ground truth.
+
+:class:`AuditInput` is what every check reads. It is built either from a federated run's
+directory (:func:`load_run`; the sealed transcripts opened with the auditor's key, ground truth
+from the pools' own stores, see :mod:`audit.truth`) or directly by tests from an in-memory
+network whose servers' observers recorded the same records (:class:`RecordingObserver`).
+
+:func:`server_shares` turns one server's transcript into its share rows — exactly what that
+server could compute from its own view and its own private keys (the audit reads a server's
+keys from its state dir to open what was sealed to it, and says so in the report).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from audit.transcript import (
+    TranscriptRecord,
+    decode_record,
+    encode_record,
+    load_auditor_keypair,
+    read_transcript,
+)
+from protocols.secure_sum import FixedPointCodec, KeyPair, Mode, open_envelope
+from protocols.secure_sum.errors import SecureSumError
+from protocols.secure_sum.messages import (
+    FetchRequest,
+    FetchResponse,
+    MailboxPost,
+    Message,
+    RegisterRequest,
+    RelayMailbox,
+    RelayRegister,
+    RelayShuffled,
+    ShuffledForC,
+    ShuffledPost,
+    decode,
+)
+from protocols.secure_sum.protocol import (
+    CID_BYTES,
+    INFO_ITEM_A,
+    INFO_ITEM_C,
+    INFO_MAILBOX,
+    INFO_OUTER,
+    SEED_BYTES,
+    item_c_bytes,
+    phase_aad,
+    post_header,
+)
+from protocols.secure_sum.sharing import expand_seed_runs, expand_seeds
+from protocols.secure_sum.slots import SLOT_ID_BYTES
+
+#: the two servers, in report order
+ROLES = ("coordinator", "aggregator")
+
+
+class AuditInputError(Exception):
+    """A run directory cannot be audited; the message names the missing or bad file."""
+
+
+@dataclass
+class ServerView:
+    """One server's recorded view: its transcript records and its own private keys.
+
+    Attributes:
+        role: ``"coordinator"`` or ``"aggregator"``.
+        records: every message it received or sent, in order.
+        keys: its own X25519 key pairs by deployment name (to open what was sealed to it).
+        events: its JSON-lines view (events and sizes), possibly empty.
+    """
+
+    role: str
+    records: list[TranscriptRecord]
+    keys: dict[str, KeyPair]
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrueItem:
+    """One real (non-dummy) contribution a participant made: the ground truth.
+
+    Attributes:
+        deployment: ``"neighbourhood"`` (messages to pseudonym slots) or ``"aggregates"``.
+        round_id: the round it was posted in.
+        participant: the 16-byte participant id that posted it.
+        slot: the 16-byte slot id it was posted to.
+        value: the contributed vector (float64, the deployment's dim).
+        devices: distinct devices whose values are summed in it (a pool pre-sums per slot).
+    """
+
+    deployment: str
+    round_id: int
+    participant: bytes
+    slot: bytes
+    value: npt.NDArray[np.float64]
+    devices: int = 1
+
+
+@dataclass
+class Truth:
+    """What only the devices know, for the checks to score attacks against.
+
+    Attributes:
+        items: every real contribution.
+        domains: participant id → trust domain (pool) index; a pool's participants collude by
+            construction (one process), so "t colluding devices" means t pools.
+        needles: planted secrets by label, each in the encodings it could leak in (raw, hex,
+            decimal); no server file may contain any of them.
+        notes: what the truth covers (e.g. contact-log retention), for the report.
+    """
+
+    items: list[TrueItem]
+    domains: dict[bytes, int]
+    needles: dict[str, list[bytes]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AuditInput:
+    """Everything the checks read.
+
+    Attributes:
+        mode: the run's posting mode.
+        codecs: fixed-point codec by deployment name.
+        servers: the two servers' views by role.
+        truth: ground truth, or ``None`` when the run dir has none.
+        scan_files: server-side files (databases, logs, views, keys) for the secrets scan.
+        config: the run's public configuration (the run spec as a dict) for the profile.
+        min_cohort: the minimum cohort the servers enforced (0: off).
+        source: where this came from (a run dir, or a description of the crafted input).
+    """
+
+    mode: Mode
+    codecs: dict[str, FixedPointCodec]
+    servers: dict[str, ServerView]
+    truth: Truth | None = None
+    scan_files: list[Path] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    min_cohort: int = 0
+    source: str = ""
+
+
+class RecordingObserver:
+    """An in-memory transcript: set ``server.observer = RecordingObserver(...).bind(name)``.
+
+    Records exactly what the sealed file would hold (the same record encoding), for tests and
+    in-process audits.
+    """
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.records: list[TranscriptRecord] = []
+
+    def bind(self, deployment: str) -> Any:
+        """The observer callable for the server of ``deployment``."""
+
+        def observe(direction: str, peer: str, raw: bytes) -> None:
+            plain = encode_record(direction, time.time(), deployment, peer, raw)
+            self.records.append(decode_record(len(self.records), plain))
+
+        return observe
+
+
+# -- share rows ---------------------------------------------------------------------------------
+@dataclass
+class Rows:
+    """Share rows of one server, one deployment: one row per item it holds a share of.
+
+    Attributes:
+        round_id, phase: per row.
+        participant: ``(n, 16)`` uint8 poster ids; all-zero where this server cannot tell
+            (shuffled items) — ``known`` says which.
+        slot: ``(n, 16)`` uint8 slot ids.
+        share: ``(n, dim)`` int64 ring shares.
+        cid: ``(n, 16)`` uint8 contribution ids (shuffled), zeros otherwise.
+        position: index of the item in the batch the server received it in (arrival or relay
+            order), for order-based linkage.
+        batch: ``(round, phase)`` key → the ordered posters of that batch and their item
+            counts, as the server saw them (the sender side of a linkage attack).
+    """
+
+    round_id: npt.NDArray[np.int64]
+    phase: npt.NDArray[np.str_]
+    participant: npt.NDArray[np.uint8]
+    known: npt.NDArray[np.bool_]
+    slot: npt.NDArray[np.uint8]
+    share: npt.NDArray[np.int64]
+    cid: npt.NDArray[np.uint8]
+    position: npt.NDArray[np.int64]
+    batch: dict[tuple[int, str], list[tuple[bytes, int]]] = field(default_factory=dict)
+    #: items this server received but did not open (sampling cap), by (round, phase)
+    unopened: int = 0
+
+    def __len__(self) -> int:
+        return int(self.round_id.size)
+
+
+@dataclass
+class _RowBuilder:
+    dim: int
+    round_id: list[int] = field(default_factory=list)
+    phase: list[str] = field(default_factory=list)
+    participant: list[bytes] = field(default_factory=list)
+    slot: list[bytes] = field(default_factory=list)
+    share: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    cid: list[bytes] = field(default_factory=list)
+    position: list[int] = field(default_factory=list)
+    batch: dict[tuple[int, str], list[tuple[bytes, int]]] = field(default_factory=dict)
+    unopened: int = 0
+
+    def add(
+        self,
+        round_id: int,
+        phase: str,
+        participant: bytes,
+        slots: bytes,
+        shares: npt.NDArray[np.int64],
+        cids: bytes = b"",
+        positions: Iterable[int] | None = None,
+    ) -> None:
+        n = len(slots) // SLOT_ID_BYTES
+        self.round_id += [round_id] * n
+        self.phase += [phase] * n
+        self.participant += [participant] * n
+        self.slot.append(slots)
+        self.share.append(shares.reshape(n, self.dim))
+        self.cid.append(cids or bytes(CID_BYTES * n))
+        self.position += list(positions) if positions is not None else list(range(n))
+
+    def build(self) -> Rows:
+        part = [p or bytes(16) for p in self.participant]
+        participant = np.frombuffer(b"".join(part), dtype=np.uint8).reshape(-1, 16)
+        slot = np.frombuffer(b"".join(self.slot), dtype=np.uint8).reshape(-1, SLOT_ID_BYTES)
+        share = (
+            np.concatenate(self.share) if self.share else np.zeros((0, self.dim), dtype=np.int64)
+        )
+        cid = np.frombuffer(b"".join(self.cid), dtype=np.uint8).reshape(-1, CID_BYTES)
+        return Rows(
+            np.asarray(self.round_id, dtype=np.int64),
+            np.asarray(self.phase, dtype=np.str_),
+            participant,
+            np.asarray([bool(p) for p in self.participant], dtype=bool),
+            slot,
+            share.astype(np.int64),
+            cid,
+            np.asarray(self.position, dtype=np.int64),
+            self.batch,
+            self.unopened,
+        )
+
+
+def _decoded(records: Iterable[TranscriptRecord], direction: str, peer_is_device: bool | None):
+    """(record, message) pairs of one direction; undecodable payloads are skipped."""
+    for r in records:
+        if r.direction != direction:
+            continue
+        is_device = r.peer not in ROLES
+        if peer_is_device is not None and is_device != peer_is_device:
+            continue
+        try:
+            yield r, decode(r.payload)
+        except SecureSumError:
+            continue
+
+
+def _sample(n: int, cap: int, salt: int) -> npt.NDArray[np.int64]:
+    """Positions to open of a batch of ``n`` items, at most ``cap`` (a fixed-seed sample: the
+    analysis must be reproducible; nothing secret is drawn)."""
+    if n <= cap:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(0xA0D17 + salt)
+    return np.sort(rng.choice(n, size=cap, replace=False)).astype(np.int64)
+
+
+def server_shares(
+    view: ServerView, mode: Mode, dims: dict[str, int], max_open: int = 200_000
+) -> dict[str, Rows]:
+    """The share rows each deployment's server holds, computed from its own view and keys.
+
+    Coordinator: the C-shares of mailbox/plaintext posts (with their poster), or in shuffled mode
+    the C-items A returned (opened with C's key; poster unknown). Aggregator: the seeds sealed
+    to it (mailbox, with the poster from the relay) expanded to its shares, zeros in plaintext,
+    or the shuffled A-items (opened with A's key; poster unknown). Replays are counted once.
+    Shuffled batches larger than ``max_open`` items are sampled (fixed seed) — one public-key
+    open per item is the cost; the report says how many were opened.
+    """
+    out = {name: _RowBuilder(dim) for name, dim in dims.items()}
+    seen: set[tuple[str, int, str, bytes]] = set()
+    if view.role == "coordinator":
+        posters: dict[tuple[str, int, str], list[tuple[bytes, int]]] = {}
+        for r, msg in _decoded(view.records, "in", True):
+            if r.deployment not in out:
+                continue
+            key = (r.deployment, getattr(msg, "round_id", 0), getattr(msg, "phase", ""))
+            if isinstance(msg, MailboxPost) and (*key, msg.device_id) not in seen:
+                seen.add((*key, msg.device_id))
+                share = np.frombuffer(msg.share_c, dtype="<i8").astype(np.int64)
+                out[r.deployment].add(msg.round_id, msg.phase, msg.device_id, msg.slot_ids, share)
+                posters.setdefault(key, []).append((msg.device_id, len(msg.slot_ids) // 16))
+            elif isinstance(msg, ShuffledPost) and (*key, msg.device_id) not in seen:
+                seen.add((*key, msg.device_id))
+                posters.setdefault(key, []).append((msg.device_id, len(msg.items_for_a)))
+        # the relay order of posters (what C sent to A) is the batch order
+        for r, msg in _decoded(view.records, "out", False):
+            if isinstance(msg, RelayShuffled | RelayMailbox) and r.deployment in out:
+                key = (r.deployment, msg.round_id, msg.phase)
+                counts = dict(posters.get(key, []))
+                out[r.deployment].batch.setdefault(
+                    (msg.round_id, msg.phase), [(d, counts.get(d, 0)) for d in msg.device_ids]
+                )
+        for r, msg in _decoded(view.records, "in", False):
+            if not isinstance(msg, ShuffledForC) or r.deployment not in out:
+                continue
+            if (r.deployment, msg.round_id, msg.phase, b"C") in seen:
+                continue
+            seen.add((r.deployment, msg.round_id, msg.phase, b"C"))
+            b = out[r.deployment]
+            pos = _sample(len(msg.items_for_c), max_open, msg.round_id)
+            b.unopened += len(msg.items_for_c) - len(pos)
+            _open_items(
+                b,
+                view.keys[r.deployment],
+                [msg.items_for_c[i] for i in pos.tolist()],
+                pos,
+                INFO_ITEM_C,
+                msg.round_id,
+                msg.phase,
+                8 * b.dim,
+                lambda payload, d=b.dim: (
+                    np.frombuffer(payload, "<i8").astype(np.int64).reshape(-1, d)
+                ),
+            )
+        return {k: v.build() for k, v in out.items()}
+    for r, msg in _decoded(view.records, "in", False):
+        if r.deployment not in out:
+            continue
+        b = out[r.deployment]
+        if isinstance(msg, RelayMailbox):
+            if (r.deployment, msg.round_id, msg.phase, b"") in seen:
+                continue
+            seen.add((r.deployment, msg.round_id, msg.phase, b""))
+            b.batch[(msg.round_id, msg.phase)] = [
+                (d, len(s) // SLOT_ID_BYTES)
+                for d, s in zip(msg.device_ids, msg.slot_ids, strict=True)
+            ]
+            _mailbox_a(b, view.keys[r.deployment], msg, mode)
+        elif isinstance(msg, RelayShuffled):
+            if (r.deployment, msg.round_id, msg.phase, b"") in seen:
+                continue
+            seen.add((r.deployment, msg.round_id, msg.phase, b""))
+            size_c = item_c_bytes(b.dim)
+            keys = view.keys[r.deployment]
+            counts = []
+            for device, outer in zip(msg.device_ids, msg.outers, strict=True):
+                try:
+                    blob = open_envelope(
+                        keys, outer, INFO_OUTER, post_header(device, msg.round_id, msg.phase)
+                    )
+                    counts.append((device, len(blob) // size_c))
+                except SecureSumError:
+                    counts.append((device, 0))
+            b.batch[(msg.round_id, msg.phase)] = counts
+            pos = _sample(len(msg.items_for_a), max_open, msg.round_id + 1)
+            b.unopened += len(msg.items_for_a) - len(pos)
+            _open_items(
+                b,
+                keys,
+                [msg.items_for_a[i] for i in pos.tolist()],
+                pos,
+                INFO_ITEM_A,
+                msg.round_id,
+                msg.phase,
+                SEED_BYTES,
+                lambda seeds, d=b.dim: expand_seeds(seeds, d),
+            )
+    return {k: v.build() for k, v in out.items()}
+
+
+def _mailbox_a(b: _RowBuilder, keys: KeyPair, msg: RelayMailbox, mode: Mode) -> None:
+    """A's shares of a mailbox relay: each post's sealed seed expanded (zeros in plaintext)."""
+    for device, slots, sealed in zip(msg.device_ids, msg.slot_ids, msg.sealed_for_a, strict=True):
+        n = len(slots) // SLOT_ID_BYTES
+        if mode is Mode.PLAINTEXT:
+            b.add(msg.round_id, msg.phase, device, slots, np.zeros((n, b.dim), dtype=np.int64))
+            continue
+        header = post_header(device, msg.round_id, msg.phase)
+        try:
+            inner = open_envelope(keys, sealed, INFO_MAILBOX, header)
+        except SecureSumError:
+            continue  # A refused it too: it holds no share of this post
+        shares = expand_seed_runs([inner[:SEED_BYTES]], [n * b.dim])
+        b.add(msg.round_id, msg.phase, device, slots, shares)
+
+
+def _open_items(
+    b: _RowBuilder,
+    keys: KeyPair,
+    envelopes: list[bytes],
+    positions: npt.NDArray[np.int64],
+    info: bytes,
+    round_id: int,
+    phase: str,
+    payload_bytes: int,
+    to_shares: Any,
+) -> None:
+    """Open shuffled items (cid ‖ slot ‖ payload) sealed to this server and add them."""
+    want = CID_BYTES + SLOT_ID_BYTES + payload_bytes
+    plains, kept = [], []
+    aad = phase_aad(round_id, phase)
+    for env, p in zip(envelopes, positions.tolist(), strict=True):
+        try:
+            plain = open_envelope(keys, env, info, aad)
+        except SecureSumError:
+            continue
+        if len(plain) == want:
+            plains.append(plain)
+            kept.append(p)
+    if not plains:
+        return
+    mat = np.frombuffer(b"".join(plains), dtype=np.uint8).reshape(-1, want)
+    cids = mat[:, :CID_BYTES].tobytes()
+    slots = mat[:, CID_BYTES : CID_BYTES + SLOT_ID_BYTES].tobytes()
+    shares = to_shares(mat[:, CID_BYTES + SLOT_ID_BYTES :].tobytes())
+    n = len(plains)
+    b.round_id += [round_id] * n
+    b.phase += [phase] * n
+    b.participant += [b""] * n
+    b.slot.append(slots)
+    b.share.append(np.asarray(shares, dtype=np.int64).reshape(n, b.dim))
+    b.cid.append(cids)
+    b.position += kept
+
+
+def registrations(
+    view: ServerView, deployment: str = "neighbourhood"
+) -> dict[int, dict[bytes, bytes]]:
+    """round → {slot id → registrant participant id}, from C's RegisterRequests (or A's
+    RelayRegisters)."""
+    out: dict[int, dict[bytes, bytes]] = {}
+    peer_is_device = view.role == "coordinator"
+    for r, msg in _decoded(view.records, "in", peer_is_device):
+        if r.deployment != deployment or not isinstance(msg, RegisterRequest | RelayRegister):
+            continue
+        slots = out.setdefault(msg.round_id, {})
+        for i in range(0, len(msg.slot_ids), SLOT_ID_BYTES):
+            slots.setdefault(msg.slot_ids[i : i + SLOT_ID_BYTES], msg.device_id)
+    return out
+
+
+def fetch_releases(
+    view: ServerView, deployment: str = "neighbourhood"
+) -> list[tuple[int, bytes, bytes, npt.NDArray[np.int64]]]:
+    """(round, participant, slot ids, C's released share-sum rows) of every answered fetch at C
+    (each request paired with the next reply to the same participant)."""
+    pending: dict[str, FetchRequest] = {}
+    out = []
+    for r in view.records:
+        if r.deployment != deployment or r.peer in ROLES:
+            continue
+        try:
+            msg: Message = decode(r.payload)
+        except SecureSumError:
+            continue
+        if r.direction == "in" and isinstance(msg, FetchRequest):
+            pending[r.peer] = msg
+        elif r.direction == "out" and isinstance(msg, FetchResponse) and r.peer in pending:
+            req = pending.pop(r.peer)
+            n = len(req.slot_ids) // SLOT_ID_BYTES
+            rows = np.frombuffer(msg.share_sum_c, dtype="<i8").astype(np.int64).reshape(n, -1)
+            out.append((req.round_id, req.device_id, req.slot_ids, rows))
+    return out
+
+
+# -- loading a run directory --------------------------------------------------------------------
+def _keys_file(path: Path, names: Iterable[str]) -> dict[str, KeyPair]:
+    try:
+        raw = json.loads(path.read_text())
+        return {n: KeyPair.from_private_bytes(bytes.fromhex(raw[n])) for n in names}
+    except FileNotFoundError:
+        raise AuditInputError(f"{path}: server keys not found") from None
+    except (ValueError, KeyError) as e:
+        raise AuditInputError(f"{path}: not a server key file ({type(e).__name__}: {e})") from None
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise AuditInputError(f"{path}:{n}: not JSON: {e}") from None
+    return out
+
+
+def load_run(run_dir: Path, auditor_key: Path | None = None, with_truth: bool = True) -> AuditInput:
+    """The audit input of a ``decentsim federated run`` output directory.
+
+    Reads ``views/<role>.transcript`` (opened with ``auditor_key``, default
+    ``RUN_DIR/audit/auditor.key``), each server's own keys from ``state/<role>/keys.json``,
+    the run spec from ``state/run.json``, and the pools' stores as ground truth where present.
+
+    Raises:
+        AuditInputError: a missing transcript, key or run file (named).
+    """
+    from audit.truth import load_truth
+    from coordinator.rounds import aggregates_codec, neighbourhood_codec
+    from coordinator.runspec import RunSpec, RunSpecError
+    from coordinator.service import DEPLOYMENTS
+
+    run_dir = Path(run_dir)
+    spec_path = run_dir / "state" / "run.json"
+    try:
+        spec = RunSpec.from_json(spec_path.read_text(), str(spec_path))
+    except FileNotFoundError:
+        raise AuditInputError(
+            f"{spec_path}: run spec not found (not a federated run dir?)"
+        ) from None
+    except RunSpecError as e:
+        raise AuditInputError(str(e)) from None
+    key_path = auditor_key or run_dir / "audit" / "auditor.key"
+    auditor = load_auditor_keypair(key_path)
+    servers: dict[str, ServerView] = {}
+    for role in ROLES:
+        path = run_dir / "views" / f"{role}.transcript"
+        if not path.exists():
+            path = run_dir / "state" / role / "views" / f"{role}.transcript"
+        if not path.exists():
+            raise AuditInputError(
+                f"{run_dir / 'views' / f'{role}.transcript'}: no transcript — the {role} was "
+                "not started with --audit-key"
+            )
+        got_role, records = read_transcript(path, auditor)
+        if got_role != role:
+            raise AuditInputError(f"{path}: a transcript of the {got_role}, expected the {role}")
+        keys = _keys_file(run_dir / "state" / role / "keys.json", DEPLOYMENTS)
+        events = _events(run_dir / "views" / f"{role}.jsonl")
+        servers[role] = ServerView(role, records, keys, events)
+    # every server file; the transcripts are left out: they are ciphertext (every record opened
+    # and authenticated above), and byte-scanning gigabytes of it for needles proves nothing
+    scan = [
+        p
+        for rel in ("state/coordinator", "state/aggregator", "views")
+        for p in sorted((run_dir / rel).rglob("*"))
+        if p.is_file() and p.suffix != ".transcript"
+    ] + [p for p in (run_dir / "summary.json", run_dir / "trajectory.csv") if p.exists()]
+    truth = load_truth(run_dir, spec, servers) if with_truth else None
+    return AuditInput(
+        mode=Mode(spec.mode),
+        codecs={"neighbourhood": neighbourhood_codec(), "aggregates": aggregates_codec()},
+        servers=servers,
+        truth=truth,
+        scan_files=scan,
+        config=json.loads(spec.to_json()),
+        min_cohort=int(getattr(spec, "min_cohort", 0)),
+        source=str(run_dir),
+    )
