@@ -42,6 +42,7 @@ from protocols.secure_sum import (
     RoundSpec,
     SlotKind,
 )
+from protocols.secure_sum.dp import DPConfig
 from sim import dual
 from sim.model import EXACT_FRAC_BITS, MAX_MESSAGE_LOG2, OBSERVATIONS
 from sim.params import PARAM_NAMES, Theta
@@ -75,22 +76,51 @@ def aggregates_codec() -> FixedPointCodec:
     return FixedPointCodec(EXACT_FRAC_BITS, OBSERVATION_MAX_ABS, MAX_DEVICES)
 
 
-def round_specs(round_id: int, day: int, items_per_device: int) -> tuple[RoundSpec, RoundSpec]:
+def observations_dim() -> int:
+    """Length of the observations phase's vector: channels × age groups × (1 + p)."""
+    return len(OBSERVATIONS) * len(AGE_GROUPS) * (1 + len(PARAM_NAMES))
+
+
+def observations_dp(sigma: float, delta: float, l2_sensitivity: float) -> DPConfig:
+    """The DP config of the observations phase (one release = one day's ``global/day/<d>``).
+
+    ``sigma`` and ``l2_sensitivity`` are in real units of the whole observation vector (values
+    and tangents): the noise is added to every coordinate, and ``l2_sensitivity`` must bound
+    the L2 norm of one participant's contribution to it (see ``LEAKAGE.md``).
+
+    Raises:
+        DPConfigError: a bad parameter, or noise outside the codec's supported range.
+        NoiseHeadroomError: the aggregates codec leaves no room for this much noise.
+    """
+    from protocols.secure_sum.dp import check_headroom
+
+    codec = aggregates_codec()
+    config = DPConfig.for_phase(
+        codec, 1, observations_dim(), sigma=sigma, delta=delta, l2_sensitivity=l2_sensitivity
+    )
+    check_headroom(config, codec)
+    return config
+
+
+def round_specs(
+    round_id: int, day: int, items_per_device: int, dp: DPConfig | None = None
+) -> tuple[RoundSpec, RoundSpec]:
     """A day's round specs: the neighbourhood (messages) phase and the observations phase.
 
     ``items_per_device`` is the public per-device budget of the messages phase (a participant
     hosting m devices posts m × budget items). Observations go to ``global/day/<day>``, one item
     per participant: its devices' ``y_i`` summed (a pool is one trust domain; a phone posts its
-    own).
+    own). ``dp`` (see :func:`observations_dp`) makes both servers noise the observations.
     """
     width = 1 + len(PARAM_NAMES)
     messages = PhaseSpec(MESSAGES_PHASE, width, SlotKind.PSEUDONYM, items_per_device)
     observations = PhaseSpec(
         OBSERVATIONS_PHASE,
-        len(OBSERVATIONS) * len(AGE_GROUPS) * width,
+        observations_dim(),
         SlotKind.AGGREGATE,
         1,
         (f"global/day/{day}",),
+        dp,
     )
     return RoundSpec(round_id, (messages,)), RoundSpec(round_id, (observations,))
 
