@@ -9,7 +9,11 @@ rounds it opened and the surviving sets it agreed, and its view log.
 
 A opens a round only after checking the spec C proposes against its own policy (phase names,
 kinds, dimensions, item bounds, aggregate slot names): the spec fixes sizes and names only, so
-A trusts C for nothing confidential. Shares live in memory for the round: when A restarts, C's
+A trusts C for nothing confidential. Differential privacy is A's operator's own setting
+(``--dp-sigma``…, like the minimum cohort): A attaches it to every observations phase it opens,
+and the round-spec digest makes A refuse a round C proposes under other DP settings (or none).
+A adds its part of the noise from its own secret (``noise.json``, 0600), which never leaves
+its state dir. Shares live in memory for the round: when A restarts, C's
 next call for that round fails and C runs the day again (see ``coordinator.service``).
 
 Leakage (what A learns): see ``protocols/secure_sum/LEAKAGE.md``; its view log
@@ -41,6 +45,7 @@ from coordinator.service import (
     DEPLOYMENTS,
     ServiceError,
     ViewLog,
+    load_noise_secret,
     load_or_create_keys,
     open_transcript,
     read_public_keys,
@@ -49,6 +54,7 @@ from coordinator.store import open_db, transaction
 from proto.decentsim.v1 import aggregator_pb2_grpc
 from proto.limits import Channel, server_options
 from protocols.secure_sum import AggregatorServer, Deployment, KeyPair, Mode, RoundSpec, SlotKind
+from protocols.secure_sum.dp import DPConfig
 from protocols.secure_sum.errors import MessageError
 from protocols.secure_sum.messages import Agreed, decode
 from sim.model import OBSERVATIONS
@@ -125,6 +131,7 @@ class AggregatorService:
         insecure: bool = False,
         audit_key: Path | None = None,
         min_cohort: int = 0,
+        dp: DPConfig | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.insecure = insecure
@@ -151,6 +158,10 @@ class AggregatorService:
         self.transcript = open_transcript(audit_key, state_dir, "aggregator", self.servers)
         # A's operator sets the minimum cohort itself; it must equal the run's (C's)
         self.servers["neighbourhood"].min_cohort = min_cohort
+        # ... and its DP settings and noise secret (the noise is A's own, never C's)
+        if dp is not None:
+            self.servers["aggregates"].phase_dp[OBSERVATIONS_PHASE] = dp
+        self.servers["aggregates"].noise_secret = load_noise_secret(state_dir)
         self.db = open_db(
             state_dir / "aggregator.sqlite3", migrations=_MIGRATIONS, check_same_thread=False
         )

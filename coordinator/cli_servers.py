@@ -187,12 +187,29 @@ def add_aggregator_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="release pseudonym slots with fewer summands as zeros (must equal the run's)",
     )
+    serve.add_argument(
+        "--dp-sigma",
+        type=float,
+        metavar="S",
+        help="differential privacy of the daily aggregates: total noise standard deviation "
+        "(real units); A adds its own part (must equal the run's, else A refuses its rounds)",
+    )
+    serve.add_argument("--dp-delta", type=float, default=1e-6, help="δ (with --dp-sigma)")
+    serve.add_argument(
+        "--dp-sensitivity",
+        type=float,
+        default=1.0,
+        metavar="L2",
+        help="L2 bound of one participant's observation vector (with --dp-sigma)",
+    )
 
 
 def run_aggregator(args: argparse.Namespace) -> int:
     """Run an ``aggregator`` action."""
     from coordinator.aggregator_service import AggregatorService, aggregator_init
+    from coordinator.rounds import observations_dp
     from protocols.secure_sum import Mode
+    from protocols.secure_sum.dp import DPError
 
     try:
         if args.action == "init":
@@ -202,6 +219,11 @@ def run_aggregator(args: argparse.Namespace) -> int:
         _log_to(args.state_dir, "aggregator")
         if args.insecure:
             warn_insecure("aggregator")
+        dp = (
+            None
+            if args.dp_sigma is None
+            else observations_dp(args.dp_sigma, args.dp_delta, args.dp_sensitivity)
+        )
         service = AggregatorService(
             args.state_dir,
             Mode(args.mode),
@@ -210,8 +232,9 @@ def run_aggregator(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             audit_key=args.audit_key,
             min_cohort=args.min_cohort,
+            dp=dp,
         )
-    except (ServiceError, OSError) as e:
+    except (ServiceError, DPError, OSError) as e:
         raise SystemExit(f"decentsim aggregator {args.action}: {e}") from None
     stop = threading.Event()
     _wait_for_signal(stop)

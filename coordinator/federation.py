@@ -203,7 +203,8 @@ class Federation:
              "--coordinator-export", str(self.c_dir / "export"),
              "--listen", f"127.0.0.1:{self._a_port_hint()}",
              "--audit-key", str(self.audit_dir / "auditor.pub"),
-             "--min-cohort", str(self.spec.min_cohort)],
+             "--min-cohort", str(self.spec.min_cohort),
+             *dp_flags(self.spec)],
             self.a_dir,
         )  # fmt: skip
         (self.a_port,) = self._port(self.a_dir, "aggregator")
@@ -467,6 +468,17 @@ def federated_run(
     return write_outputs(out, fed, results, wall)
 
 
+def dp_flags(spec: RunSpec) -> list[str]:
+    """``aggregator serve`` flags of the run's DP settings (A's operator sets the same)."""
+    if spec.dp is None:
+        return []
+    return [
+        "--dp-sigma", repr(float(spec.dp["sigma"])),
+        "--dp-delta", repr(float(spec.dp["delta"])),
+        "--dp-sensitivity", repr(float(spec.dp["l2_sensitivity"])),
+    ]  # fmt: skip
+
+
 # -- CLI --------------------------------------------------------------------------------------
 def add_federated_arguments(p: argparse.ArgumentParser) -> None:
     """``federated run``."""
@@ -497,6 +509,25 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="K",
         help="both servers release pseudonym slots with fewer than K summands as zeros",
+    )
+    run.add_argument(
+        "--dp-sigma",
+        type=float,
+        metavar="S",
+        help="differential privacy: both servers add discrete Gaussian noise of total standard "
+        "deviation S (real units) to every coordinate of each opened daily aggregate "
+        "(values and tangents); off by default",
+    )
+    run.add_argument(
+        "--dp-delta", type=float, default=1e-6, help="δ of the reported (ε, δ) (with --dp-sigma)"
+    )
+    run.add_argument(
+        "--dp-sensitivity",
+        type=float,
+        default=1.0,
+        metavar="L2",
+        help="L2 bound of one participant's whole observation vector (values and tangents), "
+        "real units (with --dp-sigma); see protocols/secure_sum/LEAKAGE.md",
     )
     run.add_argument(
         "--transport",
@@ -541,6 +572,13 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
             pools=args.pools,
             step_timeout_s=args.step_timeout,
             min_cohort=args.min_cohort,
+            dp=None
+            if args.dp_sigma is None
+            else {
+                "sigma": args.dp_sigma,
+                "delta": args.dp_delta,
+                "l2_sensitivity": args.dp_sensitivity,
+            },
         )
     except (RunSpecError, ParameterError, PopulationError, TargetFileError, ValueError) as e:
         raise SystemExit(f"decentsim federated run: {e}") from None

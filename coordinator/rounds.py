@@ -42,7 +42,7 @@ from protocols.secure_sum import (
     RoundSpec,
     SlotKind,
 )
-from protocols.secure_sum.dp import DPConfig
+from protocols.secure_sum.dp import DPConfig, check_headroom
 from sim import dual
 from sim.model import EXACT_FRAC_BITS, MAX_MESSAGE_LOG2, OBSERVATIONS
 from sim.params import PARAM_NAMES, Theta
@@ -92,8 +92,6 @@ def observations_dp(sigma: float, delta: float, l2_sensitivity: float) -> DPConf
         DPConfigError: a bad parameter, or noise outside the codec's supported range.
         NoiseHeadroomError: the aggregates codec leaves no room for this much noise.
     """
-    from protocols.secure_sum.dp import check_headroom
-
     codec = aggregates_codec()
     config = DPConfig.for_phase(
         codec, 1, observations_dim(), sigma=sigma, delta=delta, l2_sensitivity=l2_sensitivity

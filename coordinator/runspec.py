@@ -11,14 +11,19 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sim.model import Lockdown, ModelConfig, ModelConfigError, Vaccination
 from sim.params import PARAM_NAMES, Theta
 from sim.sampling import Estimator
 
+if TYPE_CHECKING:
+    from protocols.secure_sum.dp import DPConfig
+
 MODES = ("mailbox", "shuffled", "plaintext")
 RADIOS = ("ideal", "simulated")
+#: the fields of ``RunSpec.dp``
+DP_FIELDS = ("sigma", "delta", "l2_sensitivity")
 
 
 class RunSpecError(ValueError):
@@ -48,6 +53,12 @@ class RunSpec:
         estimator, population_seeds: as the ``simulate`` options of the same names.
         min_cohort: a pseudonym slot whose agreed summands (padding dummies included) number
             fewer than this is released as zeros by both servers (0: off); see docs/audit.md.
+        dp: differential privacy of the daily aggregates, ``{"sigma": σ, "delta": δ,
+            "l2_sensitivity": Δ}`` in real units of the observation vector, or ``None`` (exact
+            aggregates). Both servers add discrete Gaussian noise (σ in total) to every opened
+            ``global/day/<d>``; the aggregator's operator must configure the same values. The
+            decentralized = central equivalence does not hold with it on (by design); see
+            ``protocols/secure_sum/LEAKAGE.md``.
     """
 
     population: str
@@ -69,6 +80,7 @@ class RunSpec:
     estimator: str = "st"
     population_seeds: bool = False
     min_cohort: int = 0
+    dp: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -98,6 +110,7 @@ class RunSpec:
             )
         self.theta_object()
         self.model_config()
+        self.dp_config()
 
     def theta_object(self) -> Theta:
         """θ as a validated ``Theta`` (raises ``ParameterError`` naming a bad value)."""
@@ -126,6 +139,25 @@ class RunSpec:
             )
         except (ModelConfigError, ValueError) as e:
             raise RunSpecError(f"run spec: {e}") from None
+
+    def dp_config(self) -> DPConfig | None:
+        """The observations phase's ``DPConfig`` (``None`` without DP).
+
+        Raises:
+            RunSpecError: ``dp`` lacks or adds a field, or a value is invalid (named).
+        """
+        if self.dp is None:
+            return None
+        from coordinator.rounds import observations_dp
+        from protocols.secure_sum.dp import DPError
+
+        if not isinstance(self.dp, dict) or set(self.dp) != set(DP_FIELDS):
+            got = sorted(self.dp) if isinstance(self.dp, dict) else type(self.dp).__name__
+            raise RunSpecError(f"run spec: dp must have exactly the fields {DP_FIELDS}, got {got}")
+        try:
+            return observations_dp(**self.dp)
+        except DPError as e:
+            raise RunSpecError(f"run spec: dp.{e}") from None
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys)."""

@@ -107,6 +107,10 @@ _MIGRATIONS = (
 )
 
 
+#: a server's DP noise secret, in its state dir
+NOISE_FILE = "noise.json"
+
+
 class ServiceError(Exception):
     """The coordinator cannot run as configured; the message names the file or setting."""
 
@@ -138,6 +142,12 @@ def load_or_create_keys(path: Path, names: tuple[str, ...]) -> dict[str, bytes]:
     keys = {n: os.urandom(32) for n in names}
     write_secret(path, json.dumps({n: k.hex() for n, k in keys.items()}).encode())
     return keys
+
+
+def load_noise_secret(state_dir: Path) -> bytes:
+    """This server's DP noise secret (``noise.json``, 0600), created on first use; it never
+    leaves the state dir."""
+    return load_or_create_keys(state_dir / NOISE_FILE, ("aggregate_noise",))["aggregate_noise"]
 
 
 def read_public_keys(path: Path, what: str) -> dict[str, bytes]:
@@ -297,6 +307,8 @@ class CoordinatorService:
         #: every message in and out, sealed to the auditor (only with ``--audit-key``)
         self.transcript = open_transcript(audit_key, state_dir, "coordinator", self.servers)
         self.servers["neighbourhood"].min_cohort = self.spec.min_cohort
+        # C's own DP noise secret (persisted: a re-opened release gets the same noise)
+        self.servers["aggregates"].noise_secret = load_noise_secret(state_dir)
         self.gateway = DeviceGatewayServicer(
             self.servers["neighbourhood"],
             self.servers["aggregates"],
@@ -550,7 +562,9 @@ class CoordinatorService:
 
     def _run_day(self, round_id: int, epoch: int, day: int) -> None:
         """One attempt at a day; commits its aggregates. Raises on a server/link failure."""
-        spec_m, spec_o = round_specs(round_id, day, self.spec.items_per_device)
+        spec_m, spec_o = round_specs(
+            round_id, day, self.spec.items_per_device, self.spec.dp_config()
+        )
         lock = self.gateway.lock
         with lock:
             for name, spec in (("neighbourhood", spec_m), ("aggregates", spec_o)):

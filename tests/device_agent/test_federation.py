@@ -39,6 +39,7 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from audit.truth import bytes_needles, distinctive, float_needles
 from coordinator.federation import Federation, federated_run, items_budget
 from coordinator.runspec import RunSpec
 from device_agent.agent import PoolStore, state_from_bytes
@@ -500,31 +501,6 @@ def test_dead_pool_drops_out_and_aggregates_are_the_survivors_sums(tmp_path: Pat
 # -- 4. privacy: planted individual values never reach a server -------------------------------
 #: Server-side files to scan, relative to the run's out dir (state/ holds every process).
 SERVER_SCOPE = ("state/coordinator", "state/aggregator", "views", "summary.json", "trajectory.csv")
-
-
-def float_needles(v: float) -> list[bytes]:
-    """Encodings a float could leak in: raw little/big-endian float64, their hex, and decimal
-    text (shortest repr and 10 significant digits, sign dropped so ``-x`` matches too)."""
-    raw = [struct.pack("<d", v), struct.pack(">d", v)]
-    text = {repr(abs(v)), f"{abs(v):.10g}"}
-    return [*raw, *(r.hex().encode() for r in raw), *(t.encode() for t in text)]
-
-
-def bytes_needles(b: bytes) -> list[bytes]:
-    """A secret's raw bytes and hex (lower and upper case)."""
-    return [b, b.hex().encode(), b.hex().upper().encode()]
-
-
-def distinctive(values: np.ndarray, public: set[float]) -> list[float]:
-    """Values that identify an individual: not 0/±1, with ≥ 12 significant digits, and not
-    equal (up to sign) to a public aggregate (a lone contributor's value is public by design)."""
-    keep: list[float] = []
-    for v in np.unique(values[np.isfinite(values)]).tolist():
-        if abs(v) in (0.0, 1.0) or abs(v) in public:
-            continue
-        if len(repr(abs(v)).lstrip("0.").replace(".", "").replace("e-", "")) >= 12:
-            keep.append(v)
-    return keep
 
 
 def planted(fed: Finished) -> dict[str, list[bytes]]:
