@@ -937,14 +937,94 @@ def add_fidelity(result: CheckResult, run: dict[str, Any], baseline: dict[str, A
 
 
 # -- 5. differential privacy ------------------------------------------------------------------
-def check_dp(inp: AuditInput) -> CheckResult:
-    """Report the run's (ε, δ) and noise when it used differential privacy.
+def dp_config_of(conf: dict[str, Any]) -> Any:
+    """The ``DPConfig`` of a run config's ``dp`` entry: a run spec's ``{sigma, delta,
+    l2_sensitivity}`` (the observations phase, ``coordinator.rounds.observations_dp``), or the
+    full ``DPConfig`` fields of a crafted input.
 
-    The run spec's ``dp`` entry holds the fields of ``protocols.secure_sum.dp.DPConfig`` (one
-    release = one day's aggregate phase); the guarantee over every release of the run comes from
-    ``dp.privacy_report`` (both adversaries, both accountants). The fidelity cost is added from
-    a noise-free baseline run (``--baseline``, see :func:`add_dp_fidelity`). Fails if the
-    configuration is invalid (the report cannot state a guarantee).
+    Raises:
+        TypeError, ValueError, DPError: the entry is not a valid configuration.
+    """
+    from coordinator.rounds import observations_dp
+    from coordinator.runspec import DP_FIELDS
+    from protocols.secure_sum import dp
+
+    fields = dict(conf)
+    if set(fields) == set(DP_FIELDS):
+        return observations_dp(**fields)
+    if "split" in fields:
+        fields["split"] = dp.NoiseSplit(fields["split"])
+    return dp.DPConfig(**fields)
+
+
+def _opened_days(source: str) -> dict[int, npt.NDArray[np.float64]]:
+    """Round id → the aggregate vector C opened and committed (``days`` of C's database), or
+    nothing when ``source`` is not a run dir."""
+    import sqlite3
+    from pathlib import Path
+
+    db = Path(source) / "state" / "coordinator" / "coordinator.sqlite3"
+    if not db.is_file():
+        return {}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT round_id, y FROM days").fetchall()
+    finally:
+        conn.close()
+    return {int(r): np.frombuffer(bytes(y), "<f8").copy() for r, y in rows}
+
+
+def _fidelity_vs_truth(inp: AuditInput, config: Any) -> dict[str, Any] | None:
+    """The noise's cost measured against the ground truth: the opened daily aggregates versus
+    the participants' own observation totals (``dp.fidelity_cost``), over the committed days
+    whose every participant's total is known. ``None`` without truth or opened days."""
+    from protocols.secure_sum import dp
+
+    if inp.truth is None:
+        return None
+    opened = _opened_days(inp.source)
+    exact: dict[int, list[npt.NDArray[np.float64]]] = defaultdict(list)
+    for it in inp.truth.items:
+        if it.deployment == "aggregates" and it.round_id in opened:
+            exact[it.round_id].append(it.value)
+    domains = len(set(inp.truth.domains.values()))
+    rounds = sorted(r for r, vals in exact.items() if len(vals) == domains)
+    if not rounds:
+        return None
+    # the noise-free opened sum: the participants' totals as the codec encodes and sums them
+    from coordinator.rounds import aggregates_codec
+
+    codec = inp.codecs.get("aggregates") or aggregates_codec()
+    truth = np.stack([codec.decode(codec.encode(np.stack(exact[r])).sum(axis=0)) for r in rounds])
+    noisy = np.stack([opened[r] for r in rounds])
+    if truth.shape != noisy.shape:
+        return None
+    cost = dp.fidelity_cost(truth, noisy, config).as_dict()
+    err = (noisy - truth).ravel()
+    cost["days"] = len(rounds)
+    cost["rms_over_sigma"] = cost["rms_error"] / config.sigma_total
+    # the observed mean square against σ²: a chi-square bound (two-sided, 1e-6) says whether
+    # the noise the servers added is consistent with the configured scale
+    lo, hi = stats.chi2.ppf(5e-7, err.size), stats.chi2.isf(5e-7, err.size)
+    ss = float(np.square(err / config.sigma_total).sum())
+    cost["consistent_with_sigma"] = bool(lo <= ss <= hi)
+    cost["errors"] = err.tolist()
+    return cost
+
+
+def check_dp(inp: AuditInput) -> CheckResult:
+    """Report the run's (ε, δ), its noise and the noise's fidelity cost when it used DP.
+
+    The run spec's ``dp`` entry (``{sigma, delta, l2_sensitivity}``, see :func:`dp_config_of`)
+    configures the observations phase; one release = one opened ``global/day/<d>``. Releases
+    are counted from the coordinator's transcript (every ``AggregateRequest`` it sent, retries
+    and aborted attempts included: an over-count only weakens the stated ε), or else as
+    days × epochs. The guarantee comes from ``dp.privacy_report`` (both adversaries, both
+    accountants). The fidelity cost is the configured σ (the expected RMS error per coordinate)
+    and, with ground truth, the observed error of the opened aggregates against the
+    participants' own totals (plus, with ``--baseline``, :func:`add_dp_fidelity`). Fails if
+    the configuration is invalid (no guarantee can be stated) or the observed error is
+    inconsistent with the configured σ (the servers did not add the noise the run claims).
     """
     dp_conf = inp.config.get("dp")
     if not dp_conf:
@@ -957,10 +1037,7 @@ def check_dp(inp: AuditInput) -> CheckResult:
     from protocols.secure_sum import dp
 
     try:
-        fields = dict(dp_conf)
-        if "split" in fields:
-            fields["split"] = dp.NoiseSplit(fields["split"])
-        config = dp.DPConfig(**fields)
+        config = dp_config_of(dp_conf)
     except (TypeError, ValueError, dp.DPError) as e:
         return CheckResult(
             "dp", "Differential privacy", Status.FAIL, f"the run's DP configuration is invalid: {e}"
@@ -974,15 +1051,32 @@ def check_dp(inp: AuditInput) -> CheckResult:
     ]
     eps = {k: v for k, v in report.items() if k.startswith("epsilon_")}
     worst = max(eps.values()) if eps else float("nan")
-    return CheckResult(
-        "dp",
-        "Differential privacy",
-        Status.PASS,
+    details: dict[str, Any] = {"privacy": report}
+    plot: dict[str, Any] = {}
+    status = Status.PASS
+    summary = (
         f"{releases} noisy release(s): ε ≤ {worst:.3g} at δ = {config.delta:g} (worst adversary "
-        "and accountant; see the table)",
-        {"privacy": report},
-        table,
+        f"and accountant); expected RMS error {config.sigma_total:.3g} per coordinate"
     )
+    table.append(["fidelity: configured σ = expected RMS error", f"{config.sigma_total:.6g}"])
+    cost = _fidelity_vs_truth(inp, config)
+    if cost is not None:
+        plot["dp_errors"] = {"errors": cost.pop("errors"), "sigma": config.sigma_total}
+        details["fidelity_vs_truth"] = cost
+        table += [
+            ["fidelity: observed RMS error vs truth", f"{cost['rms_error']:.6g}"],
+            ["fidelity: observed max |error|", f"{cost['max_abs_error']:.6g}"],
+            ["fidelity: relative L2 error", f"{cost['relative_l2_error']:.6g}"],
+            ["fidelity: days × coordinates compared", f"{cost['days']} × {config.coordinates}"],
+        ]
+        summary += f", observed {cost['rms_error']:.3g} against the truth"
+        if not cost["consistent_with_sigma"]:
+            status = Status.FAIL
+            summary += (
+                f" — INCONSISTENT with the configured σ ({cost['rms_over_sigma']:.3g}·σ): the "
+                "opened aggregates do not carry the claimed noise"
+            )
+    return CheckResult("dp", "Differential privacy", status, summary, details, table, plot)
 
 
 def add_dp_fidelity(result: CheckResult, run: dict[str, Any], baseline: dict[str, Any]) -> None:

@@ -106,6 +106,16 @@ def _plots(results: list[CheckResult], out: Path) -> dict[str, str]:
             k = r.details.get("k", 2)
             ax.axvline(k - 0.5, color="r", ls="--", lw=1, label=f"k = {k}")
             ax.legend(fontsize=7)
+        elif "dp_errors" in r.plot:
+            err = np.asarray(r.plot["dp_errors"]["errors"], dtype=np.float64)
+            sigma = float(r.plot["dp_errors"]["sigma"])
+            fig, ax = plt.subplots(figsize=(6, 3.6), constrained_layout=True)
+            ax.hist(err / sigma, bins=40, density=True, label="opened − truth (per coordinate)")
+            x = np.linspace(-4.5, 4.5, 200)
+            ax.plot(x, np.exp(-0.5 * x * x) / np.sqrt(2 * np.pi), "k--", lw=1, label="N(0, σ²)")
+            ax.set_xlabel(f"error of the opened aggregates / configured σ (σ = {sigma:.3g})")
+            ax.set_ylabel("density")
+            ax.legend(fontsize=7)
         if fig is not None:
             fig.suptitle(r.title)
             name = f"{r.key}.png"

@@ -381,7 +381,8 @@ def write_outputs(
         w = csv.writer(fh)
         w.writerow(["day", *OBSERVATIONS])
         for d in range(len(totals)):
-            w.writerow([d + 1, *(int(v) for v in totals[d])])
+            # counts; with differential privacy on they carry the noise (not rounded away)
+            w.writerow([d + 1, *(int(v) if float(v).is_integer() else float(v) for v in totals[d])])
     n_agents = from_spec(fed.spec.population, seed=fed.population_seed).n_agents
     summary = {
         "agents": n_agents,

@@ -27,14 +27,14 @@ from protocols.secure_sum import (
     RoundSpec,
     SecureSumError,
     SlotKind,
-    spec_digest,
 )
 from protocols.secure_sum.dp import DPConfig, NoiseHeadroomError
 from protocols.secure_sum.errors import AgreementError, UnknownRound
+from protocols.secure_sum.protocol import spec_digest
 
 CODEC = FixedPointCodec(frac_bits=16, max_abs=1000.0, max_summands=4096)
 SLOTS = ("global/day/7", "region/BK/day/7")
-DIM = 500
+DIM = 2500
 #: false-failure probability of each statistical assertion
 ALPHA = 1e-7
 
@@ -95,14 +95,14 @@ def assert_scale(noise: np.ndarray, sigma_ring: float) -> None:
 
 
 def test_opened_sums_are_exact_plus_noise_of_the_configured_scale() -> None:
-    """Over 4 rounds × 2 slots × 500 coordinates: C opens exact + n_C + n_A with std σ_total;
+    """Over 8 rounds × 2 slots × 2500 coordinates: C opens exact + n_C + n_A with std σ_total;
     A's released part alone carries σ_server; an empty slot opens as noise alone."""
     cfg = dp_config(sigma=0.5)
     net = InMemoryNetwork(Mode.MAILBOX, CODEC)
     ids = [os.urandom(16) for _ in range(3)]
     vals = values(3)
     total, a_part = [], []
-    for rid in range(1, 5):
+    for rid in range(1, 9):
         spec = obs_spec(rid, cfg)
         opened = run_round(net, spec, vals, ids)
         want = np.stack([exact(vals), np.zeros(DIM, dtype=np.int64)])
@@ -220,15 +220,15 @@ def test_phase_spec_validates_its_dp_config() -> None:
     cfg = dp_config()
     with pytest.raises(SecureSumError, match="differential privacy applies to aggregate phases"):
         PhaseSpec("messages", DIM, SlotKind.PSEUDONYM, 2, (), cfg)
-    with pytest.raises(SecureSumError, match=r"dp.coordinates is 1000, .* 1 slot\(s\) × dim 500"):
+    with pytest.raises(SecureSumError, match=r"dp.coordinates is 5000, .* 1 slot\(s\) × dim 2500"):
         PhaseSpec("obs", DIM, SlotKind.AGGREGATE, 1, SLOTS[:1], cfg)
     with pytest.raises(SecureSumError, match="dp must be a DPConfig, got dict"):
         PhaseSpec("obs", DIM, SlotKind.AGGREGATE, 1, SLOTS, {"sigma": 1.0})  # type: ignore[arg-type]
 
 
 def test_a_round_whose_noise_could_wrap_is_refused_at_open() -> None:
-    # a codec whose overflow bound already fills the ring leaves no headroom for noise
-    tight = FixedPointCodec(frac_bits=16, max_abs=float(2**26), max_summands=2**20)
+    # a codec whose overflow bound fills the ring to 2^63 − 2^21 leaves too little headroom
+    tight = FixedPointCodec(frac_bits=16, max_abs=2.0**26 - 2.0**-16, max_summands=2**21)
     net = InMemoryNetwork(Mode.MAILBOX, tight)
     spec = obs_spec(1, dp_config(sigma=1.0, dim=4, codec=tight), dim=4)
     with pytest.raises(NoiseHeadroomError, match="noise bound"):
@@ -252,7 +252,7 @@ def test_run_spec_carries_dp_into_the_observations_phase() -> None:
     assert RunSpec("synthetic:50", 3).dp_config() is None
     with pytest.raises(RunSpecError, match=r"dp must have exactly the fields .* got \['sigma'\]"):
         RunSpec("synthetic:50", 3, dp={"sigma": 2.0})
-    with pytest.raises(RunSpecError, match="dp.delta: must be in"):
+    with pytest.raises(RunSpecError, match=r"dp\.delta: must be in"):
         RunSpec("synthetic:50", 3, dp={"sigma": 2.0, "delta": 1.5, "l2_sensitivity": 1.0})
 
 
