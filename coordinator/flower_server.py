@@ -27,18 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from tqdm import tqdm
 
 from coordinator.rounds import STEPS
 from coordinator.runspec import RunSpec
 from coordinator.service import CoordinatorService
-from coordinator.tunnel import ENROL, FINISHED, TunnelReply, TunnelServer
-from device_agent.agent import pem_of_der
-from device_agent.flower_client import RECORD, Handler
+from coordinator.tunnel import ENROL, FINISHED, RECORD, TunnelReply, TunnelServer
 from proto.decentsim.v1 import device_pb2 as pb
 
 if TYPE_CHECKING:
     from coordinator.federation import Federation
+    from device_agent.flower_client import Handler
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class FlowerServerConfig:
     spec: RunSpec | None
     aggregator: str
     aggregator_export: Path
-    node_wait_s: float = 120.0
+    node_wait_s: float = 300.0
     progress: bool = False
     audit_key: Path | None = None
 
@@ -96,7 +97,8 @@ class FlowerPump:
         )
 
     def _bind(self, node: int, reply: pb.EnrolResponse) -> None:
-        self.tunnel.bind(node, pem_of_der(reply.client_certificate_der))
+        cert = x509.load_der_x509_certificate(reply.client_certificate_der)
+        self.tunnel.bind(node, cert.public_bytes(serialization.Encoding.PEM))
 
     def run(self, node_wait_s: float) -> None:
         """Enrol the nodes, then follow the run to its end."""

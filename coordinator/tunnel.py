@@ -50,6 +50,8 @@ METHODS: dict[str, tuple[type[PbMessage], type[PbMessage]]] = {
     "SubmitAggregates": (pb.SubmitAggregatesRequest, pb.SubmitAggregatesResponse),
     "FetchSums": (pb.FetchSumsRequest, pb.FetchSumsResponse),
 }
+#: the Flower ConfigRecord carrying the tunnel's fields in every message
+RECORD = "decentsim"
 #: the message type of each step (Flower: ``query.<step>``); ``enrol`` precedes the rounds
 ENROL = "enrol"
 FINISHED = "finished"

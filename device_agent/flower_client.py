@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.tunnel import ENROL, FINISHED, TunnelMessage
+from coordinator.tunnel import ENROL, FINISHED, RECORD, TunnelMessage
 from device_agent.agent import (
     AgentConfig,
     AgentError,
@@ -49,8 +49,6 @@ from proto.decentsim.v1 import device_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-#: the ConfigRecord carrying the tunnel fields in every message
-RECORD = "decentsim"
 #: the steps the ClientApp answers (``query.<step>``)
 MESSAGE_TYPES = (ENROL, "register", "messages", "fetch", "observations", FINISHED)
 
