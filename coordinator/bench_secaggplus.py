@@ -59,7 +59,7 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from decentsim.flower_env import import_flwr
+from decentsim.flower_env import import_flwr, start_ray
 from protocols.secure_sum import InMemoryNetwork, Mode, PhaseSpec, RoundSpec, SlotKind
 
 if TYPE_CHECKING:
@@ -506,6 +506,7 @@ def secaggplus_rounds(
     )
     backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}}
     with _stdout_to_stderr(), bar:
+        start_ray(os.cpu_count() or 1)  # as Flower would, with retries on a slow start
         run_simulation(server_app, client_app, clients, backend_config=backend)
     if errors or len(sums) != total:
         detail = "; ".join(errors) or "the simulation ended early"

@@ -227,7 +227,7 @@ def simulate_federation(
     store in ``fed.root/pool-<i>`` (the same layout as the gRPC transport's pools).
     ``handler`` replaces the nodes' message handler (tests: a failing node).
     """
-    from decentsim.flower_env import import_flwr
+    from decentsim.flower_env import import_flwr, start_ray
 
     import_flwr()
     from flwr.simulation import run_simulation
@@ -252,6 +252,7 @@ def simulate_federation(
         "world-secret": str(fed.world_secret),
     }
     workers = max(1, min(spec.pools, os.cpu_count() or 1))
+    start_ray(workers)
     run_simulation(
         server_app=make_server_app(config),
         client_app=make_client_app(defaults, handler),

@@ -10,6 +10,7 @@ inherit it). ``make`` exports the same variables.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from types import ModuleType
@@ -23,6 +24,9 @@ FLOWER_ENV: dict[str, str] = {
     # keep Ray's behaviour with num_gpus=0 and silence its warning about changing it
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
+
+
+log = logging.getLogger(__name__)
 
 
 class FlowerUnavailable(RuntimeError):
@@ -56,3 +60,38 @@ def import_flwr() -> ModuleType:
         raise FlowerUnavailable(
             "Flower is not installed: pip install 'decentsim[flower]' (flwr[simulation]==1.41.0)"
         ) from err
+
+
+#: attempts at starting Ray: its raylet must register within a hard-coded 30 s, which a loaded
+#: 2-core machine can miss
+RAY_START_ATTEMPTS = 3
+
+
+def start_ray(cpus: int) -> None:
+    """Start a local Ray for Flower's simulation engine (which uses a running one as is).
+
+    Flower would start Ray itself, once; starting it here retries a start that timed out.
+    Workers get this process's ``sys.path`` (as Flower gives them) so they import the project.
+    """
+    quiet_flower_env()
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    os.environ["PYTHONPATH"] = pythonpath
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(
+                num_cpus=cpus,
+                num_gpus=0,
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+            )
+            return
+        except Exception as err:
+            ray.shutdown()
+            if attempt == RAY_START_ATTEMPTS:
+                raise FlowerUnavailable(f"Ray did not start ({attempt} attempts): {err}") from err
+            log.warning("Ray did not start (%s); retrying", err)
