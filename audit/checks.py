@@ -939,14 +939,14 @@ def add_fidelity(result: CheckResult, run: dict[str, Any], baseline: dict[str, A
 # -- 5. differential privacy ------------------------------------------------------------------
 def dp_config_of(conf: dict[str, Any]) -> Any:
     """The ``DPConfig`` of a run config's ``dp`` entry: a run spec's ``{sigma, delta,
-    l2_sensitivity}`` (the observations phase, ``coordinator.rounds.observations_dp``), or the
+    l2_sensitivity}`` (the observations phase, ``contract.schedule.observations_dp``), or the
     full ``DPConfig`` fields of a crafted input.
 
     Raises:
         TypeError, ValueError, DPError: the entry is not a valid configuration.
     """
-    from coordinator.rounds import observations_dp
-    from coordinator.runspec import DP_FIELDS
+    from contract.runspec import DP_FIELDS
+    from contract.schedule import observations_dp
     from protocols.secure_sum import dp
 
     fields = dict(conf)
@@ -992,7 +992,7 @@ def _fidelity_vs_truth(inp: AuditInput, config: Any) -> dict[str, Any] | None:
     if not rounds:
         return None
     # the noise-free opened sum: the participants' totals as the codec encodes and sums them
-    from coordinator.rounds import aggregates_codec
+    from contract.schedule import aggregates_codec
 
     codec = inp.codecs.get("aggregates") or aggregates_codec()
     truth = np.stack([codec.decode(codec.encode(np.stack(exact[r])).sum(axis=0)) for r in rounds])

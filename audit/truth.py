@@ -30,7 +30,7 @@ import torch
 from audit.views import ServerView, TrueItem, Truth, registrations
 
 if TYPE_CHECKING:
-    from coordinator.runspec import RunSpec
+    from contract.runspec import RunSpec
 
 
 def float_needles(v: float) -> list[bytes]:
@@ -101,9 +101,10 @@ def _thetas(run_dir: Path, spec: RunSpec) -> dict[int, torch.Tensor]:
 
 def load_truth(run_dir: Path, spec: RunSpec, servers: dict[str, ServerView]) -> Truth | None:
     """The ground truth of a run dir, or ``None`` if it holds no pool store."""
-    from coordinator.wire import deployment_from_pb
-    from device_agent.agent import slice_ids, state_from_bytes
-    from device_agent.pool import UNIT_DEVICES, aggregate_name, forward_theta
+    from contract.schedule import UNIT_DEVICES, day_slot, slice_ids
+    from contract.wire import deployment_from_pb
+    from device_agent.pool import forward_theta
+    from device_agent.store import state_from_bytes
     from proto.decentsim.v1 import device_pb2 as pb
     from protocols.secure_sum import aggregate_slot, pseudonym_slots
     from sim.model import behaviour, infectiousness, make_agents, message
@@ -172,7 +173,7 @@ def load_truth(run_dir: Path, spec: RunSpec, servers: dict[str, ServerView]) -> 
                         "aggregates",
                         rid,
                         units[0],
-                        aggregate_slot(aggregate_name(day)),
+                        aggregate_slot(day_slot(day)),
                         y,
                         int(ids.numel()),
                     )

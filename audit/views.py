@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from audit.transcript import (
+from contract.transcript import (
     TranscriptRecord,
     decode_record,
     encode_record,
@@ -513,9 +513,8 @@ def load_run(run_dir: Path, auditor_key: Path | None = None, with_truth: bool = 
         AuditInputError: a missing transcript, key or run file (named).
     """
     from audit.truth import load_truth
-    from coordinator.rounds import aggregates_codec, neighbourhood_codec
-    from coordinator.runspec import RunSpec, RunSpecError
-    from coordinator.service import DEPLOYMENTS
+    from contract.runspec import RunSpec, RunSpecError
+    from contract.schedule import DEPLOYMENTS, aggregates_codec, neighbourhood_codec
 
     run_dir = Path(run_dir)
     spec_path = run_dir / "state" / "run.json"

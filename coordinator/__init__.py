@@ -1,14 +1,3 @@
-"""decentsim's server side: the coordinator and the aggregator, and ``decentralize``."""
-
-from __future__ import annotations
-
-from typing import Any
-
-
-def __getattr__(name: str) -> Any:
-    # lazy: importing a coordinator module must not pull in the simulator's environment
-    if name in ("decentralize", "Decentralized"):
-        from coordinator import decentralized as module
-
-        return getattr(module, name)
-    raise AttributeError(f"module 'coordinator' has no attribute {name!r}")
+"""The coordinator: enrolment, the round state machine with deadlines, persistence and the
+device gateway (:mod:`coordinator.service`), and the same service as a Flower ServerApp
+(:mod:`coordinator.flower_server`)."""

@@ -10,7 +10,7 @@ link to the aggregator, which stays a separate process) and pumps its schedule t
             query.<step> (schedule + answers)  →  the node's requests, or done
     end:    query.finished
 
-Requests run through the service's own ``DeviceGatewayServicer`` (``coordinator.tunnel``), so
+Requests run through the service's own ``DeviceGatewayServicer`` (``transport.flower.tunnel``), so
 the Flower transport has no protocol logic: the same checks, refusals, idempotent replays and
 views as gRPC. A node that fails (Flower error reply) or does not answer within the step's
 deadline is not asked again in that step: the service's deadline drops it out exactly as it
@@ -20,7 +20,6 @@ drops a silent gRPC device, and it is asked again at the next step (a device com
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,15 +30,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from tqdm import tqdm
 
-from coordinator.rounds import STEPS
-from coordinator.runspec import RunSpec
+from contract.runspec import RunSpec
+from contract.schedule import FAILED, FINISHED, STEPS
 from coordinator.service import CoordinatorService
-from coordinator.tunnel import ENROL, FINISHED, RECORD, TunnelReply, TunnelServer
 from proto.decentsim.v1 import device_pb2 as pb
+from transport.flower.tunnel import ENROL, RECORD, TunnelReply, TunnelServer
 
 if TYPE_CHECKING:
-    from coordinator.federation import Federation
-    from device_agent.flower_client import Handler
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +76,7 @@ class FlowerPump:
     """Moves the service's schedule to Flower nodes and their requests to the service."""
 
     def __init__(self, grid: Any, service: CoordinatorService, progress: bool = False) -> None:
-        from decentsim.flower_env import import_flwr
+        from transport.flower.env import import_flwr
 
         import_flwr()
         from flwr.app import ConfigRecord, Message, RecordDict
@@ -116,14 +114,18 @@ class FlowerPump:
             sched = self.service.schedule(version, 1000)
             if sched.version == version:
                 if not self.service.driving():
-                    raise FlowerRunError("the coordinator's round driver stopped (see its log)")
+                    raise FlowerRunError(
+                        f"the coordinator's round driver stopped: {self.service.failure}"
+                    )
                 continue
             version = sched.version
             done = sched.epoch * self.service.spec.days + sched.committed_days
             self._bar.update(done - self._bar.n)
-            if sched.step == FINISHED:
+            if sched.step in (FINISHED, FAILED):
                 self._exchange(FINISHED, sched.SerializeToString(), {}, deadline=time.time() + 30)
                 self._bar.close()
+                if sched.step == FAILED:
+                    raise FlowerRunError(f"the coordinator stopped the run: {sched.failure}")
                 return
             if sched.step not in STEPS:
                 continue
@@ -186,7 +188,7 @@ class FlowerPump:
 
 def make_server_app(config: FlowerServerConfig) -> Any:
     """The ``ServerApp`` hosting the coordinator of ``config``'s run."""
-    from decentsim.flower_env import import_flwr
+    from transport.flower.env import import_flwr
 
     import_flwr()
     from flwr.app import Context
@@ -215,55 +217,3 @@ def serve_flower(grid: Any, config: FlowerServerConfig) -> None:
         FlowerPump(grid, service, config.progress).run(config.node_wait_s)
     finally:
         service.stop()
-
-
-def simulate_federation(
-    fed: Federation, progress: bool = False, handler: Handler | None = None
-) -> None:
-    """Run ``fed``'s run with its pools as virtual nodes of Flower's simulation engine.
-
-    The aggregator is a real process (as in every federation); the ServerApp, hosting the
-    coordinator, runs in this process; each virtual node hosts pool ``partition-id`` with its
-    store in ``fed.root/pool-<i>`` (the same layout as the gRPC transport's pools).
-    ``handler`` replaces the nodes' message handler (tests: a failing node).
-    """
-    from decentsim.flower_env import import_flwr, start_ray
-
-    import_flwr()
-    from flwr.simulation import run_simulation
-
-    from device_agent.flower_client import make_client_app
-
-    fed.prepare()
-    fed.start_aggregator()
-    spec = fed.spec
-    config = FlowerServerConfig(
-        fed.c_dir,
-        spec,
-        f"127.0.0.1:{fed.a_port}",
-        fed.a_dir / "export",
-        progress=progress,
-        audit_key=fed.audit_dir / "auditor.pub",
-    )
-    defaults = {
-        "state-dir": str(fed.root / "pool-{partition-id}"),
-        "population": spec.population,
-        "population-seed": str(fed.population_seed),
-        "world-secret": str(fed.world_secret),
-    }
-    workers = max(1, min(spec.pools, os.cpu_count() or 1))
-    start_ray(workers)
-    run_simulation(
-        server_app=make_server_app(config),
-        client_app=make_client_app(defaults, handler),
-        num_supernodes=spec.pools,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": workers, "num_gpus": 0, "logging_level": logging.ERROR},
-        },
-    )
-    if not fed.finished():
-        raise FlowerRunError(
-            "the Flower simulation ended before the run finished; see the log above and "
-            f"{fed.a_dir / 'stderr.log'}"
-        )

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,43 +49,51 @@ import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from audit.transcript import TranscriptError, TranscriptWriter, load_auditor_public
-from coordinator.enrolment import EnrolmentRegistry
-from coordinator.grpc_gateway import DeviceGatewayServicer
-from coordinator.grpc_link import COORDINATOR_CN, AggregatorLinkClient, LinkError
-from coordinator.pki import LocalCA, Purpose
-from coordinator.rounds import (
-    MESSAGES_PHASE,
+from contract.round import DaySpecs, loss_and_grad, run_day
+from contract.runspec import RunSpec
+from contract.schedule import (
+    AGGREGATES,
+    DEPLOYMENTS,
+    ENROLLING,
+    FAILED,
+    FETCH,
+    FINISHED,
+    NEIGHBOURHOOD,
     OBSERVATIONS_PHASE,
+    REGISTER,
+    RPC_STEP,
     STEPS,
-    aggregates_codec,
-    neighbourhood_codec,
+    codecs,
+    observations_shape,
     round_specs,
 )
-from coordinator.runspec import RunSpec
-from coordinator.store import open_db, transaction
-from coordinator.wire import deployment_to_pb, mode_to_pb
+from contract.views import ViewLog, open_transcript
+from contract.wire import deployment_to_pb, mode_to_pb
+from identity.enrolment import EnrolmentRegistry
+from identity.pki import LocalCA, Purpose
+from identity.secret_files import load_noise_secret, load_or_create_keys, read_public_keys
 from proto.decentsim.v1 import common_pb2
 from proto.decentsim.v1 import device_pb2 as pb
 from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
 from proto.limits import Channel, channel_options, server_options
-from protocols.secure_sum import AggregatorServer, CoordinatorServer, Deployment, KeyPair, Mode
+from protocols.secure_sum import CoordinatorServer, Deployment, KeyPair, Mode, PhaseReport
 from protocols.secure_sum.errors import RoundLost, SecureSumError
-from sim import dual
-from sim.calibration import ObservedSeries, series_loss
-from sim.model import OBSERVATIONS
+from sim.calibration import ThetaOptimizer
 from sim.params import PARAM_NAMES, Theta
-from sim.populations import AGE_GROUPS
-from sim.runner import total_infections
+from storage.sqlite import open_db, transaction
+from transport.grpc.channels import require_loopback
+from transport.grpc.gateway import DeviceGatewayServicer
+from transport.grpc.link import COORDINATOR_CN, AggregatorLinkClient, LinkError
 
 log = logging.getLogger(__name__)
 
-#: The deployments of a run, by name: pseudonym-slot phases and aggregate phases.
-DEPLOYMENTS = ("neighbourhood", "aggregates")
 #: Most participant ids one credential may ask for.
 MAX_UNITS_PER_CREDENTIAL = 4096
 #: Longest GetRound long poll the coordinator holds.
 MAX_WAIT_MS = 5_000
+#: Attempts of one day that devices may void (``ReportFailure``) before the run stops: a
+#: failure that survives re-running the day is not transient (e.g. a tampering server).
+MAX_FAILED_ATTEMPTS = 3
 
 _MIGRATIONS = (
     """
@@ -104,113 +111,28 @@ _MIGRATIONS = (
     CREATE TABLE epochs (epoch INTEGER PRIMARY KEY, theta TEXT NOT NULL, loss REAL,
                          grad TEXT, adam TEXT);
     """,
+    # a run that stopped for good says why (a restarted coordinator refuses to go on)
+    """
+    ALTER TABLE run ADD COLUMN failure TEXT;
+    """,
 )
-
-
-#: a server's DP noise secret, in its state dir
-NOISE_FILE = "noise.json"
 
 
 class ServiceError(Exception):
     """The coordinator cannot run as configured; the message names the file or setting."""
 
 
-def write_secret(path: Path, data: bytes) -> None:
-    """Write a secret file readable by its owner only (atomic replace)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+class DayVoided(Exception):
+    """Devices reported that they cannot complete a step of the attempt (``ReportFailure``)."""
 
 
-def load_or_create_keys(path: Path, names: tuple[str, ...]) -> dict[str, bytes]:
-    """32-byte secrets by name, created from the OS CSPRNG on first use and kept in ``path``."""
-    if path.exists():
-        if path.stat().st_mode & 0o077:
-            raise ServiceError(f"{path}: key file is readable by group/others; chmod 600 it")
-        try:
-            raw = json.loads(path.read_text())
-            keys = {n: bytes.fromhex(raw[n]) for n in names}
-        except (ValueError, KeyError) as e:
-            raise ServiceError(f"{path}: corrupt key file ({type(e).__name__}: {e})") from None
-        if any(len(k) != 32 for k in keys.values()):
-            raise ServiceError(f"{path}: every key must be 32 bytes")
-        return keys
-    keys = {n: os.urandom(32) for n in names}
-    write_secret(path, json.dumps({n: k.hex() for n, k in keys.items()}).encode())
-    return keys
+class RunFailure(Exception):
+    """The run cannot go on (names why); the coordinator stops it for good."""
 
 
-def load_noise_secret(state_dir: Path) -> bytes:
-    """This server's DP noise secret (``noise.json``, 0600), created on first use; it never
-    leaves the state dir."""
-    return load_or_create_keys(state_dir / NOISE_FILE, ("aggregate_noise",))["aggregate_noise"]
-
-
-def read_public_keys(path: Path, what: str) -> dict[str, bytes]:
-    """The peer's exported X25519 public keys by deployment (``<peer>_public.json``)."""
-    try:
-        raw = json.loads(path.read_text())
-        keys = {n: bytes.fromhex(raw[n]) for n in DEPLOYMENTS}
-    except FileNotFoundError:
-        raise ServiceError(f"{path}: {what} public keys not found (run its init)") from None
-    except (ValueError, KeyError) as e:
-        raise ServiceError(f"{path}: not a public-key file ({type(e).__name__}: {e})") from None
-    bad = [n for n, k in keys.items() if len(k) != 32]
-    if bad:
-        raise ServiceError(f"{path}: public key(s) {bad} are not 32 bytes")
-    return keys
-
-
-class ViewLog:
-    """A server's recorded view: one JSON object per line, events and sizes only."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
-        self._lock = threading.Lock()
-
-    def write(self, event: str, **fields: Any) -> None:
-        """Append one event (``t`` = unix time)."""
-        line = json.dumps({"t": round(time.time(), 3), "event": event, **fields})
-        with self._lock:
-            self._file.write(line + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        """Close the file."""
-        with self._lock:
-            self._file.close()
-
-
-def open_transcript(
-    audit_key: Path | None,
-    state_dir: Path,
-    role: str,
-    servers: dict[str, CoordinatorServer] | dict[str, AggregatorServer],
-) -> TranscriptWriter | None:
-    """With an auditor public key: ``views/<role>.transcript``, recording every message of
-    ``servers`` (by deployment name), each record sealed to the auditor. Without: ``None``."""
-    if audit_key is None:
-        return None
-    try:
-        writer = TranscriptWriter(
-            state_dir / "views" / f"{role}.transcript", role, load_auditor_public(audit_key)
-        )
-    except TranscriptError as e:
-        raise ServiceError(f"--audit-key: {e}") from None
-    for name, server in servers.items():
-        server.observer = functools.partial(_record, writer, name)
-    return writer
-
-
-def _record(
-    writer: TranscriptWriter, deployment: str, direction: str, peer: str, raw: bytes
-) -> None:
-    writer.record(direction, deployment, peer, raw)
+class _Stopping(Exception):
+    """The service is stopping (a signal): the driver leaves the day's attempt open; a
+    restarted coordinator aborts it and runs the day again."""
 
 
 def coordinator_init(state_dir: Path, hostnames: tuple[str, ...]) -> Path:
@@ -239,9 +161,10 @@ class _Step:
     round_id: int = 0
     epoch: int = 0
     day: int = 0
-    step: str = "enrolling"
+    step: str = ENROLLING
     deadline: float = 0.0
     version: int = 1
+    failure: str = ""
 
 
 class CoordinatorService:
@@ -252,7 +175,9 @@ class CoordinatorService:
         spec: the run; ``None`` resumes the run persisted in ``state_dir``.
         aggregator: ``HOST:PORT`` of the aggregator's link.
         aggregator_export: the aggregator's export dir (``ca.pem``, ``aggregator_public.json``).
-        insecure: DEBUGGING ONLY: no TLS anywhere; a caller names its credential in metadata.
+        insecure: DEBUGGING ONLY: no TLS anywhere, loopback only; a caller names its
+            credential in metadata.
+        audit_key: the coordinator's auditor's public key: record ``views/coordinator.transcript``.
     """
 
     def __init__(
@@ -267,6 +192,8 @@ class CoordinatorService:
     ) -> None:
         self.state_dir = state_dir
         self.insecure = insecure
+        if insecure:
+            require_loopback(aggregator, "--aggregator")
         coordinator_init(state_dir, hostnames)
         self.db = open_db(
             state_dir / "coordinator.sqlite3", migrations=_MIGRATIONS, check_same_thread=False
@@ -277,9 +204,10 @@ class CoordinatorService:
         self.registry = EnrolmentRegistry(state_dir / "enrolment.sqlite3", self.ca)
         self.view = ViewLog(state_dir / "views" / "coordinator.jsonl")
         keys = load_or_create_keys(state_dir / "keys.json", (*DEPLOYMENTS, "deployment_key"))
-        a_public = read_public_keys(aggregator_export / "aggregator_public.json", "aggregator")
+        a_public = read_public_keys(
+            aggregator_export / "aggregator_public.json", DEPLOYMENTS, "aggregator"
+        )
         mode = Mode(self.spec.mode)
-        codecs = {"neighbourhood": neighbourhood_codec(), "aggregates": aggregates_codec()}
         self.deployments: dict[str, Deployment] = {}
         self.links: dict[str, AggregatorLinkClient] = {}
         self.servers: dict[str, CoordinatorServer] = {}
@@ -296,22 +224,22 @@ class CoordinatorService:
             if insecure
             else grpc.secure_channel(aggregator, creds, options=channel_options(Channel.LINK))
         )
-        for name in DEPLOYMENTS:
+        for name, codec in codecs().items():
             pair = KeyPair.from_private_bytes(keys[name])
-            dkey = keys["deployment_key"] if name == "neighbourhood" else b""
-            self.deployments[name] = Deployment(
-                mode, codecs[name], pair.public, a_public[name], dkey
-            )
+            # only the neighbourhood deployment has pseudonym slots, keyed by the secret
+            # deployment key; the aggregates deployment has none and gets no key
+            dkey = keys["deployment_key"] if name == NEIGHBOURHOOD else b""
+            self.deployments[name] = Deployment(mode, codec, pair.public, a_public[name], dkey)
             self.links[name] = AggregatorLinkClient(self._a_channel, mode, name, timeout_s=120.0)
             self.servers[name] = CoordinatorServer(pair, self.deployments[name], self.links[name])
-        #: every message in and out, sealed to the auditor (only with ``--audit-key``)
+        #: every message in and out, sealed to the coordinator's auditor (``--audit-key``)
         self.transcript = open_transcript(audit_key, state_dir, "coordinator", self.servers)
-        self.servers["neighbourhood"].min_cohort = self.spec.min_cohort
+        self.servers[NEIGHBOURHOOD].min_cohort = self.spec.min_cohort
         # C's own DP noise secret (persisted: a re-opened release gets the same noise)
-        self.servers["aggregates"].noise_secret = load_noise_secret(state_dir)
+        self.servers[AGGREGATES].noise_secret = load_noise_secret(state_dir)
         self.gateway = DeviceGatewayServicer(
-            self.servers["neighbourhood"],
-            self.servers["aggregates"],
+            self.servers[NEIGHBOURHOOD],
+            self.servers[AGGREGATES],
             authenticate=self.registry.authenticate,
             service=self,
             insecure=insecure,
@@ -321,9 +249,14 @@ class CoordinatorService:
         self._done: dict[tuple[int, str], set[bytes]] = {}
         self._absent: set[str] = set()
         self._lost: set[int] = set()
+        self._failures: dict[int, str] = {}
         self._bytes_in = 0
         self._stop = threading.Event()
         self.finished = threading.Event()
+        #: why the run stopped for good ("" while it has not)
+        self.failure = ""
+        #: the day attempt in progress: (round id, epoch, day)
+        self._attempt = (0, 0, 0)
         self._driver: threading.Thread | None = None
         self._servers: list[grpc.Server] = []
         self._units = self._load_units()
@@ -345,6 +278,11 @@ class CoordinatorService:
         rows = self._read("SELECT spec FROM run")
         row = rows[0] if rows else None
         if row is not None:
+            failure = self._read("SELECT failure FROM run")[0][0]
+            if failure:
+                raise ServiceError(
+                    f"{self.state_dir} holds a run that failed ({failure}); use a new --state-dir"
+                )
             stored = RunSpec.from_json(row[0], f"{self.state_dir}/coordinator.sqlite3")
             if spec is not None and spec != stored:
                 raise ServiceError(
@@ -418,7 +356,7 @@ class CoordinatorService:
             devices=[common_pb2.DeviceId(value=u) for u in units],
             client_certificate_der=cert.public_bytes(serialization.Encoding.DER),
             ca_certificates_der=[ca.public_bytes(serialization.Encoding.DER)],
-            deployment=deployment_to_pb("neighbourhood", self.deployments["neighbourhood"]),
+            deployment=deployment_to_pb(NEIGHBOURHOOD, self.deployments[NEIGHBOURHOOD]),
             deployments=[deployment_to_pb(n, self.deployments[n]) for n in DEPLOYMENTS],
             issued_unix_ms=int(time.time() * 1000),
             expires_unix_ms=int(enrolment.not_after.timestamp() * 1000),
@@ -444,18 +382,28 @@ class CoordinatorService:
 
     def accepted(self, rpc: str, participant: bytes, round_id: int, nbytes: int) -> None:
         """The gateway served a participant's request (the step's progress, the view)."""
-        step = {
-            "RegisterSlots": "register",
-            "PostShares": "messages",
-            "FetchSums": "fetch",
-            "SubmitAggregates": "observations",
-        }.get(rpc)
+        step = RPC_STEP.get(rpc)
         with self._cond:
             self._bytes_in += nbytes
             if step is not None:
                 self._done.setdefault((round_id, step), set()).add(participant)
                 self._cond.notify_all()
         self.view.write(rpc, round=round_id, participant=participant.hex(), bytes=nbytes)
+
+    def report_failure(
+        self, credential: str, round_id: int, step: str, reason: str, detail: str
+    ) -> bool:
+        """A credential's devices cannot complete ``step`` of ``round_id`` (their fetch failed):
+        void the attempt now, so the day runs again. True if it was the current attempt."""
+        self.seen(credential)
+        with self._cond:
+            current = round_id == self._pos.round_id and self._pos.step in STEPS
+            if current:
+                self._failures.setdefault(round_id, f"{step}: {reason}: {detail}")
+                self._cond.notify_all()
+        log.warning("round %d: a participant failed step %s (%s)", round_id, step, reason)
+        self.view.write("failure", round=round_id, step=step, reason=reason)
+        return current
 
     # -- GetRound -----------------------------------------------------------------------------
     def schedule(self, newer_than: int, wait_ms: int) -> pb.RoundSchedule:
@@ -486,6 +434,7 @@ class CoordinatorService:
             version=pos.version,
             run_json=self.spec.to_json(),
             committed_days=self.committed_days(pos.epoch),
+            failure=pos.failure,
         )
 
     def theta(self, epoch: int) -> Theta:
@@ -507,18 +456,22 @@ class CoordinatorService:
 
     def _expected(self, round_id: int, step: str) -> set[bytes]:
         units = {u for c, us in self._units.items() if c not in self._absent for u in us}
-        if step == "fetch":  # only registrants have sums to fetch
-            units &= self._done.get((round_id, "register"), set())
+        if step == FETCH:  # only registrants have sums to fetch
+            units &= self._done.get((round_id, REGISTER), set())
         return units
 
     def _run_step(self, round_id: int, step: str) -> None:
         """Publish ``step`` and wait until every expected participant acted or the deadline."""
         deadline = time.time() + self.spec.step_timeout_s
-        self._publish(step=step, deadline=deadline)
+        _, epoch, day = self._attempt
+        # one publish: a device never sees a new round with the previous round's step
+        self._publish(round_id=round_id, epoch=epoch, day=day, step=step, deadline=deadline)
         with self._cond:
             while not self._stop.is_set():
                 if round_id in self._lost:
                     raise RoundLost(f"round {round_id}: the aggregator lost it (restarted)")
+                if round_id in self._failures:
+                    raise DayVoided(self._failures[round_id])
                 done = self._done.get((round_id, step), set())
                 expected = self._expected(round_id, step)
                 missing = expected - done
@@ -540,6 +493,36 @@ class CoordinatorService:
                     self.view.write("dropout", round=round_id, step=step, participants=len(missing))
                     return
                 self._cond.wait(min(remaining, 1.0))
+            raise _Stopping
+
+    # The servers' side of a day (``contract.round.DayServers``), under the gateway's lock:
+    # devices may be calling while a transition runs.
+    def open_round(self, specs: DaySpecs) -> None:
+        """Propose the day's round to the aggregator, then open it here."""
+        with self.gateway.lock:
+            for name, spec in zip(DEPLOYMENTS, specs, strict=True):
+                self.links[name].propose(spec)
+                self.servers[name].open_round(spec)
+        round_id, epoch, day = self._attempt
+        self.view.write("open_round", round=round_id, epoch=epoch, day=day)
+
+    def close_registration(self, round_id: int) -> None:
+        """Close registration at both deployments."""
+        with self.gateway.lock:
+            for name in DEPLOYMENTS:
+                self.servers[name].close_registration(round_id)
+
+    def close_phase(self, round_id: int, deployment: str, phase: str) -> PhaseReport:
+        """Close a phase (agree the surviving set with the aggregator)."""
+        with self.gateway.lock:
+            report = self.servers[deployment].close_phase(round_id, phase)
+        self.view.write("close", round=round_id, phase=phase, surviving=report.surviving)
+        return report
+
+    def open_aggregates(self, round_id: int) -> dict[str, np.ndarray]:
+        """The opened ring sums of the observations phase."""
+        with self.gateway.lock:
+            return self.servers[AGGREGATES].open_aggregates_ring(round_id, OBSERVATIONS_PHASE)
 
     def _new_round(self, epoch: int, day: int) -> int:
         with self._tx() as conn:
@@ -561,39 +544,23 @@ class CoordinatorService:
             )
 
     def _run_day(self, round_id: int, epoch: int, day: int) -> None:
-        """One attempt at a day; commits its aggregates. Raises on a server/link failure."""
-        spec_m, spec_o = round_specs(
-            round_id, day, self.spec.items_per_device, self.spec.dp_config()
+        """One attempt at a day; commits its aggregates. Raises on a server/link failure, or
+        when devices void the attempt."""
+        specs = round_specs(round_id, day, self.spec.items_per_device, self.spec.dp_config())
+        self._attempt = (round_id, epoch, day)
+        result = run_day(
+            self,
+            specs,
+            day,
+            lambda step: self._run_step(round_id, step),
+            self.servers[AGGREGATES].codec,
         )
-        lock = self.gateway.lock
-        with lock:
-            for name, spec in (("neighbourhood", spec_m), ("aggregates", spec_o)):
-                self.links[name].propose(spec)
-                self.servers[name].open_round(spec)
-        self.view.write("open_round", round=round_id, epoch=epoch, day=day)
-        self._publish(round_id=round_id, epoch=epoch, day=day)
-        self._run_step(round_id, "register")
-        with lock:
-            for name in DEPLOYMENTS:
-                self.servers[name].close_registration(round_id)
-        self._run_step(round_id, "messages")
-        with lock:
-            report_m = self.servers["neighbourhood"].close_phase(round_id, MESSAGES_PHASE)
-        self.view.write("close", round=round_id, phase=MESSAGES_PHASE, surviving=report_m.surviving)
-        self._run_step(round_id, "fetch")
-        self._run_step(round_id, "observations")
-        with lock:
-            agg = self.servers["aggregates"]
-            report_o = agg.close_phase(round_id, OBSERVATIONS_PHASE)
-            ring = agg.open_aggregates_ring(round_id, OBSERVATIONS_PHASE)
-        width = 1 + len(PARAM_NAMES)
-        y = agg.codec.decode(np.asarray(ring[f"global/day/{day}"]))
-        y = y.reshape(len(OBSERVATIONS), len(AGE_GROUPS), width)
+        y = result.y.numpy()
         self.view.write(
             "aggregate",
             round=round_id,
             day=day,
-            surviving=report_o.surviving,
+            surviving=result.observations.surviving,
             totals=y[:, :, 0].sum(1).tolist(),
         )
         with self._cond:
@@ -606,8 +573,8 @@ class CoordinatorService:
                     day,
                     round_id,
                     y.astype("<f8").tobytes(),
-                    report_m.surviving,
-                    report_o.surviving,
+                    result.messages.surviving,
+                    result.observations.surviving,
                     nbytes,
                 ),
             )
@@ -625,6 +592,8 @@ class CoordinatorService:
         with self._cond:
             for s in STEPS:
                 self._done.pop((round_id, s), None)
+            self._lost.discard(round_id)
+            self._failures.pop(round_id, None)
 
     def _wait_for_pools(self) -> None:
         with self._cond:
@@ -632,89 +601,93 @@ class CoordinatorService:
                 self._cond.wait(1.0)
 
     def _drive(self) -> None:
+        """The round driver thread: every day of every epoch, then ``finished``. Any failure
+        it cannot recover from stops the run for good, with the reason published to devices,
+        persisted, and in :attr:`failure` (the process exits non-zero)."""
+        try:
+            self._drive_days()
+        except _Stopping:
+            return
+        except Exception as err:  # recorded, published and re-raised by serve loops as exit 1
+            reason = f"{type(err).__name__}: {err}"
+            log.exception("the round driver failed; the run stops: %s", reason)
+            self._fail(reason)
+
+    def _drive_days(self) -> None:
         self._wait_for_pools()
         backoff = 0.2
         for epoch in range(self.spec.epochs):
             if self._epoch_done(epoch):
                 continue
             day = self.committed_days(epoch)
+            voided = 0  # attempts of this day that devices voided
             while day < self.spec.days and not self._stop.is_set():
                 rid = self._new_round(epoch, day)
                 try:
                     self._run_day(rid, epoch, day)
-                except (LinkError, SecureSumError) as err:
-                    # A crashed or refused: the attempt is void at both servers; run the day again
+                except (LinkError, SecureSumError, DayVoided) as err:
+                    # A crashed or refused, or devices could not finish: the attempt is void
+                    # at both servers; run the day again
                     log.warning("round %d (epoch %d day %d) aborted: %s", rid, epoch, day, err)
                     self._end_round(rid, "aborted", f"{type(err).__name__}: {err}")
                     self._forget(rid)
                     with self._cond:
                         # a void attempt says nothing about who is alive: expect everyone
                         self._absent.clear()
-                        self._lost.discard(rid)
                     self.view.write("abort", round=rid, reason=type(err).__name__)
+                    if isinstance(err, DayVoided):
+                        voided += 1
+                        if voided >= MAX_FAILED_ATTEMPTS:
+                            raise RunFailure(
+                                f"epoch {epoch} day {day}: devices could not complete the day "
+                                f"in {voided} attempts (last: {err})"
+                            ) from None
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                backoff = 0.2
+                backoff, voided = 0.2, 0
                 day += 1
             if self._stop.is_set():
                 return
             self._end_epoch(epoch)
         with self._tx() as conn:
             conn.execute("UPDATE run SET finished_unix = ? WHERE id = 1", (time.time(),))
-        self._publish(step="finished", deadline=0.0)
+        self._publish(step=FINISHED, deadline=0.0)
         self.finished.set()
+
+    def _fail(self, reason: str) -> None:
+        """Stop the run for good: persist and publish why."""
+        self.failure = reason
+        with self._tx() as conn:
+            conn.execute("UPDATE run SET failure = ? WHERE id = 1", (reason,))
+        self.view.write("failed", reason=reason.split(":", 1)[0])
+        self._publish(step=FAILED, deadline=0.0, failure=reason)
 
     def _epoch_done(self, epoch: int) -> bool:
         rows = self._read("SELECT loss FROM epochs WHERE epoch = ?", (epoch,))
         return bool(rows) and rows[0][0] is not None
 
     # -- loss, gradient, θ step ---------------------------------------------------------------
-    def loss_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The run's loss on (T, 2, G) aggregates: the target's, else total new infections."""
-        if self.spec.target is None:
-            return total_infections
-        target = ObservedSeries(
-            torch.tensor(self.spec.target, dtype=torch.float64), self.spec.target_period_days
-        )
-        return series_loss(target)
-
-    def aggregates(self, epoch: int) -> torch.Tensor:
+    def aggregates(self, epoch: int) -> np.ndarray:
         """The committed aggregates of an epoch: dual (T, 2, G, 1 + p)."""
         rows = self._read("SELECT y FROM days WHERE epoch = ? ORDER BY day", (epoch,))
-        width = 1 + len(PARAM_NAMES)
-        return torch.from_numpy(
-            np.stack([np.frombuffer(r[0], "<f8") for r in rows]).reshape(
-                -1, len(OBSERVATIONS), len(AGE_GROUPS), width
-            )
+        return np.stack([np.frombuffer(r[0], "<f8") for r in rows]).reshape(
+            -1, *observations_shape()
         )
 
     def loss_and_grad(self, epoch: int) -> tuple[float, torch.Tensor]:
-        """``L(Y)`` and ``dL/dθ = Σ_t ∂L/∂Y_t · dY_t/dθ`` from an epoch's opened aggregates."""
-        y = self.aggregates(epoch)
-        leaf = dual.value(y).detach().requires_grad_(True)
-        loss = self.loss_fn()(leaf)
-        (g,) = torch.autograd.grad(loss, leaf)
-        return float(loss.detach()), torch.einsum("tkg,tkgp->p", g, dual.tangent(y))
+        """``L(Y)`` and ``dL/dθ`` from an epoch's opened aggregates."""
+        return loss_and_grad(torch.from_numpy(self.aggregates(epoch)), self.spec.loss_fn())
 
     def _end_epoch(self, epoch: int) -> None:
-        """Record the epoch's loss and gradient; with more epochs to go, step θ (Adam, log θ)."""
+        """Record the epoch's loss and gradient; with more epochs to go, step θ with the
+        calibration's optimizer (``sim.calibration.ThetaOptimizer``), whose state is kept."""
         loss, grad = self.loss_and_grad(epoch)
-        theta = self.theta(epoch)
         (row,) = self._read("SELECT adam FROM epochs WHERE epoch = ?", (epoch,))
-        adam = (
-            json.loads(row[0])
-            if row[0]
-            else {"m": [0.0] * len(PARAM_NAMES), "v": [0.0] * len(PARAM_NAMES)}
-        )
-        t = theta.as_tensor()
-        fit = torch.tensor([n in ("beta", "init_frac") for n in PARAM_NAMES], dtype=torch.float64)
-        g = grad * t * fit  # chain rule through θ = exp(log θ)
-        m = 0.9 * torch.tensor(adam["m"]) + 0.1 * g
-        v = 0.999 * torch.tensor(adam["v"]) + 0.001 * g * g
-        k = epoch + 1
-        step = self.spec.lr * (m / (1 - 0.9**k)) / (torch.sqrt(v / (1 - 0.999**k)) + 1e-8)
-        new = Theta.from_tensor(torch.where(fit > 0, torch.exp(torch.log(t) - step), t))
+        optimizer = ThetaOptimizer(Theta(**self.spec.theta), self.spec.fit, self.spec.lr)
+        if row[0]:
+            optimizer.load_state_dict(json.loads(row[0]))
+        new = Theta.from_tensor(optimizer.step(grad))
         with self._tx() as conn:
             conn.execute(
                 "UPDATE epochs SET loss = ?, grad = ? WHERE epoch = ?",
@@ -723,11 +696,7 @@ class CoordinatorService:
             if epoch + 1 < self.spec.epochs:
                 conn.execute(
                     "INSERT OR REPLACE INTO epochs (epoch, theta, adam) VALUES (?, ?, ?)",
-                    (
-                        epoch + 1,
-                        json.dumps(vars_theta(new)),
-                        json.dumps({"m": m.tolist(), "v": v.tolist()}),
-                    ),
+                    (epoch + 1, json.dumps(new.to_dict()), json.dumps(optimizer.state_dict())),
                 )
         self.view.write("epoch", epoch=epoch, loss=loss, grad=grad.tolist())
         log.info("epoch %d: loss %.6g", epoch, loss)
@@ -741,6 +710,9 @@ class CoordinatorService:
         gRPC's Python server can require client certificates or not ask for them at all, so
         enrolment gets its own port; there every RPC but Enrol answers UNAUTHENTICATED.
         """
+        if self.insecure:
+            require_loopback(listen, "--listen")
+            require_loopback(enrol_listen, "--enrol-listen")
         pem = self.ca.ensure_credential(
             "gateway", Purpose.SERVER, common_name="coordinator"
         ).grpc_pem()
@@ -793,8 +765,3 @@ class CoordinatorService:
             self.transcript.close()
         self.registry.close()
         self.db.close()
-
-
-def vars_theta(theta: Theta) -> dict[str, float]:
-    """θ as a plain dict."""
-    return {n: float(getattr(theta, n)) for n in PARAM_NAMES}

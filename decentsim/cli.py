@@ -19,22 +19,22 @@ from sim.allocator import keep_freed_memory
 
 #: subcommand -> module path
 COMMANDS: dict[str, tuple[str, str]] = {
-    "simulate": ("sim.cli_simulate", "run the central simulator"),
-    "calibrate": ("sim.cli_calibrate", "fit parameters to an observed series"),
-    "coordinator": ("coordinator.cli_servers:coordinator", "the coordinator server process"),
-    "aggregator": ("coordinator.cli_servers:aggregator", "the aggregator server process"),
-    "device-agent": ("device_agent.cli:agent", "a device (pool) process"),
-    "federated": ("coordinator.federation:federated", "a simulated federation on this machine"),
-    "audit": ("audit.cli", "audit a federated run's recorded views"),
+    "simulate": ("decentsim.commands.simulate", "run the central simulator"),
+    "calibrate": ("decentsim.commands.calibrate", "fit parameters to an observed series"),
+    "coordinator": ("decentsim.commands.servers:coordinator", "the coordinator server process"),
+    "aggregator": ("decentsim.commands.servers:aggregator", "the aggregator server process"),
+    "device-agent": ("decentsim.commands.device_agent:agent", "a device (pool) process"),
+    "federated": ("decentsim.commands.federated:federated", "a simulated federation"),
+    "audit": ("decentsim.commands.audit", "audit a federated run's recorded views"),
 }
 
 #: bench name -> module path
 BENCHES: dict[str, tuple[str, str]] = {
-    "sim": ("sim.bench", "central simulator throughput"),
-    "securesum": ("protocols.secure_sum.bench", "two-server slot sums"),
-    "ble": ("protocols.ble.bench", "simulated radio + exposure scoring"),
-    "federated": ("coordinator.bench", "federated run vs the central simulator"),
-    "vs-secaggplus": ("coordinator.bench_secaggplus", "two-server sum vs Flower's SecAgg+"),
+    "sim": ("bench.sim", "central simulator throughput"),
+    "securesum": ("bench.securesum", "two-server slot sums"),
+    "ble": ("bench.ble", "simulated radio + exposure scoring"),
+    "federated": ("bench.federated", "federated run vs the central simulator"),
+    "vs-secaggplus": ("bench.secaggplus", "two-server sum vs Flower's SecAgg+"),
 }
 
 

@@ -3,225 +3,84 @@
 The agent enrols once with a single-use token (TLS, server authenticated by the coordinator's
 CA certificate the operator installed; its own key never leaves its state dir), then connects
 with mutual TLS and follows the coordinator's round schedule (``GetRound`` long polls), acting
-on each step of each round:
+on each step of each round (:class:`PoolRunner`, shared with the Flower ClientApp)::
 
     register → messages → fetch (and the local update f) → observations
 
-Everything that must survive a crash lives in the pool's own SQLite store (WAL, ``0600``): its
-credential and participant ids, the run's deployments (with the secret pseudonym-slot key), its
-secret (from which every participant derives the randomness of its requests, so a restarted
-agent resends byte-identical requests: the servers see replays, never conflicts), the
-start-of-day state of every day (the agent resumes or re-runs a day from it), its devices'
-contact log of the last 14 days (heard RPIs and weights), and its own daily observation totals
-(a local diagnostic). The store never leaves the device.
+Everything that must survive a crash lives in the pool's private store
+(:mod:`device_agent.store`), which never leaves the device. A pool loads its own agents' slice
+of the population itself; the coordinator never receives an agent's attributes. In a simulated
+federation the pool's radio is driven by the population's contact layers (``SimulatedWorld``);
+every pool of a run shares the world's beacon secret.
 
-A pool loads its own agents' slice of the population itself; the coordinator never receives an
-agent's attributes. In a simulated federation the pool's radio is driven by the population's
-contact layers (``SimulatedWorld``); every pool of a run shares the world's beacon secret.
+A step the devices cannot complete — their fetch refused, or a server's reply that fails
+authentication — is reported to the coordinator (``ReportFailure``), which voids the round's
+attempt and runs the day again; the devices never update on made-up exposure.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from coordinator.enrolment import build_enrolment_csr
-from coordinator.grpc_gateway import CREDENTIAL_METADATA
-from coordinator.pki import generate_private_key
-from coordinator.rounds import STEPS, round_specs
-from coordinator.runspec import RunSpec
-from coordinator.store import open_db, transaction
-from coordinator.wire import deployment_from_pb
-from device_agent.grpc_client import (
+from contract.runspec import RunSpec
+from contract.schedule import (
+    FAILED,
+    FETCH,
+    FINISHED,
+    MESSAGES,
+    OBSERVATIONS_STEP,
+    REGISTER,
+    STEPS,
+    round_specs,
+    slice_ids,
+    units_of,
+)
+from contract.wire import deployment_from_pb
+from device_agent.pool import DevicePool, FetchFailed, SimulatedWorld
+from device_agent.store import PoolStore
+from identity.enrolment import build_enrolment_csr
+from identity.pki import generate_private_key
+from proto.decentsim.v1 import device_pb2 as pb
+from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
+from protocols.ble.radio import IdealRadio, Radio, SimulatedRadio
+from protocols.ble.simkeys import SimulatedKeyring
+from protocols.secure_sum import DeviceClient
+from protocols.secure_sum.errors import SecureSumError
+from protocols.secure_sum.slots import SlotTable
+from sim.params import PARAM_NAMES
+from sim.populations import Population, from_spec
+from transport.grpc.channels import CredentialMetadata, device_channel
+from transport.grpc.client import (
     AwaitingReply,
     GatewayLink,
     RetryPolicy,
     Role,
     TransportError,
+    call_with_retries,
 )
-from device_agent.pool import UNIT_DEVICES, DevicePool, SimulatedWorld
-from proto.decentsim.v1 import device_pb2 as pb
-from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
-from proto.limits import Channel, channel_options
-from protocols.ble.radio import IdealRadio, Radio, SimulatedRadio
-from protocols.ble.scoring import Trace
-from protocols.ble.simkeys import SimulatedKeyring
-from protocols.secure_sum import DeviceClient, RoundSpec
-from protocols.secure_sum.errors import SecureSumError
-from protocols.secure_sum.slots import SlotTable
-from sim.model import State
-from sim.params import PARAM_NAMES
-from sim.populations import Population, from_spec
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-_MIGRATIONS = (
-    """
-    CREATE TABLE credential (id INTEGER PRIMARY KEY CHECK (id = 1), key_pem BLOB NOT NULL,
-                             enrolment BLOB NOT NULL, secret BLOB NOT NULL);
-    CREATE TABLE states (epoch INTEGER NOT NULL, day INTEGER NOT NULL, state BLOB NOT NULL,
-                         PRIMARY KEY (epoch, day));
-    CREATE TABLE observed (epoch INTEGER NOT NULL, day INTEGER NOT NULL, round_id INTEGER NOT NULL,
-                           y BLOB NOT NULL, PRIMARY KEY (epoch, day));
-    CREATE TABLE traces (epoch INTEGER NOT NULL, day INTEGER NOT NULL, entries INTEGER NOT NULL,
-                         observer BLOB NOT NULL, rpi BLOB NOT NULL, weight BLOB NOT NULL,
-                         PRIMARY KEY (epoch, day));
-    """,
-    # an Enrol request in flight over a transport that answers later (Flower): kept so the
-    # redone request is byte-identical (a new key would make it a different request)
-    """
-    CREATE TABLE pending_enrolment (id INTEGER PRIMARY KEY CHECK (id = 1),
-                                    key_pem BLOB NOT NULL, request BLOB NOT NULL);
-    """,
-)
-#: Days of contact log a device keeps (Exposure Notification keeps 14).
-TRACE_RETENTION_DAYS = 14
 
 
 class AgentError(Exception):
     """The agent cannot go on; the message says why."""
 
 
-def parse_slice(text: str) -> tuple[int, int]:
-    """``I/P`` → (I, P): this pool takes the I-th of P contiguous agent ranges."""
-    try:
-        i, p = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise AgentError(f"--slice {text!r}: expected I/P, e.g. 0/4") from None
-    if not (p >= 1 and 0 <= i < p):
-        raise AgentError(f"--slice {text!r}: need 0 <= I < P")
-    return i, p
-
-
-def slice_ids(n_agents: int, index: int, count: int) -> torch.Tensor:
-    """The agent ids of slice ``index`` of ``count`` contiguous ranges."""
-    bounds = np.linspace(0, n_agents, count + 1).astype(np.int64)
-    return torch.arange(int(bounds[index]), int(bounds[index + 1]), dtype=torch.int64)
-
-
-def state_to_bytes(state: State) -> bytes:
-    """Serialize a pool's state (its devices' private state: stays in the pool's store)."""
-    buf = io.BytesIO()
-    torch.save({f.name: getattr(state, f.name) for f in fields(state)}, buf)
-    return buf.getvalue()
-
-
-def state_from_bytes(raw: bytes) -> State:
-    """Inverse of :func:`state_to_bytes` (tensors only: ``weights_only``)."""
-    return State(**torch.load(io.BytesIO(raw), weights_only=True))
-
-
-class PoolStore:
-    """The pool's private SQLite store (see the module docstring)."""
-
-    def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.db = open_db(state_dir / "pool.sqlite3", migrations=_MIGRATIONS)
-
-    def enrolment(self) -> tuple[bytes, pb.EnrolResponse, bytes] | None:
-        """(private key PEM, Enrol reply, pool secret), once enrolled."""
-        row = self.db.execute("SELECT key_pem, enrolment, secret FROM credential").fetchone()
-        if row is None:
-            return None
-        return bytes(row[0]), pb.EnrolResponse.FromString(bytes(row[1])), bytes(row[2])
-
-    def save_enrolment(self, key_pem: bytes, reply: pb.EnrolResponse) -> None:
-        """Keep the credential and a fresh pool secret (atomically, before first use)."""
-        with transaction(self.db) as conn:
-            conn.execute(
-                "INSERT INTO credential VALUES (1, ?, ?, ?)",
-                (key_pem, reply.SerializeToString(), os.urandom(32)),
-            )
-            conn.execute("DELETE FROM pending_enrolment")
-
-    def pending_enrolment(
-        self, make: Callable[[], tuple[bytes, pb.EnrolRequest]]
-    ) -> tuple[bytes, pb.EnrolRequest]:
-        """The Enrol request in flight (key PEM, request), made by ``make`` and kept first."""
-        row = self.db.execute("SELECT key_pem, request FROM pending_enrolment").fetchone()
-        if row is not None:
-            return bytes(row[0]), pb.EnrolRequest.FromString(bytes(row[1]))
-        key_pem, request = make()
-        with transaction(self.db) as conn:
-            conn.execute(
-                "INSERT INTO pending_enrolment VALUES (1, ?, ?)",
-                (key_pem, request.SerializeToString()),
-            )
-        return key_pem, request
-
-    def state(self, epoch: int, day: int) -> State | None:
-        """The stored start-of-day state, if any."""
-        row = self.db.execute(
-            "SELECT state FROM states WHERE epoch = ? AND day = ?", (epoch, day)
-        ).fetchone()
-        return None if row is None else state_from_bytes(bytes(row[0]))
-
-    def save_state(self, epoch: int, day: int, state: State) -> None:
-        """Keep the start-of-day state of (epoch, day)."""
-        with transaction(self.db) as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO states VALUES (?, ?, ?)",
-                (epoch, day, state_to_bytes(state)),
-            )
-
-    def save_observed(self, epoch: int, day: int, round_id: int, y: torch.Tensor) -> None:
-        """Keep the pool's own observation total of a day (a local diagnostic)."""
-        with transaction(self.db) as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO observed VALUES (?, ?, ?, ?)",
-                (epoch, day, round_id, y.numpy().astype("<f8").tobytes()),
-            )
-
-    def save_trace(self, epoch: int, day: int, trace: Trace) -> None:
-        """Keep the day's contact log (who heard which RPI, with what weight); days older
-        than :data:`TRACE_RETENTION_DAYS` are deleted."""
-        with transaction(self.db) as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO traces VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    epoch,
-                    day,
-                    len(trace.observer),
-                    trace.observer.astype("<i8").tobytes(),
-                    np.ascontiguousarray(trace.rpi).tobytes(),
-                    trace.weight.astype("<f8").tobytes(),
-                ),
-            )
-            conn.execute(
-                "DELETE FROM traces WHERE epoch < ? OR (epoch = ? AND day <= ?)",
-                (epoch, epoch, day - TRACE_RETENTION_DAYS),
-            )
-
-    def trace_days(self) -> list[tuple[int, int, int]]:
-        """(epoch, day, entries) of the contact log kept."""
-        return [
-            (int(e), int(d), int(n))
-            for e, d, n in self.db.execute(
-                "SELECT epoch, day, entries FROM traces ORDER BY epoch, day"
-            ).fetchall()
-        ]
-
-    def observed(self, epoch: int) -> dict[int, np.ndarray]:
-        """The pool's own observation totals of an epoch, by day."""
-        rows = self.db.execute(
-            "SELECT day, y FROM observed WHERE epoch = ? ORDER BY day", (epoch,)
-        ).fetchall()
-        return {d: np.frombuffer(y, "<f8") for d, y in rows}
+class RunFailed(AgentError):
+    """The coordinator stopped the run for good (its schedule says ``failed`` and why)."""
 
 
 def participant_secret(pool_secret: bytes, index: int) -> bytes:
@@ -247,7 +106,7 @@ class AgentConfig:
     token: str | None = None
     enrol_address: str | None = None
     world_secret: bytes | None = None
-    #: DEBUGGING ONLY: plaintext gRPC; the credential is named in call metadata
+    #: DEBUGGING ONLY: plaintext gRPC to loopback; the credential is named in call metadata
     insecure: bool = False
     policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=8, timeout_s=120.0))
 
@@ -266,25 +125,6 @@ def _retry(call: Callable[[], _T], what: str, give_up_s: float = 600.0) -> _T:
             log.info("%s: %s, retrying in %.1f s", what, err.code().name, wait)
             time.sleep(wait)
             wait = min(wait * 2, 2.0)
-
-
-def _channel(target: str, creds: grpc.ChannelCredentials, insecure: bool) -> grpc.Channel:
-    """A TLS channel, or (``--insecure``, debugging only) a plaintext one."""
-    opts = channel_options(Channel.DEVICE)
-    if insecure:
-        return grpc.insecure_channel(target, options=opts)
-    return grpc.secure_channel(target, creds, options=opts)
-
-
-class _CredentialMetadata(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """``--insecure`` only: name the credential in every call's metadata (nothing proves it)."""
-
-    def __init__(self, credential: str) -> None:
-        self._item = (CREDENTIAL_METADATA, credential)
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        metadata = [*(details.metadata or ()), self._item]
-        return continuation(details._replace(metadata=metadata), request)
 
 
 def enrolment_request(token: str, device_count: int) -> tuple[bytes, pb.EnrolRequest]:
@@ -311,10 +151,8 @@ def enrol(config: AgentConfig, store: PoolStore, device_count: int) -> None:
         raise AgentError(f"{config.state_dir}: not enrolled yet: give --token and --enrol")
     key_pem, req = enrolment_request(config.token, device_count)
     ca = config.ca_pem.read_bytes()
-    channel = _channel(
-        config.enrol_address,
-        grpc.ssl_channel_credentials(ca),
-        config.insecure,
+    channel = device_channel(
+        config.enrol_address, grpc.ssl_channel_credentials(ca), config.insecure, "--enrol"
     )
     try:
         stub = pb_grpc.DeviceGatewayStub(channel)
@@ -336,11 +174,6 @@ def load_slice(config: AgentConfig) -> tuple[Population, torch.Tensor]:
     if ids.numel() == 0:
         raise AgentError(f"slice {config.slice} of {population.n_agents} agents is empty")
     return population, ids
-
-
-def units_of(ids: torch.Tensor) -> int:
-    """Secure-sum participants a pool of these devices needs."""
-    return -(-ids.numel() // UNIT_DEVICES)
 
 
 class PoolRunner:
@@ -368,7 +201,7 @@ class PoolRunner:
         if enrolled is None:
             raise AgentError(f"{config.state_dir}: not enrolled")
         _, reply, self.secret = enrolled
-        units = units_of(ids)
+        units = units_of(ids.numel())
         if len(reply.devices) != units:
             raise AgentError(
                 f"{config.state_dir}: enrolled with {len(reply.devices)} participants but this "
@@ -426,7 +259,13 @@ class PoolRunner:
 
     def follow(self, sched: pb.RoundSchedule) -> bool:
         """Act on one schedule (a step of a round); False if the step must be retried later
-        (a transport failure: its requests did not all get answers)."""
+        (a transport failure: its requests did not all get answers).
+
+        Raises:
+            RunFailed: the coordinator stopped the run (the schedule's step is ``failed``).
+        """
+        if sched.step == FAILED:
+            raise RunFailed(f"the coordinator stopped the run: {sched.failure}")
         if sched.step not in STEPS:
             return True
         if self.pool is None:
@@ -463,46 +302,36 @@ class PoolRunner:
         assert pool.state is not None
         self.store.save_state(sched.epoch, 0, pool.state)
 
-    def _finish_day(self, sched: pb.RoundSchedule, spec_m: RoundSpec) -> None:
-        """Fetch and update (a participant without sums updates with zero incoming); keep the
-        next day's start state before anything else can fail."""
-        pool = self.pool
-        assert pool is not None
-        pool.finish_day(spec_m, sched.day, self._theta(sched))
-        assert pool.state is not None
-        self.store.save_state(sched.epoch, sched.day + 1, pool.state)
-
     def _act(self, sched: pb.RoundSchedule, done: set[str]) -> bool:
         pool = self.pool
         assert pool is not None and self.spec is not None
-        spec_m, spec_o = _specs(sched, self.spec)
+        specs = round_specs(sched.round_id, sched.day, self.spec.items_per_device)
         theta = self._theta(sched)
         step, day = sched.step, sched.day
         try:
-            if step != "register" and "register" not in done:
+            if step != REGISTER and REGISTER not in done:
                 # a process (re)started mid-round: replay its registration (byte-identical, so
                 # the coordinator answers from its record) to learn its slots; if it had not
                 # registered before the step closed, it has none this round
                 try:
-                    pool.register(spec_m, day)
+                    pool.act(REGISTER, specs, day, theta)
                 except SecureSumError as err:
                     log.warning("round %d: no registration (%s)", sched.round_id, err)
-                done.add("register")
-            if step == "register":
-                pool.register(spec_m, day)
-            elif step == "messages":
-                pool.post_messages(spec_m, day, theta)
-                if pool.last_trace is not None:
-                    self.store.save_trace(sched.epoch, day, pool.last_trace)
-            elif step == "fetch":
-                self._finish_day(sched, spec_m)
-            elif step == "observations":
-                if "fetch" not in done:
-                    self._finish_day(sched, spec_m)
-                    done.add("fetch")
-                pool.post_observations(spec_o, day)
+                done.add(REGISTER)
+            updated = pool.updated
+            pool.act(step, specs, day, theta)
+            if step == MESSAGES and pool.last_trace is not None:
+                self.store.save_trace(sched.epoch, day, pool.last_trace)
+            if not updated and step in (FETCH, OBSERVATIONS_STEP):
+                # keep the next day's start state before anything else can fail
+                assert pool.state is not None
+                self.store.save_state(sched.epoch, day + 1, pool.state)
+                done.add(FETCH)
+            if step == OBSERVATIONS_STEP:
                 assert pool.last_y is not None
                 self.store.save_observed(sched.epoch, day, sched.round_id, pool.last_y)
+        except FetchFailed as err:
+            return self._report(sched, err)
         except SecureSumError as err:
             # e.g. the step closed while we were down: we drop out of it; the refusal names no
             # value. A device that missed a step still updates (finish_day) later.
@@ -517,6 +346,31 @@ class PoolRunner:
         done.add(step)
         return True
 
+    def _report(self, sched: pb.RoundSchedule, err: FetchFailed) -> bool:
+        """Tell the coordinator the devices cannot finish the day; it voids the attempt and
+        runs the day again (the pool restarts it from its stored start-of-day state)."""
+        cause = err.__cause__
+        log.error("round %d step %s failed: %s", sched.round_id, sched.step, err)
+        request = pb.ReportFailureRequest(
+            round_id=sched.round_id,
+            step=sched.step,
+            reason=type(cause if cause is not None else err).__name__,
+            detail=str(err)[:1024],
+        )
+        try:
+            call_with_retries(
+                lambda timeout: self.stub.ReportFailure(request, timeout=timeout),
+                self.config.policy,
+                "ReportFailure",
+            )
+        except AwaitingReply:
+            return False
+        except TransportError as report_err:
+            log.warning("round %d: could not report the failure: %s", sched.round_id, report_err)
+            return False
+        self._done.update(STEPS)  # nothing more to do in this attempt
+        return True
+
 
 class Agent:
     """One device-agent process: a pool of devices following the coordinator's rounds over
@@ -527,17 +381,17 @@ class Agent:
         store = PoolStore(config.state_dir)
         population, ids = load_slice(config)
         if store.enrolment() is None:
-            enrol(config, store, units_of(ids))
+            enrol(config, store, units_of(ids.numel()))
         enrolled = store.enrolment()
         assert enrolled is not None
         key_pem, reply, _ = enrolled
         creds = grpc.ssl_channel_credentials(
             config.ca_pem.read_bytes(), key_pem, pem_of_der(reply.client_certificate_der)
         )
-        self.channel = _channel(config.coordinator, creds, config.insecure)
+        self.channel = device_channel(config.coordinator, creds, config.insecure)
         if config.insecure:
             self.channel = grpc.intercept_channel(
-                self.channel, _CredentialMetadata(reply.credential_id)
+                self.channel, CredentialMetadata(reply.credential_id)
             )
         self.stub = pb_grpc.DeviceGatewayStub(self.channel)
         self.runner = PoolRunner(config, store, self.stub, population, ids)
@@ -553,7 +407,11 @@ class Agent:
         return self.runner.pool
 
     def run(self, on_step: Callable[[pb.RoundSchedule], None] | None = None) -> None:
-        """Follow the rounds until the run is finished."""
+        """Follow the rounds until the run is finished.
+
+        Raises:
+            RunFailed: the coordinator stopped the run (names why).
+        """
         version = 0
         while True:
             sched = _retry(
@@ -563,15 +421,11 @@ class Agent:
                 "GetRound",
             )
             version = sched.version
-            if sched.step == "finished":
+            if sched.step == FINISHED:
                 return
             self.runner.follow(sched)
             if on_step is not None:
                 on_step(sched)
-
-
-def _specs(sched: pb.RoundSchedule, spec: RunSpec) -> tuple[RoundSpec, RoundSpec]:
-    return round_specs(sched.round_id, sched.day, spec.items_per_device)
 
 
 def run_agent(config: AgentConfig) -> None:

@@ -6,8 +6,8 @@ device pool. The ServerApp (``coordinator.flower_server``) sends one message typ
 ``query.observations``, ``query.finished`` — each carrying the round schedule (a
 ``decentsim.v1.RoundSchedule``) and the answers to the pool's earlier requests; the pool runs
 the same :class:`~device_agent.agent.PoolRunner` as the gRPC device agent, over a
-:class:`~device_agent.tunnel_stub.TunnelStub`, and replies with its unanswered DeviceGateway
-requests (protobuf bytes) or ``done`` (see ``coordinator.tunnel``).
+:class:`~transport.flower.stub.TunnelStub`, and replies with its unanswered DeviceGateway
+requests (protobuf bytes) or ``done`` (see ``transport.flower.tunnel``).
 
 A node is configured by its ``node_config`` (``flower-supernode --node-config``), over the
 defaults the app was made with (a simulation's); ``{partition-id}`` and ``{num-partitions}``
@@ -32,25 +32,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.tunnel import ENROL, FINISHED, RECORD, TunnelMessage
+from contract.schedule import FINISHED, STEPS, parse_slice, units_of
 from device_agent.agent import (
     AgentConfig,
     AgentError,
     PoolRunner,
-    PoolStore,
     enrolment_request,
     load_slice,
-    parse_slice,
-    units_of,
 )
-from device_agent.grpc_client import AwaitingReply, RetryPolicy
-from device_agent.tunnel_stub import TunnelStub
+from device_agent.store import PoolStore
 from proto.decentsim.v1 import device_pb2 as pb
+from transport.flower.stub import TunnelStub
+from transport.flower.tunnel import ENROL, RECORD, TunnelMessage
+from transport.grpc.client import AwaitingReply, RetryPolicy
 
 log = logging.getLogger(__name__)
 
 #: the steps the ClientApp answers (``query.<step>``)
-MESSAGE_TYPES = (ENROL, "register", "messages", "fetch", "observations", FINISHED)
+MESSAGE_TYPES = (ENROL, *STEPS, FINISHED)
 
 
 @dataclass
@@ -122,7 +121,9 @@ def _enrol(node: _Node, token: str) -> bool:
     if node.store.enrolment() is not None:
         return True
     _, ids = load_slice(node.config)
-    key_pem, request = node.store.pending_enrolment(lambda: enrolment_request(token, units_of(ids)))
+    key_pem, request = node.store.pending_enrolment(
+        lambda: enrolment_request(token, units_of(ids.numel()))
+    )
     reply = node.stub.Enrol(request)
     node.store.save_enrolment(key_pem, reply)
     return True
@@ -147,7 +148,7 @@ def make_client_app(defaults: dict[str, str] | None = None, handler: Handler | N
         handler: what a node does with a message (default :func:`handle`; tests wrap it to
             make a node fail).
     """
-    from decentsim.flower_env import import_flwr
+    from transport.flower.env import import_flwr
 
     import_flwr()
     from flwr.app import ConfigRecord, Context, Message, RecordDict

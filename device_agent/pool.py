@@ -28,12 +28,22 @@ devices' sightings.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+from contract.schedule import (
+    FETCH,
+    MESSAGES,
+    MESSAGES_PHASE,
+    OBSERVATIONS_PHASE,
+    OBSERVATIONS_STEP,
+    REGISTER,
+    UNIT_DEVICES,
+    day_slot,
+    unit_bounds,
+)
 from protocols.ble import gaen
 from protocols.ble.mapping import sightings_from_contacts, traces_from_sightings
 from protocols.ble.radio import DayContacts, Radio, RadioDay
@@ -59,21 +69,10 @@ from sim.model import (
 from sim.params import PARAM_NAMES
 from sim.populations import AGE_GROUPS, Population
 
-#: The phase in which devices post messages to pseudonym slots (neighbourhood sums).
-MESSAGES_PHASE = "messages"
-#: The phase in which devices post their observations to aggregate slots.
-OBSERVATIONS_PHASE = "observations"
-
 #: ``connect(participant index, devices) -> (neighbourhood client, aggregates client)``: a
 #: participant's links to the two secure-sum deployments (one per phase kind, as their
 #: fixed-point codecs differ); ``devices`` is how many devices the participant hosts.
 Connect = Callable[[int, int], tuple[DeviceClient, DeviceClient]]
-
-#: Devices per secure-sum participant of a pool (bounds one post's size).
-UNIT_DEVICES = 1024
-
-
-log = logging.getLogger(__name__)
 
 
 class PoolError(Exception):
@@ -88,22 +87,17 @@ class PoolStateError(PoolError):
     """A call out of order (e.g. posting before ``begin`` or updating before posting)."""
 
 
+class FetchFailed(PoolError):
+    """The day's neighbourhood sums could not be fetched (refused, or a reply that failed
+    authentication): the devices report it instead of updating."""
+
+
 class TraceOverflow(PoolError):
     """A device heard more RPIs in a day than the phase's fixed ``items_per_device``."""
 
 
 class BeaconScheduleError(PoolError):
     """The radio put a beacon outside the intervals the devices advertise (and register)."""
-
-
-def observation_dim(width: int) -> int:
-    """Length of a device's observation vector: channels × age groups × (1 + p)."""
-    return 2 * len(AGE_GROUPS) * width
-
-
-def aggregate_name(day: int) -> str:
-    """The aggregate slot of a day's observations."""
-    return f"global/day/{day}"
 
 
 def forward_theta(theta: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -160,7 +154,7 @@ class SimulatedWorld:
         src, dst, w = [], [], []
         for layer in self.population.layers:
             scale = self.config.layer_scale(layer.name, day)
-            weight = day_weight(layer.weight.to(torch.float64), scale, self.config).numpy()
+            weight = day_weight(layer.weight.to(torch.float64), scale).numpy()
             keep = weight > 0
             if self.observers is not None:
                 # the radio's draws are keyed per contact, so simulating only the pool's own
@@ -260,8 +254,7 @@ class DevicePool:
         )
         # participant u hosts the agents at local positions bounds[u]:bounds[u + 1]
         n = ids.numel()
-        self.unit_bounds = np.arange(0, n + unit_devices, unit_devices).clip(max=n)
-        self.unit_bounds = np.unique(self.unit_bounds)
+        self.unit_bounds = unit_bounds(n, unit_devices)
         self.unit_of = np.repeat(np.arange(len(self.unit_bounds) - 1), np.diff(self.unit_bounds))
         links = [
             connect(u, int(self.unit_bounds[u + 1] - self.unit_bounds[u]))
@@ -283,6 +276,11 @@ class DevicePool:
     def n(self) -> int:
         """Number of devices (agents) in the pool."""
         return self.agents.n
+
+    @property
+    def updated(self) -> bool:
+        """Whether the day's update ran and its observations are still to be posted."""
+        return self._y is not None
 
     @property
     def n_units(self) -> int:
@@ -428,8 +426,17 @@ class DevicePool:
 
     def finish_day(self, spec: RoundSpec, day: int, theta: torch.Tensor) -> None:
         """Make sure the day's update ran, whatever steps the pool missed: prepare if the
-        messages step was missed, fetch if registered (zero incoming if the sums cannot be had:
-        the pool dropped out of registration), then ``f``. A no-op once updated."""
+        messages step was missed, fetch the registered slots' sums, then ``f``. A no-op once
+        updated.
+
+        A participant that did not register this round (it was offline then) has no slots, so
+        no message could be addressed to its devices: their incoming sum is zero, as a phone's
+        that was off. A registered participant whose fetch fails gets no update at all.
+
+        Raises:
+            FetchFailed: the servers refused the fetch or their reply did not authenticate;
+                the state is unchanged (never an update on made-up exposure).
+        """
         if self._y is not None:
             return
         if self._beh is None:
@@ -437,9 +444,27 @@ class DevicePool:
         try:
             self.fetch_and_update(spec, day)
         except SecureSumError as err:
-            log.warning("day %d: no neighbourhood sums (%s); updating with none", day, err)
-            width = self._require_theta()[0].shape[-1]
-            self.apply_update(torch.zeros(self.n, width, dtype=torch.float64), day)
+            raise FetchFailed(
+                f"day {day}: fetching the neighbourhood sums failed ({type(err).__name__}: "
+                f"{err}); the day's update is not made"
+            ) from err
+
+    def act(
+        self, step: str, specs: tuple[RoundSpec, RoundSpec], day: int, theta: torch.Tensor
+    ) -> None:
+        """The devices' part of one step of the day's round (``contract.round.Participant``)."""
+        spec_m, spec_o = specs
+        if step == REGISTER:
+            self.register(spec_m, day)
+        elif step == MESSAGES:
+            self.post_messages(spec_m, day, theta)
+        elif step == FETCH:
+            self.finish_day(spec_m, day, theta)
+        elif step == OBSERVATIONS_STEP:
+            self.finish_day(spec_m, day, theta)
+            self.post_observations(spec_o, day)
+        else:
+            raise PoolInputError(f"unknown step {step!r}")
 
     def apply_update(self, incoming: torch.Tensor, day: int) -> None:
         """``f`` for every device given its neighbourhood sums (n, 1 + p)."""
@@ -471,7 +496,7 @@ class DevicePool:
             raise PoolStateError(f"day {day}: no observations to post (update first)")
         per_unit = self.observations().numpy()
         self.last_y = torch.from_numpy(per_unit.sum(0))
-        name = aggregate_name(day)
+        name = day_slot(day)
         for u, client in enumerate(self._aggr):
             client.post(spec, OBSERVATIONS_PHASE, [name], per_unit[u : u + 1])
         self._y = None

@@ -144,11 +144,75 @@ def _clamp_theta(values: torch.Tensor) -> torch.Tensor:
     return torch.minimum(torch.maximum(values, lo + 1e-9), hi)
 
 
-def _fit_mask(fit: Sequence[str]) -> torch.Tensor:
+def fit_mask(fit: Sequence[str]) -> torch.Tensor:
+    """1.0 for each parameter named in ``fit``, 0.0 for the others (``PARAM_NAMES`` order).
+
+    Raises:
+        ValueError: ``fit`` is empty or names an unknown parameter.
+    """
     unknown = set(fit) - set(PARAM_NAMES)
     if unknown:
         raise ValueError(f"cannot fit unknown parameter(s) {sorted(unknown)}")
+    if not fit:
+        raise ValueError("name at least one parameter to fit")
     return torch.tensor([n in fit for n in PARAM_NAMES], dtype=torch.float64)
+
+
+class ThetaOptimizer:
+    """Adam on log θ for the parameters named in ``fit``; the others stay exactly at ``start``.
+
+    The one optimizer of every calibration: central (:func:`fit_params`) and federated (the
+    coordinator steps θ between epochs and persists :meth:`state_dict`, so a restarted
+    coordinator continues the same optimisation). Each step's θ is clamped into
+    ``PARAM_BOUNDS``; log space keeps fitted parameters positive, so each must start > 0.
+    """
+
+    def __init__(self, start: Theta, fit: Sequence[str], lr: float) -> None:
+        self.mask = fit_mask(fit)
+        self.fixed = start.as_tensor()
+        zero = [
+            n for n, m, v in zip(PARAM_NAMES, self.mask, self.fixed, strict=True) if m and v <= 0
+        ]
+        if zero:
+            raise ValueError(f"cannot fit {zero} from 0 (θ is fitted in log space)")
+        self.log_theta = torch.log(self.fixed.clamp_min(1e-300)).requires_grad_(True)
+        self.adam = torch.optim.Adam([self.log_theta], lr=lr)
+
+    def theta(self) -> torch.Tensor:
+        """The current θ (p,): fitted parameters from log θ (clamped), the others exact."""
+        return torch.where(
+            self.mask > 0, _clamp_theta(torch.exp(self.log_theta.detach())), self.fixed
+        )
+
+    def step(self, grad: torch.Tensor) -> torch.Tensor:
+        """One Adam step with ``dL/dθ`` (p,) at :meth:`theta`; returns the new θ."""
+        theta = self.theta()
+        self.adam.zero_grad()
+        # chain rule through θ = exp(log θ); parameters not being fitted get no gradient
+        self.log_theta.grad = grad.to(torch.float64) * theta * self.mask
+        self.adam.step()
+        return self.theta()
+
+    def state_dict(self) -> dict[str, object]:
+        """JSON-ready state: log θ and Adam's moments and step count."""
+        state = self.adam.state.get(self.log_theta, {})
+        return {
+            "log_theta": self.log_theta.detach().tolist(),
+            "step": float(state["step"]) if "step" in state else 0.0,
+            "exp_avg": state["exp_avg"].tolist() if "exp_avg" in state else None,
+            "exp_avg_sq": state["exp_avg_sq"].tolist() if "exp_avg_sq" in state else None,
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`state_dict`'s output."""
+        with torch.no_grad():
+            self.log_theta.copy_(torch.tensor(state["log_theta"], dtype=torch.float64))
+        if state.get("exp_avg") is not None:
+            self.adam.state[self.log_theta] = {
+                "step": torch.tensor(float(state["step"])),  # type: ignore[arg-type]
+                "exp_avg": torch.tensor(state["exp_avg"], dtype=torch.float64),
+                "exp_avg_sq": torch.tensor(state["exp_avg_sq"], dtype=torch.float64),
+            }
 
 
 def fit_params(
@@ -164,23 +228,16 @@ def fit_params(
 ) -> FitResult:
     """Mode 1: Adam on log θ for the parameters named in ``fit`` (others stay at ``start``)."""
     _check_epochs(epochs)
-    mask = _fit_mask(fit)
-    fixed = start.as_tensor()
-    log_theta = torch.log(fixed).requires_grad_(True)
-    opt = torch.optim.Adam([log_theta], lr=lr)
+    opt = ThetaOptimizer(start, fit, lr)
     losses: list[float] = []
     thetas: list[dict[str, float]] = []
     bar = tqdm(range(epochs), desc="calibrate", unit="epoch", disable=not progress)
     for _ in bar:
-        # Parameters not being fitted stay exactly at their start values.
-        theta = torch.where(mask > 0, _clamp_theta(torch.exp(log_theta.detach())), fixed)
+        theta = opt.theta()
         result = sim.run(theta, days, grad)
         loss, g = result.loss_and_grad(loss_fn)
         assert g is not None
-        opt.zero_grad()
-        # chain rule through θ = exp(log θ); parameters not being fitted get no gradient
-        log_theta.grad = g.to(torch.float64) * theta * mask
-        opt.step()
+        opt.step(g)
         losses.append(loss)
         thetas.append(Theta.from_tensor(theta).to_dict())
         bar.set_postfix(loss=f"{loss:.4g}")
@@ -252,7 +309,7 @@ def fit_network(
 ) -> FitResult:
     """Mode 2: train a ``CalibrationNet`` end to end through the simulator."""
     _check_epochs(epochs)
-    _fit_mask(tuple(ranges))
+    fit_mask(tuple(ranges))
     torch.manual_seed(seed)  # the network's own initialisation; the simulator has no global RNG
     net = CalibrationNet(2, ranges)
     opt = torch.optim.Adam(net.parameters(), lr=lr)

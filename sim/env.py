@@ -37,7 +37,7 @@ class Simulation:
         seed: int = 0,
         days: int = 60,
         device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         self.template = template
         self.population = population

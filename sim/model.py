@@ -35,11 +35,13 @@ STAGES: tuple[str, ...] = ("S", "E", "I", "R", "D")
 #: Observation channels of ``y_i(t)``.
 OBSERVATIONS: tuple[str, ...] = ("new_infections", "new_deaths")
 
-#: Exact-sum grids (``ModelConfig.exact_sums``): a sender's infectiousness is a multiple of
-#: 2^-Q_BITS and a day's edge weight a multiple of 2^-W_BITS, so every message is an integer
-#: multiple of 2^-EXACT_FRAC_BITS. With |message| < 2^MAX_MESSAGE_LOG2 and fewer than
-#: 2^MAX_IN_DEGREE_LOG2 messages per receiver, every partial sum needs at most 53 bits: float64
-#: sums are exact in any order and equal a fixed-point sum with EXACT_FRAC_BITS fraction bits.
+#: Exact-sum grids, part of the model: a sender's infectiousness is a multiple of 2^-Q_BITS and
+#: a day's edge weight a multiple of 2^-W_BITS, so every message is an integer multiple of
+#: 2^-EXACT_FRAC_BITS. With |message| < 2^MAX_MESSAGE_LOG2 and fewer than 2^MAX_IN_DEGREE_LOG2
+#: messages per receiver, every partial sum needs at most 53 bits: float64 sums are exact in
+#: any order and equal a fixed-point sum with EXACT_FRAC_BITS fraction bits. That is why the
+#: central simulator (float64) and a federation (fixed-point secure sums) give the same model;
+#: float32 keeps the grids but rounds its sums.
 Q_BITS = 20
 W_BITS = 12
 EXACT_FRAC_BITS = Q_BITS + W_BITS
@@ -127,9 +129,6 @@ class ModelConfig:
     isolation_effect: float = 0.8  # fraction of outgoing contact removed while isolating
     #: seed from ``Population.initially_infected`` instead of drawing ``init_frac``
     use_population_seeds: bool = False
-    #: quantize messages to the exact-sum grids (float64 only), so that a decentralized run's
-    #: fixed-point neighbourhood sums equal the central sums bit for bit
-    exact_sums: bool = False
     lockdowns: tuple[Lockdown, ...] = ()
     vaccinations: tuple[Vaccination, ...] = ()
     estimator: Estimator = field(default_factory=Estimator)
@@ -188,14 +187,13 @@ def quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(x * 2.0**bits) / 2.0**bits
 
 
-def day_weight(weight: torch.Tensor, layer_scale: float, config: ModelConfig) -> torch.Tensor:
+def day_weight(weight: torch.Tensor, layer_scale: float) -> torch.Tensor:
     """The weight an edge carries on a day: its layer weight × the day's lockdown scale.
 
-    Under ``exact_sums`` it is put on the 2^-W_BITS grid. A device's radio measures this
-    weight; the central runner multiplies by it: both use this one function.
+    It lives on the 2^-W_BITS grid (see :data:`EXACT_FRAC_BITS`). A device's radio measures
+    this weight; the central runner multiplies by it: both use this one function.
     """
-    w = weight * layer_scale
-    return quantize(w, W_BITS) if config.exact_sums else w
+    return quantize(weight * layer_scale, W_BITS)
 
 
 def make_agents(
@@ -321,14 +319,12 @@ def infectiousness(
 ) -> torch.Tensor:
     """Per-sender factor of every message: ``beta × x_I × profile(days since onset) × out_scale``.
 
-    Returns a dual (n, 1+p); under ``exact_sums`` its values are on the 2^-Q_BITS grid.
+    Returns a dual (n, 1+p) whose values are on the 2^-Q_BITS grid.
     """
     dtype = state.x.dtype
     k = _days_since_onset(agents, state, day).clamp(0, len(config.profile) - 1).to(torch.int64)
     prof = torch.where(state.stage == I, _table(config.profile, k, dtype), 0.0) * beh.out_scale
     q = dual.scale(dual.mul(state.x[:, I], theta[_BETA].expand(agents.n, -1)), prof)
-    if not config.exact_sums:
-        return q
     # Values go on the 2^-Q_BITS grid; the rounding is straight-through for autograd and the
     # tangents are left as they are (they need no exactness, only the discrete outcomes do).
     v = q[..., 0]

@@ -51,6 +51,8 @@ from sim.populations import AGE_GROUPS, Population
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 GradMode = str  # "none" | "forward" | "reverse"
+#: The dtypes a run can use: float64 (the default) sums exactly; float32 is faster, inexact.
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -102,11 +104,11 @@ class _Layer:
         self.max_in_degree = int((crow[1:] - crow[:-1]).max()) if n else 0
         self._cache: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def matrices(self, scale: float, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def matrices(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, Aᵀ)`` with values ``day_weight(weight, scale)``."""
         if scale not in self._cache:
             crow, col, crow_t, col_t = self._index
-            w, w_t = (day_weight(x, scale, config) for x in self._weight)
+            w, w_t = (day_weight(x, scale) for x in self._weight)
             shape = (self.n, self.n)
             self._cache[scale] = (
                 torch.sparse_csr_tensor(crow, col, w, shape, check_invariants=False),
@@ -195,7 +197,7 @@ class CentralSimulator:
         config: ModelConfig | None = None,
         seed: int = 0,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -235,7 +237,7 @@ class CentralSimulator:
             )
             for layer in population.layers
         )
-        if self.config.exact_sums:
+        if self.exact:
             self._check_exact_sums()
         self.age_onehot = torch.nn.functional.one_hot(self.agents.age_group, len(AGE_GROUPS)).to(
             dtype
@@ -251,19 +253,23 @@ class CentralSimulator:
             scale = self.config.layer_scale(layer.name, day)
             if scale == 0.0:
                 continue
-            a, a_t = layer.matrices(scale, self.config)
+            a, a_t = layer.matrices(scale)
             total = total + (_CSRMatmul.apply(a, a_t, q) if q.requires_grad else a @ q)
         return total
 
+    @property
+    def exact(self) -> bool:
+        """Whether neighbourhood sums are exact (float64: see ``sim.model.EXACT_FRAC_BITS``),
+        so a federation's fixed-point sums reproduce this run bit for bit."""
+        return self.dtype == torch.float64
+
     def _check_exact_sums(self) -> None:
-        """The bit budget of ``exact_sums`` (see ``sim.model.EXACT_FRAC_BITS``) must hold."""
-        if self.dtype != torch.float64:
-            raise ModelConfigError("exact_sums needs dtype float64 (53-bit sums)")
+        """The bit budget of exact sums (see ``sim.model.EXACT_FRAC_BITS``) must hold."""
         degree = sum(layer.max_in_degree for layer in self.layers)
         if degree >= 2**MAX_IN_DEGREE_LOG2:
             raise ModelConfigError(
-                f"exact_sums: an agent receives up to {degree} messages a day; the bit budget "
-                f"allows fewer than 2^{MAX_IN_DEGREE_LOG2}"
+                f"exact sums: an agent receives up to {degree} messages a day; the bit budget "
+                f"allows fewer than 2^{MAX_IN_DEGREE_LOG2} (use --dtype float32, inexact)"
             )
 
     def _max_message(self, theta: Theta) -> float:
@@ -301,10 +307,11 @@ class CentralSimulator:
         if days < 1:
             raise ValueError(f"days must be >= 1, got {days}")
         checked = theta if isinstance(theta, Theta) else Theta.from_tensor(theta)
-        if self.config.exact_sums and self._max_message(checked) >= 2**MAX_MESSAGE_LOG2:
+        if self.exact and self._max_message(checked) >= 2**MAX_MESSAGE_LOG2:
             raise ModelConfigError(
-                f"exact_sums: messages may reach {self._max_message(checked):.3g} under "
-                f"beta={checked.beta}; the bit budget allows less than 2^{MAX_MESSAGE_LOG2}"
+                f"exact sums: messages may reach {self._max_message(checked):.3g} under "
+                f"beta={checked.beta}; the bit budget allows less than 2^{MAX_MESSAGE_LOG2} "
+                "(use --dtype float32, inexact)"
             )
         if mode == "reverse":
             leaf = (

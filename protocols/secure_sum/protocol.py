@@ -127,7 +127,7 @@ NOISE_SECRET_BYTES = 32
 Permutation = Callable[[int], npt.NDArray[np.int64]]
 #: ``observer(direction, peer, raw)``: told of every message a server receives (``"in"``) or
 #: sends (``"out"``); ``peer`` is a participant id in hex, ``"coordinator"`` or
-#: ``"aggregator"``. The audit's sealed transcript (``audit.transcript``) is one.
+#: ``"aggregator"``. The audit's sealed transcript (``contract.transcript``) is one.
 Observer = Callable[[str, str, bytes], None]
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from audit import cli
-from coordinator.federation import federated_run, items_budget
-from coordinator.runspec import RunSpec
+from contract.runspec import RunSpec
+from decentsim.commands import audit as cli
+from launcher.federation import federated_run, items_budget
+from sim.populations import from_spec
 
 POPULATION = "synthetic:300"
 
@@ -27,7 +28,7 @@ def _audit(tmp_path: Path, mode: str, capsys: pytest.CaptureFixture[str]) -> tup
         seed=3,
         mode=mode,
         theta={"beta": 0.6, "mortality": 0.01, "init_frac": 0.05},
-        items_per_device=items_budget(POPULATION, 3, 2),
+        items_per_device=items_budget(from_spec(POPULATION, seed=3), 2),
         advertising_intervals=4,
         radio="ideal",
         pools=2,

@@ -21,9 +21,9 @@ from audit.checks import (
     shares_of,
 )
 from audit.report import write_report
-from audit.transcript import decode_record, encode_record
 from audit.truth import bytes_needles, float_needles
 from audit.views import AuditInput, ServerView
+from contract.transcript import decode_record, encode_record
 from protocols.secure_sum import Mode
 from protocols.secure_sum.messages import MailboxPost
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audit import cli
 from audit.checks import Status, check_dp
 from audit.views import AuditInput, TrueItem, Truth, load_run
-from coordinator.federation import add_federated_arguments, federated_run, run_spec_from_args
-from coordinator.rounds import observations_dim
+from contract.schedule import observations_dim
+from decentsim.commands import audit as cli
+from decentsim.commands.federated import add_federated_arguments, run_spec_from_args
+from launcher.federation import federated_run
 
 POPULATION = "synthetic:300"
 SIGMA = 0.5

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from audit import cli
-from audit.transcript import create_auditor_keys
 from audit.views import AuditInputError, load_run
-from coordinator.runspec import RunSpec
+from contract.runspec import RunSpec
+from contract.transcript import create_auditor_keys
+from decentsim.commands import audit as cli
 
 
 def test_missing_run_spec_and_transcript_are_named(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from audit.checks import Status, check_cohorts, shares_of
 from audit.views import AuditInput
-from coordinator.runspec import RunSpec, RunSpecError
+from contract.runspec import RunSpec, RunSpecError
 from protocols.secure_sum import Mode
 from protocols.secure_sum.messages import RegisterRequest
 

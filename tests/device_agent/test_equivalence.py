@@ -4,8 +4,9 @@ Two pools hold half of a synthetic population each; each pool splits its devices
 secure-sum participants of at most ``unit_devices`` devices, and every participant posts its
 devices' messages (pre-summed per heard slot) and their summed observations through the
 in-memory secure-sum transport (mailbox and shuffled modes). The coordinator sees only the
-opened daily aggregates. With ``exact_sums`` and an ideal radio those equal the central
-``RunResult.y`` values bit for bit, and the gradient agrees to fixed-point precision.
+opened daily aggregates. With the model's exact sums (float64) and an ideal radio those
+equal the central ``RunResult.y`` values bit for bit, and the gradient agrees to fixed-point
+precision.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from coordinator.rounds import FederatedRun, InMemoryServers, RoundDriver, RoundError
+from contract.round import FederatedRun, InMemoryServers, RoundDriver, RoundError
+from contract.schedule import MESSAGES_PHASE, OBSERVATIONS_PHASE, UNIT_DEVICES
 from device_agent.pool import (
-    MESSAGES_PHASE,
-    OBSERVATIONS_PHASE,
-    UNIT_DEVICES,
     BeaconScheduleError,
     Connect,
     DevicePool,
@@ -41,7 +40,7 @@ from sim.runner import CentralSimulator, RunResult, total_infections
 
 N, SEED, DAYS = 300, 3, 6
 THETA = Theta(beta=0.6, init_frac=0.05)
-CONFIG = ModelConfig(exact_sums=True)
+CONFIG = ModelConfig()
 #: at least the largest number of RPIs a device hears in a day (27 in this population)
 ITEMS = 32
 #: the ideal radio uses the first two intervals of the day here

@@ -19,29 +19,10 @@ import grpc
 import pytest
 import torch
 
-from coordinator.grpc_gateway import DeviceGatewayServicer, status_of
-from coordinator.grpc_link import (
-    DEPLOYMENT_METADATA,
-    AggregatorLinkClient,
-    AggregatorLinkServicer,
-    LinkUnavailable,
-)
-from coordinator.pki import LocalCA
-from coordinator.rounds import (
-    FederatedRun,
-    RoundDriver,
-    aggregates_codec,
-    neighbourhood_codec,
-)
-from device_agent.grpc_client import (
-    GatewayLink,
-    GrpcConnector,
-    RetryPolicy,
-    Role,
-    TransportError,
-    call_with_retries,
-)
-from device_agent.pool import MESSAGES_PHASE, DevicePool, SimulatedWorld
+from contract.round import FederatedRun, RoundDriver
+from contract.schedule import MESSAGES_PHASE, aggregates_codec, neighbourhood_codec
+from device_agent.pool import DevicePool, SimulatedWorld
+from identity.pki import LocalCA
 from proto.decentsim.v1 import aggregator_pb2, aggregator_pb2_grpc, common_pb2
 from proto.decentsim.v1 import device_pb2 as pb
 from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
@@ -73,10 +54,25 @@ from sim.model import ModelConfig
 from sim.params import PARAM_NAMES, Theta
 from sim.populations import Population, synthetic
 from sim.runner import CentralSimulator, RunResult, total_infections
+from transport.grpc.client import (
+    GatewayLink,
+    GrpcConnector,
+    RetryPolicy,
+    Role,
+    TransportError,
+    call_with_retries,
+)
+from transport.grpc.gateway import DeviceGatewayServicer, status_of
+from transport.grpc.link import (
+    DEPLOYMENT_METADATA,
+    AggregatorLinkClient,
+    AggregatorLinkServicer,
+    LinkUnavailable,
+)
 
 N, SEED, DAYS = 120, 3, 4
 THETA = Theta(beta=0.6, init_frac=0.05)
-CONFIG = ModelConfig(exact_sums=True)
+CONFIG = ModelConfig()
 ITEMS = 32
 ADVERTISED = 4
 FAST_FAIL = RetryPolicy(attempts=2, timeout_s=5.0, initial_backoff_s=0.01, jitter=0.0)

@@ -18,7 +18,7 @@ def test_observer_restricted_world_gives_the_same_sightings(kind: str) -> None:
     population = synthetic(400, seed=5)
     keyring = SimulatedKeyring(bytes(range(16)))
     radio: Radio = IdealRadio(keyring) if kind == "ideal" else SimulatedRadio(keyring, seed=3)
-    config = ModelConfig(exact_sums=True)
+    config = ModelConfig()
     mine = np.arange(150, 290)
     whole = SimulatedWorld(population, config, radio, 144)
     own = SimulatedWorld(population, config, radio, 144, observers=mine)

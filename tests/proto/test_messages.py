@@ -12,7 +12,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from device_agent.pool import UNIT_DEVICES
+from contract.schedule import UNIT_DEVICES
 from proto import limits
 from proto.decentsim.v1 import (
     aggregator_pb2,
@@ -119,6 +119,7 @@ def test_all_messages_live_in_the_versioned_package() -> None:
             "FetchSums",
             "SubmitAggregates",
             "Heartbeat",
+            "ReportFailure",
         ],
         "decentsim.v1.AggregatorLink": [
             "OpenRound",

@@ -238,8 +238,8 @@ def test_a_round_whose_noise_could_wrap_is_refused_at_open() -> None:
 
 # -- run-level plumbing -------------------------------------------------------------------------
 def test_run_spec_carries_dp_into_the_observations_phase() -> None:
-    from coordinator.rounds import observations_dim, round_specs
-    from coordinator.runspec import RunSpec, RunSpecError
+    from contract.runspec import RunSpec, RunSpecError
+    from contract.schedule import observations_dim, round_specs
 
     spec = RunSpec("synthetic:50", 3, dp={"sigma": 2.0, "delta": 1e-6, "l2_sensitivity": 1.5})
     assert RunSpec.from_json(spec.to_json()) == spec
@@ -257,9 +257,10 @@ def test_run_spec_carries_dp_into_the_observations_phase() -> None:
 
 
 def test_each_service_persists_its_own_noise_secret(tmp_path: Path) -> None:
-    from coordinator.aggregator_service import AggregatorService
-    from coordinator.rounds import OBSERVATIONS_PHASE, observations_dp
-    from coordinator.service import NOISE_FILE, ServiceError, coordinator_init, load_noise_secret
+    from aggregator.service import AggregatorService
+    from contract.schedule import OBSERVATIONS_PHASE, observations_dp
+    from coordinator.service import coordinator_init
+    from identity.secret_files import NOISE_FILE, SecretFileError, load_noise_secret
 
     c_dir, a_dir = tmp_path / "c", tmp_path / "a"
     export = coordinator_init(c_dir, ("localhost",))
@@ -282,5 +283,5 @@ def test_each_service_persists_its_own_noise_secret(tmp_path: Path) -> None:
             data = p.read_bytes()
             assert a_secret not in data and a_secret.hex().encode() not in data, p
     (a_dir / NOISE_FILE).chmod(0o644)
-    with pytest.raises(ServiceError, match="readable by group/others"):
+    with pytest.raises(SecretFileError, match="readable by group/others"):
         load_noise_secret(a_dir)

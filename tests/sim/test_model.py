@@ -13,6 +13,7 @@ from sim.model import (
     Vaccination,
     aggregate,
     behaviour,
+    day_weight,
     infectiousness,
     initial_state,
     make_agents,
@@ -111,7 +112,7 @@ def test_fused_csr_sum_equals_message_then_aggregate() -> None:
     q = dual.make(torch.rand(400, dtype=torch.float64), torch.rand(400, 3, dtype=torch.float64))
     expected = torch.zeros_like(q)
     for layer in pop.layers:
-        m = message(q[layer.src], layer.weight.double())
+        m = message(q[layer.src], day_weight(layer.weight.double(), 1.0))
         expected += aggregate(m, layer.dst, pop.n_agents)
     torch.testing.assert_close(sim.neighbourhood_sums(q, day=0), expected, rtol=1e-12, atol=0)
 
@@ -184,7 +185,9 @@ def _run_in_halves(
             scale = config.layer_scale(layer.name, day)
             for h in range(2):
                 sent = owner[layer.src] == h
-                m = message(qs[h][local[layer.src[sent]]], layer.weight[sent].double() * scale)
+                m = message(
+                    qs[h][local[layer.src[sent]]], day_weight(layer.weight[sent].double(), scale)
+                )
                 dst, src = layer.dst[sent], layer.src[sent]
                 for r in range(2):  # ... and delivered to the half that owns its receiver.
                     to_r = owner[dst] == r

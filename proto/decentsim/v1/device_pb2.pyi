@@ -64,7 +64,7 @@ class PhaseSchedule(_message.Message):
     def __init__(self, spec: _Optional[_Union[_common_pb2.PhaseSpec, _Mapping]] = ..., opens_unix_ms: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., fetch_deadline_unix_ms: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoundSchedule(_message.Message):
-    __slots__ = ("round_id", "day", "epoch", "days", "mode", "theta", "model", "rng_seed", "registration_deadline_unix_ms", "contact_window_start_unix_ms", "contact_window_end_unix_ms", "en_interval_number", "en_interval_count", "phases", "round_deadline_unix_ms", "spec_digest", "server_time_unix_ms", "step", "step_deadline_unix_ms", "version", "run_json", "committed_days")
+    __slots__ = ("round_id", "day", "epoch", "days", "mode", "theta", "model", "rng_seed", "registration_deadline_unix_ms", "contact_window_start_unix_ms", "contact_window_end_unix_ms", "en_interval_number", "en_interval_count", "phases", "round_deadline_unix_ms", "spec_digest", "server_time_unix_ms", "step", "step_deadline_unix_ms", "version", "run_json", "committed_days", "failure")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     DAY_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class RoundSchedule(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_JSON_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_DAYS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     day: int
     epoch: int
@@ -109,7 +110,8 @@ class RoundSchedule(_message.Message):
     version: int
     run_json: str
     committed_days: int
-    def __init__(self, round_id: _Optional[int] = ..., day: _Optional[int] = ..., epoch: _Optional[int] = ..., days: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.Mode, str]] = ..., theta: _Optional[_Union[_common_pb2.ModelParameters, _Mapping]] = ..., model: _Optional[str] = ..., rng_seed: _Optional[int] = ..., registration_deadline_unix_ms: _Optional[int] = ..., contact_window_start_unix_ms: _Optional[int] = ..., contact_window_end_unix_ms: _Optional[int] = ..., en_interval_number: _Optional[int] = ..., en_interval_count: _Optional[int] = ..., phases: _Optional[_Iterable[_Union[PhaseSchedule, _Mapping]]] = ..., round_deadline_unix_ms: _Optional[int] = ..., spec_digest: _Optional[bytes] = ..., server_time_unix_ms: _Optional[int] = ..., step: _Optional[str] = ..., step_deadline_unix_ms: _Optional[int] = ..., version: _Optional[int] = ..., run_json: _Optional[str] = ..., committed_days: _Optional[int] = ...) -> None: ...
+    failure: str
+    def __init__(self, round_id: _Optional[int] = ..., day: _Optional[int] = ..., epoch: _Optional[int] = ..., days: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.Mode, str]] = ..., theta: _Optional[_Union[_common_pb2.ModelParameters, _Mapping]] = ..., model: _Optional[str] = ..., rng_seed: _Optional[int] = ..., registration_deadline_unix_ms: _Optional[int] = ..., contact_window_start_unix_ms: _Optional[int] = ..., contact_window_end_unix_ms: _Optional[int] = ..., en_interval_number: _Optional[int] = ..., en_interval_count: _Optional[int] = ..., phases: _Optional[_Iterable[_Union[PhaseSchedule, _Mapping]]] = ..., round_deadline_unix_ms: _Optional[int] = ..., spec_digest: _Optional[bytes] = ..., server_time_unix_ms: _Optional[int] = ..., step: _Optional[str] = ..., step_deadline_unix_ms: _Optional[int] = ..., version: _Optional[int] = ..., run_json: _Optional[str] = ..., committed_days: _Optional[int] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class SlotRegistration(_message.Message):
     __slots__ = ("device", "slot_count", "payload")
@@ -284,3 +286,21 @@ class HeartbeatResponse(_message.Message):
     unknown_devices: _containers.RepeatedCompositeFieldContainer[_common_pb2.DeviceId]
     draining: bool
     def __init__(self, server_time_unix_ms: _Optional[int] = ..., current: _Optional[_Union[_common_pb2.RoundRef, _Mapping]] = ..., phase_deadline_unix_ms: _Optional[int] = ..., next_heartbeat_ms: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., unknown_devices: _Optional[_Iterable[_Union[_common_pb2.DeviceId, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class ReportFailureRequest(_message.Message):
+    __slots__ = ("round_id", "step", "reason", "detail")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    step: str
+    reason: str
+    detail: str
+    def __init__(self, round_id: _Optional[int] = ..., step: _Optional[str] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ReportFailureResponse(_message.Message):
+    __slots__ = ("current",)
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    current: bool
+    def __init__(self, current: _Optional[bool] = ...) -> None: ...

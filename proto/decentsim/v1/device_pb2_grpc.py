@@ -75,6 +75,11 @@ class DeviceGatewayStub:
                 request_serializer=proto_dot_decentsim_dot_v1_dot_device__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=proto_dot_decentsim_dot_v1_dot_device__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/decentsim.v1.DeviceGateway/ReportFailure',
+                request_serializer=proto_dot_decentsim_dot_v1_dot_device__pb2.ReportFailureRequest.SerializeToString,
+                response_deserializer=proto_dot_decentsim_dot_v1_dot_device__pb2.ReportFailureResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceGatewayServicer:
@@ -137,6 +142,14 @@ class DeviceGatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFailure(self, request, context):
+        """The devices cannot complete a step (their fetch was refused, or a reply failed
+        authentication): the coordinator voids the round's attempt and runs the day again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceGatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +192,11 @@ def add_DeviceGatewayServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=proto_dot_decentsim_dot_v1_dot_device__pb2.HeartbeatRequest.FromString,
                     response_serializer=proto_dot_decentsim_dot_v1_dot_device__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=proto_dot_decentsim_dot_v1_dot_device__pb2.ReportFailureRequest.FromString,
+                    response_serializer=proto_dot_decentsim_dot_v1_dot_device__pb2.ReportFailureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +416,33 @@ class DeviceGateway:
             '/decentsim.v1.DeviceGateway/Heartbeat',
             proto_dot_decentsim_dot_v1_dot_device__pb2.HeartbeatRequest.SerializeToString,
             proto_dot_decentsim_dot_v1_dot_device__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/decentsim.v1.DeviceGateway/ReportFailure',
+            proto_dot_decentsim_dot_v1_dot_device__pb2.ReportFailureRequest.SerializeToString,
+            proto_dot_decentsim_dot_v1_dot_device__pb2.ReportFailureResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols.ble import bench, gaen
+from bench import ble as bench
+from protocols.ble import gaen
 from protocols.ble.errors import CryptoInputError, RadioInputError
 from protocols.ble.mapping import (
     sightings_from_contacts,

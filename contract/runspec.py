@@ -1,0 +1,206 @@
+"""The public description of a federated run, shared by the coordinator and the devices.
+
+A :class:`RunSpec` is what every party may know: population label, seed, days, θ, model
+options, posting mode, radio, timing. It is persisted by the coordinator (so a restarted
+coordinator resumes the same run) and published to devices in every ``RoundSchedule``
+(``run_json``). It carries nothing about an individual.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from contract.schedule import observations_dp
+from protocols.secure_sum.dp import DPError
+from sim.calibration import ObservedSeries, series_loss
+from sim.model import Lockdown, ModelConfig, ModelConfigError, Vaccination
+from sim.params import PARAM_NAMES, Theta
+from sim.runner import total_infections
+from sim.sampling import Estimator
+
+if TYPE_CHECKING:
+    from protocols.secure_sum.dp import DPConfig
+
+MODES = ("mailbox", "shuffled", "plaintext")
+RADIOS = ("ideal", "simulated")
+#: the fields of ``RunSpec.dp``
+DP_FIELDS = ("sigma", "delta", "l2_sensitivity")
+
+
+class RunSpecError(ValueError):
+    """A run description is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One federated run: days × epochs rounds under public settings.
+
+    Attributes:
+        population: how devices load their agents (``synthetic:N`` or a directory path).
+        days, seed: length of one epoch and the seed of every counter-based draw.
+        mode: secure-sum posting mode (``mailbox``, ``shuffled``, ``plaintext``).
+        theta: initial θ by name.
+        epochs: calibration epochs (1 = a plain run); θ steps between epochs.
+        lr: step size of the θ update on log θ (Adam, ``sim.calibration.ThetaOptimizer``).
+        fit: the parameters the θ steps fit; the others stay exactly at ``theta``.
+        target: observed weekly counts (the coordinator's loss), or ``None``: loss = total
+            new infections, exactly as ``decentsim simulate``.
+        items_per_device: the public per-device budget of the messages phase: a participant
+            hosting m devices posts exactly ``m × items_per_device`` items.
+        advertising_intervals: 10-minute beacon intervals each device advertises per day.
+        radio: ``ideal`` (equivalence) or ``simulated`` (path loss, noise, duty cycle).
+        pools: participants (enrolled credentials) the coordinator waits for before day 0.
+        step_timeout_s: deadline of each step of a round; late participants drop out of it.
+        lockdowns, vaccinations: ``LAYER:DAY:SCALE`` / ``DAY:FRACTION[:EFFICACY]`` strings.
+        estimator, population_seeds: as the ``simulate`` options of the same names.
+        min_cohort: a pseudonym slot whose agreed summands (padding dummies included) number
+            fewer than this is released as zeros by both servers (0: off); see docs/audit.md.
+        dp: differential privacy of the daily aggregates, ``{"sigma": σ, "delta": δ,
+            "l2_sensitivity": Δ}`` in real units of the observation vector, or ``None`` (exact
+            aggregates). Both servers add discrete Gaussian noise (σ in total) to every opened
+            ``global/day/<d>``; the aggregator's operator must configure the same values. The
+            decentralized = central equivalence does not hold with it on (by design); see
+            ``protocols/secure_sum/LEAKAGE.md``.
+    """
+
+    population: str
+    days: int
+    seed: int = 0
+    mode: str = "mailbox"
+    theta: dict[str, float] = field(default_factory=lambda: asdict(Theta()))
+    epochs: int = 1
+    lr: float = 0.1
+    fit: tuple[str, ...] = ("beta", "init_frac")
+    target: list[float] | None = None
+    target_period_days: int = 7
+    items_per_device: int = 32
+    advertising_intervals: int = 1
+    radio: str = "ideal"
+    pools: int = 1
+    step_timeout_s: float = 60.0
+    lockdowns: tuple[str, ...] = ()
+    vaccinations: tuple[str, ...] = ()
+    estimator: str = "st"
+    population_seeds: bool = False
+    min_cohort: int = 0
+    dp: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.days >= 1, f"days must be >= 1, got {self.days}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
+            (self.radio in RADIOS, f"radio must be one of {RADIOS}, got {self.radio!r}"),
+            (self.pools >= 1, f"pools must be >= 1, got {self.pools}"),
+            (self.items_per_device >= 1, "items_per_device must be >= 1"),
+            (1 <= self.advertising_intervals <= 144, "advertising_intervals must be in 1..144"),
+            (
+                math.isfinite(self.step_timeout_s) and self.step_timeout_s > 0,
+                f"step_timeout_s must be > 0, got {self.step_timeout_s}",
+            ),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (set(self.theta) == set(PARAM_NAMES), f"theta must name exactly {PARAM_NAMES}"),
+            (self.target_period_days >= 1, "target_period_days must be >= 1"),
+            (self.min_cohort >= 0, f"min_cohort must be >= 0, got {self.min_cohort}"),
+            (
+                bool(self.fit) and set(self.fit) <= set(PARAM_NAMES),
+                f"fit must name some of {PARAM_NAMES}, got {list(self.fit)}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RunSpecError(f"run spec: {message}")
+        if self.target is not None and len(self.target) * self.target_period_days > self.days:
+            raise RunSpecError(
+                f"run spec: target covers {len(self.target) * self.target_period_days} days, "
+                f"more than days={self.days}"
+            )
+        self.theta_object()
+        self.model_config()
+        self.dp_config()
+
+    def theta_object(self) -> Theta:
+        """θ as a validated ``Theta`` (raises ``ParameterError`` naming a bad value)."""
+        return Theta(**{k: float(v) for k, v in self.theta.items()})
+
+    def model_config(self) -> ModelConfig:
+        """The model settings of the run (the same ``ModelConfig`` ``decentsim simulate`` builds
+        from the same options)."""
+        try:
+            locks = tuple(
+                Lockdown(p[0], int(p[1]), float(p[2]))
+                for p in (s.split(":") for s in self.lockdowns)
+            )
+            vacs = tuple(
+                Vaccination(int(p[0]), float(p[1]), *(float(x) for x in p[2:]))
+                for p in (s.split(":") for s in self.vaccinations)
+            )
+        except (ValueError, IndexError) as e:
+            raise RunSpecError(f"run spec: bad intervention: {e}") from None
+        try:
+            return ModelConfig(
+                lockdowns=locks,
+                vaccinations=vacs,
+                estimator=Estimator(self.estimator),
+                use_population_seeds=self.population_seeds,
+            )
+        except (ModelConfigError, ValueError) as e:
+            raise RunSpecError(f"run spec: {e}") from None
+
+    def loss_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The run's loss on (T, 2, G) aggregates: the target's, else total new infections
+        (exactly what ``decentsim simulate --grad`` reports)."""
+        if self.target is None:
+            return total_infections
+        target = ObservedSeries(
+            torch.tensor(self.target, dtype=torch.float64), self.target_period_days
+        )
+        return series_loss(target)
+
+    def dp_config(self) -> DPConfig | None:
+        """The observations phase's ``DPConfig`` (``None`` without DP).
+
+        Raises:
+            RunSpecError: ``dp`` lacks or adds a field, or a value is invalid (named).
+        """
+        if self.dp is None:
+            return None
+
+        if not isinstance(self.dp, dict) or set(self.dp) != set(DP_FIELDS):
+            got = sorted(self.dp) if isinstance(self.dp, dict) else type(self.dp).__name__
+            raise RunSpecError(f"run spec: dp must have exactly the fields {DP_FIELDS}, got {got}")
+        try:
+            return observations_dp(**self.dp)
+        except DPError as e:
+            raise RunSpecError(f"run spec: dp.{e}") from None
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "run spec") -> RunSpec:
+        """Parse :meth:`to_json` output; errors name ``source`` and the bad field."""
+        try:
+            raw: dict[str, Any] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RunSpecError(f"{source}: not JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise RunSpecError(f"{source}: expected a JSON object")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise RunSpecError(f"{source}: unknown field(s) {unknown}")
+        for name in ("lockdowns", "vaccinations", "fit"):
+            if name in raw:
+                raw[name] = tuple(raw[name])
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise RunSpecError(f"{source}: {e}") from None

@@ -1,0 +1,1 @@
+"""Durable state: SQLite in WAL mode with numbered migrations (:mod:`storage.sqlite`)."""

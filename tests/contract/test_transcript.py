@@ -1,0 +1,100 @@
+"""The sealed transcript: round trip, and every way a record can be tampered with is refused."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from contract.transcript import (
+    MAGIC,
+    TranscriptError,
+    TranscriptWriter,
+    create_auditor_keys,
+    load_auditor_keypair,
+    load_auditor_public,
+    read_transcript,
+)
+from protocols.secure_sum.messages import DirectoryRequest
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    return create_auditor_keys(tmp_path / "audit")
+
+
+def _write(path: Path, pub: Path, payloads: list[bytes]) -> None:
+    w = TranscriptWriter(path, "coordinator", load_auditor_public(pub))
+    for i, p in enumerate(payloads):
+        w.record("in" if i % 2 == 0 else "out", "neighbourhood", "ab" * 16, p)
+    w.close()
+
+
+def test_round_trip_and_continuation(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    priv, pub = keys
+    assert priv.stat().st_mode & 0o777 == 0o600
+    path = tmp_path / "c.transcript"
+    msg = DirectoryRequest(42).to_bytes()
+    _write(path, pub, [msg, b"raw bytes"])
+    _write(path, pub, [b"after restart"])  # a restarted server continues the sequence
+    role, recs = read_transcript(path, load_auditor_keypair(priv))
+    assert role == "coordinator"
+    assert [r.seq for r in recs] == [0, 1, 2]
+    assert [r.payload for r in recs] == [msg, b"raw bytes", b"after restart"]
+    assert (recs[0].kind, recs[0].round_id, recs[0].direction) == ("DirectoryRequest", 42, "in")
+    assert (recs[1].kind, recs[1].direction, recs[1].peer) == ("?", "out", "ab" * 16)
+    # the server cannot read its own transcript: the payload is not in the file
+    assert b"raw bytes" not in path.read_bytes()
+
+
+def test_tampering_reordering_and_wrong_key_are_refused(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    priv, pub = keys
+    path = tmp_path / "c.transcript"
+    _write(path, pub, [b"first", b"second"])
+    data = path.read_bytes()
+    kp = load_auditor_keypair(priv)
+    flipped = bytearray(data)
+    flipped[-1] ^= 1
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(TranscriptError, match="record 1 does not open"):
+        read_transcript(path, kp)
+    # swap the two records: the sequence numbers bound as AAD no longer match
+    head = len(MAGIC) + 2 + len(b"coordinator") + 32
+    (n0,) = struct.unpack_from(">I", data, head)
+    first, second = data[head : head + 4 + n0], data[head + 4 + n0 :]
+    path.write_bytes(data[:head] + second + first)
+    with pytest.raises(TranscriptError, match="record 0 does not open"):
+        read_transcript(path, kp)
+    other_priv, _ = create_auditor_keys(tmp_path / "other")
+    path.write_bytes(data)
+    with pytest.raises(TranscriptError, match="sealed to another auditor key"):
+        read_transcript(path, load_auditor_keypair(other_priv))
+    # a record cut short by a crash is dropped when the server reopens the file
+    path.write_bytes(data[:-5])
+    _write(path, pub, [b"third"])
+    assert [r.payload for r in read_transcript(path, kp)[1]] == [b"first", b"third"]
+
+
+def test_bad_key_files_are_named(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    priv, pub = keys
+    priv.chmod(0o644)
+    with pytest.raises(TranscriptError, match="readable by group/others"):
+        load_auditor_keypair(priv)
+    bad = tmp_path / "bad.pub"
+    bad.write_text("zz")
+    with pytest.raises(TranscriptError, match=r"bad\.pub: auditor public key is not hex"):
+        load_auditor_public(bad)
+    bad.write_text("00" * 16)
+    with pytest.raises(TranscriptError, match="must be 32 bytes, got 16"):
+        load_auditor_public(bad)
+    with pytest.raises(TranscriptError, match="direction must be one of"):
+        TranscriptWriter(tmp_path / "t", "aggregator", load_auditor_public(pub)).record(
+            "sideways", "", "", b""
+        )
+    w = TranscriptWriter(tmp_path / "x.transcript", "aggregator", load_auditor_public(pub))
+    w.close()
+    with pytest.raises(TranscriptError, match="transcript of role 'aggregator' for another"):
+        TranscriptWriter(tmp_path / "x.transcript", "coordinator", load_auditor_public(pub))
