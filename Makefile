@@ -34,9 +34,12 @@ demo: install
 test: install
 	$(PY) -m pytest -n 2 --dist loadgroup -q
 
+# ruff, the layering contracts of pyproject.toml ([tool.importlinter]; tests/test_architecture.py
+# shows they fail on a planted upward import or cycle) and the proto drift check.
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m proto.generate --check
 
 # Regenerate proto/decentsim/v1/*_pb2*.py from the .proto sources (committed; a test checks drift).

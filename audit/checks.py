@@ -1019,7 +1019,7 @@ def check_dp(inp: AuditInput) -> CheckResult:
     configures the observations phase; one release = one opened ``global/day/<d>``. Releases
     are counted from the coordinator's transcript (every ``AggregateRequest`` it sent, retries
     and aborted attempts included: an over-count only weakens the stated ε), or else as
-    days × epochs. The guarantee comes from ``dp.privacy_report`` (both adversaries, both
+    days × epochs. The guarantee comes from ``accountant.privacy_report`` (both adversaries, both
     accountants). The fidelity cost is the configured σ (the expected RMS error per coordinate)
     and, with ground truth, the observed error of the opened aggregates against the
     participants' own totals (plus, with ``--baseline``, :func:`add_dp_fidelity`). Fails if
@@ -1035,6 +1035,7 @@ def check_dp(inp: AuditInput) -> CheckResult:
             "the run did not add differential-privacy noise (aggregates are exact)",
         )
     from protocols.secure_sum import dp
+    from protocols.secure_sum.accountant import privacy_report
 
     try:
         config = dp_config_of(dp_conf)
@@ -1045,7 +1046,7 @@ def check_dp(inp: AuditInput) -> CheckResult:
     releases = sum(
         1 for e in inp.servers["coordinator"].records if e.kind == "AggregateRequest"
     ) or int(inp.config.get("days", 1)) * int(inp.config.get("epochs", 1))
-    report = dp.privacy_report(config, releases)
+    report = privacy_report(config, releases)
     table = [["quantity", "value"]] + [
         [k, f"{v:.6g}" if isinstance(v, float) else str(v)] for k, v in report.items()
     ]

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from launcher.federation import federated_run, make_spec
+from launcher.federation import make_spec
+from launcher.run import federated_run
 from sim.populations import from_spec
 from sim.runner import CentralSimulator
 

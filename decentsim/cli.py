@@ -4,7 +4,8 @@ Each subcommand lives beside the code it drives, as a module exposing
 ``add_arguments(parser)`` and ``run(args) -> int`` (or, for ``module:name``, the functions
 ``add_<name>_arguments`` and ``run_<name>``); this file only wires them together.
 Benchmarks (``decentsim bench NAME``) expose ``add_arguments(parser)`` and
-``run(args) -> dict`` and print that dict as one JSON line.
+``run(args) -> dict`` and print that dict as one JSON line. Problems are one line on stderr
+(:mod:`decentsim.usage`): bad input exits 2, a failed run exits 1.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import sys
 
+from decentsim.usage import FAILED, USAGE, CommandFailed, Parser, UsageError, fail
 from sim.allocator import keep_freed_memory
 
 #: subcommand -> module path
@@ -46,7 +48,7 @@ def _entry(module: str) -> tuple[object, str]:
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser; only the module of the chosen subcommand is imported (start-up stays fast)."""
-    parser = argparse.ArgumentParser(prog="decentsim", description=__doc__.splitlines()[0])
+    parser = Parser(prog="decentsim", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = [a for a in argv if not a.startswith("-")][:2]
 
@@ -81,10 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     module, name = _entry(args._module)
     run = getattr(module, f"run_{name}" if name else "run")
-    if args._kind == "bench":
-        print(json.dumps(run(args)), flush=True)
-        return 0
-    return int(run(args))
+    prog = " ".join(["decentsim", *(a for a in (args.command, getattr(args, "bench", None)) if a)])
+    try:
+        if args._kind == "bench":
+            print(json.dumps(run(args)), flush=True)
+            return 0
+        return int(run(args))
+    except UsageError as e:
+        return fail(prog, e, USAGE)
+    except CommandFailed as e:
+        return fail(prog, e, FAILED)
 
 
 if __name__ == "__main__":

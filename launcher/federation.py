@@ -467,40 +467,6 @@ def _plot(y: np.ndarray, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def federated_run(
-    spec: RunSpec,
-    out: Path,
-    population_seed: int = 0,
-    progress: bool = False,
-    timeout_s: float = 3600.0,
-    transport: str = "grpc",
-) -> dict[str, Any]:
-    """Run a whole simulated federation; returns the summary (also written into ``out``).
-
-    ``transport="grpc"``: every party is a process on loopback (TLS). ``"flower"``: the pools
-    are virtual nodes of Flower's simulation engine driven by a ServerApp hosting the
-    coordinator (``coordinator.flower_server``); the aggregator is a process either way.
-    """
-    state = out / "state"
-    if state.exists():
-        shutil.rmtree(state)
-    fed = Federation(state, spec, population_seed)
-    start = time.perf_counter()
-    try:
-        if transport == "flower":
-            from launcher.flower import simulate_federation
-
-            simulate_federation(fed, progress=progress)
-        else:
-            fed.start()
-            fed.wait(timeout_s=timeout_s, progress=progress)
-        wall = time.perf_counter() - start
-        results = fed.results()
-    finally:
-        fed.stop()
-    return write_outputs(out, fed, results, wall)
-
-
 def dp_flags(spec: RunSpec) -> list[str]:
     """``aggregator serve`` flags of the run's DP settings (A's operator sets the same)."""
     if spec.dp is None:

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from audit.checks import add_dp_fidelity, add_fidelity, run_checks
+from audit.load import load_run
 from audit.report import write_report
-from audit.views import AuditInputError, load_run
+from audit.views import AuditInputError
 from contract.transcript import TranscriptError
 
 

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from contract.runspec import RunSpec, RunSpecError
-from launcher.federation import FederationError, federated_run, make_spec
+from launcher.federation import FederationError, make_spec
+from launcher.run import federated_run
 from sim.calibration import TargetFileError, load_target
 from sim.params import ParameterError, Theta
 from sim.populations import PopulationError

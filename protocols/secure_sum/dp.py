@@ -54,7 +54,6 @@ import enum
 import math
 import os
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,21 +126,21 @@ class Accountant(enum.Enum):
     GAUSSIAN_PLD = "gaussian-pld"
 
 
-def _check_positive_finite(field: str, value: float) -> None:
+def check_positive_finite(field: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DPConfigError(field, f"must be a real number, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise DPConfigError(field, f"must be finite and > 0, got {value!r}")
 
 
-def _check_int(field: str, value: int, least: int) -> None:
+def check_int(field: str, value: int, least: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise DPConfigError(field, f"must be an integer, got {type(value).__name__}")
     if value < least:
         raise DPConfigError(field, f"must be >= {least}, got {value}")
 
 
-def _check_delta(delta: float) -> None:
+def check_delta(delta: float) -> None:
     if isinstance(delta, bool) or not isinstance(delta, (int, float)):
         raise DPConfigError("delta", f"must be a real number, got {type(delta).__name__}")
     if not 0.0 < delta < 1.0:
@@ -177,10 +176,10 @@ class DPConfig:
     split: NoiseSplit = NoiseSplit.HALF_VARIANCE
 
     def __post_init__(self) -> None:
-        _check_positive_finite("sigma", self.sigma)
-        _check_delta(self.delta)
-        _check_int("coordinates", self.coordinates, 1)
-        _check_int("frac_bits", self.frac_bits, 0)
+        check_positive_finite("sigma", self.sigma)
+        check_delta(self.delta)
+        check_int("coordinates", self.coordinates, 1)
+        check_int("frac_bits", self.frac_bits, 0)
         if self.frac_bits > 62:
             raise DPConfigError("frac_bits", f"must be <= 62, got {self.frac_bits}")
         if self.l2_sensitivity is None and self.linf_sensitivity is None:
@@ -188,9 +187,9 @@ class DPConfig:
                 "l2_sensitivity", "give l2_sensitivity or linf_sensitivity (or both)"
             )
         if self.l2_sensitivity is not None:
-            _check_positive_finite("l2_sensitivity", self.l2_sensitivity)
+            check_positive_finite("l2_sensitivity", self.l2_sensitivity)
         if self.linf_sensitivity is not None:
-            _check_positive_finite("linf_sensitivity", self.linf_sensitivity)
+            check_positive_finite("linf_sensitivity", self.linf_sensitivity)
         if not isinstance(self.split, NoiseSplit):
             raise DPConfigError("split", f"must be a NoiseSplit, got {self.split!r}")
         s = self.sigma_server_ring
@@ -216,8 +215,8 @@ class DPConfig:
         split: NoiseSplit = NoiseSplit.HALF_VARIANCE,
     ) -> DPConfig:
         """A config for an aggregate phase of ``n_slots`` slots of ``dim`` coordinates."""
-        _check_int("n_slots", n_slots, 1)
-        _check_int("dim", dim, 1)
+        check_int("n_slots", n_slots, 1)
+        check_int("dim", dim, 1)
         return cls(
             sigma=sigma,
             delta=delta,
@@ -313,7 +312,7 @@ class NoiseRng:
 
     def words(self, n: int) -> npt.NDArray[np.uint64]:
         """``n`` uniform 64-bit words."""
-        _check_int("n", n, 0)
+        check_int("n", n, 0)
         stream = self._encryptor.update(bytes(8 * n))
         return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
 
@@ -329,7 +328,7 @@ class NoiseRng:
 
 
 def _check_sigma_ring(sigma: float) -> None:
-    _check_positive_finite("sigma", sigma)
+    check_positive_finite("sigma", sigma)
     if sigma > MAX_SIGMA_SERVER_RING:
         raise DPConfigError("sigma", f"must be <= 2^46 ring units, got {sigma!r}")
 
@@ -383,7 +382,7 @@ def sample_discrete_gaussian(sigma: float, n: int, rng: NoiseRng) -> npt.NDArray
         DPConfigError: ``sigma`` is not in ``(0, 2^46]`` or ``n`` is negative.
     """
     _check_sigma_ring(sigma)
-    _check_int("n", n, 0)
+    check_int("n", n, 0)
     t = math.floor(sigma) + 1
     var2 = 2.0 * sigma * sigma
     shift = sigma * sigma / t
@@ -501,190 +500,6 @@ def check_noisy_sum(
             "a contribution exceeded max_abs or the sum wrapped around 2^64"
         )
     return r
-
-
-# -- accounting ------------------------------------------------------------------------------
-
-
-def _parties(adversary: Adversary) -> int:
-    if not isinstance(adversary, Adversary):
-        raise DPConfigError("adversary", f"must be an Adversary, got {adversary!r}")
-    return N_SERVERS if adversary is Adversary.PUBLIC else 1
-
-
-def _tau(sigma_server_ring: float, parties: int) -> float:
-    """KLS21's τ: how far a sum of ``parties`` discrete Gaussians is from a discrete Gaussian."""
-    ks = np.arange(1, parties, dtype=np.float64)
-    s2 = sigma_server_ring * sigma_server_ring
-    return float(10.0 * np.exp(-2.0 * math.pi**2 * s2 * ks / (ks + 1.0)).sum())
-
-
-def zcdp_rho(config: DPConfig, adversary: Adversary = Adversary.PUBLIC) -> float:
-    """ρ of one release: it is ρ-zCDP against ``adversary`` (KLS21 Prop. 14 / CKS20)."""
-    n = _parties(adversary)
-    s = config.sigma_server_ring
-    a = config.sensitivity_ring / (math.sqrt(n) * s)
-    return 0.5 * (a + math.sqrt(config.coordinates) * _tau(s, n)) ** 2
-
-
-def noise_multiplier(config: DPConfig, adversary: Adversary = Adversary.PUBLIC) -> float:
-    """σ of the noise ``adversary`` faces divided by the sensitivity (ring units both)."""
-    n = _parties(adversary)
-    return math.sqrt(n) * config.sigma_server_ring / config.sensitivity_ring
-
-
-def _check_schedule(schedule: Sequence[tuple[DPConfig, int]]) -> None:
-    if not schedule:
-        raise DPConfigError("schedule", "needs at least one (config, releases) pair")
-    for cfg, k in schedule:
-        if not isinstance(cfg, DPConfig):
-            raise DPConfigError("schedule", f"expected DPConfig, got {type(cfg).__name__}")
-        _check_int("releases", k, 0)
-
-
-def epsilon_of(
-    schedule: Sequence[tuple[DPConfig, int]],
-    delta: float,
-    *,
-    adversary: Adversary = Adversary.PUBLIC,
-    accountant: Accountant = Accountant.DISCRETE_RDP,
-) -> float:
-    """ε at ``delta`` of a run composing ``releases`` releases of each config.
-
-    E.g. ``[(observations, days), (gradients, epochs)]``: every release is one opened
-    aggregate phase, and a device contributes to each.
-    """
-    # dp-accounting (scipy, absl, attrs) is imported here: the noise path must not need it
-    import dp_accounting as dpa
-    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
-    from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
-
-    _check_schedule(schedule)
-    _check_delta(delta)
-    _parties(adversary)
-    # zero releases compose to nothing (and the PLD accountant divides by the count)
-    used = [(cfg, k) for cfg, k in schedule if k > 0]
-    events: list[dpa.DpEvent] = []
-    if accountant is Accountant.DISCRETE_RDP:
-        acc: dpa.PrivacyAccountant = RdpAccountant()
-        for cfg, k in used:
-            events.append(dpa.SelfComposedDpEvent(dpa.ZCDpEvent(zcdp_rho(cfg, adversary)), k))
-    elif accountant is Accountant.GAUSSIAN_PLD:
-        acc = PLDAccountant()
-        for cfg, k in used:
-            event = dpa.GaussianDpEvent(noise_multiplier(cfg, adversary))
-            events.append(dpa.SelfComposedDpEvent(event, k))
-    else:
-        raise DPConfigError("accountant", f"must be an Accountant, got {accountant!r}")
-    acc.compose(dpa.ComposedDpEvent(events))
-    return float(acc.get_epsilon(delta))
-
-
-def epsilon(
-    config: DPConfig,
-    releases: int,
-    *,
-    adversary: Adversary = Adversary.PUBLIC,
-    accountant: Accountant = Accountant.DISCRETE_RDP,
-) -> float:
-    """ε at ``config.delta`` after ``releases`` releases under ``config``."""
-    return epsilon_of(
-        [(config, releases)], config.delta, adversary=adversary, accountant=accountant
-    )
-
-
-def sigma_for(
-    target_epsilon: float,
-    delta: float,
-    releases: int,
-    sensitivity: float,
-    *,
-    coordinates: int = 1,
-    frac_bits: int = 24,
-    split: NoiseSplit = NoiseSplit.HALF_VARIANCE,
-    adversary: Adversary = Adversary.PUBLIC,
-    accountant: Accountant = Accountant.DISCRETE_RDP,
-    rel_tol: float = 1e-6,
-) -> float:
-    """The smallest ``DPConfig.sigma`` (real units) giving at most ``target_epsilon``.
-
-    ``sensitivity`` is the L2 bound (real units); the other arguments are those of the
-    :class:`DPConfig` and :func:`epsilon`. Brent's method on ``log σ``, then the returned σ is
-    checked to meet the target (within ``rel_tol`` of the exact root, never below it).
-
-    Raises:
-        DPConfigError: a bad argument, or the target needs σ outside the supported range.
-    """
-    from scipy.optimize import brentq
-
-    _check_positive_finite("target_epsilon", target_epsilon)
-    _check_int("releases", releases, 1)
-    _check_positive_finite("rel_tol", rel_tol)
-    _check_delta(delta)
-    _check_positive_finite("sensitivity", sensitivity)
-    _check_int("coordinates", coordinates, 1)
-    _check_int("frac_bits", frac_bits, 0)
-    if not isinstance(split, NoiseSplit):
-        raise DPConfigError("split", f"must be a NoiseSplit, got {split!r}")
-
-    def make(sigma: float) -> DPConfig:
-        return DPConfig(
-            sigma=sigma,
-            delta=delta,
-            coordinates=coordinates,
-            frac_bits=frac_bits,
-            l2_sensitivity=sensitivity,
-            split=split,
-        )
-
-    def gap(log_sigma: float) -> float:
-        cfg = make(math.exp(log_sigma))
-        return epsilon(cfg, releases, adversary=adversary, accountant=accountant) - target_epsilon
-
-    # the σ range DPConfig accepts (its per-server part in [1, 2^46] ring units)
-    per_server = 1.0 if split is NoiseSplit.FULL_VARIANCE else math.sqrt(2.0)
-    # (pulled in by 1e-9 so float rounding cannot push the per-server σ out of it)
-    sigma_min = MIN_SIGMA_SERVER_RING * per_server / float(1 << frac_bits) * (1 + 1e-9)
-    sigma_max = MAX_SIGMA_SERVER_RING * per_server / float(1 << frac_bits) * (1 - 1e-9)
-    # the classic Gaussian bound is a good first guess; bracket by doubling from it
-    guess = sensitivity * math.sqrt(2.0 * math.log(1.25 / delta) * releases) / target_epsilon
-    lo = hi = min(max(guess, sigma_min), sigma_max)
-    while gap(math.log(hi)) > 0:
-        if hi >= sigma_max:
-            raise DPConfigError(
-                "target_epsilon", f"{target_epsilon!r} needs sigma above the supported maximum"
-            )
-        lo, hi = hi, min(2.0 * hi, sigma_max)
-    while lo == hi or gap(math.log(lo)) <= 0:
-        if lo <= sigma_min:
-            return sigma_min  # even the least supported noise meets the target
-        hi, lo = lo, max(0.5 * lo, sigma_min)
-    root = math.exp(brentq(gap, math.log(lo), math.log(hi), xtol=rel_tol / 4))
-    sigma = min(root * (1.0 + rel_tol / 2), hi)
-    while gap(math.log(sigma)) > 0:  # brentq's answer may sit just below the root
-        sigma = min(sigma * (1.0 + rel_tol / 2), hi)
-    return sigma
-
-
-def privacy_report(config: DPConfig, releases: int) -> dict[str, float | int | str]:
-    """(ε, δ) of ``releases`` releases for both adversaries and both accountants, plus the
-    noise and sensitivity figures an audit report states."""
-    report: dict[str, float | int | str] = {
-        "mechanism": "distributed discrete Gaussian (2 servers)",
-        "split": config.split.value,
-        "releases": releases,
-        "delta": config.delta,
-        "sigma_total": config.sigma_total,
-        "sigma_server": config.sigma_server,
-        "sigma_server_ring": config.sigma_server_ring,
-        "sensitivity_ring": config.sensitivity_ring,
-        "coordinates": config.coordinates,
-    }
-    for adv in Adversary:
-        for acc in Accountant:
-            key = f"epsilon_{adv.value}_{acc.value.replace('-', '_')}"
-            report[key] = epsilon(config, releases, adversary=adv, accountant=acc)
-    return report
 
 
 # -- fidelity --------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import pytest
 
 from contract.runspec import RunSpec
 from decentsim.commands import audit as cli
-from launcher.federation import federated_run, items_budget
+from launcher.federation import items_budget
+from launcher.run import federated_run
 from sim.populations import from_spec
 
 POPULATION = "synthetic:300"

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 
 from audit.checks import Status, check_dp
-from audit.views import AuditInput, TrueItem, Truth, load_run
+from audit.load import load_run
+from audit.views import AuditInput, TrueItem, Truth
 from contract.schedule import observations_dim
 from decentsim.commands import audit as cli
 from decentsim.commands.federated import add_federated_arguments, run_spec_from_args
-from launcher.federation import federated_run
+from launcher.run import federated_run
 
 POPULATION = "synthetic:300"
 SIGMA = 0.5

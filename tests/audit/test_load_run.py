@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from audit.views import AuditInputError, load_run
+from audit.load import load_run
+from audit.views import AuditInputError
 from contract.runspec import RunSpec
 from contract.transcript import create_auditor_keys
 from decentsim.commands import audit as cli

@@ -42,7 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from audit.truth import bytes_needles, distinctive, float_needles
 from contract.runspec import RunSpec
 from device_agent.store import PoolStore, state_from_bytes
-from launcher.federation import Federation, federated_run, items_budget
+from launcher.federation import Federation, items_budget
+from launcher.run import federated_run
 from proto.decentsim.v1 import device_pb2 as pb
 from sim import dual
 from sim.model import OBSERVATIONS

@@ -17,7 +17,8 @@ import pytest
 
 from contract.runspec import RunSpec
 from device_agent.store import PoolStore
-from launcher.federation import Federation, federated_run, items_budget
+from launcher.federation import Federation, items_budget
+from launcher.run import federated_run
 from proto.decentsim.v1 import common_pb2
 from proto.decentsim.v1 import device_pb2 as pb
 from sim.model import OBSERVATIONS

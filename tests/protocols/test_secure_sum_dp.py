@@ -15,6 +15,7 @@ import pytest
 from scipy import optimize, stats
 
 from protocols.secure_sum import FixedPointCodec, OverflowBoundError, SecureSumError, WrongLength
+from protocols.secure_sum.accountant import epsilon, epsilon_of, privacy_report, sigma_for, zcdp_rho
 from protocols.secure_sum.accumulator import group_sum
 from protocols.secure_sum.dp import (
     Accountant,
@@ -27,17 +28,12 @@ from protocols.secure_sum.dp import (
     add_noise,
     check_headroom,
     check_noisy_sum,
-    epsilon,
-    epsilon_of,
     fidelity_cost,
     noise_bound,
     noisy_share_sums,
-    privacy_report,
     proposal_bound,
     sample_discrete_gaussian,
     server_noise,
-    sigma_for,
-    zcdp_rho,
 )
 from protocols.secure_sum.sharing import expand_seeds, split_rows
 
