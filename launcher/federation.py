@@ -153,7 +153,8 @@ class Federation:
         #: the auditor's key pair (the launcher's; servers get only the public key)
         self.audit_dir = root.parent / "audit"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._env = _free_env()
+        #: the environment of every process it starts
+        self.env = _free_env()
         self._tokens: list[str] = []
 
     # -- processes ----------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class Federation:
             args = [*args, "--insecure"]
         with (log_dir / "stderr.log").open("ab") as err:
             self.procs[name] = subprocess.Popen(
-                self._cli(*args), stdout=subprocess.DEVNULL, stderr=err, env=self._env
+                self._cli(*args), stdout=subprocess.DEVNULL, stderr=err, env=self.env
             )
 
     def _port(self, state_dir: Path, name: str, timeout_s: float = 60.0) -> list[int]:
@@ -190,7 +191,7 @@ class Federation:
         return path.read_text(errors="replace")[-600:] if path.exists() else ""
 
     def _run_cli(self, *args: str) -> None:
-        done = subprocess.run(self._cli(*args), env=self._env, capture_output=True, check=False)
+        done = subprocess.run(self._cli(*args), env=self.env, capture_output=True, check=False)
         if done.returncode != 0:
             raise FederationError(
                 f"decentsim {' '.join(args[:2])} failed: {done.stderr.decode()[-600:]}"
@@ -198,6 +199,12 @@ class Federation:
 
     def start(self) -> None:
         """Create identities, mint tokens and start every process."""
+        self.start_servers()
+        for i in range(self.spec.pools):
+            self.start_pool(i)
+
+    def start_servers(self) -> None:
+        """Create identities, mint one enrolment token per pool, start both servers."""
         self.prepare()
         token_file = self.c_dir / "tokens.txt"
         self._run_cli(
@@ -207,8 +214,6 @@ class Federation:
         self._tokens = token_file.read_text().split()
         self.start_aggregator()
         self.start_coordinator()
-        for i in range(self.spec.pools):
-            self.start_pool(i)
 
     def prepare(self) -> None:
         """Both servers' identities, the simulated world's beacon secret and the run file."""
