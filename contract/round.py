@@ -182,7 +182,7 @@ class InMemoryServers(ServicePair):
         self.mode = mode
         # The pseudonym-slot key is shared with enrolled devices only.
         self.neighbourhood = InMemoryNetwork(mode, neighbourhood_codec(), os.urandom(32))
-        self.aggregates = InMemoryNetwork(mode, aggregates_codec())
+        self.aggregates = InMemoryNetwork(mode, aggregates_codec(), deployment_key=b"")
         super().__init__(self.neighbourhood, self.aggregates)
 
     def connect(self, unit: int, devices: int) -> tuple[DeviceClient, DeviceClient]:

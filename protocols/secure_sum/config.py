@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .dp import DPConfig
 from .errors import SecureSumError, UnknownPhase
 from .fixed_point import FixedPointCodec
-from .slots import aggregate_slot
+from .slots import DEPLOYMENT_KEY_BYTES, aggregate_slot
 
 
 class Mode(enum.Enum):
@@ -117,7 +117,9 @@ class RoundSpec:
 class Deployment:
     """What every party knows: the mode, the codec, the servers' public keys.
 
-    ``deployment_key`` keys the pseudonym-slot hash (shared with enrolled devices).
+    ``deployment_key`` is the secret 32-byte key of the pseudonym-slot derivation (shared with
+    enrolled devices only); a deployment of aggregate slots only has none (``b""``), and then
+    cannot derive pseudonym slots at all (``slots.round_slot_key`` fails closed).
     """
 
     mode: Mode
@@ -125,3 +127,10 @@ class Deployment:
     coordinator_public: bytes
     aggregator_public: bytes
     deployment_key: bytes = b""
+
+    def __post_init__(self) -> None:
+        if len(self.deployment_key) not in (0, DEPLOYMENT_KEY_BYTES):
+            raise SecureSumError(
+                f"deployment_key must be empty (no pseudonym slots) or {DEPLOYMENT_KEY_BYTES} "
+                f"bytes, got {len(self.deployment_key)}"
+            )

@@ -88,6 +88,7 @@ from .sharing import (
     split_with_seed,
 )
 from .slots import (
+    DEPLOYMENT_KEY_BYTES,
     DEVICE_ID_BYTES,
     RPI_BYTES,
     SLOT_ID_BYTES,
@@ -1452,7 +1453,7 @@ class InMemoryNetwork:
         self,
         mode: Mode,
         codec: FixedPointCodec | None = None,
-        deployment_key: bytes = b"",
+        deployment_key: bytes | None = None,
         tap: bool = False,
         c_permutation: Permutation = csprng_permutation,
         a_permutation: Permutation = csprng_permutation,
@@ -1463,7 +1464,8 @@ class InMemoryNetwork:
             codec or FixedPointCodec(),
             self.c_keys.public,
             self.a_keys.public,
-            deployment_key,
+            # a fresh secret key unless given one (b"": a deployment of aggregate slots only)
+            os.urandom(DEPLOYMENT_KEY_BYTES) if deployment_key is None else deployment_key,
         )
         self.tap = tap
         #: the simulated participants share the public slot directory (fetched once per round)

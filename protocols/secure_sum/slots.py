@@ -5,7 +5,9 @@ Two kinds share one 16-byte identifier space (domain-separated hashes, so they n
 * **pseudonym slots** — ``AES-128(K_round, RPI)`` with ``K_round = HMAC-SHA256(deployment_key,
   label ‖ round)[:16]``: a keyed permutation, computed for a whole batch in one AES call. The
   beacon's owner and everyone who heard the beacon derive the same slot; a server sees only the
-  slot. A key per round makes a day's slots unlinkable to another day's.
+  slot. A key per round makes a day's slots unlinkable to another day's. The 32-byte deployment
+  key is secret (enrolled devices and C hold it) and required: without it the derivation fails
+  closed, since slots computed from a public constant would let anyone map a slot to a beacon.
 * **named aggregate slots** — ``SHA-256(label ‖ name)[:16]`` for canonical names matching one of
   :data:`AGGREGATE_PATTERNS` (``global/day/17``, ``grad/epoch/3``, ``region/BK/day/17``).
 
@@ -45,6 +47,8 @@ RPI_BYTES = 16
 DEVICE_ID_BYTES = 16
 _PSEUDONYM_LABEL = b"decentsim/pseudonym-slot/v1"
 _AGGREGATE_LABEL = b"decentsim/aggregate-slot/v1\x00"
+#: bytes of the secret deployment key of pseudonym slots
+DEPLOYMENT_KEY_BYTES = 32
 _NUM = r"(0|[1-9][0-9]{0,8})"  # canonical decimal: one spelling per number
 #: allowed named aggregate slots; canonical spellings only
 AGGREGATE_PATTERNS: tuple[re.Pattern[str], ...] = (
@@ -54,16 +58,26 @@ AGGREGATE_PATTERNS: tuple[re.Pattern[str], ...] = (
 )
 
 
-def round_slot_key(round_id: int, deployment_key: bytes = b"") -> bytes:
+def round_slot_key(round_id: int, deployment_key: bytes) -> bytes:
     """The round's 16-byte AES key of pseudonym slots: HMAC-SHA256(deployment key, label ‖
-    round)[:16]. A fresh key per round makes one beacon's slots of two rounds unlinkable."""
+    round)[:16]. A fresh key per round makes one beacon's slots of two rounds unlinkable.
+
+    Raises:
+        SlotError: the round id does not fit in 64 bits, or the deployment key is missing or
+            not :data:`DEPLOYMENT_KEY_BYTES` bytes (fails closed: never a public derivation).
+    """
     if not 0 <= round_id < 2**64:
         raise SlotError(f"round_id must fit in 64 unsigned bits, got {round_id}")
+    if len(deployment_key) != DEPLOYMENT_KEY_BYTES:
+        raise SlotError(
+            f"pseudonym slots need the deployment's secret {DEPLOYMENT_KEY_BYTES}-byte key, got "
+            f"{len(deployment_key)} bytes: refusing to derive slots anyone could compute"
+        )
     msg = _PSEUDONYM_LABEL + round_id.to_bytes(8, "big")
-    return hmac.new(deployment_key or _PSEUDONYM_LABEL, msg, hashlib.sha256).digest()[:16]
+    return hmac.new(deployment_key, msg, hashlib.sha256).digest()[:16]
 
 
-def pseudonym_slots(rpis: bytes, round_id: int, deployment_key: bytes = b"") -> bytes:
+def pseudonym_slots(rpis: bytes, round_id: int, deployment_key: bytes) -> bytes:
     """The pseudonym slots of many RPIs (concatenated, n × 16 bytes) for one round.
 
     ``slot = AES-128(round_slot_key(round), RPI)``: a keyed pseudorandom permutation of the
@@ -73,6 +87,7 @@ def pseudonym_slots(rpis: bytes, round_id: int, deployment_key: bytes = b"") -> 
 
     Raises:
         WrongLength: the input is not a whole number of 16-byte RPIs.
+        SlotError: no valid deployment key (:func:`round_slot_key`).
     """
     if len(rpis) % RPI_BYTES:
         raise WrongLength(f"RPI must be {RPI_BYTES} bytes, got {len(rpis)} bytes of RPIs")
@@ -80,7 +95,7 @@ def pseudonym_slots(rpis: bytes, round_id: int, deployment_key: bytes = b"") -> 
     return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(rpis)
 
 
-def pseudonym_slot(rpi: bytes, round_id: int, deployment_key: bytes = b"") -> bytes:
+def pseudonym_slot(rpi: bytes, round_id: int, deployment_key: bytes) -> bytes:
     """The pseudonym slot of one beacon identifier (RPI) for one round (see
     :func:`pseudonym_slots`).
 

@@ -22,17 +22,25 @@ from protocols.secure_sum import (
     AgreementError,
     AuthenticationFailed,
     ConflictingSubmission,
+    Deployment,
     EncodingError,
     EnvelopeError,
     FixedPointCodec,
+    InMemoryNetwork,
     InvalidSlotName,
     KeyPair,
+    Mode,
     OverflowBoundError,
     PhaseClosed,
     PhaseError,
     PhaseNotReleased,
+    PhaseSpec,
+    RoundSpec,
+    SecureSumError,
     ShareAccumulator,
     SlotAlreadyRegistered,
+    SlotError,
+    SlotKind,
     SlotTable,
     TruncatedEnvelope,
     UnknownSlot,
@@ -235,7 +243,23 @@ def test_slot_vectors_and_names() -> None:
         with pytest.raises(InvalidSlotName, match="invalid aggregate slot name"):
             aggregate_slot(name)
     with pytest.raises(WrongLength, match="RPI must be 16 bytes"):
-        pseudonym_slot(b"short", 1)
+        pseudonym_slot(b"short", 1, bytes(32))
+
+
+def test_pseudonym_slots_fail_closed_without_the_deployment_key() -> None:
+    """A missing or short key never falls back to a public derivation (anyone could then map
+    a slot to the beacon it hides): every such call is refused, naming the key."""
+    rpi = bytes(16)
+    for key in load("slots")["invalid_deployment_keys"]:
+        with pytest.raises(SlotError, match="secret 32-byte key"):
+            pseudonym_slot(rpi, 1, bytes.fromhex(key))
+    with pytest.raises(SecureSumError, match="deployment_key must be empty"):
+        Deployment(Mode.MAILBOX, FixedPointCodec(), bytes(32), bytes(32), b"short")
+    # a deployment without a key (aggregate slots only) cannot register pseudonym slots
+    net = InMemoryNetwork(Mode.MAILBOX, deployment_key=b"")
+    net.open_round(RoundSpec(1, (PhaseSpec("m", 2, SlotKind.PSEUDONYM, 1),)))
+    with pytest.raises(SlotError, match="secret 32-byte key"):
+        net.device().register(1, [rpi])
 
 
 def test_slot_table_lookup_vectorized() -> None:
