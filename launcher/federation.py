@@ -325,8 +325,27 @@ class Federation:
         finally:
             conn.close()
 
+    def failure(self) -> str | None:
+        """Why the coordinator stopped the run for good, if it did."""
+        conn = self._db()
+        if conn is None:
+            return None
+        try:
+            row = conn.execute("SELECT failure FROM run").fetchone()
+            return None if row is None else row[0]
+        except sqlite3.OperationalError:  # tables not created yet
+            return None
+        finally:
+            conn.close()
+
     def check_alive(self, allow: frozenset[str] = frozenset()) -> None:
-        """Raise if a process died unexpectedly (its log tail in the message)."""
+        """Raise if the coordinator stopped the run, or a process died unexpectedly (its log
+        tail in the message)."""
+        failure = self.failure()
+        if failure:
+            raise FederationError(
+                f"the coordinator stopped the run: {failure} (see {self.c_dir / 'coordinator.log'})"
+            )
         for name, proc in self.procs.items():
             if name in allow or proc.poll() is None:
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from contract.wire import (
     phase_to_pb,
 )
 from decentsim import decentralize
-from launcher.decentralized import DecentralizeError
+from launcher.decentralized import DecentralizeError, SyncTimeout
 from protocols.secure_sum import Deployment, FixedPointCodec, Mode, PhaseSpec, SlotKind
 from protocols.secure_sum.errors import MessageError
 from sim import env, models, populations
@@ -69,13 +70,20 @@ def test_decentralize_syncs_rounds_equal_to_the_central_run(tmp_path: Path) -> N
         simulation.population, real.spec.model_config(), 2, dtype=torch.float64
     ).run(theta, 3, "forward")
     try:
+        started = time.perf_counter()
         real.deploy()
+        # a round that cannot arrive in time is an error, not a silent partial answer
+        with pytest.raises(SyncTimeout, match=r"round 0 .* not committed within 0\.001 s"):
+            real.sync(timeout_s=0.001)
         first = real.sync(timeout_s=120)
         assert first["day"] == 0
         assert first["new_infections"] == float(central.new_infections[0])
         summary = real.run(out=tmp_path / "out", timeout_s=120)
+        elapsed = time.perf_counter() - started
     finally:
         real.close()
+    # wall_s is the run's real duration, from deploy() to the last committed day
+    assert 1.0 < summary["wall_s"] <= elapsed
     assert summary["daily"]["new_infections"] == central.new_infections.tolist()
     assert summary["daily"]["new_deaths"] == central.new_deaths.tolist()
     assert (tmp_path / "out" / "federated.png").stat().st_size > 0
