@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,ble,flower,dp]"
+	$(PY) -m pip install -q -e ".[test,device,flower,audit]"
 	touch $(STAMP)
 
 # The central simulator, then the same model as a federation: coordinator + aggregator + 2
