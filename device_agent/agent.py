@@ -35,10 +35,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from contract.runspec import RunSpec
 from contract.schedule import (
+    AGGREGATES,
     FAILED,
     FETCH,
     FINISHED,
     MESSAGES,
+    NEIGHBOURHOOD,
     OBSERVATIONS_STEP,
     REGISTER,
     STEPS,
@@ -209,10 +211,7 @@ class PoolRunner:
             )
         self.units = [bytes(d.value) for d in reply.devices]
         deployments = {d.deployment_id: deployment_from_pb(d) for d in reply.deployments}
-        self.neighbourhood, self.aggregates = (
-            deployments["neighbourhood"],
-            deployments["aggregates"],
-        )
+        self.neighbourhood, self.aggregates = deployments[NEIGHBOURHOOD], deployments[AGGREGATES]
         self.stub = stub
         self._directory: dict[int, SlotTable] = {}
         self.pool: DevicePool | None = None

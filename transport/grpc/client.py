@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from contract import schedule
 from proto.decentsim.v1 import common_pb2
 from proto.decentsim.v1 import device_pb2 as pb
 from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
@@ -76,9 +77,9 @@ class Role(enum.Enum):
     """Which of the run's two secure-sum deployments a link serves (decides the post RPC)."""
 
     #: pseudonym-slot phases: posts go to PostShares
-    NEIGHBOURHOOD = "neighbourhood"
+    NEIGHBOURHOOD = schedule.NEIGHBOURHOOD
     #: aggregate phases: posts go to SubmitAggregates
-    AGGREGATES = "aggregates"
+    AGGREGATES = schedule.AGGREGATES
 
 
 @dataclass(frozen=True)
