@@ -12,12 +12,13 @@ from sim import populations
 from sim.calibration import (
     ObservedSeries,
     TargetFileError,
+    ThetaOptimizer,
     fit_network,
     fit_params,
     load_target,
     series_loss,
 )
-from sim.params import Theta
+from sim.params import PARAM_BOUNDS, Theta
 from sim.runner import CentralSimulator
 
 PLANTED = Theta(beta=0.25, mortality=0.15, init_frac=0.01)
@@ -169,3 +170,35 @@ def test_astoria_fit_improves_on_its_start(
     assert result["agents"] == 37_518 and result["periods"] == 8
     assert result["loss_best"] < result["loss_first"]
     assert (tmp_path / "fit.png").is_file() and (tmp_path / "loss.png").is_file()
+
+
+# -- the one optimizer of central and federated calibration ----------------------------------
+def test_theta_optimizer_fits_only_what_it_is_told_within_the_bounds() -> None:
+    start = Theta(beta=0.3, mortality=0.02, init_frac=0.01)
+    opt = ThetaOptimizer(start, ("beta", "init_frac"), lr=0.5)
+    for _ in range(30):  # a gradient that pushes β up without end
+        theta = opt.step(torch.tensor([-1e6, 5.0, -3.0], dtype=torch.float64))
+    assert theta[1] == start.mortality  # not fitted: exactly the start value
+    assert theta[0] > start.beta and theta[2] > start.init_frac
+    assert 0 < theta[0] <= PARAM_BOUNDS["beta"][1] and 0 < theta[2] <= 1
+    Theta.from_tensor(theta)  # valid
+    with pytest.raises(ValueError, match="cannot fit unknown parameter"):
+        ThetaOptimizer(start, ("gamma",), 0.1)
+    with pytest.raises(ValueError, match=r"cannot fit \['init_frac'\] from 0"):
+        ThetaOptimizer(start.replace(init_frac=0.0), ("init_frac",), 0.1)
+
+
+def test_theta_optimizer_state_round_trips_through_json() -> None:
+    """A restarted coordinator continues the same optimisation from the persisted state."""
+    start = Theta(beta=0.3, mortality=0.02, init_frac=0.01)
+    grads = [torch.tensor([g, 0.1, -g], dtype=torch.float64) for g in (2.0, -1.0, 0.5, 3.0)]
+    straight = ThetaOptimizer(start, ("beta", "init_frac"), 0.1)
+    thetas = [straight.step(g) for g in grads]
+    resumed = ThetaOptimizer(start, ("beta", "init_frac"), 0.1)
+    resumed.step(grads[0])
+    state = json.loads(json.dumps(resumed.state_dict()))
+    again = ThetaOptimizer(start, ("beta", "init_frac"), 0.1)
+    again.load_state_dict(state)
+    assert torch.equal(again.theta(), thetas[0])
+    for g, want in zip(grads[1:], thetas[1:], strict=True):
+        assert torch.equal(again.step(g), want)
