@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from decentsim.usage import nonnegative_int, positive_float, positive_int
 from protocols.ble.errors import RadioInputError
 from protocols.ble.radio import DayContacts, SimulatedRadio
 from protocols.ble.scoring import score
@@ -21,9 +22,13 @@ from protocols.ble.simkeys import SimulatedKeyring
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI options of the benchmark."""
-    parser.add_argument("--contacts", type=int, default=1_000_000, help="directed contacts/day")
-    parser.add_argument("--degree", type=float, default=10.0, help="mean contacts per device")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--contacts", type=positive_int, default=1_000_000, help="directed contacts/day"
+    )
+    parser.add_argument(
+        "--degree", type=positive_float, default=10.0, help="mean contacts per device"
+    )
+    parser.add_argument("--seed", type=nonnegative_int, default=1)
 
 
 def make_contacts(n: int, degree: float, seed: int) -> DayContacts:

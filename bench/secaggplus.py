@@ -59,6 +59,7 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from decentsim.usage import CommandFailed, UsageError
 from protocols.secure_sum import InMemoryNetwork, Mode, PhaseSpec, RoundSpec, SlotKind
 from transport.flower.env import import_flwr, start_ray
 
@@ -85,11 +86,11 @@ class VsSecAggPlusError(Exception):
     """Base class of this benchmark's errors."""
 
 
-class BenchArgumentError(VsSecAggPlusError, ValueError):
+class BenchArgumentError(VsSecAggPlusError, UsageError):
     """An argument is out of range; the message names it and the allowed range."""
 
 
-class AggregationFailed(VsSecAggPlusError, RuntimeError):
+class AggregationFailed(VsSecAggPlusError, CommandFailed):
     """A protocol round did not aggregate every client (halted, a client failed, a dropout)."""
 
 
@@ -564,15 +565,16 @@ def benchmark(args: argparse.Namespace) -> Comparison:
             raise BenchArgumentError(f"--{name} must be >= {low}, got {value}")
     if not args.client_cpus > 0:
         raise BenchArgumentError(f"--client-cpus must be > 0, got {args.client_cpus}")
-    params = SecAggPlusParams.for_clients(
-        args.clients, args.num_shares, args.reconstruction_threshold, args.quantization_range
-    )
+    # before SecAgg+'s parameters, whose default quantization needs clients < 2^32
     max_clients = _codec().max_summands
     if args.clients > max_clients:
         raise BenchArgumentError(
             f"--clients must be <= {max_clients} (the aggregates codec's max_summands), "
             f"got {args.clients}"
         )
+    params = SecAggPlusParams.for_clients(
+        args.clients, args.num_shares, args.reconstruction_threshold, args.quantization_range
+    )
     mode = Mode(args.mode)
     vectors = client_vectors(args.seed, args.clients, args.dim)
     exact = vectors.sum(axis=0)

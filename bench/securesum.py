@@ -22,6 +22,7 @@ import warnings
 
 import numpy as np
 
+from decentsim.usage import CommandFailed, UsageError, int_in, positive_int
 from protocols.secure_sum.accumulator import group_sum
 from protocols.secure_sum.config import Mode, PhaseSpec, RoundSpec, SlotKind
 from protocols.secure_sum.protocol import InMemoryNetwork, InsecurePlaintextWarning
@@ -31,17 +32,22 @@ PHASE = "messages"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Bench options."""
-    parser.add_argument("--devices", type=int, default=10_000, help="simulated devices")
-    parser.add_argument("--dim", type=int, default=16, help="values per contributed vector")
+    parser.add_argument("--devices", type=positive_int, default=10_000, help="simulated devices")
+    parser.add_argument(
+        "--dim", type=positive_int, default=16, help="values per contributed vector"
+    )
     parser.add_argument(
         "--mode", choices=[m.value for m in Mode], default=Mode.MAILBOX.value, help="posting mode"
     )
     parser.add_argument(
-        "--items-per-device", type=int, default=32, help="items each device posts (padded count)"
+        "--items-per-device",
+        type=positive_int,
+        default=32,
+        help="items each device posts (padded count)",
     )
     parser.add_argument(
         "--devices-per-participant",
-        type=int,
+        type=positive_int,
         default=1,
         help="devices per participant (a pool posting as one; must divide --devices)",
     )
@@ -50,15 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="participants hold a secret and derive every random choice from it (crash-safe)",
     )
-    parser.add_argument("--round", type=int, default=1, help="round id")
+    parser.add_argument(
+        "--round", type=int_in(0, 2**64 - 1), default=1, help="round id (64 unsigned bits)"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     """Run the benchmark; returns the JSON-able result line."""
     mode = Mode(args.mode)
     n, d, k, m = args.devices, args.dim, args.items_per_device, args.devices_per_participant
-    if m < 1 or n % m:
-        raise ValueError(f"--devices-per-participant={m} must be >= 1 and divide --devices={n}")
+    if n % m:
+        raise UsageError(f"--devices-per-participant {m} must divide --devices {n}")
     n_part = n // m
     with warnings.catch_warnings():
         # the plaintext baseline is requested explicitly here; one warning on stderr suffices
@@ -111,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     a_sums, _ = net.aggregator.rounds[spec.round_id].accumulators[PHASE].sums()
     exact = bool(np.array_equal(c_sums + a_sums, truth))
     if not exact or report.surviving != report.accepted_by_coordinator:
-        raise RuntimeError("benchmark sums do not match the plaintext sums")
+        raise CommandFailed("benchmark sums do not match the plaintext sums")
     items = n * k
     # public-key envelopes sealed and opened per post: one per participant (mailbox A-part), or
     # an outer envelope per participant plus two inner envelopes per item (shuffled); none in

@@ -13,21 +13,42 @@ from typing import Any
 
 import torch
 
+from decentsim.usage import UsageError, int_in, positive_int
 from sim import populations
+from sim.model import ModelConfigError
 from sim.params import Theta
 from sim.runner import DTYPES, CentralSimulator
 
+#: gradient mode -> the name of its result field
+MODES = {"none": "forward", "forward": "tangent", "reverse": "reverse"}
+
+
+def modes(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated gradient modes, each one of :data:`MODES`."""
+    names = tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in names if m not in MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s) {unknown} in {text!r}: expected a comma-separated subset of "
+            f"{list(MODES)}"
+        )
+    return names
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--agents", type=int, default=1_000_000)
-    p.add_argument("--degree", type=int, default=10)
-    p.add_argument("--steps", type=int, default=10)
+    """Arguments of ``bench sim``."""
+    # at least two agents: an agent's contacts are other agents
+    p.add_argument("--agents", type=int_in(2), default=1_000_000)
+    p.add_argument("--degree", type=positive_int, default=10, help="contacts each agent hears")
+    p.add_argument("--steps", type=positive_int, default=10)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument(
         "--modes",
-        default="none,forward,reverse",
-        help="which modes to time (reverse stores every step: the largest memory)",
+        type=modes,
+        default=tuple(MODES),
+        help="which modes to time, comma-separated: none, forward, reverse (reverse stores "
+        "every step: the largest memory)",
     )
 
 
@@ -38,11 +59,17 @@ def _peak_mb(device: torch.device) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Time each mode; return the JSON-line fields."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
     device = torch.device(args.device)
     pop = populations.random_contacts(args.agents, args.degree, seed=0, weight=0.05)
-    sim = CentralSimulator(pop, seed=1, device=device, dtype=DTYPES[args.dtype])
     theta = Theta(beta=0.3, mortality=0.01, init_frac=0.001)
-    sim.run(theta, 2)  # warm-up: allocator, kernels
+    try:
+        sim = CentralSimulator(pop, seed=1, device=device, dtype=DTYPES[args.dtype])
+        sim.run(theta, 2)  # warm-up: allocator, kernels
+    except ModelConfigError as e:  # float64's exact sums' bit budget: the message names --dtype
+        raise UsageError(str(e)) from None
     edges = pop.n_edges
     out: dict[str, Any] = {
         "agents": args.agents,
@@ -52,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
     }
     peaks = {}
-    for mode in args.modes.split(","):
+    for mode in args.modes:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
@@ -63,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        key = {"none": "forward", "forward": "tangent", "reverse": "reverse"}[mode]
+        key = MODES[mode]
         out[f"interactions_per_s_{key}"] = round(edges * args.steps / dt)
         peaks[key] = round(_peak_mb(device), 1)
         del result

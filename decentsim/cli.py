@@ -76,6 +76,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``decentsim ARGV``; returns the exit status (0, 1: the run failed, 2: bad input)."""
     # A privacy product sends no telemetry, whichever transport ends up imported.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     keep_freed_memory()  # reuse freed tensors' memory instead of page-faulting it back each day
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     module, name = _entry(args._module)
     run = getattr(module, f"run_{name}" if name else "run")
-    prog = " ".join(["decentsim", *(a for a in (args.command, getattr(args, "bench", None)) if a)])
+    # the words that chose what runs: `decentsim bench sim`, `decentsim coordinator tokens`
+    chosen = (args.command, getattr(args, "bench", None) or getattr(args, "action", None))
+    prog = " ".join(["decentsim", *(word for word in chosen if word)])
     try:
         if args._kind == "bench":
             print(json.dumps(run(args)), flush=True)

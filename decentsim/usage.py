@@ -7,12 +7,16 @@
   :class:`CommandFailed`: exit status 1.
 
 Argument types (:func:`positive_int` …) reject bad counts while parsing, naming the argument.
+The commands and the benchmarks (``bench/``, which sits above this package and is loaded by
+name) share them.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 #: exit status of bad input (argparse's own)
@@ -36,27 +40,37 @@ class Parser(argparse.ArgumentParser):
         self.exit(USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _number(kind: type, least: float, strict: bool):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> float:
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``low..high`` (no upper bound when ``high`` is None)."""
+
+    def parse(text: str) -> int:
         try:
-            value = kind(text)
+            value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if value != value or (value <= least if strict else value < least):  # NaN, or too small
-            bound = f"> {least:g}" if strict else f">= {least:g}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
         return value
 
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 
 
-#: an int >= 1 (counts: days, pools, agents, epochs …)
-positive_int = _number(int, 0, strict=True)
-#: an int >= 0
-nonnegative_int = _number(int, 0, strict=False)
-#: a float > 0 (durations, rates, step sizes)
-positive_float = _number(float, 0.0, strict=True)
+#: an integer >= 1 (counts: days, pools, agents, epochs …)
+positive_int = int_in(1)
+#: an integer >= 0 (seeds, thresholds that 0 turns off)
+nonnegative_int = int_in(0)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (durations, rates, step sizes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def fail(prog: str, error: BaseException, status: int) -> int:

@@ -5,17 +5,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from decentsim.commands.common import USER_ERRORS, add_population_arguments, model_config
-from sim import models, populations
-from sim.calibration import fit_network, fit_params, load_target, series_loss
+from decentsim.commands.common import (
+    add_population_arguments,
+    check_config,
+    check_device,
+    load_population,
+    load_target_series,
+    make_out_dir,
+    model_config,
+    parse_filters,
+    parse_fit,
+    parse_theta,
+)
+from decentsim.usage import UsageError, positive_float, positive_int
+from sim import models
+from sim.calibration import FitResult, ObservedSeries, fit_network, fit_params, series_loss
+from sim.model import ModelConfigError
 from sim.params import PARAM_BOUNDS, Theta
 from sim.plots import plot_calibration
 from sim.runner import DTYPES, CentralSimulator
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``calibrate`` options."""
     add_population_arguments(p)
     p.add_argument("--target", required=True, help="CSV with the observed series")
     p.add_argument("--column", default="cases_week", help="column of counts in --target")
@@ -26,14 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="COLUMN=VALUE",
         help="keep rows where COLUMN equals VALUE (repeatable)",
     )
-    p.add_argument("--period", type=int, default=7, help="days per row of the target (7: weekly)")
+    p.add_argument(
+        "--period", type=positive_int, default=7, help="days per row of the target (7: weekly)"
+    )
     p.add_argument(
         "--days",
-        type=int,
+        type=positive_int,
         help="days to fit (the first days/period rows); default: the whole series",
     )
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--epochs", type=positive_int, default=40)
+    p.add_argument("--lr", type=positive_float, default=0.05, help="step size (Adam on log θ)")
     p.add_argument(
         "--mode",
         choices=("params", "network"),
@@ -44,45 +59,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--theta", default="", help="starting values, name=value,...")
     p.add_argument(
         "--ascertainment",
-        type=float,
+        type=positive_float,
         default=1.0,
-        help="fraction of infections that are reported as cases",
+        help="fraction of infections that are reported as cases, in (0, 1]",
     )
     p.add_argument("--grad", choices=("forward", "reverse"), default="forward")
     p.add_argument("--out", default="out/calibrate")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
-def run(args: argparse.Namespace) -> int:
-    filters = {}
-    for f in args.filter:
-        col, sep, val = f.partition("=")
-        if not sep:
-            raise SystemExit(f"decentsim calibrate: --filter {f!r} is not COLUMN=VALUE")
-        filters[col] = val
-    try:
-        start = Theta.parse(args.theta, models.epidemiology.theta)
-        target = load_target(args.target, args.column, filters, period_days=args.period)
-        pop = populations.from_spec(args.population, seed=args.seed)
-        sim = CentralSimulator(
-            pop, model_config(args), seed=args.seed, device=args.device, dtype=DTYPES[args.dtype]
-        )
-    except USER_ERRORS as e:
-        raise SystemExit(f"decentsim calibrate: {e}") from None
-    if args.days is not None:
-        if args.days < args.period:
-            raise SystemExit(f"decentsim calibrate: --days must be >= --period ({args.period})")
-        target = target.head(args.days // args.period)
-    if args.epochs < 1:
-        raise SystemExit(f"decentsim calibrate: --epochs must be >= 1, got {args.epochs}")
-    fit = tuple(n.strip() for n in args.fit.split(",") if n.strip())
-    unknown = set(fit) - set(PARAM_BOUNDS)
-    if unknown:
-        raise SystemExit(f"decentsim calibrate: --fit names unknown parameter(s) {sorted(unknown)}")
+def _fit(
+    args: argparse.Namespace,
+    sim: CentralSimulator,
+    target: ObservedSeries,
+    start: Theta,
+    fit: tuple[str, ...],
+) -> FitResult:
+    """Fit ``fit`` by ``--mode``: θ directly, or a GRU calibration network."""
     loss_fn = series_loss(target, args.ascertainment)
     progress = sys.stderr.isatty()
     if args.mode == "params":
-        result = fit_params(
+        return fit_params(
             sim,
             loss_fn,
             target.days,
@@ -93,36 +90,61 @@ def run(args: argparse.Namespace) -> int:
             args.grad,
             progress=progress,
         )
-    else:
-        # The network searches within a factor of 5 of the start value (a log-scale prior).
-        start_values = start.to_dict()
-        zero = [n for n in fit if start_values[n] <= 0]
-        if zero:
-            raise SystemExit(
-                f"decentsim calibrate: --mode network needs a positive start value "
-                f"for {zero} (set it with --theta)"
-            )
-        ranges = {
-            n: (
-                max(start_values[n] / 5, PARAM_BOUNDS[n][0] + 1e-9),
-                min(start_values[n] * 5, PARAM_BOUNDS[n][1]),
-            )
-            for n in fit
-        }
-        result = fit_network(
-            sim,
-            target,
-            loss_fn,
-            start,
-            ranges,
-            args.epochs,
-            args.lr,
-            args.grad,
-            seed=args.seed,
-            progress=progress,
+    # The network searches within a factor of 5 of the start value (a log-scale prior).
+    start_values = start.to_dict()
+    ranges = {
+        n: (
+            max(start_values[n] / 5, PARAM_BOUNDS[n][0] + 1e-9),
+            min(start_values[n] * 5, PARAM_BOUNDS[n][1]),
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        for n in fit
+    }
+    return fit_network(
+        sim,
+        target,
+        loss_fn,
+        start,
+        ranges,
+        args.epochs,
+        args.lr,
+        args.grad,
+        seed=args.seed,
+        progress=progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fit θ to ``--target``; write theta.json, loss.png and fit.png into ``--out``."""
+    if args.ascertainment > 1:
+        raise UsageError(f"--ascertainment must be in (0, 1], got {args.ascertainment}")
+    if args.days is not None and args.days < args.period:
+        raise UsageError(f"--days must be >= --period ({args.period}), got {args.days}")
+    fit = parse_fit(args.fit)
+    start = parse_theta(args.theta, models.epidemiology.theta)
+    # θ is fitted in log space (params) or within a factor of 5 of its start (network)
+    zero = [n for n in fit if start.to_dict()[n] <= 0]
+    if zero:
+        raise UsageError(f"--theta: the fitted parameter(s) {zero} need a positive start value")
+    config = model_config(args)
+    check_device(args.device)
+    target = load_target_series(args.target, args.column, parse_filters(args.filter), args.period)
+    if args.days is not None:
+        target = target.head(args.days // args.period)
+    if args.mode == "network" and len(target) < 2:  # its features standardise the series
+        raise UsageError(
+            f"--mode network needs at least 2 periods of --target (after --filter and --days), "
+            f"got {len(target)}"
+        )
+    pop = load_population(args.population, args.seed)
+    check_config(config, pop)
+    out = make_out_dir("--out", args.out)
+    try:
+        sim = CentralSimulator(
+            pop, config, seed=args.seed, device=args.device, dtype=DTYPES[args.dtype]
+        )
+        result = _fit(args, sim, target, start, fit)
+    except ModelConfigError as e:  # exact sums' bit budget: the message names --dtype
+        raise UsageError(str(e)) from None
     summary = {
         "mode": args.mode,
         "population": pop.name,

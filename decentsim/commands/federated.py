@@ -9,11 +9,24 @@ import sys
 from pathlib import Path
 
 from contract.runspec import RunSpec, RunSpecError
+from decentsim.commands.common import (
+    dp_config,
+    load_population,
+    load_target_series,
+    make_out_dir,
+    parse_filters,
+    parse_fit,
+    parse_theta,
+)
+from decentsim.usage import (
+    CommandFailed,
+    UsageError,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 from launcher.federation import FederationError, make_spec
 from launcher.run import federated_run
-from sim.calibration import TargetFileError, load_target
-from sim.params import ParameterError, Theta
-from sim.populations import PopulationError
 
 
 def add_federated_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,14 +34,19 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     run = sub.add_parser("run", help="coordinator + aggregator + P pools on loopback, TLS")
     run.add_argument("--population", default="synthetic:2000")
-    run.add_argument("--days", type=int, default=20)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--pools", type=int, default=2)
+    run.add_argument("--days", type=positive_int, default=20)
+    run.add_argument("--seed", type=nonnegative_int, default=0)
+    run.add_argument(
+        "--pools",
+        type=positive_int,
+        default=2,
+        help="device-pool processes (at most one per agent)",
+    )
     run.add_argument("--mode", default="mailbox", choices=("mailbox", "shuffled", "plaintext"))
     run.add_argument("--radio", default="ideal", choices=("ideal", "simulated"))
     run.add_argument("--theta", default="", help="name=value,… (as simulate)")
-    run.add_argument("--epochs", type=int, default=1, help="calibration epochs (θ steps)")
-    run.add_argument("--lr", type=float, default=0.1, help="θ step size (Adam on log θ)")
+    run.add_argument("--epochs", type=positive_int, default=1, help="calibration epochs (θ steps)")
+    run.add_argument("--lr", type=positive_float, default=0.1, help="θ step size (Adam on log θ)")
     run.add_argument(
         "--fit", default="beta,init_frac", help="parameters the θ steps fit, comma-separated"
     )
@@ -41,17 +59,17 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
         help="keep only target rows with COLUMN=VALUE (repeatable), e.g. nta_id=QN0103",
     )
     run.add_argument("--target-column", default="cases_week")
-    run.add_argument("--step-timeout", type=float, default=120.0, help="seconds per step")
+    run.add_argument("--step-timeout", type=positive_float, default=120.0, help="seconds per step")
     run.add_argument(
         "--min-cohort",
-        type=int,
+        type=nonnegative_int,
         default=0,
         metavar="K",
         help="both servers release pseudonym slots with fewer than K summands as zeros",
     )
     run.add_argument(
         "--dp-sigma",
-        type=float,
+        type=positive_float,
         metavar="S",
         help="differential privacy: both servers add discrete Gaussian noise of total standard "
         "deviation S (real units) to every coordinate of each opened daily aggregate "
@@ -62,7 +80,7 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--dp-sensitivity",
-        type=float,
+        type=positive_float,
         default=1.0,
         metavar="L2",
         help="L2 bound of one participant's whole observation vector (values and tangents), "
@@ -80,24 +98,36 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
-    """The RunSpec of ``federated run`` arguments (user errors exit with one line)."""
+    """The RunSpec of ``federated run`` arguments.
+
+    Raises:
+        UsageError: a bad argument or file; the message names it.
+    """
+    theta = parse_theta(args.theta)
+    fit = parse_fit(args.fit)
+    filters = parse_filters(args.filter)
+    dp = None
+    if args.dp_sigma is not None:
+        dp_config(args.dp_sigma, args.dp_delta, args.dp_sensitivity)  # names a bad option
+        dp = {"sigma": args.dp_sigma, "delta": args.dp_delta, "l2_sensitivity": args.dp_sensitivity}
+    # make_spec loads the population again; loading it here names --population and --pools
+    agents = load_population(args.population, args.seed).n_agents
+    if args.pools > agents:
+        raise UsageError(
+            f"--pools {args.pools}: more pools than the population's {agents} agents "
+            "(every pool needs an agent)"
+        )
+    target = None
+    if args.target is not None:
+        series = load_target_series(args.target, args.target_column, filters)
+        periods = min(len(series), args.days // series.period_days)
+        if periods == 0:
+            raise UsageError(
+                f"--days {args.days}: shorter than one period ({series.period_days} days) of "
+                f"--target {str(args.target)!r}"
+            )
+        target = series.values[:periods].tolist()
     try:
-        theta = Theta.parse(args.theta) if args.theta else Theta()
-        target = None
-        if args.target is not None:
-            filters = dict(f.split("=", 1) for f in args.filter if "=" in f)
-            if len(filters) != len(args.filter):
-                raise ValueError(f"--filter values must be COLUMN=VALUE, got {args.filter}")
-            series = load_target(args.target, args.target_column, filters)
-            periods = min(len(series), args.days // series.period_days)
-            target = series.values[:periods].tolist()
-        dp = None
-        if args.dp_sigma is not None:
-            dp = {
-                "sigma": args.dp_sigma,
-                "delta": args.dp_delta,
-                "l2_sensitivity": args.dp_sensitivity,
-            }
         return make_spec(
             args.population,
             args.days,
@@ -109,25 +139,26 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
             theta=theta.to_dict(),
             epochs=args.epochs,
             lr=args.lr,
-            fit=tuple(n.strip() for n in args.fit.split(",") if n.strip()),
+            fit=fit,
             target=target,
             step_timeout_s=args.step_timeout,
             min_cohort=args.min_cohort,
             dp=dp,
         )
-    except (RunSpecError, ParameterError, PopulationError, TargetFileError, ValueError) as e:
-        raise SystemExit(f"decentsim federated run: {e}") from None
+    except RunSpecError as e:  # the spec's own consistency checks (each names its field)
+        raise UsageError(str(e)) from None
 
 
 def run_federated(args: argparse.Namespace) -> int:
     """Run ``federated run``."""
     spec = run_spec_from_args(args)
+    make_out_dir("--out", args.out)
     try:
         summary = federated_run(
             spec, args.out, args.seed, progress=sys.stderr.isatty(), transport=args.transport
         )
     except FederationError as e:
-        raise SystemExit(f"decentsim federated run: {e}") from None
+        raise CommandFailed(str(e)) from None
     if args.json:
         print(json.dumps(summary))
     else:

@@ -20,6 +20,8 @@ from types import FrameType
 
 from contract.runspec import RunSpec, RunSpecError
 from contract.transcript import TranscriptError
+from decentsim.usage import CommandFailed, UsageError, int_in, nonnegative_int, positive_float
+from identity.enrolment import MAX_TOKENS_PER_MINT
 from identity.secret_files import SecretFileError, write_secret
 from transport.grpc.channels import InsecureAddressError, warn_insecure
 
@@ -78,7 +80,12 @@ def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
     _common(init)
     tokens = sub.add_parser("tokens", help="mint single-use enrolment tokens (one per line)")
     _common(tokens)
-    tokens.add_argument("--count", type=int, required=True)
+    tokens.add_argument(
+        "--count",
+        type=int_in(1, MAX_TOKENS_PER_MINT),
+        required=True,
+        help=f"tokens to mint (1..{MAX_TOKENS_PER_MINT:,})",
+    )
     tokens.add_argument("--out", type=Path, help="write them here (0600) instead of stdout")
     serve = sub.add_parser("serve", help="serve devices and drive the run's rounds")
     _common(serve)
@@ -101,6 +108,18 @@ def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
         help="exit a few seconds after the run is finished (devices see it first)",
     )
     serve.add_argument("--audit-key", type=Path, help=AUDIT_KEY_HELP)
+
+
+def _read_run(path: Path) -> RunSpec:
+    """The run of ``--run RUN.json``."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UsageError(f"--run {str(path)!r}: cannot read it ({e.strerror})") from None
+    try:
+        return RunSpec.from_json(text, str(path))
+    except RunSpecError as e:  # names the file and the field
+        raise UsageError(f"--run: {e}") from None
 
 
 def run_coordinator(args: argparse.Namespace) -> int:
@@ -126,8 +145,8 @@ def run_coordinator(args: argparse.Namespace) -> int:
             else:
                 sys.stdout.write(text)
             return 0
+        spec = _read_run(args.run) if args.run else None
         _log_to(args.state_dir, "coordinator")
-        spec = RunSpec.from_json(args.run.read_text(), str(args.run)) if args.run else None
         if args.insecure:
             warn_insecure("coordinator")
         service = CoordinatorService(
@@ -139,22 +158,19 @@ def run_coordinator(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             audit_key=args.audit_key,
         )
-    except (
-        ServiceError,
-        RunSpecError,
-        SecretFileError,
-        TranscriptError,
-        InsecureAddressError,
-        OSError,
-    ) as e:
-        raise SystemExit(f"decentsim coordinator {args.action}: {e}") from None
+    # each names the file, directory or option that is wrong
+    except (ServiceError, SecretFileError, TranscriptError, InsecureAddressError, OSError) as e:
+        raise UsageError(str(e)) from None
     stop = threading.Event()
     _wait_for_signal(stop)
     try:
         port, enrol_port = service.serve(args.listen, args.enrol_listen)
-    except (ServiceError, InsecureAddressError) as e:
+    except InsecureAddressError as e:
         service.stop()
-        raise SystemExit(f"decentsim coordinator serve: {e}") from None
+        raise UsageError(str(e)) from None
+    except ServiceError as e:  # cannot listen: the address is taken or not this machine's
+        service.stop()
+        raise CommandFailed(str(e)) from None
     _write_port(args.state_dir, port, enrol_port)
     logging.getLogger(__name__).info("coordinator serving on %d, enrolment on %d", port, enrol_port)
     while not stop.is_set():
@@ -164,8 +180,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
         stop.wait(0.5)
     service.stop()
     if service.failure:
-        sys.stderr.write(f"decentsim coordinator serve: the run failed: {service.failure}\n")
-        return 1
+        raise CommandFailed(f"the run failed: {service.failure}")
     return 0
 
 
@@ -189,21 +204,23 @@ def add_aggregator_arguments(p: argparse.ArgumentParser) -> None:
     serve.add_argument("--audit-key", type=Path, help=AUDIT_KEY_HELP)
     serve.add_argument(
         "--min-cohort",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="release pseudonym slots with fewer summands as zeros (must equal the run's)",
     )
     serve.add_argument(
         "--dp-sigma",
-        type=float,
+        type=positive_float,
         metavar="S",
         help="differential privacy of the daily aggregates: total noise standard deviation "
         "(real units); A adds its own part (must equal the run's, else A refuses its rounds)",
     )
-    serve.add_argument("--dp-delta", type=float, default=1e-6, help="δ (with --dp-sigma)")
+    serve.add_argument(
+        "--dp-delta", type=float, default=1e-6, help="δ, in (0, 1) (with --dp-sigma)"
+    )
     serve.add_argument(
         "--dp-sensitivity",
-        type=float,
+        type=positive_float,
         default=1.0,
         metavar="L2",
         help="L2 bound of one participant's observation vector (with --dp-sigma)",
@@ -213,23 +230,22 @@ def add_aggregator_arguments(p: argparse.ArgumentParser) -> None:
 def run_aggregator(args: argparse.Namespace) -> int:
     """Run an ``aggregator`` action."""
     from aggregator.service import AggregatorError, AggregatorService, aggregator_init
-    from contract.schedule import observations_dp
+    from decentsim.commands.common import dp_config
     from protocols.secure_sum import Mode
-    from protocols.secure_sum.dp import DPError
 
     try:
         if args.action == "init":
             export = aggregator_init(args.state_dir, _hostnames(args))
             print(f"aggregator identity in {args.state_dir}; share {export} with the coordinator")
             return 0
-        _log_to(args.state_dir, "aggregator")
-        if args.insecure:
-            warn_insecure("aggregator")
         dp = (
             None
             if args.dp_sigma is None
-            else observations_dp(args.dp_sigma, args.dp_delta, args.dp_sensitivity)
+            else dp_config(args.dp_sigma, args.dp_delta, args.dp_sensitivity)
         )
+        _log_to(args.state_dir, "aggregator")
+        if args.insecure:
+            warn_insecure("aggregator")
         service = AggregatorService(
             args.state_dir,
             Mode(args.mode),
@@ -240,22 +256,19 @@ def run_aggregator(args: argparse.Namespace) -> int:
             min_cohort=args.min_cohort,
             dp=dp,
         )
-    except (
-        AggregatorError,
-        DPError,
-        SecretFileError,
-        TranscriptError,
-        InsecureAddressError,
-        OSError,
-    ) as e:
-        raise SystemExit(f"decentsim aggregator {args.action}: {e}") from None
+    # each names the file, directory or option that is wrong
+    except (AggregatorError, SecretFileError, TranscriptError, InsecureAddressError, OSError) as e:
+        raise UsageError(str(e)) from None
     stop = threading.Event()
     _wait_for_signal(stop)
     try:
         port = service.serve(args.listen)
-    except (AggregatorError, InsecureAddressError) as e:
+    except InsecureAddressError as e:
         service.stop()
-        raise SystemExit(f"decentsim aggregator serve: {e}") from None
+        raise UsageError(str(e)) from None
+    except AggregatorError as e:  # cannot listen: the address is taken or not this machine's
+        service.stop()
+        raise CommandFailed(str(e)) from None
     _write_port(args.state_dir, port)
     logging.getLogger(__name__).info("aggregator serving on port %d", port)
     stop.wait()

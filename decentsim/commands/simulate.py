@@ -6,15 +6,25 @@ import argparse
 import json
 import sys
 
-from decentsim.commands.common import USER_ERRORS, add_population_arguments, model_config
-from sim import env, models, populations
-from sim.params import Theta
+from decentsim.commands.common import (
+    add_population_arguments,
+    check_config,
+    check_device,
+    load_population,
+    make_out_dir,
+    model_config,
+    parse_theta,
+)
+from decentsim.usage import UsageError, positive_int
+from sim import env, models
+from sim.model import ModelConfigError
 from sim.runner import DTYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``simulate`` options."""
     add_population_arguments(p)
-    p.add_argument("--days", type=int, default=60)
+    p.add_argument("--days", type=positive_int, default=60)
     p.add_argument("--theta", default="", help="name=value,... (beta, mortality, init_frac)")
     p.add_argument(
         "--grad",
@@ -26,24 +36,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the simulation; print its summary (and write its files with ``--out``)."""
+    theta = parse_theta(args.theta, models.epidemiology.theta)
+    config = model_config(args)
+    check_device(args.device)
+    pop = load_population(args.population, args.seed)
+    check_config(config, pop)
+    if args.out:
+        make_out_dir("--out", args.out)
     try:
-        theta = Theta.parse(args.theta, models.epidemiology.theta)
-        pop = populations.from_spec(args.population, seed=args.seed)
         simulation = env.create_from_template(
             models.epidemiology,
             pop,
             theta=theta,
-            config=model_config(args),
+            config=config,
             seed=args.seed,
             days=args.days,
             device=args.device,
             dtype=DTYPES[args.dtype],
         )
-    except USER_ERRORS as e:
-        raise SystemExit(f"decentsim simulate: {e}") from None
-    if args.days < 1:
-        raise SystemExit(f"decentsim simulate: --days must be >= 1, got {args.days}")
-    simulation.execute(grad=args.grad or "none", progress=sys.stderr.isatty())
+        simulation.execute(grad=args.grad or "none", progress=sys.stderr.isatty())
+    except ModelConfigError as e:  # exact sums' bit budget: the message names --dtype
+        raise UsageError(str(e)) from None
     summary = simulation.save(args.out) if args.out else simulation.summary()
     if args.json:
         print(json.dumps(summary))

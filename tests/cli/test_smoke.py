@@ -1,0 +1,275 @@
+"""Every ``decentsim`` command runs: ``--help`` of each command and subcommand, and the smallest
+real run of each command the README shows (or the test elsewhere that runs it as a process).
+
+:data:`COVERED` maps each command to the tests that run it; a test here parses the README's
+"Command line" section and fails when it shows a command :data:`COVERED` lacks, so a command
+cannot rot unseen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from decentsim.cli import build_parser
+
+from .conftest import ROOT, Outcome
+
+#: README command -> the tests that run it, as ``path::name`` from the project root
+COVERED: dict[str, tuple[str, ...]] = {
+    "simulate": (
+        "tests/cli/test_smoke.py::test_simulate_smallest_run",
+        "tests/cli/test_smoke.py::test_simulate_astoria_as_in_the_readme",
+    ),
+    "calibrate": (
+        "tests/cli/test_smoke.py::test_calibrate_smallest_run",
+        "tests/cli/test_smoke.py::test_calibrate_astoria_as_in_the_readme",
+    ),
+    "bench sim": ("tests/cli/test_smoke.py::test_bench_sim_smallest_run",),
+    "bench securesum": ("tests/cli/test_smoke.py::test_bench_securesum_smallest_run",),
+    "bench ble": ("tests/cli/test_smoke.py::test_bench_ble_smallest_run",),
+    "bench federated": ("tests/cli/test_smoke.py::test_bench_federated_smallest_run",),
+    "bench vs-secaggplus": ("tests/cli/test_smoke.py::test_bench_vs_secaggplus_smallest_run",),
+    "coordinator init": ("tests/cli/test_smoke.py::test_server_identities_and_tokens",),
+    "coordinator tokens": ("tests/cli/test_smoke.py::test_server_identities_and_tokens",),
+    "aggregator init": ("tests/cli/test_smoke.py::test_server_identities_and_tokens",),
+    # Long process tests that exist already, not repeated here. `federated run` is
+    # run_spec_from_args + launcher.run.federated_run: test_dp_run builds its spec from the
+    # command's own arguments; test_federation runs federated_run over gRPC and test_flower over
+    # Flower (--transport flower).
+    "federated run": (
+        "tests/audit/test_dp_run.py::test_a_dp_run_reports_its_guarantee_and_fidelity_cost",
+        "tests/launcher/test_federation.py::test_federated_run_equals_central",
+        "tests/launcher/test_flower.py::test_flower_transport_equals_grpc",
+    ),
+    # launcher.federation.Federation starts these as `python -m decentsim …` processes
+    "coordinator serve": ("tests/launcher/test_federation.py::test_federated_run_equals_central",),
+    "aggregator serve": ("tests/launcher/test_federation.py::test_federated_run_equals_central",),
+    "device-agent run": ("tests/launcher/test_federation.py::test_federated_run_equals_central",),
+    # runs the audit command's run() on real federations
+    "audit": ("tests/audit/test_audit_runs.py::test_audit_of_the_three_modes",),
+}
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommand parsers of ``parser`` (empty for a leaf command)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def command_of(words: list[str]) -> str:
+    """The command a ``decentsim WORDS`` line runs, e.g. ``coordinator tokens``."""
+    parser: argparse.ArgumentParser = build_parser(words)
+    path: list[str] = []
+    while sub := _subcommands(parser):
+        word = words[len(path)]
+        assert word in sub, f"unknown command {' '.join([*path, word])!r}"
+        parser = sub[word]
+        path.append(word)
+    return " ".join(path)
+
+
+def all_commands() -> list[str]:
+    """Every command and subcommand the parser knows (each parser built with it chosen, as
+    the CLI builds it: a command's own arguments are added only when it runs)."""
+    found: list[str] = []
+
+    def walk(path: list[str]) -> None:
+        parser: argparse.ArgumentParser = build_parser(path)
+        for word in path:
+            parser = _subcommands(parser)[word]
+        sub = _subcommands(parser)
+        if not sub:
+            found.append(" ".join(path))
+        for name in sub:
+            walk([*path, name])
+
+    walk([])
+    return found
+
+
+def readme_commands() -> list[list[str]]:
+    """The ``decentsim …`` lines of the README's "Command line" code blocks, continuation
+    lines joined, comments dropped and optional ``[…]`` parts kept as given, without the
+    leading ``decentsim``."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    code = "\n".join(line[4:] for line in section.splitlines() if line.startswith("    "))
+    joined = re.sub(r"\\\n\s*", "", code)
+    commands = []
+    for line in joined.splitlines():
+        line = re.sub(r"\s+#.*$", "", line).strip()
+        if line.startswith("decentsim "):
+            commands.append(line.replace("[", "").replace("]", "").split()[1:])
+    return commands
+
+
+def test_the_readme_shows_commands() -> None:
+    """The parser of the README below still finds its commands."""
+    assert len(readme_commands()) >= 15
+
+
+@pytest.mark.parametrize("words", readme_commands(), ids=" ".join)
+def test_every_readme_command_has_a_test(words: list[str]) -> None:
+    command = command_of(words)
+    assert command in COVERED, f"`decentsim {command}` is in the README but no test runs it"
+
+
+@pytest.mark.parametrize("words", readme_commands(), ids=" ".join)
+def test_every_readme_command_parses(words: list[str]) -> None:
+    """The README's options and arguments are still the command's (parsed, not run)."""
+    try:
+        build_parser(words).parse_args(words)
+    except SystemExit as e:
+        pytest.fail(f"the README's `decentsim {' '.join(words)}` does not parse (exit {e.code})")
+
+
+@pytest.mark.parametrize("test", sorted({t for tests in COVERED.values() for t in tests}))
+def test_every_covering_test_exists(test: str) -> None:
+    path, _, name = test.partition("::")
+    assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.MULTILINE), test
+
+
+@pytest.mark.parametrize("command", all_commands())
+def test_help(command: str, cli: Callable[..., Outcome]) -> None:
+    done = cli(*command.split(), "--help")
+    assert done.status == 0, done.err
+    assert done.out.startswith(f"usage: decentsim {command}")
+    assert done.err == ""
+
+
+def test_top_level_help_as_a_process(process: Callable[..., Outcome]) -> None:
+    done = process("--help")
+    assert done.status == 0, done.err
+    assert "usage: decentsim" in done.out
+    for command in ("simulate", "calibrate", "federated", "audit", "bench"):
+        assert command in done.out
+
+
+def _json_line(done: Outcome) -> dict[str, object]:
+    """The one JSON object a successful ``--json`` run or bench printed on stdout."""
+    assert done.status == 0, done.err[-3000:]
+    lines = done.out.splitlines()
+    assert len(lines) == 1, done.out
+    result = json.loads(lines[0])
+    assert isinstance(result, dict)
+    return result
+
+
+def test_simulate_smallest_run(cli: Callable[..., Outcome], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = _json_line(
+        cli("simulate", "--population", "synthetic:50", "--days", "1", "--json", "--out", str(out))
+    )
+    assert summary["agents"] == 50 and summary["days"] == 1
+    for name in ("trajectory.csv", "summary.json", "stages.png", "daily.png", "by_age.png"):
+        assert (out / name).is_file(), name
+
+
+def test_simulate_astoria_as_in_the_readme(cli: Callable[..., Outcome], astoria_dir: Path) -> None:
+    summary = _json_line(
+        cli(
+            "simulate", "--population", str(astoria_dir), "--days", "1", "--population-seeds",
+            "--theta", "beta=0.0099", "--lockdown", "contacts_1:30:0.5", "--vaccinate", "45:0.3",
+            "--json",
+        )
+    )  # fmt: skip
+    assert summary["population"] == "astoria" and summary["days"] == 1
+
+
+def test_calibrate_smallest_run(
+    cli: Callable[..., Outcome], tmp_path: Path, tiny_target: Path
+) -> None:
+    out = tmp_path / "cal"
+    result = _json_line(
+        cli(
+            "calibrate", "--population", "synthetic:50", "--target", str(tiny_target),
+            "--filter", "region=X", "--days", "7", "--epochs", "1", "--out", str(out), "--json",
+        )
+    )  # fmt: skip
+    assert result["periods"] == 1 and len(result["losses"]) == 1
+    for name in ("theta.json", "loss.png", "fit.png"):
+        assert (out / name).is_file(), name
+
+
+def test_calibrate_astoria_as_in_the_readme(
+    cli: Callable[..., Outcome], tmp_path: Path, astoria_dir: Path
+) -> None:
+    result = _json_line(
+        cli(
+            "calibrate", "--population", str(astoria_dir),
+            "--target", str(astoria_dir / "nyc_neighborhood_weekly_cases.csv"),
+            "--filter", "nta_id=QN0103", "--days", "7", "--epochs", "1",
+            "--theta", "beta=0.01,init_frac=0.0003", "--out", str(tmp_path / "astoria"), "--json",
+        )
+    )  # fmt: skip
+    assert result["population"] == "astoria" and result["periods"] == 1
+
+
+def test_server_identities_and_tokens(cli: Callable[..., Outcome], tmp_path: Path) -> None:
+    c, a = tmp_path / "C", tmp_path / "A"
+    assert cli("coordinator", "init", "--state-dir", str(c)).status == 0
+    assert (c / "export" / "ca.pem").is_file()
+    assert (c / "export" / "coordinator_public.json").is_file()
+    assert cli("aggregator", "init", "--state-dir", str(a)).status == 0
+    assert (a / "export" / "ca.pem").is_file()
+    done = cli("coordinator", "tokens", "--state-dir", str(c), "--count", "2")
+    assert done.status == 0 and len(set(done.out.split())) == 2
+    tokens = tmp_path / "tokens.txt"
+    done = cli("coordinator", "tokens", "--state-dir", str(c), "--count", "1", "--out", str(tokens))
+    assert done.status == 0 and done.out == ""
+    assert len(tokens.read_text().split()) == 1 and tokens.stat().st_mode & 0o077 == 0
+
+
+def test_bench_sim_smallest_run(cli: Callable[..., Outcome]) -> None:
+    result = _json_line(cli("bench", "sim", "--agents", "2", "--degree", "1", "--steps", "1"))
+    assert result["edges"] == 2
+    for key in ("forward", "tangent", "reverse"):
+        assert f"interactions_per_s_{key}" in result
+
+
+def test_bench_securesum_smallest_run(cli: Callable[..., Outcome]) -> None:
+    result = _json_line(
+        cli("bench", "securesum", "--devices", "1", "--dim", "1", "--items-per-device", "1")
+    )
+    assert result["exact"] is True and result["items"] == 1
+
+
+def test_bench_ble_smallest_run(cli: Callable[..., Outcome]) -> None:
+    result = _json_line(cli("bench", "ble", "--contacts", "1"))
+    assert result["contacts"] == 1
+
+
+@pytest.mark.slow
+def test_bench_federated_smallest_run(process: Callable[..., Outcome]) -> None:
+    """Starts the coordinator, the aggregator and one pool as processes (about 10 s)."""
+    result = _json_line(
+        process(
+            "bench", "federated", "--population", "synthetic:60", "--days", "1", "--pools", "1",
+            timeout=300,
+        )
+    )  # fmt: skip
+    assert result["agents"] == 60 and result["pools"] == 1
+    assert result["equal_daily"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flower")
+def test_bench_vs_secaggplus_smallest_run(process: Callable[..., Outcome]) -> None:
+    """Starts Ray (about 10 s): SecAgg+ needs 3 clients at least."""
+    result = _json_line(
+        process(
+            "bench", "vs-secaggplus", "--clients", "3", "--dim", "1", "--rounds", "1",
+            "--warmup", "0", timeout=300,
+        )
+    )  # fmt: skip
+    assert result["clients"] == 3 and result["rounds"] == 1
+    assert result["secaggplus_max_abs_error"] <= result["secaggplus_error_bound"]
+    assert result["decentsim_max_abs_error"] <= result["decentsim_error_bound"]
