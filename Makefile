@@ -21,15 +21,18 @@ $(STAMP): pyproject.toml
 
 # The central simulator, then the same model as a federation: coordinator + aggregator + 2
 # device-pool processes over gRPC/TLS on loopback, BLE beacons over the simulated radio; then
-# the privacy audit of that federation's recorded views (exits non-zero if a check fails).
+# the privacy audit of each server's recorded view, one invocation per server with that server's
+# own auditor key (exits non-zero if a check fails).
 demo: install
 	$(VENV)/bin/decentsim simulate --population synthetic:10000 --days 60 --seed 1 --grad forward --out out/demo/central
 	$(VENV)/bin/decentsim federated run --population synthetic:2000 --days 20 --seed 1 --pools 2 \
 		--radio simulated --theta beta=0.5,init_frac=0.02 --out out/demo/federated
-	$(VENV)/bin/decentsim audit out/demo/federated
+	$(VENV)/bin/decentsim audit out/demo/federated --role coordinator
+	$(VENV)/bin/decentsim audit out/demo/federated --role aggregator
 	@echo "plots: out/demo/central/*.png, out/demo/federated/federated.png;" \
 		"servers' recorded views: out/demo/federated/views/;" \
-		"privacy audit: out/demo/federated/audit/report/report.html"
+		"privacy audits, one per server: out/demo/federated/audit/coordinator/report.html," \
+		"out/demo/federated/audit/aggregator/report.html"
 
 test: install
 	$(PY) -m pytest -n 2 --dist loadgroup -q

@@ -1,16 +1,23 @@
-"""The audit's checks: each reads an :class:`~audit.views.AuditInput` and returns a verdict.
+"""The audit's checks: each reads one server's :class:`~audit.views.AuditInput` and returns a
+verdict.
 
 Verdicts (:class:`Status`): ``pass`` — nothing beyond the mode's documented leakage;
 ``leak`` — leakage the mode's profile (``LEAKAGE.md``) documents, measured and reported;
-``fail`` — a server learns more than its mode promises, or the audit's own control failed;
+``fail`` — the server learns more than its mode promises, or the audit's own control failed;
 ``skip`` — the input lacks what the check needs (said why). The CLI exits non-zero on a fail.
+
+Every check reads the audited server's view alone (its transcript and its own keys) and the
+ground truth. Nothing here combines the two servers' views: that is the coordinator +
+aggregator collusion the threat model excludes, and the product never holds both (the test
+suite, which holds both in-memory views, shows that boundary).
 
 Statistics are sized so that an honest run fails a check with probability below
 :data:`FALSE_FAILURE` (10⁻⁶): uniformity tests are Bonferroni-corrected at that level; the
-linkage test needs a z-score above :data:`Z_CRIT` (one-sided normal tail ≈ 5·10⁻⁸); a
-reconstruction counts only exact recoveries (within :data:`RING_TOLERANCE` ring units on every
-coordinate) of non-zero values, which a uniform share hits with probability about 2⁻⁶⁰ per
-coordinate. Samples are drawn with fixed seeds, so an audit is reproducible.
+linkage test and the sampled positive control need a z-score beyond :data:`Z_CRIT` (one-sided
+normal tail ≈ 5·10⁻⁸); a reconstruction counts only exact recoveries (within
+:data:`RING_TOLERANCE` ring units on every coordinate) of non-zero values, which a uniform share
+hits with probability about 2⁻⁶⁰ per coordinate. Samples are drawn with fixed seeds, so an
+audit is reproducible.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import enum
 import math
 import os
 import stat
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +35,15 @@ import numpy.typing as npt
 from scipy import stats
 
 from audit.views import (
-    ROLES,
+    UNANSWERED_FETCH,
     AuditInput,
     Rows,
+    Shares,
     TrueItem,
     fetch_releases,
     registrations,
     server_shares,
+    transcript_unused,
 )
 from protocols.secure_sum import Mode
 from protocols.secure_sum.messages import decode
@@ -49,8 +58,13 @@ RING_TOLERANCE = 2
 MIN_WORDS = 2048
 #: most words per uniformity series (a fixed-seed subsample beyond)
 MAX_WORDS = 1_000_000
-#: fraction of true items the C + A control must reconstruct (the harness's self-test)
+#: fraction of the expected units the positive control must recover (the harness's self-test)
 CONTROL_MIN = 0.99
+
+#: reasons a true contribution is not a reconstruction target (keys of ``CheckResult.unused``)
+OUTSIDE_ROUNDS = "true contribution in a round of which the view holds no share"
+NOT_ENCODABLE = "true contribution outside its codec's range (not a target)"
+NOT_COMPARED = "committed day without every participant's total (not compared)"
 
 
 class Status(str, enum.Enum):
@@ -74,6 +88,7 @@ class CheckResult:
         details: the numbers (JSON-serializable).
         table: rows for the report (first row = header), possibly empty.
         plot: data the report plots (JSON-serializable), possibly empty.
+        unused: reason → records or truth rows this check could not use, possibly empty.
     """
 
     key: str
@@ -83,58 +98,48 @@ class CheckResult:
     details: dict[str, Any] = field(default_factory=dict)
     table: list[list[str]] = field(default_factory=list)
     plot: dict[str, Any] = field(default_factory=dict)
-
-
-def _dims(inp: AuditInput) -> dict[str, int]:
-    """Each deployment's vector length, from its posts (first seen) or the truth."""
-    dims: dict[str, int] = {}
-    for view in inp.servers.values():
-        for r in view.records:
-            if r.deployment in dims or r.kind not in (
-                "MailboxPost",
-                "RelayShuffled",
-                "ShuffledPost",
-            ):
-                continue
-            if r.kind == "MailboxPost":
-                dims[r.deployment] = int(getattr(decode(r.payload), "dim", 0))
-    if inp.truth is not None:
-        for it in inp.truth.items:
-            dims.setdefault(it.deployment, int(it.value.size))
-    for name in inp.codecs:
-        dims.setdefault(name, _dim_from_relays(inp, name))
-    return {k: v for k, v in dims.items() if v > 0}
-
-
-def _dim_from_relays(inp: AuditInput, deployment: str) -> int:
-    """A shuffled deployment's dim from the C-item size inside A's outer envelopes: the outer
-    holds n items of ``item_c_bytes(dim)``; the A-items count gives n."""
-    from protocols.secure_sum.envelope import OVERHEAD
-    from protocols.secure_sum.protocol import CID_BYTES
-    from protocols.secure_sum.slots import SLOT_ID_BYTES
-
-    for r in inp.servers["coordinator"].records:
-        if r.deployment == deployment and r.kind == "ShuffledPost" and r.direction == "in":
-            m = decode(r.payload)
-            n = len(m.items_for_a)  # type: ignore[attr-defined]
-            per_item = (len(m.outer_for_a) - OVERHEAD) // n  # type: ignore[attr-defined]
-            return (per_item - OVERHEAD - CID_BYTES - SLOT_ID_BYTES) // 8
-    return 0
+    unused: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
-class _Shares:
-    """Both servers' share rows by deployment (computed once per audit)."""
+class AuditResult:
+    """One server's audit: the checks' verdicts and every record it could not use.
 
-    rows: dict[str, dict[str, Rows]]
+    Attributes:
+        role: the audited server.
+        checks: the checks, in report order.
+        unused: stage → reason → count of what was not used: ``transcript`` (records no check
+            can use), ``shares`` (records and items not turned into share rows, e.g. items
+            beyond ``--max-open``), ``truth`` (pool-store rows no contribution came from) and
+            ``check: <key>`` (what that check left out). Only non-empty entries.
+    """
+
+    role: str
+    checks: list[CheckResult]
+    unused: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        """``fail`` if any check failed, else ``pass``."""
+        return "fail" if any(r.status is Status.FAIL for r in self.checks) else "pass"
 
 
-def shares_of(inp: AuditInput, max_open: int = 200_000) -> _Shares:
-    """Every server's share rows (see :func:`~audit.views.server_shares`)."""
-    dims = _dims(inp)
-    return _Shares(
-        {role: server_shares(inp.servers[role], inp.mode, dims, max_open) for role in ROLES}
-    )
+def _dims(inp: AuditInput) -> dict[str, int]:
+    """Each deployment's vector length: the run's public schedule, else the view's mailbox
+    posts (first seen), else the truth."""
+    dims = dict(inp.dims)
+    for r in inp.view.records:
+        if r.kind == "MailboxPost" and r.deployment not in dims:
+            dims[r.deployment] = int(getattr(decode(r.payload), "dim", 0))
+    if inp.truth is not None:
+        for it in inp.truth.items:
+            dims.setdefault(it.deployment, int(it.value.size))
+    return {k: v for k, v in dims.items() if v > 0}
+
+
+def shares_of(inp: AuditInput, max_open: int = 200_000) -> Shares:
+    """The audited server's share rows (see :func:`~audit.views.server_shares`)."""
+    return server_shares(inp.view, inp.mode, _dims(inp), max_open)
 
 
 # -- 1. uniformity ----------------------------------------------------------------------------
@@ -158,45 +163,44 @@ def _subsample(words: npt.NDArray[np.int64], salt: int) -> npt.NDArray[np.int64]
     return words[rng.choice(words.size, size=MAX_WORDS, replace=False)]
 
 
-def check_uniformity(inp: AuditInput, shares: _Shares) -> CheckResult:
-    """Each server's received shares are indistinguishable from uniform ring elements.
+def check_uniformity(inp: AuditInput, shares: Shares) -> CheckResult:
+    """The server's received shares are indistinguishable from uniform ring elements.
 
-    Series: per server and deployment, every share word it holds. Control: the same tests on
-    the values themselves (C's and A's shares of each item added — what a plaintext server
-    would receive). Fails if any series' p-value is below ``FALSE_FAILURE / #tests``.
+    Series: every share word the server holds. Control: the same tests on the values a
+    plaintext server would hold instead (each row's true value from the ground truth, 0 for a
+    dummy). Fails if any series' p-value is below ``FALSE_FAILURE / #tests``.
     """
+    role = inp.role
     series: dict[str, npt.NDArray[np.int64]] = {}
-    for role in ROLES:
-        words = [rows.share.ravel() for rows in shares.rows[role].values() if len(rows)]
-        if words:
-            series[role] = np.concatenate(words)
-    control = _control_values(inp, shares)
+    words = [rows.share.ravel() for rows in shares.rows.values() if len(rows)]
+    if words:
+        series[role] = np.concatenate(words)
+    control = _plaintext_values(inp, shares)
     tested = {k: v for k, v in series.items() if v.size >= MIN_WORDS}
     if not tested:
         return CheckResult(
             "uniformity",
             "Share uniformity",
             Status.SKIP,
-            f"fewer than {MIN_WORDS} share words per server: nothing to test",
+            f"fewer than {MIN_WORDS} share words at the {role}: nothing to test",
         )
     n_tests = 3 * len(tested)
     threshold = FALSE_FAILURE / n_tests
     results: dict[str, dict[str, float]] = {}
     hist: dict[str, list[int]] = {}
-    for i, (name, words) in enumerate(sorted(tested.items())):
-        sample = _subsample(words, i)
+    for i, (name, held) in enumerate(sorted(tested.items())):
+        sample = _subsample(held, i)
         results[name] = {
             **_uniform_tests(sample),
-            "words": int(words.size),
+            "words": int(held.size),
             "tested": int(sample.size),
         }
         hist[name] = np.bincount(
             (sample.view(np.uint64) >> np.uint64(56)).astype(np.int64), minlength=256
         ).tolist()
     control_p: dict[str, float] = {}
-    values = np.concatenate(list(control.values())) if control else np.zeros(0, np.int64)
-    if values.size >= MIN_WORDS:
-        sample = _subsample(values, 99)
+    if control.size >= MIN_WORDS:
+        sample = _subsample(control, 99)
         control_p = _uniform_tests(sample)
         hist["control (the values)"] = np.bincount(
             (sample.view(np.uint64) >> np.uint64(56)).astype(np.int64), minlength=256
@@ -218,12 +222,12 @@ def check_uniformity(inp: AuditInput, shares: _Shares) -> CheckResult:
         )
     status = Status.FAIL if failed else Status.PASS
     summary = (
-        f"non-uniform shares at {', '.join(failed)} (p < {threshold:.1e})"
+        f"non-uniform shares at the {role} (p < {threshold:.1e})"
         if failed
-        else f"all {len(results)} share series are uniform (every p ≥ {threshold:.1e}); the "
-        "plaintext control is not"
+        else f"the {role}'s shares are uniform (every p ≥ {threshold:.1e}); the values they "
+        "stand for (the plaintext control) are not"
         if control_p and min(control_p.values()) < threshold
-        else f"all {len(results)} share series are uniform (every p ≥ {threshold:.1e})"
+        else f"the {role}'s shares are uniform (every p ≥ {threshold:.1e})"
     )
     return CheckResult(
         "uniformity",
@@ -236,16 +240,21 @@ def check_uniformity(inp: AuditInput, shares: _Shares) -> CheckResult:
     )
 
 
-def _control_values(inp: AuditInput, shares: _Shares) -> dict[str, npt.NDArray[np.int64]]:
-    """The contributed ring values (C-share + A-share of each item), by deployment."""
-    out: dict[str, npt.NDArray[np.int64]] = {}
-    for dep in shares.rows["coordinator"]:
-        pairs = _pair_rows(
-            shares.rows["coordinator"][dep], shares.rows["aggregator"].get(dep), inp.mode
-        )
-        if pairs is not None:
-            out[dep] = pairs[2].ravel()
-    return out
+def _plaintext_values(inp: AuditInput, shares: Shares) -> npt.NDArray[np.int64]:
+    """The ring words a server without secret sharing would hold in place of this server's
+    shares: each share row completed from the ground truth (:func:`_completed`: the true value
+    of the item, 0 for a dummy) — the uniformity control."""
+    if inp.truth is None:
+        return np.zeros(0, np.int64)
+    words = []
+    for dep, codec in inp.codecs.items():
+        rows = shares.rows.get(dep)
+        if rows is None or not len(rows):
+            continue
+        table = _truth_table(inp.truth.items, dep)
+        every = _targets(table, codec, np.isin(table.round_id, _view_rounds(rows)))
+        words.append(_completed(rows, every).ravel())
+    return np.concatenate(words) if words else np.zeros(0, np.int64)
 
 
 # -- keys: fixed-width byte strings as numpy void scalars, so joins are sorts, not dict loops ---
@@ -279,24 +288,6 @@ def _group_sum(
     sums = np.zeros((len(uniq), vals.shape[1]), dtype=np.int64)
     np.add.at(sums, inv.reshape(-1), vals)
     return uniq, sums
-
-
-def _pair_rows(
-    c: Rows, a: Rows | None, mode: Mode
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
-    """Rows of C and A holding shares of the same item: (C row indices, A row indices,
-    C-share + A-share). Mailbox: same post (round, participant) and position in it; shuffled:
-    same contribution id and round."""
-    if a is None or not len(c) or not len(a):
-        return None
-
-    def key(r: Rows) -> npt.NDArray[np.void]:
-        if mode is Mode.SHUFFLED:
-            return _void(r.cid, _be(r.round_id))
-        return _void(_be(r.round_id), r.participant, _be(r.position))
-
-    _, ci, ai = np.intersect1d(key(c), key(a), assume_unique=False, return_indices=True)
-    return ci.astype(np.int64), ai.astype(np.int64), c.share[ci] + a.share[ai]
 
 
 # -- 2. reconstruction ------------------------------------------------------------------------
@@ -341,9 +332,16 @@ class _Targets:
     value: npt.NDArray[np.int64]
 
 
+def _encodable(table: _Table, codec: Any) -> npt.NDArray[np.bool_]:
+    """Which true values the codec encodes (finite, within ``max_abs`` on every coordinate)."""
+    finite = np.all(np.isfinite(table.value), axis=1)
+    return finite & np.all(np.abs(table.value) <= codec.max_abs, axis=1)
+
+
 def _targets(table: _Table, codec: Any, keep: npt.NDArray[np.bool_]) -> _Targets:
-    ok = keep & np.all(np.isfinite(table.value), axis=1)
-    ok &= np.all(np.abs(table.value) <= codec.max_abs, axis=1)
+    """The encodable true contributions selected by ``keep``, summed per (round, participant,
+    slot) in the ring."""
+    ok = keep & _encodable(table, codec)
     t = _Table(
         *(getattr(table, f)[ok] for f in ("round_id", "participant", "slot", "value", "devices"))
     )
@@ -411,56 +409,178 @@ class _Guesses:
         return hit
 
 
-def check_reconstruction(inp: AuditInput, shares: _Shares, colluders: int = 1) -> CheckResult:
-    """Try to recover honest participants' contributions (messages and observations).
+@dataclass
+class _Control:
+    """The positive control's tally over deployments (see :func:`_control`).
 
-    Attackers: C's view alone; A's view alone; C with ``colluders`` colluding trust domains
-    (pools: their own contributions and the sums their registrants fetched — what those devices
-    hold); and C + A together (the threat model's boundary: expected to succeed). Chance is the
-    data-free guess "zero" (many true messages are zero). Fails if C or A alone, or C with the
-    colluders beyond the documented subtraction on small cohorts, recovers any non-zero value,
-    or if the C + A control does not recover ≥ 99 % of the values (the harness is broken).
+    ``units`` are what the control scores — one per true contribution where the server sees
+    posters, else one per (round, slot) holding true contributions; ``expected`` is the sum
+    of each unit's probability of having an opened share row (1 unless its batch was sampled),
+    ``variance`` that of a sum of such Bernoulli variables, ``recovered`` the units scored as
+    recovered."""
+
+    units: int = 0
+    expected: float = 0.0
+    variance: float = 0.0
+    recovered: int = 0
+
+    def add(self, p: npt.NDArray[np.float64], hit: npt.NDArray[np.bool_]) -> None:
+        self.units += len(p)
+        self.expected += float(p.sum())
+        self.variance += float((p * (1 - p)).sum())
+        self.recovered += int(hit.sum())
+
+    @property
+    def rate(self) -> float:
+        """Recovered over expected units (above 1 when dummies lift a sampled slot's odds)."""
+        return self.recovered / self.expected if self.expected else 0.0
+
+    @property
+    def z(self) -> float:
+        """The recovery's distance from its expectation, in standard deviations (0 when
+        nothing was sampled: the expectation is then exact)."""
+        return (self.recovered - self.expected) / math.sqrt(self.variance) if self.variance else 0.0
+
+    @property
+    def failed(self) -> bool:
+        """Below ``CONTROL_MIN`` of the expected units — and, on a sample, significantly so
+        (``z < -Z_CRIT``): an honest sample falls that short with probability < 5·10⁻⁸."""
+        short = self.recovered < CONTROL_MIN * self.expected
+        return short and (self.variance == 0 or self.z < -Z_CRIT)
+
+
+def _completed(rows: Rows, every: _Targets) -> npt.NDArray[np.int64]:
+    """Each share row completed by the complement the ground truth gives it: the true value of
+    the item it is a share of (0 for rows no true contribution matches: dummies).
+
+    Rows that name their poster match a true contribution by (round, participant, slot); the
+    first of a poster's rows at a slot takes the value (its items there add up). Rows without
+    a poster (shuffled) match by (round, slot): the k-th row at a slot takes the k-th true
+    value there — which row holds which contribution is what the shuffle hides, and the
+    attack's unattributed guesses do not need it."""
+    out = np.zeros_like(rows.share)
+    if not len(rows) or not len(every.edge):
+        return out
+    if rows.known.all():
+        uniq, first = np.unique(
+            _void(_be(rows.round_id), rows.participant, rows.slot), return_index=True
+        )
+        idx = np.minimum(np.searchsorted(every.edge, uniq), len(every.edge) - 1)
+        match = every.edge[idx] == uniq
+        out[first[match]] = every.value[idx[match]]
+        return out
+    row_key = _ranked(_void(_be(rows.round_id), rows.slot))
+    target_key = _ranked(every.slot_key)
+    _, ri, ti = np.intersect1d(row_key, target_key, assume_unique=True, return_indices=True)
+    out[ri] = every.value[ti]
+    return out
+
+
+def _ranked(keys: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
+    """Each key with its rank among equal keys (0, 1, …) appended: unique keys."""
+    order = np.argsort(keys, kind="stable")
+    _, first, inverse = np.unique(keys[order], return_index=True, return_inverse=True)
+    rank = np.empty(len(keys), dtype=np.int64)
+    rank[order] = np.arange(len(keys)) - first[inverse.reshape(-1)]
+    width = keys.dtype.itemsize
+    return _void(keys.view(np.uint8).reshape(-1, width), _be(rank))
+
+
+def _control(rows: Rows, every: _Targets, tally: _Control) -> None:
+    """The positive control on one deployment: the server's own share rows, completed by the
+    ground truth's complement (:func:`_completed`), scored by the attack's own code
+    (``_Guesses``). It recovers a unit exactly when the server's rows carry the keys the truth
+    says — rounds, slots, posters — and the scoring recognises a recovered value; it does not
+    test a share's value (only the other server's share could: that is C + A, in the tests).
+
+    Where only a fixed-seed sample of a batch was opened, a (round, slot) holding ``t`` true
+    items has an opened row with probability at least ``1 − C(N − t, m) / C(N, m)`` (``m`` of
+    the batch's ``N`` items opened; dummies at the slot only raise it): the expectation the
+    tally compares against."""
+    if not len(every.edge):
+        return
+    guesses = _Guesses()
+    guesses.add_rows(rows, _completed(rows, every))
+    hit = guesses.hits(every)
+    if len(rows) and rows.known.all():
+        tally.add(np.ones(len(every.edge)), hit)
+        return
+    units, inverse, t = np.unique(every.slot_key, return_inverse=True, return_counts=True)
+    unit_hit = np.zeros(len(units), dtype=bool)
+    np.logical_or.at(unit_hit, inverse.reshape(-1), hit)
+    sampled: dict[int, tuple[int, int]] = {}
+    for (rnd, _), (opened, received) in rows.sampled.items():
+        m, n = sampled.get(rnd, (0, 0))
+        sampled[rnd] = (m + opened, n + received)
+    rnd = units.view(np.uint8).reshape(-1, 24)[:, :8].copy().view(">i8").ravel()
+    m, n = (
+        np.asarray([sampled.get(int(r), (0, 0))[i] for r in rnd], dtype=np.int64) for i in (0, 1)
+    )
+    # a round not sampled (n = 0) was opened whole: each of its units has a row
+    p = np.where(n > 0, 1.0 - _chance_none(m, t.astype(np.int64), n), 1.0)
+    tally.add(p, unit_hit)
+
+
+def _view_rounds(rows: Rows) -> npt.NDArray[np.int64]:
+    """The rounds of which the server holds share rows (or sampled a batch)."""
+    sampled = np.asarray([rnd for rnd, _ in rows.sampled], dtype=np.int64)
+    return np.unique(np.concatenate([rows.round_id, sampled]))
+
+
+def check_reconstruction(inp: AuditInput, shares: Shares, colluders: int = 1) -> CheckResult:
+    """Try to recover honest participants' contributions (messages and observations) from the
+    audited server's view.
+
+    Attackers: the server alone (C: its shares; A: ± its shares); the server with
+    ``colluders`` colluding trust domains (pools: their own contributions and the sums their
+    registrants fetched — what those devices hold). Chance is the data-free guess "zero" (many
+    true messages are zero). Fails if the server alone, or with the colluders beyond the
+    documented subtraction on small cohorts, recovers any non-zero value, or if the positive
+    control (:func:`_control`: the server's rows completed from the ground truth, scored by the
+    same attack) recovers fewer than ``CONTROL_MIN`` of the units it should — on the opened
+    sample when a batch was sampled. The control combines the server's view with the ground
+    truth only, never with the other server's view (that would be the C + A collusion).
     """
     if inp.truth is None or not inp.truth.items:
         return CheckResult(
             "reconstruction", "Reconstruction attacks", Status.SKIP, "no ground truth in the run"
         )
-    c_rows, a_rows = shares.rows["coordinator"], shares.rows["aggregator"]
+    role = inp.role
     colluding = {p for p, d in inp.truth.domains.items() if d < colluders}
     coll_ids = _ids(sorted(colluding)) if colluding else np.zeros((0, 16), np.uint8)
-    regs = registrations(inp.servers["coordinator"])
-    coll_name = f"coordinator + {colluders} colluding pool(s)"
-    names = ("coordinator", "aggregator", "coordinator + aggregator", coll_name)
+    regs = registrations(inp.view)
+    coll_name = f"{role} + {colluders} colluding pool(s)"
+    names = (role, coll_name)
     totals = {n: np.zeros(3, dtype=np.int64) for n in names}  # recovered, non-zero, undocumented
     n_targets = n_nonzero = n_documented = 0
+    control = _Control()
+    unused: Counter[str] = Counter()
     for dep, codec in inp.codecs.items():
         table = _truth_table(inp.truth.items, dep)
-        rounds = np.unique(
-            np.concatenate(
-                [r[dep].round_id for r in (c_rows, a_rows) if dep in r] or [np.zeros(0, np.int64)]
-            )
+        rows = shares.rows.get(dep)
+        in_run = (
+            np.isin(table.round_id, _view_rounds(rows))
+            if rows is not None
+            else np.zeros(len(table.round_id), bool)
         )
-        in_run = np.isin(table.round_id, rounds)
+        unused[OUTSIDE_ROUNDS] += int((~in_run).sum())
+        unused[NOT_ENCODABLE] += int((in_run & ~_encodable(table, codec)).sum())
         is_coll = _rows_in(table.participant, coll_ids)
         every = _targets(table, codec, in_run)
         honest = _targets(table, codec, in_run & ~is_coll)
-        if not len(honest.edge):
+        if rows is None or not len(honest.edge):
             continue
+        _control(rows, every, control)
         nonzero = np.any(np.abs(honest.value) > RING_TOLERANCE, axis=1)
         n_targets += len(honest.edge)
         n_nonzero += int(nonzero.sum())
         guesses = {n: _Guesses() for n in names}
-        if dep in c_rows:
-            guesses["coordinator"].add_rows(c_rows[dep], c_rows[dep].share)
-        if dep in a_rows:
-            guesses["aggregator"].add_rows(a_rows[dep], a_rows[dep].share)
-            guesses["aggregator"].add_rows(a_rows[dep], -a_rows[dep].share)
-        pairs = _pair_rows(c_rows[dep], a_rows.get(dep), inp.mode) if dep in c_rows else None
-        if pairs is not None:
-            guesses["coordinator + aggregator"].add_rows(_take(c_rows[dep], pairs[0]), pairs[2])
-        guesses[coll_name].extend(guesses["coordinator"])
+        guesses[role].add_rows(rows, rows.share)
+        if role == "aggregator":  # A holds r of x = (x − r) + r: it tries either sign
+            guesses[role].add_rows(rows, -rows.share)
+        guesses[coll_name].extend(guesses[role])
         documented = _subtraction_attack(
-            dep, every, honest, coll_ids, regs, c_rows.get(dep), guesses[coll_name]
+            dep, every, honest, coll_ids, regs, rows, guesses[coll_name]
         )
         n_documented += int((documented & nonzero).sum())
         for n in names:
@@ -470,12 +590,14 @@ def check_reconstruction(inp: AuditInput, shares: _Shares, colluders: int = 1) -
                 int((hit & nonzero).sum()),
                 int((hit & nonzero & ~documented).sum()),
             ]
+    unused_out = {k: v for k, v in unused.items() if v}
     if not n_targets:
         return CheckResult(
             "reconstruction",
             "Reconstruction attacks",
             Status.SKIP,
-            "no honest contribution in the views",
+            f"no honest contribution in the rounds of the {role}'s view",
+            unused=unused_out,
         )
     chance = (n_targets - n_nonzero) / n_targets
     results: dict[str, dict[str, Any]] = {
@@ -490,17 +612,26 @@ def check_reconstruction(inp: AuditInput, shares: _Shares, colluders: int = 1) -
     undocumented = int(totals[coll_name][2])
     results[coll_name]["documented_small_cohort"] = int(totals[coll_name][1]) - undocumented
     results[coll_name]["undocumented"] = undocumented
-    unopened = sum(r.unopened for role in ROLES for r in shares.rows[role].values())
-    control_rate = results["coordinator + aggregator"]["rate"]
+    unopened = sum(r.unopened for r in shares.rows.values())
+    control_text = (
+        f"the control ({role}'s shares completed from the ground truth) recovers "
+        f"{control.recovered} of {control.units} unit(s)"
+        + (
+            f", at least {control.expected:.1f} expected on the opened sample ({unopened} "
+            "item(s) not opened)"
+            if unopened
+            else ""
+        )
+    )
     problems = []
-    for name in ("coordinator", "aggregator"):
-        if results[name]["recovered_nonzero"]:
-            problems.append(f"{name} alone recovered {results[name]['recovered_nonzero']} value(s)")
+    if results[role]["recovered_nonzero"]:
+        problems.append(f"{role} alone recovered {results[role]['recovered_nonzero']} value(s)")
     if undocumented:
         problems.append(f"{coll_name} recovered {undocumented} value(s) beyond small cohorts")
-    if not unopened and control_rate < CONTROL_MIN:
+    if control.failed:
+        z = f", z = {control.z:.1f}" if control.variance else ""
         problems.append(
-            f"control C + A recovered only {control_rate:.1%} of values: the audit cannot vouch "
+            f"{control_text} ({control.rate:.1%} of the expected{z}): the audit cannot vouch "
             "for its attacks"
         )
     table = [["attacker", "targets", "recovered", "rate", "chance (guess 0)", "non-zero recovered"]]
@@ -515,22 +646,29 @@ def check_reconstruction(inp: AuditInput, shares: _Shares, colluders: int = 1) -
                 str(r["recovered_nonzero"]),
             ]
         )
+    table.append(
+        [
+            f"control: {role} + truth-derived complement",
+            f"{control.units} unit(s), {control.expected:.1f} expected",
+            str(control.recovered),
+            f"{control.rate:.1%} of expected",
+            "—",
+            "—",
+        ]
+    )
     if problems:
         status, summary = Status.FAIL, "; ".join(problems)
     elif results[coll_name]["documented_small_cohort"]:
         status = Status.LEAK
         summary = (
-            f"no server alone recovers a value; {coll_name} recovers "
+            f"the {role} alone recovers no value; {coll_name} recovers "
             f"{results[coll_name]['documented_small_cohort']} value(s), each the residual of a "
             "colluder's slot or an aggregate after subtracting the colluders' own (documented: "
-            f"LEAKAGE.md, C + t devices); C + A together recover {control_rate:.0%} (the boundary)"
+            f"LEAKAGE.md, server + t devices); {control_text}"
         )
     else:
         status = Status.PASS
-        summary = (
-            f"no attacker within the threat model beats chance; C + A together recover "
-            f"{control_rate:.0%} (the boundary)"
-        )
+        summary = f"no attacker within the threat model beats chance; {control_text}"
     return CheckResult(
         "reconstruction",
         "Reconstruction attacks",
@@ -542,6 +680,15 @@ def check_reconstruction(inp: AuditInput, shares: _Shares, colluders: int = 1) -
             "documented_by_subtraction": n_documented,
             "colluders": colluders,
             "attackers": results,
+            "control": {
+                "units": control.units,
+                "expected": control.expected,
+                "recovered": control.recovered,
+                "rate": control.rate,
+                "z": control.z,
+                "failed": control.failed,
+                "unopened_items": unopened,
+            },
             "unopened_items": unopened,
         },
         table,
@@ -551,6 +698,7 @@ def check_reconstruction(inp: AuditInput, shares: _Shares, colluders: int = 1) -
                 for k, v in results.items()
             }
         },
+        unused_out,
     )
 
 
@@ -561,34 +709,21 @@ def _rows_in(ids: npt.NDArray[np.uint8], members: npt.NDArray[np.uint8]) -> npt.
     return np.isin(_void(ids), _void(members))
 
 
-def _take(rows: Rows, idx: npt.NDArray[np.int64]) -> Rows:
-    return Rows(
-        rows.round_id[idx],
-        rows.phase[idx],
-        rows.participant[idx],
-        rows.known[idx],
-        rows.slot[idx],
-        rows.share[idx],
-        rows.cid[idx],
-        rows.position[idx],
-        rows.batch,
-    )
-
-
 def _subtraction_attack(
     dep: str,
     every: _Targets,
     honest: _Targets,
     coll_ids: npt.NDArray[np.uint8],
     regs: dict[int, dict[bytes, bytes]],
-    c_rows: Rows | None,
+    rows: Rows,
     guesses: _Guesses,
 ) -> npt.NDArray[np.bool_]:
-    """C + colluders: a colluding registrant's fetched sum minus the colluders' own items leaves
-    the honest contributions to that slot; aggregates are opened to C anyway. The residual is
-    guessed as a lone honest contribution's value, attributed where C sees a single honest
-    poster (mailbox mode; dummies usually hide it). Returns which honest targets this documented
-    attack may recover (each honest contribution equal to its slot's residual)."""
+    """The server + colluders: a colluding registrant's fetched sum minus the colluders' own
+    items leaves the honest contributions to that slot; aggregates are opened (and published)
+    anyway. The residual is guessed as a lone honest contribution's value, attributed where the
+    server's ``rows`` show a single honest poster (mailbox mode; dummies usually hide it).
+    Returns which honest targets this documented attack may recover (each honest contribution
+    equal to its slot's residual)."""
     slots, total = _group_sum(every.slot_key, every.value)
     coll = _rows_in(every.participant, coll_ids)
     own_keys, own = _group_sum(every.slot_key[coll], every.value[coll])
@@ -618,9 +753,9 @@ def _subtraction_attack(
     documented[at] = _near_rows(residual[idx[at]], honest.value[at])
     guesses.slot.append(slots)
     guesses.slot_val.append(residual)
-    if c_rows is not None and c_rows.known.any():
-        k = c_rows.known & ~_rows_in(c_rows.participant, coll_ids)
-        pairs = np.unique(_void(_be(c_rows.round_id[k]), c_rows.slot[k], c_rows.participant[k]))
+    if rows.known.any():
+        k = rows.known & ~_rows_in(rows.participant, coll_ids)
+        pairs = np.unique(_void(_be(rows.round_id[k]), rows.slot[k], rows.participant[k]))
         raw = pairs.view(np.uint8).reshape(-1, 40)
         slot_of = _void(raw[:, :24])
         uniq, first, counts = np.unique(slot_of, return_index=True, return_counts=True)
@@ -670,10 +805,62 @@ def _chance_none(
     return out
 
 
-def check_linkage(inp: AuditInput, shares: _Shares) -> CheckResult:
-    """Each server's best sender ↔ slot edge recovery against the true contact graph.
+def _linkage(rows: Rows | None, edges: npt.NDArray[np.void]) -> dict[str, Any] | None:
+    """One server's linkage statistics over the true ``edges`` of the rounds its rows cover
+    (``None`` when it holds no rows, or they cover none)."""
+    if rows is None or not len(rows):
+        return None
+    guess = _guess_senders(rows)
+    asserted = np.unique(_void(_be(rows.round_id), guess, rows.slot))
+    raw = edges.view(np.uint8).reshape(-1, 40)
+    e_round = raw[:, :8].copy().view(">i8").ravel().astype(np.int64)
+    covered = edges[np.isin(e_round, np.unique(rows.round_id))]
+    if not len(covered):
+        return None
+    craw = covered.view(np.uint8).reshape(-1, 40)
+    c_round = craw[:, :8].copy().view(">i8").ravel().astype(np.int64)
+    found = np.isin(covered, asserted)
+    # items per (round, slot) at this server, and each poster's item count per round
+    sk, sk_counts = np.unique(_void(_be(rows.round_id), rows.slot), return_counts=True)
+    c_sk = _void(craw[:, :8], craw[:, 24:])
+    pos = np.minimum(np.searchsorted(sk, c_sk), len(sk) - 1)
+    n_s = np.where(sk[pos] == c_sk, sk_counts[pos], 0)
+    sk_round = sk.view(np.uint8).reshape(-1, 24)[:, :8].copy().view(">i8").ravel()
+    slots_per_round = dict(zip(*np.unique(sk_round, return_counts=True), strict=True))
+    poster_keys, poster_n, totals = [], [], {}
+    n_candidates = 0
+    for (rnd, _), posters in rows.batch.items():
+        totals[rnd] = sum(n for _, n in posters)
+        poster_keys += [int(rnd).to_bytes(8, "big", signed=True) + p for p, _ in posters]
+        poster_n += [n for _, n in posters]
+        n_candidates += len(posters) * int(slots_per_round.get(rnd, 0))
+    pk = np.frombuffer(b"".join(poster_keys), dtype="V24") if poster_keys else np.zeros(0, "V24")
+    order = np.argsort(pk)
+    pk, pn = pk[order], np.asarray(poster_n, dtype=np.int64)[order]
+    c_pk = _void(craw[:, :24])
+    ppos = np.minimum(np.searchsorted(pk, c_pk), max(len(pk) - 1, 0))
+    n_p = np.where((pk[ppos] == c_pk) if len(pk) else False, pn[ppos] if len(pk) else 0, 0)
+    total = np.asarray([totals.get(int(r), 0) for r in c_round], dtype=np.int64)
+    chance = 1.0 - _chance_none(n_s, n_p, total)
+    hits = int(found.sum())
+    mean, var = float(chance.sum()), float((chance * (1 - chance)).sum())
+    z = (hits - mean) / math.sqrt(var) if var > 0 else 0.0
+    return {
+        "true_edges": len(covered),
+        "asserted_edges": len(asserted),
+        "recall": hits / len(covered),
+        "chance_recall": mean / len(covered),
+        "precision": int(np.isin(asserted, covered).sum()) / max(len(asserted), 1),
+        "chance_precision": len(covered) / max(n_candidates, 1),
+        "z": z,
+        "linkable": bool(z > Z_CRIT),
+    }
 
-    For every neighbourhood item a server holds it asserts a sender (the poster it saw, or by
+
+def check_linkage(inp: AuditInput, shares: Shares) -> CheckResult:
+    """The server's best sender ↔ slot edge recovery against the true contact graph.
+
+    For every neighbourhood item the server holds it asserts a sender (the poster it saw, or by
     the order attack); the asserted edges are scored against the true (sender participant,
     slot) edges of each round. Recall of a true edge under chance — senders assigned to the
     server's items at random positions of the batch — is exact (hypergeometric); the verdict
@@ -691,58 +878,9 @@ def check_linkage(inp: AuditInput, shares: _Shares) -> CheckResult:
         )
     edges = np.unique(table_t.edge)
     results: dict[str, dict[str, Any]] = {}
-    for role in ROLES:
-        rows = shares.rows[role].get("neighbourhood")
-        if rows is None or not len(rows):
-            continue
-        guess = _guess_senders(rows)
-        asserted = np.unique(_void(_be(rows.round_id), guess, rows.slot))
-        raw = edges.view(np.uint8).reshape(-1, 40)
-        e_round = raw[:, :8].copy().view(">i8").ravel().astype(np.int64)
-        covered = edges[np.isin(e_round, np.unique(rows.round_id))]
-        if not len(covered):
-            continue
-        craw = covered.view(np.uint8).reshape(-1, 40)
-        c_round = craw[:, :8].copy().view(">i8").ravel().astype(np.int64)
-        found = np.isin(covered, asserted)
-        # items per (round, slot) at this server, and each poster's item count per round
-        sk, sk_counts = np.unique(_void(_be(rows.round_id), rows.slot), return_counts=True)
-        c_sk = _void(craw[:, :8], craw[:, 24:])
-        pos = np.minimum(np.searchsorted(sk, c_sk), len(sk) - 1)
-        n_s = np.where(sk[pos] == c_sk, sk_counts[pos], 0)
-        sk_round = sk.view(np.uint8).reshape(-1, 24)[:, :8].copy().view(">i8").ravel()
-        slots_per_round = dict(zip(*np.unique(sk_round, return_counts=True), strict=True))
-        poster_keys, poster_n, totals = [], [], {}
-        n_candidates = 0
-        for (rnd, _), posters in rows.batch.items():
-            totals[rnd] = sum(n for _, n in posters)
-            poster_keys += [int(rnd).to_bytes(8, "big", signed=True) + p for p, _ in posters]
-            poster_n += [n for _, n in posters]
-            n_candidates += len(posters) * int(slots_per_round.get(rnd, 0))
-        pk = (
-            np.frombuffer(b"".join(poster_keys), dtype="V24") if poster_keys else np.zeros(0, "V24")
-        )
-        order = np.argsort(pk)
-        pk, pn = pk[order], np.asarray(poster_n, dtype=np.int64)[order]
-        c_pk = _void(craw[:, :24])
-        ppos = np.minimum(np.searchsorted(pk, c_pk), max(len(pk) - 1, 0))
-        n_p = np.where((pk[ppos] == c_pk) if len(pk) else False, pn[ppos] if len(pk) else 0, 0)
-        total = np.asarray([totals.get(int(r), 0) for r in c_round], dtype=np.int64)
-        chance = 1.0 - _chance_none(n_s, n_p, total)
-        hits = int(found.sum())
-        mean, var = float(chance.sum()), float((chance * (1 - chance)).sum())
-        z = (hits - mean) / math.sqrt(var) if var > 0 else 0.0
-        results[role] = {
-            "true_edges": len(covered),
-            "asserted_edges": len(asserted),
-            "recall": hits / len(covered),
-            "chance_recall": mean / len(covered),
-            "precision": int(np.isin(asserted, covered).sum()) / max(len(asserted), 1),
-            "chance_precision": len(covered) / max(n_candidates, 1),
-            "z": z,
-            "linkable": bool(z > Z_CRIT),
-        }
-
+    measured = _linkage(shares.rows.get("neighbourhood"), edges)
+    if measured is not None:
+        results[inp.role] = measured
     if not results:
         return CheckResult("linkage", "Linkage attack", Status.SKIP, "no neighbourhood items seen")
     linkable = sorted(r for r, v in results.items() if v["linkable"])
@@ -773,7 +911,7 @@ def check_linkage(inp: AuditInput, shares: _Shares) -> CheckResult:
         )
     if not linkable:
         status = Status.PASS
-        summary = "no server links senders to slots better than chance"
+        summary = f"the {inp.role} does not link senders to slots better than chance"
     elif inp.mode is Mode.SHUFFLED:
         status = Status.FAIL
         summary = (
@@ -800,10 +938,13 @@ def check_linkage(inp: AuditInput, shares: _Shares) -> CheckResult:
 
 
 # -- 4. small cohorts -------------------------------------------------------------------------
-def check_cohorts(inp: AuditInput, shares: _Shares, k: int = 2) -> CheckResult:
+def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
     """How many released slots summed fewer than ``k`` contributors (a slot summing one contact
     reveals that contact's message to its registrant), and whether a configured minimum cohort
-    was enforced: every slot the servers counted below it must be released as zero."""
+    was enforced: every slot the coordinator counted below it must be released as zero in its
+    fetch replies. The aggregator's replies are boxed to the registrant, so its view cannot show
+    what it released; either server's zero withholds a slot's sum, so the coordinator's audit
+    settles enforcement, and the aggregator's says so (``skip``)."""
     if inp.truth is None:
         return CheckResult("cohorts", "Small cohorts", Status.SKIP, "no ground truth")
     k = max(k, inp.min_cohort)
@@ -846,14 +987,28 @@ def check_cohorts(inp: AuditInput, shares: _Shares, k: int = 2) -> CheckResult:
         if small.any()
         else f"every slot summed at least {k} contacts"
     )
-    if inp.min_cohort:
-        c_rows = shares.rows["coordinator"].get("neighbourhood")
-        if c_rows is not None and len(c_rows):
-            held, held_n = np.unique(_void(_be(c_rows.round_id), c_rows.slot), return_counts=True)
+    unused: dict[str, int] = {}
+    if inp.min_cohort and inp.role != "coordinator":
+        status = Status.SKIP
+        summary = (
+            f"minimum cohort {inp.min_cohort}: the {inp.role}'s replies are boxed to the "
+            "registrant, so its view cannot show what it released (the coordinator's audit "
+            f"checks its releases; either server's zero withholds a sum); {int(small.sum())} "
+            f"of {n_slots} slots summed fewer than {k} contacts"
+        )
+    elif inp.min_cohort:
+        held_rows = shares.rows.get("neighbourhood")
+        if held_rows is not None and len(held_rows):
+            held, held_n = np.unique(
+                _void(_be(held_rows.round_id), held_rows.slot), return_counts=True
+            )
         else:
             held, held_n = np.zeros(0, "V24"), np.zeros(0, np.int64)
         rel_keys, rel_zero = [], []
-        for rnd, _, slot_ids, rows in fetch_releases(inp.servers["coordinator"]):
+        releases, unanswered = fetch_releases(inp.view)
+        if unanswered:
+            unused[UNANSWERED_FETCH] = unanswered
+        for rnd, _, slot_ids, rows in releases:
             n = rows.shape[0]
             rel_keys.append(
                 _void(_be(np.full(n, rnd)), np.frombuffer(slot_ids, np.uint8).reshape(n, 16))
@@ -907,7 +1062,14 @@ def check_cohorts(inp: AuditInput, shares: _Shares, k: int = 2) -> CheckResult:
                 )
             )
     return CheckResult(
-        "cohorts", "Small cohorts", status, summary, details, table, {"cohort_histogram": hist}
+        "cohorts",
+        "Small cohorts",
+        status,
+        summary,
+        details,
+        table,
+        {"cohort_histogram": hist},
+        unused,
     )
 
 
@@ -977,7 +1139,8 @@ def _opened_days(source: str) -> dict[int, npt.NDArray[np.float64]]:
 def _fidelity_vs_truth(inp: AuditInput, config: Any) -> dict[str, Any] | None:
     """The noise's cost measured against the ground truth: the opened daily aggregates versus
     the participants' own observation totals (``dp.fidelity_cost``), over the committed days
-    whose every participant's total is known. ``None`` without truth or opened days."""
+    whose every participant's total is known (``days`` 0: none was), with the number of opened
+    days not compared. ``None`` without truth, or when the shapes disagree."""
     from protocols.secure_sum import dp
 
     if inp.truth is None:
@@ -989,8 +1152,9 @@ def _fidelity_vs_truth(inp: AuditInput, config: Any) -> dict[str, Any] | None:
             exact[it.round_id].append(it.value)
     domains = len(set(inp.truth.domains.values()))
     rounds = sorted(r for r, vals in exact.items() if len(vals) == domains)
+    not_compared = len(opened) - len(rounds)
     if not rounds:
-        return None
+        return {"days": 0, "not_compared": not_compared}
     # the noise-free opened sum: the participants' totals as the codec encodes and sums them
     from contract.schedule import aggregates_codec
 
@@ -1002,6 +1166,7 @@ def _fidelity_vs_truth(inp: AuditInput, config: Any) -> dict[str, Any] | None:
     cost = dp.fidelity_cost(truth, noisy, config).as_dict()
     err = (noisy - truth).ravel()
     cost["days"] = len(rounds)
+    cost["not_compared"] = not_compared
     cost["rms_over_sigma"] = cost["rms_error"] / config.sigma_total
     # the observed mean square against σ²: a chi-square bound (two-sided, 1e-6) says whether
     # the noise the servers added is consistent with the configured scale
@@ -1017,12 +1182,14 @@ def check_dp(inp: AuditInput) -> CheckResult:
 
     The run spec's ``dp`` entry (``{sigma, delta, l2_sensitivity}``, see :func:`dp_config_of`)
     configures the observations phase; one release = one opened ``global/day/<d>``. Releases
-    are counted from the coordinator's transcript (every ``AggregateRequest`` it sent, retries
-    and aborted attempts included: an over-count only weakens the stated ε), or else as
-    days × epochs. The guarantee comes from ``accountant.privacy_report`` (both adversaries, both
-    accountants). The fidelity cost is the configured σ (the expected RMS error per coordinate)
-    and, with ground truth, the observed error of the opened aggregates against the
-    participants' own totals (plus, with ``--baseline``, :func:`add_dp_fidelity`). Fails if
+    are counted from the server's transcript (every ``AggregateRequest`` the coordinator sent,
+    which the aggregator received; retries and aborted attempts included: an over-count only
+    weakens the stated ε), or else as days × epochs. The guarantee comes from
+    ``accountant.privacy_report`` (both adversaries, both accountants). The fidelity cost is the
+    configured σ (the expected RMS error per coordinate) and, in the coordinator's audit (C
+    opens the aggregates: they are in its database) with ground truth, the observed error of
+    the opened aggregates against the participants' own totals (plus, with ``--baseline``,
+    :func:`add_dp_fidelity`). Fails if
     the configuration is invalid (no guarantee can be stated) or the observed error is
     inconsistent with the configured σ (the servers did not add the noise the run claims).
     """
@@ -1043,9 +1210,9 @@ def check_dp(inp: AuditInput) -> CheckResult:
         return CheckResult(
             "dp", "Differential privacy", Status.FAIL, f"the run's DP configuration is invalid: {e}"
         )
-    releases = sum(
-        1 for e in inp.servers["coordinator"].records if e.kind == "AggregateRequest"
-    ) or int(inp.config.get("days", 1)) * int(inp.config.get("epochs", 1))
+    releases = sum(1 for e in inp.view.records if e.kind == "AggregateRequest") or int(
+        inp.config.get("days", 1)
+    ) * int(inp.config.get("epochs", 1))
     report = privacy_report(config, releases)
     table = [["quantity", "value"]] + [
         [k, f"{v:.6g}" if isinstance(v, float) else str(v)] for k, v in report.items()
@@ -1060,8 +1227,13 @@ def check_dp(inp: AuditInput) -> CheckResult:
         f"and accountant); expected RMS error {config.sigma_total:.3g} per coordinate"
     )
     table.append(["fidelity: configured σ = expected RMS error", f"{config.sigma_total:.6g}"])
-    cost = _fidelity_vs_truth(inp, config)
-    if cost is not None:
+    unused: dict[str, int] = {}
+    if inp.role != "coordinator":
+        summary += " (the observed noise is measured by the coordinator's audit: C opens it)"
+    cost = _fidelity_vs_truth(inp, config) if inp.role == "coordinator" else None
+    if cost is not None and cost["not_compared"]:
+        unused[NOT_COMPARED] = cost["not_compared"]
+    if cost is not None and cost["days"]:
         plot["dp_errors"] = {"errors": cost.pop("errors"), "sigma": config.sigma_total}
         details["fidelity_vs_truth"] = cost
         table += [
@@ -1077,7 +1249,7 @@ def check_dp(inp: AuditInput) -> CheckResult:
                 f" — INCONSISTENT with the configured σ ({cost['rms_over_sigma']:.3g}·σ): the "
                 "opened aggregates do not carry the claimed noise"
             )
-    return CheckResult("dp", "Differential privacy", status, summary, details, table, plot)
+    return CheckResult("dp", "Differential privacy", status, summary, details, table, plot, unused)
 
 
 def add_dp_fidelity(result: CheckResult, run: dict[str, Any], baseline: dict[str, Any]) -> None:
@@ -1099,42 +1271,24 @@ def add_dp_fidelity(result: CheckResult, run: dict[str, Any], baseline: dict[str
 
 
 # -- 6. secrets at rest -----------------------------------------------------------------------
-def _server_key_needles(inp: AuditInput) -> dict[str, dict[str, list[bytes]]]:
-    """Per role, the other server's private keys (a server must never hold its peer's)."""
-    out: dict[str, dict[str, list[bytes]]] = {}
-    for role in ROLES:
-        other = ROLES[1 - ROLES.index(role)]
-        out[role] = {
-            f"{other} private key ({dep})": [
-                kp.private.private_bytes_raw(),
-                kp.private.private_bytes_raw().hex().encode(),
-            ]
-            for dep, kp in inp.servers[other].keys.items()
-        }
-    return out
-
-
 def check_secrets(inp: AuditInput) -> CheckResult:
-    """Scan every server file (databases, logs, views, transcripts, keys) for planted plaintext:
-    pools' secrets and keys, devices' state values, messages, own totals, heard beacons, the
-    world's beacon secret, the auditor's key, and the other server's keys; and check that key
-    files are readable by their owner only."""
+    """Scan the audited server's files (databases, logs, views, keys) and the run's public
+    outputs for planted plaintext — the ground truth's needles: pools' secrets and keys,
+    devices' state values, messages, own totals, heard beacons, the world's beacon secret, and
+    the key of this server's auditor — and check that key files are readable by their owner
+    only. The other server's private keys are not needles: this audit does not hold them (only
+    the two auditors together would; the test suite, holding both, plants them)."""
     if not inp.scan_files:
         return CheckResult(
             "secrets", "Secrets at rest and in logs", Status.SKIP, "no server files to scan"
         )
     needles = dict(inp.truth.needles) if inp.truth is not None else {}
-    cross = _server_key_needles(inp)
     hits: list[tuple[str, str]] = []
     loose: list[str] = []
     for path in inp.scan_files:
         data = path.read_bytes()
-        role = next((r for r in ROLES if f"/{r}/" in str(path) or path.name.startswith(r)), None)
-        scope = dict(needles)
-        if role is not None:
-            scope.update(cross[role])
         hits += [
-            (label, str(path)) for label, ns in scope.items() if any(n and n in data for n in ns)
+            (label, str(path)) for label, ns in needles.items() if any(n and n in data for n in ns)
         ]
         if (path.name.endswith(".key") or path.name == "keys.json") and stat.S_IMODE(
             os.stat(path).st_mode
@@ -1143,14 +1297,14 @@ def check_secrets(inp: AuditInput) -> CheckResult:
     table = [["planted", "found in"]] + [[label, f] for label, f in hits[:50]]
     details = {
         "files": len(inp.scan_files),
-        "needles": len(needles) + sum(len(v) for v in cross.values()),
+        "needles": len(needles),
         "hits": [{"needle": label, "file": f} for label, f in hits],
         "loose_key_files": loose,
     }
     if hits or loose:
         parts = []
         if hits:
-            parts.append(f"{len(hits)} planted value(s) found in server files")
+            parts.append(f"{len(hits)} planted value(s) found in the {inp.role}'s files")
         if loose:
             parts.append(f"{len(loose)} key file(s) readable by group/others")
         return CheckResult(
@@ -1160,8 +1314,8 @@ def check_secrets(inp: AuditInput) -> CheckResult:
         "secrets",
         "Secrets at rest and in logs",
         Status.PASS,
-        f"none of {details['needles']} planted values in {len(inp.scan_files)} server files; "
-        "key files are 0600",
+        f"none of {details['needles']} planted values in the {inp.role}'s {len(inp.scan_files)} "
+        "files; key files are 0600",
         details,
     )
 
@@ -1180,9 +1334,10 @@ PROFILE: dict[str, dict[str, str]] = {
             "which registrant fetched"
         ),
         "a device": "the sums of its own registered slots, once per phase",
-        "coordinator + t devices": (
+        "a server (C or A) + t devices": (
             "the colluders' own values and sums; a colluder's slot sum minus their items = the "
-            "honest contributions to it (one honest contributor: its value, and C knows who)"
+            "honest contributions to it (one honest contributor: its value, and the server "
+            "knows who)"
         ),
         "coordinator + aggregator": "everything (they add their shares): outside the threat model",
     },
@@ -1197,7 +1352,7 @@ PROFILE: dict[str, dict[str, str]] = {
             "per-slot counts (padded)"
         ),
         "a device": "the sums of its own registered slots, once per phase",
-        "coordinator + t devices": (
+        "a server (C or A) + t devices": (
             "the same subtraction on values; the sender of a lone honest contribution stays "
             "hidden (no sender↔slot link)"
         ),
@@ -1210,10 +1365,17 @@ PROFILE: dict[str, dict[str, str]] = {
         "coordinator": "every raw value with its sender and slot (INSECURE baseline)",
         "aggregator": "nothing of value (zero shares); the sender→slot graph from the relay",
         "a device": "the sums of its own registered slots",
-        "coordinator + t devices": "everything",
+        "a server (C or A) + t devices": "everything",
         "coordinator + aggregator": "everything",
     },
 }
+
+#: every mode: what the auditor of one server learns (LEAKAGE.md, "Auditors")
+AUDITOR_ROW = (
+    "a server's auditor",
+    "exactly that server's view: its transcript and what its own keys open; never the other "
+    "server's (the two auditors together would hold what C + A hold)",
+)
 
 #: message types each server may receive, per mode (from devices / from the other server)
 _ALLOWED: dict[str, dict[str, set[str]]] = {
@@ -1255,27 +1417,28 @@ def _allowed(role: str, mode: Mode) -> dict[str, set[str]]:
 
 
 def check_profile(inp: AuditInput) -> CheckResult:
-    """The leakage profile of the run's configuration, and a check that each server's
-    transcript holds only the message types its mode allows (e.g. no mailbox post, with its
-    sender↔slot pairs, reaches C in shuffled mode; A never hears from a device)."""
+    """The leakage profile of the run's configuration, and a check that the server's transcript
+    holds only the message types its mode allows (e.g. no mailbox post, with its sender↔slot
+    pairs, reaches C in shuffled mode; A never hears from a device). Messages that do not decode
+    are not protocol messages: they are counted as unused, not judged here."""
     mode = inp.mode.value
+    role = inp.role
+    allowed = _allowed(role, inp.mode)
+    seen: dict[str, int] = defaultdict(int)
     violations: list[str] = []
-    counts: dict[str, dict[str, int]] = {}
-    for role in ROLES:
-        allowed = _allowed(role, inp.mode)
-        seen: dict[str, int] = defaultdict(int)
-        for r in inp.servers[role].records:
-            if r.direction != "in":
-                continue
-            src = "server" if r.peer in ROLES else "device"
-            seen[r.kind] += 1
-            if r.kind not in allowed[src]:
-                violations.append(f"{role} received {r.kind} from a {src}")
-        counts[role] = dict(seen)
+    for r in inp.view.records:
+        if r.direction != "in" or r.kind == "?":
+            continue
+        src = "server" if r.peer in ("coordinator", "aggregator") else "device"
+        seen[r.kind] += 1
+        if r.kind not in allowed[src]:
+            violations.append(f"{role} received {r.kind} from a {src}")
     violations = sorted(set(violations))
-    regs = registrations(inp.servers["coordinator"])
+    counts = {role: dict(seen)}
+    regs = registrations(inp.view)
     participants = {p for slots in regs.values() for p in slots.values()}
     table = [["party", f"learns ({mode})"]] + [[p, t] for p, t in PROFILE[mode].items()]
+    table.append(list(AUDITOR_ROW))
     config = {
         "mode": mode,
         "participants": len(participants),
@@ -1291,7 +1454,8 @@ def check_profile(inp: AuditInput) -> CheckResult:
             "profile",
             "Leakage profile",
             Status.FAIL,
-            f"transcripts hold messages outside the {mode} profile: {'; '.join(violations[:5])}",
+            f"the {role}'s transcript holds messages outside the {mode} profile: "
+            f"{'; '.join(violations[:5])}",
             {"config": config, "messages": counts, "violations": violations},
             table,
         )
@@ -1300,7 +1464,7 @@ def check_profile(inp: AuditInput) -> CheckResult:
         "profile",
         "Leakage profile",
         status,
-        f"{mode} mode; every message each server received fits the profile"
+        f"{mode} mode; every message the {role} received fits the profile"
         + (" (plaintext is the insecure baseline)" if status is Status.LEAK else ""),
         {"config": config, "messages": counts, "violations": []},
         table,
@@ -1309,10 +1473,11 @@ def check_profile(inp: AuditInput) -> CheckResult:
 
 def run_checks(
     inp: AuditInput, colluders: int = 1, cohort_k: int = 2, max_open: int = 200_000
-) -> list[CheckResult]:
-    """Every check, in report order."""
+) -> AuditResult:
+    """Every check of the audited server's view, in report order, with everything the audit
+    could not use, by stage and reason (see :class:`AuditResult`)."""
     shares = shares_of(inp, max_open)
-    return [
+    checks = [
         check_uniformity(inp, shares),
         check_reconstruction(inp, shares, colluders),
         check_linkage(inp, shares),
@@ -1321,3 +1486,15 @@ def run_checks(
         check_secrets(inp),
         check_profile(inp),
     ]
+    stages: dict[str, Counter[str] | dict[str, int]] = {
+        "transcript": transcript_unused(inp.view, inp.codecs),
+        "shares": shares.unused,
+        "truth": inp.truth.unused if inp.truth is not None else Counter(),
+        **{f"check: {c.key}": c.unused for c in checks},
+    }
+    unused = {
+        stage: {k: v for k, v in sorted(reasons.items()) if v}
+        for stage, reasons in stages.items()
+        if any(reasons.values())
+    }
+    return AuditResult(inp.role, checks, unused)

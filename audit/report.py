@@ -1,9 +1,11 @@
-"""The audit report: ``audit.json`` (a verdict per check), ``report.md``, ``report.html`` and PNGs.
+"""The report of one server's audit: ``audit.json`` (a verdict per check), ``report.md``,
+``report.html`` and PNGs.
 
-The JSON is the machine-readable verdict (``{"verdict": "pass"|"fail", "checks": [...]}``); the
-Markdown and HTML hold the same tables plus plots: each server's share top-byte histogram
-against the plaintext control, attack success against chance, linkage recall against chance,
-and the distribution of contributors per slot.
+The JSON is the machine-readable verdict (``{"role": …, "verdict": "pass"|"fail", "checks":
+[...], "unused": {stage: {reason: count}}}``); the Markdown and HTML hold the same tables plus
+plots — the server's share top-byte histogram against the plaintext control, attack success
+against chance, linkage recall against chance, the distribution of contributors per slot — and
+the table of every record, item or truth row the audit could not use, by reason.
 """
 
 from __future__ import annotations
@@ -15,29 +17,39 @@ from typing import Any
 
 import numpy as np
 
-from audit.checks import CheckResult, Status
+from audit.checks import AuditResult, CheckResult
 from audit.views import AuditInput
 
-THREAT_MODEL = (
-    "Two non-colluding, honest-but-curious servers: the coordinator C and the aggregator A. "
-    "Each server's attacks use only what it received and sent (its sealed transcript) and its "
-    "own private keys, read from its state dir to open what was sealed to it: the audit "
-    "reconstructs exactly what that server could learn. C + A together is outside the threat "
-    "model; the audit runs it to show the boundary (it succeeds: they add their shares)."
-)
+
+def threat_model(role: str) -> str:
+    """The report's statement of what this audit holds and attacks."""
+    return (
+        "Two non-colluding, honest-but-curious servers: the coordinator C and the aggregator A. "
+        f"This audit is the {role}'s: its attacks use only what the {role} received and sent "
+        f"(its transcript, sealed to the {role}'s own auditor) and the {role}'s own private "
+        "keys, read from its state dir to open what was sealed to it, scored against the "
+        "ground truth (the pools' own stores): it reconstructs exactly what that server could "
+        "learn. The other server's transcript and keys are not read: both views together are "
+        "the C + A collusion, outside the threat model (they add their shares); the test suite, "
+        "which holds both in-memory views, shows that boundary."
+    )
 
 
-def verdict(results: list[CheckResult]) -> str:
-    """``fail`` if any check failed, else ``pass``."""
-    return "fail" if any(r.status is Status.FAIL for r in results) else "pass"
+def unused_rows(audit: AuditResult) -> list[list[str]]:
+    """The table of what the audit could not use (first row = header): stage, reason, count."""
+    rows = [["stage", "not used", "count"]]
+    for stage, reasons in audit.unused.items():
+        rows += [[stage, reason, str(n)] for reason, n in reasons.items()]
+    return rows
 
 
-def to_json(inp: AuditInput, results: list[CheckResult]) -> dict[str, Any]:
+def to_json(inp: AuditInput, audit: AuditResult) -> dict[str, Any]:
     """The machine-readable verdict."""
     return {
         "source": inp.source,
+        "role": audit.role,
         "mode": inp.mode.value,
-        "verdict": verdict(results),
+        "verdict": audit.verdict,
         "checks": [
             {
                 "key": r.key,
@@ -45,9 +57,11 @@ def to_json(inp: AuditInput, results: list[CheckResult]) -> dict[str, Any]:
                 "status": r.status.value,
                 "summary": r.summary,
                 "details": r.details,
+                "unused": r.unused,
             }
-            for r in results
+            for r in audit.checks
         ],
+        "unused": audit.unused,
         "truth_notes": inp.truth.notes if inp.truth is not None else ["no ground truth"],
     }
 
@@ -144,36 +158,49 @@ def _html_table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_report(inp: AuditInput, results: list[CheckResult], out: Path) -> dict[str, Any]:
+def write_report(inp: AuditInput, audit: AuditResult, out: Path) -> dict[str, Any]:
     """Write ``audit.json``, ``report.md``, ``report.html`` and the plots into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    data = to_json(inp, results)
+    results = audit.checks
+    data = to_json(inp, audit)
     (out / "audit.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     plots = _plots(results, out)
+    unused = unused_rows(audit)
+    unused_text = (
+        "Every record, item and truth row was used."
+        if len(unused) == 1
+        else "Records, items and truth rows the audit could not use, by stage and reason "
+        "(each is left out of the checks' counts):"
+    )
+    threat = threat_model(audit.role)
     summary = [["check", "verdict", "why"]] + [
         [r.title, r.status.value.upper(), r.summary] for r in results
     ]
     md = [
-        f"# Privacy audit — {data['verdict'].upper()}",
+        f"# Privacy audit of the {audit.role} — {data['verdict'].upper()}",
         "",
-        f"Run: `{inp.source}` — mode **{inp.mode.value}**.",
+        f"Run: `{inp.source}` — mode **{inp.mode.value}** — the {audit.role}'s view.",
         "",
-        f"**Threat model.** {THREAT_MODEL}",
+        f"**Threat model.** {threat}",
         "",
         _md_table(summary),
         "",
     ]
     md += [f"- {n}" for n in data["truth_notes"]]
+    md += ["", "## Not used", "", unused_text, "", _md_table(unused) if len(unused) > 1 else ""]
     parts = [
         "<!doctype html><meta charset='utf-8'><title>decentsim privacy audit</title>",
         "<style>body{font-family:sans-serif;max-width:60em;margin:auto}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;"
         "font-size:90%}.pass{color:#070}.fail{color:#b00}.leak{color:#a60}.skip{color:#777}"
         "</style>",
-        f"<h1>Privacy audit — {html.escape(data['verdict'].upper())}</h1>",
-        f"<p>Run: <code>{html.escape(inp.source)}</code> — mode <b>{inp.mode.value}</b>.</p>",
-        f"<p><b>Threat model.</b> {html.escape(THREAT_MODEL)}</p>",
+        f"<h1>Privacy audit of the {audit.role} — {html.escape(data['verdict'].upper())}</h1>",
+        f"<p>Run: <code>{html.escape(inp.source)}</code> — mode <b>{inp.mode.value}</b> — "
+        f"the {audit.role}'s view.</p>",
+        f"<p><b>Threat model.</b> {html.escape(threat)}</p>",
         _html_table(summary),
+        f"<h2>Not used</h2><p>{html.escape(unused_text)}</p>",
+        _html_table(unused) if len(unused) > 1 else "",
     ]
     for r in results:
         md += ["", f"## {r.title} — {r.status.value.upper()}", "", r.summary, ""]

@@ -11,9 +11,12 @@ recomputes, with the model's own functions, exactly what each participant contri
 - **observations**: the participant's daily total (pools of one participant; a pool of several
   participants stores only its grand total, so its observation items are left out).
 
-It also collects the planted secrets no server may ever hold (the needles of the secrets scan).
+It also collects the planted secrets no server may ever hold (the needles of the secrets scan),
+and counts the store rows no contribution could be derived from (``Truth.unused``).
 ``audit/truth.json`` (written by ``federated run``) names the population seed; without it the
-run seed is used, as ``federated run`` does.
+run seed is used, as ``federated run`` does. θ of later epochs and the opened aggregates (a lone
+contributor's value may equal one) come from the coordinator's database tables ``epochs`` and
+``days``: published results, not the coordinator's view.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import struct
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -99,8 +103,15 @@ def _thetas(run_dir: Path, spec: RunSpec) -> dict[int, torch.Tensor]:
     return out
 
 
-def load_truth(run_dir: Path, spec: RunSpec, servers: dict[str, ServerView]) -> Truth | None:
-    """The ground truth of a run dir, or ``None`` if it holds no pool store."""
+#: reasons a row of a pool's store yields no contribution (the keys of ``Truth.unused``)
+NO_CREDENTIAL = "pool store without a credential (never enrolled)"
+NO_ROUND = "contact-log entry of a day without its round, start-of-day state or θ in the store"
+UNREGISTERED = "heard RPI whose slot its owner did not register (nothing was posted to it)"
+
+
+def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
+    """The ground truth of a run dir, or ``None`` if it holds no pool store. ``view`` (the
+    audited server's) says which slots were registered: a pool posts only to those."""
     from contract.schedule import UNIT_DEVICES, day_slot, slice_ids
     from contract.wire import deployment_from_pb
     from device_agent.pool import forward_theta
@@ -121,7 +132,8 @@ def load_truth(run_dir: Path, spec: RunSpec, servers: dict[str, ServerView]) -> 
     population = from_spec(spec.population, seed=int(meta.get("population_seed", spec.seed)))
     config = spec.model_config()
     thetas = _thetas(run_dir, spec)
-    directory = registrations(servers["coordinator"]) if "coordinator" in servers else {}
+    directory = registrations(view)
+    unused: Counter[str] = Counter()
     items: list[TrueItem] = []
     domains: dict[bytes, int] = {}
     needles: dict[str, list[bytes]] = {}
@@ -135,6 +147,7 @@ def load_truth(run_dir: Path, spec: RunSpec, servers: dict[str, ServerView]) -> 
         db = pool_dir / "pool.sqlite3"
         cred = _query(db, "SELECT key_pem, enrolment, secret FROM credential")
         if not cred:
+            unused[NO_CREDENTIAL] += 1
             continue
         key_pem, secret = bytes(cred[0][0]), bytes(cred[0][2])
         reply = pb.EnrolResponse.FromString(bytes(cred[0][1]))
@@ -191,6 +204,7 @@ def load_truth(run_dir: Path, spec: RunSpec, servers: dict[str, ServerView]) -> 
             rid = rounds.get((epoch, day))
             raw = states.get((epoch, day))
             if rid is None or raw is None or epoch not in thetas:
+                unused[NO_ROUND] += len(observer)
                 continue
             state = state_from_bytes(raw)
             th = forward_theta(thetas[epoch])
@@ -212,7 +226,8 @@ def load_truth(run_dir: Path, spec: RunSpec, servers: dict[str, ServerView]) -> 
                 for j in range(len(uniq)):
                     slot = slots[16 * j : 16 * j + 16]
                     if registered is not None and slot not in registered:
-                        continue  # the owner did not register: the pool posts nothing
+                        unused[UNREGISTERED] += 1
+                        continue
                     items.append(
                         TrueItem("neighbourhood", rid, unit, slot, summed[j], int(devs[j]))
                     )
@@ -227,16 +242,13 @@ def load_truth(run_dir: Path, spec: RunSpec, servers: dict[str, ServerView]) -> 
             vals = distinctive(np.concatenate(message_values), public)
             for j, v in enumerate(vals[:20]):
                 needles[f"pool-{i} message value #{j}"] = float_needles(v)
-    auditor = run_dir / "audit" / "auditor.key"
-    if auditor.exists():
-        needles["auditor private key"] = bytes_needles(bytes.fromhex(auditor.read_text().strip()))
     kept = {d for _, d, *_ in _all_traces(pool_dirs)}
     if spec.days > len(kept):
         notes.append(
             f"message truth covers {len(kept)} of {spec.days} days (the contact log is kept for "
             "a limited number of days)"
         )
-    return Truth(items, domains, needles, notes)
+    return Truth(items, domains, needles, notes, unused)
 
 
 def _observed(db: Path) -> dict[tuple[int, int], np.ndarray]:

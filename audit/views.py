@@ -1,18 +1,22 @@
-"""The audit's typed model of a run: what each server saw, and (where present) the ground truth.
+"""The audit's typed model of one server's view and (where present) the ground truth.
 
-:class:`AuditInput` is what every check reads. It is built either from a federated run's
-directory (:func:`load_run`; the sealed transcripts opened with the auditor's key, ground truth
-from the pools' own stores, see :mod:`audit.truth`) or directly by tests from an in-memory
-network whose servers' observers recorded the same records (:class:`RecordingObserver`).
+:class:`AuditInput` is what every check reads: **one** server's view — its transcript and its
+own private keys — never both (the two views together are the coordinator + aggregator
+collusion the threat model excludes). It is built either from a federated run's directory
+(:func:`audit.load.load_run`: that server's transcript opened with its own auditor's key, ground
+truth from the pools' own stores, see :mod:`audit.truth`) or directly by tests from an
+in-memory network whose servers' observers recorded the same records (:class:`RecordingObserver`).
 
-:func:`server_shares` turns one server's transcript into its share rows — exactly what that
-server could compute from its own view and its own private keys (the audit reads a server's
-keys from its state dir to open what was sealed to it, and says so in the report).
+:func:`server_shares` turns the server's transcript into its share rows — exactly what that
+server could compute from its own view and its own private keys (the audit reads the server's
+keys from its state dir to open what was sealed to it, and says so in the report) — and counts,
+by reason, every record and item it could not use (:class:`Shares`).
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +76,15 @@ class ServerView:
         records: every message it received or sent, in order.
         keys: its own X25519 key pairs by deployment name (to open what was sealed to it).
         events: its JSON-lines view (events and sizes), possibly empty.
+        unused: what loading the transcript could not use, by reason (e.g. a record cut short
+            by a crash).
     """
 
     role: str
     records: list[TranscriptRecord]
     keys: dict[str, KeyPair]
     events: list[dict[str, Any]] = field(default_factory=list)
+    unused: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -112,37 +119,49 @@ class Truth:
         needles: planted secrets by label, each in the encodings it could leak in (raw, hex,
             decimal); no server file may contain any of them.
         notes: what the truth covers (e.g. contact-log retention), for the report.
+        unused: rows of the pools' stores that no contribution could be derived from, by
+            reason.
     """
 
     items: list[TrueItem]
     domains: dict[bytes, int]
     needles: dict[str, list[bytes]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    unused: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
 class AuditInput:
-    """Everything the checks read.
+    """Everything the checks read: one server's view.
 
     Attributes:
         mode: the run's posting mode.
         codecs: fixed-point codec by deployment name.
-        servers: the two servers' views by role.
+        view: the audited server's view (its transcript and its own keys).
         truth: ground truth, or ``None`` when the run dir has none.
-        scan_files: server-side files (databases, logs, views, keys) for the secrets scan.
+        scan_files: the audited server's files (databases, logs, views, keys) and the run's
+            public outputs, for the secrets scan.
         config: the run's public configuration (the run spec as a dict) for the profile.
         min_cohort: the minimum cohort the servers enforced (0: off).
         source: where this came from (a run dir, or a description of the crafted input).
+        dims: each deployment's vector length from the run's public schedule (empty: taken
+            from the view's posts or the truth).
     """
 
     mode: Mode
     codecs: dict[str, FixedPointCodec]
-    servers: dict[str, ServerView]
+    view: ServerView
     truth: Truth | None = None
     scan_files: list[Path] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     min_cohort: int = 0
     source: str = ""
+    dims: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def role(self) -> str:
+        """The audited server: ``"coordinator"`` or ``"aggregator"``."""
+        return self.view.role
 
 
 class RecordingObserver:
@@ -182,6 +201,8 @@ class Rows:
             order), for order-based linkage.
         batch: ``(round, phase)`` key → the ordered posters of that batch and their item
             counts, as the server saw them (the sender side of a linkage attack).
+        sampled: ``(round, phase)`` → (items opened, items received) of each batch of which
+            only a fixed-seed sample was opened (``max_open``).
     """
 
     round_id: npt.NDArray[np.int64]
@@ -193,11 +214,15 @@ class Rows:
     cid: npt.NDArray[np.uint8]
     position: npt.NDArray[np.int64]
     batch: dict[tuple[int, str], list[tuple[bytes, int]]] = field(default_factory=dict)
-    #: items this server received but did not open (sampling cap), by (round, phase)
-    unopened: int = 0
+    sampled: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.round_id.size)
+
+    @property
+    def unopened(self) -> int:
+        """Items this server received but the audit did not open (the sampling cap)."""
+        return sum(received - opened for opened, received in self.sampled.values())
 
 
 @dataclass
@@ -211,7 +236,7 @@ class _RowBuilder:
     cid: list[bytes] = field(default_factory=list)
     position: list[int] = field(default_factory=list)
     batch: dict[tuple[int, str], list[tuple[bytes, int]]] = field(default_factory=dict)
-    unopened: int = 0
+    sampled: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
 
     def add(
         self,
@@ -250,12 +275,38 @@ class _RowBuilder:
             cid,
             np.asarray(self.position, dtype=np.int64),
             self.batch,
-            self.unopened,
+            self.sampled,
         )
 
 
+# reasons a record or item is not used (the keys of the ``unused`` counters; the report lists them)
+REPLAYED = "replayed message (its first copy is used)"
+MALFORMED_POST = "post whose share length is not items × dim"
+SEED_NOT_OPENED = "sealed seed that did not open (the aggregator holds no share of that post)"
+OUTER_NOT_OPENED = "outer envelope that did not open (its poster's item count is unknown)"
+ITEM_NOT_OPENED = "item envelope that did not open"
+ITEM_WRONG_SIZE = "opened item of the wrong size"
+NOT_SAMPLED = "item not opened (beyond --max-open: a fixed-seed sample of its batch was opened)"
+UNANSWERED_FETCH = "fetch request without a released reply (refused, or no reply recorded)"
+
+
+def transcript_unused(view: ServerView, deployments: Iterable[str]) -> Counter[str]:
+    """Records of ``view`` that no check can use, by reason: what loading it could not use
+    (``view.unused``), protocol messages that do not decode (by direction), and messages of a
+    deployment the audit has no codec for. Each record is counted once."""
+    out = Counter(view.unused)
+    known = set(deployments)
+    for r in view.records:
+        if r.kind == "?":  # the writer could not decode it either (see contract.transcript)
+            out[f"undecodable protocol message ({r.direction})"] += 1
+        elif r.deployment not in known:
+            out[f"message of a deployment the audit has no codec for ({r.deployment!r})"] += 1
+    return out
+
+
 def _decoded(records: Iterable[TranscriptRecord], direction: str, peer_is_device: bool | None):
-    """(record, message) pairs of one direction; undecodable payloads are skipped."""
+    """(record, message) pairs of one direction; undecodable payloads are skipped (each is
+    counted once, by :func:`transcript_unused`)."""
     for r in records:
         if r.direction != direction:
             continue
@@ -277,34 +328,56 @@ def _sample(n: int, cap: int, salt: int) -> npt.NDArray[np.int64]:
     return np.sort(rng.choice(n, size=cap, replace=False)).astype(np.int64)
 
 
+@dataclass
+class Shares:
+    """One server's share rows by deployment, and what extracting them could not use.
+
+    Attributes:
+        rows: deployment → the server's share rows.
+        unused: reason → records or items of the view that were not turned into rows.
+    """
+
+    rows: dict[str, Rows]
+    unused: Counter[str] = field(default_factory=Counter)
+
+
 def server_shares(
     view: ServerView, mode: Mode, dims: dict[str, int], max_open: int = 200_000
-) -> dict[str, Rows]:
+) -> Shares:
     """The share rows each deployment's server holds, computed from its own view and keys.
 
     Coordinator: the C-shares of mailbox/plaintext posts (with their poster), or in shuffled mode
     the C-items A returned (opened with C's key; poster unknown). Aggregator: the seeds sealed
     to it (mailbox, with the poster from the relay) expanded to its shares, zeros in plaintext,
-    or the shuffled A-items (opened with A's key; poster unknown). Replays are counted once.
+    or the shuffled A-items (opened with A's key; poster unknown). Replays are used once.
     Shuffled batches larger than ``max_open`` items are sampled (fixed seed) — one public-key
-    open per item is the cost; the report says how many were opened.
+    open per item is the cost. Every record or item not turned into rows (replays, envelopes
+    that do not open, items not sampled, malformed posts) is counted in ``Shares.unused``.
     """
     out = {name: _RowBuilder(dim) for name, dim in dims.items()}
+    unused: Counter[str] = Counter()
     seen: set[tuple[str, int, str, bytes]] = set()
     if view.role == "coordinator":
         posters: dict[tuple[str, int, str], list[tuple[bytes, int]]] = {}
         for r, msg in _decoded(view.records, "in", True):
-            if r.deployment not in out:
+            if r.deployment not in out or not isinstance(msg, MailboxPost | ShuffledPost):
                 continue
-            key = (r.deployment, getattr(msg, "round_id", 0), getattr(msg, "phase", ""))
-            if isinstance(msg, MailboxPost) and (*key, msg.device_id) not in seen:
-                seen.add((*key, msg.device_id))
-                share = np.frombuffer(msg.share_c, dtype="<i8").astype(np.int64)
-                out[r.deployment].add(msg.round_id, msg.phase, msg.device_id, msg.slot_ids, share)
-                posters.setdefault(key, []).append((msg.device_id, len(msg.slot_ids) // 16))
-            elif isinstance(msg, ShuffledPost) and (*key, msg.device_id) not in seen:
-                seen.add((*key, msg.device_id))
+            key = (r.deployment, msg.round_id, msg.phase)
+            if (*key, msg.device_id) in seen:
+                unused[REPLAYED] += 1
+                continue
+            seen.add((*key, msg.device_id))
+            if isinstance(msg, ShuffledPost):
                 posters.setdefault(key, []).append((msg.device_id, len(msg.items_for_a)))
+                continue
+            b = out[r.deployment]
+            n = len(msg.slot_ids) // SLOT_ID_BYTES
+            if len(msg.share_c) != 8 * n * b.dim or len(msg.slot_ids) != n * SLOT_ID_BYTES:
+                unused[MALFORMED_POST] += 1
+                continue
+            share = np.frombuffer(msg.share_c, dtype="<i8").astype(np.int64)
+            b.add(msg.round_id, msg.phase, msg.device_id, msg.slot_ids, share)
+            posters.setdefault(key, []).append((msg.device_id, n))
         # the relay order of posters (what C sent to A) is the batch order
         for r, msg in _decoded(view.records, "out", False):
             if isinstance(msg, RelayShuffled | RelayMailbox) and r.deployment in out:
@@ -317,13 +390,16 @@ def server_shares(
             if not isinstance(msg, ShuffledForC) or r.deployment not in out:
                 continue
             if (r.deployment, msg.round_id, msg.phase, b"C") in seen:
+                unused[REPLAYED] += 1
                 continue
             seen.add((r.deployment, msg.round_id, msg.phase, b"C"))
             b = out[r.deployment]
-            pos = _sample(len(msg.items_for_c), max_open, msg.round_id)
-            b.unopened += len(msg.items_for_c) - len(pos)
+            pos = _sample_batch(
+                b, unused, len(msg.items_for_c), max_open, (msg.round_id, msg.phase), msg.round_id
+            )
             _open_items(
                 b,
+                unused,
                 view.keys[r.deployment],
                 [msg.items_for_c[i] for i in pos.tolist()],
                 pos,
@@ -335,53 +411,73 @@ def server_shares(
                     np.frombuffer(payload, "<i8").astype(np.int64).reshape(-1, d)
                 ),
             )
-        return {k: v.build() for k, v in out.items()}
+        return Shares({k: v.build() for k, v in out.items()}, unused)
     for r, msg in _decoded(view.records, "in", False):
-        if r.deployment not in out:
+        if r.deployment not in out or not isinstance(msg, RelayMailbox | RelayShuffled):
             continue
+        if (r.deployment, msg.round_id, msg.phase, b"") in seen:
+            unused[REPLAYED] += 1
+            continue
+        seen.add((r.deployment, msg.round_id, msg.phase, b""))
         b = out[r.deployment]
         if isinstance(msg, RelayMailbox):
-            if (r.deployment, msg.round_id, msg.phase, b"") in seen:
-                continue
-            seen.add((r.deployment, msg.round_id, msg.phase, b""))
             b.batch[(msg.round_id, msg.phase)] = [
                 (d, len(s) // SLOT_ID_BYTES)
                 for d, s in zip(msg.device_ids, msg.slot_ids, strict=True)
             ]
-            _mailbox_a(b, view.keys[r.deployment], msg, mode)
-        elif isinstance(msg, RelayShuffled):
-            if (r.deployment, msg.round_id, msg.phase, b"") in seen:
-                continue
-            seen.add((r.deployment, msg.round_id, msg.phase, b""))
-            size_c = item_c_bytes(b.dim)
-            keys = view.keys[r.deployment]
-            counts = []
-            for device, outer in zip(msg.device_ids, msg.outers, strict=True):
-                try:
-                    blob = open_envelope(
-                        keys, outer, INFO_OUTER, post_header(device, msg.round_id, msg.phase)
-                    )
-                    counts.append((device, len(blob) // size_c))
-                except SecureSumError:
-                    counts.append((device, 0))
-            b.batch[(msg.round_id, msg.phase)] = counts
-            pos = _sample(len(msg.items_for_a), max_open, msg.round_id + 1)
-            b.unopened += len(msg.items_for_a) - len(pos)
-            _open_items(
-                b,
-                keys,
-                [msg.items_for_a[i] for i in pos.tolist()],
-                pos,
-                INFO_ITEM_A,
-                msg.round_id,
-                msg.phase,
-                SEED_BYTES,
-                lambda seeds, d=b.dim: expand_seeds(seeds, d),
-            )
-    return {k: v.build() for k, v in out.items()}
+            _mailbox_a(b, unused, view.keys[r.deployment], msg, mode)
+            continue
+        size_c = item_c_bytes(b.dim)
+        keys = view.keys[r.deployment]
+        counts = []
+        for device, outer in zip(msg.device_ids, msg.outers, strict=True):
+            try:
+                blob = open_envelope(
+                    keys, outer, INFO_OUTER, post_header(device, msg.round_id, msg.phase)
+                )
+                counts.append((device, len(blob) // size_c))
+            except SecureSumError:
+                unused[OUTER_NOT_OPENED] += 1
+                counts.append((device, 0))
+        b.batch[(msg.round_id, msg.phase)] = counts
+        pos = _sample_batch(
+            b, unused, len(msg.items_for_a), max_open, (msg.round_id, msg.phase), msg.round_id + 1
+        )
+        _open_items(
+            b,
+            unused,
+            keys,
+            [msg.items_for_a[i] for i in pos.tolist()],
+            pos,
+            INFO_ITEM_A,
+            msg.round_id,
+            msg.phase,
+            SEED_BYTES,
+            lambda seeds, d=b.dim: expand_seeds(seeds, d),
+        )
+    return Shares({k: v.build() for k, v in out.items()}, unused)
 
 
-def _mailbox_a(b: _RowBuilder, keys: KeyPair, msg: RelayMailbox, mode: Mode) -> None:
+def _sample_batch(
+    b: _RowBuilder,
+    unused: Counter[str],
+    n: int,
+    cap: int,
+    batch: tuple[int, str],
+    salt: int,
+) -> npt.NDArray[np.int64]:
+    """The positions to open of ``batch`` (round, phase) of ``n`` items (see :func:`_sample`);
+    a sampled batch is recorded in ``b.sampled`` and its items not opened are counted."""
+    pos = _sample(n, cap, salt)
+    if len(pos) < n:
+        b.sampled[batch] = (len(pos), n)
+        unused[NOT_SAMPLED] += n - len(pos)
+    return pos
+
+
+def _mailbox_a(
+    b: _RowBuilder, unused: Counter[str], keys: KeyPair, msg: RelayMailbox, mode: Mode
+) -> None:
     """A's shares of a mailbox relay: each post's sealed seed expanded (zeros in plaintext)."""
     for device, slots, sealed in zip(msg.device_ids, msg.slot_ids, msg.sealed_for_a, strict=True):
         n = len(slots) // SLOT_ID_BYTES
@@ -392,13 +488,15 @@ def _mailbox_a(b: _RowBuilder, keys: KeyPair, msg: RelayMailbox, mode: Mode) -> 
         try:
             inner = open_envelope(keys, sealed, INFO_MAILBOX, header)
         except SecureSumError:
-            continue  # A refused it too: it holds no share of this post
+            unused[SEED_NOT_OPENED] += 1
+            continue
         shares = expand_seed_runs([inner[:SEED_BYTES]], [n * b.dim])
         b.add(msg.round_id, msg.phase, device, slots, shares)
 
 
 def _open_items(
     b: _RowBuilder,
+    unused: Counter[str],
     keys: KeyPair,
     envelopes: list[bytes],
     positions: npt.NDArray[np.int64],
@@ -416,10 +514,13 @@ def _open_items(
         try:
             plain = open_envelope(keys, env, info, aad)
         except SecureSumError:
+            unused[ITEM_NOT_OPENED] += 1
             continue
-        if len(plain) == want:
-            plains.append(plain)
-            kept.append(p)
+        if len(plain) != want:
+            unused[ITEM_WRONG_SIZE] += 1
+            continue
+        plains.append(plain)
+        kept.append(p)
     if not plains:
         return
     mat = np.frombuffer(b"".join(plains), dtype=np.uint8).reshape(-1, want)
@@ -454,10 +555,12 @@ def registrations(
 
 def fetch_releases(
     view: ServerView, deployment: str = "neighbourhood"
-) -> list[tuple[int, bytes, bytes, npt.NDArray[np.int64]]]:
+) -> tuple[list[tuple[int, bytes, bytes, npt.NDArray[np.int64]]], int]:
     """(round, participant, slot ids, C's released share-sum rows) of every answered fetch at C
-    (each request paired with the next reply to the same participant)."""
+    (each request paired with the next reply to the same participant), and the number of
+    fetch requests left without a reply."""
     pending: dict[str, FetchRequest] = {}
+    unanswered = 0
     out = []
     for r in view.records:
         if r.deployment != deployment or r.peer in ROLES:
@@ -467,10 +570,11 @@ def fetch_releases(
         except SecureSumError:
             continue
         if r.direction == "in" and isinstance(msg, FetchRequest):
+            unanswered += int(r.peer in pending)  # a request superseded before its reply
             pending[r.peer] = msg
         elif r.direction == "out" and isinstance(msg, FetchResponse) and r.peer in pending:
             req = pending.pop(r.peer)
             n = len(req.slot_ids) // SLOT_ID_BYTES
             rows = np.frombuffer(msg.share_sum_c, dtype="<i8").astype(np.int64).reshape(n, -1)
             out.append((req.round_id, req.device_id, req.slot_ids, rows))
-    return out
+    return out, unanswered + len(pending)

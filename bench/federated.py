@@ -23,66 +23,29 @@ from typing import Any
 
 import torch
 
-from contract.runspec import RunSpecError
+from decentsim.commands.common import make_out_dir
+from decentsim.commands.federated import add_federation_arguments, federation_spec
 from decentsim.usage import (
     CommandFailed,
-    UsageError,
-    nonnegative_int,
-    positive_float,
-    positive_int,
 )
-from launcher.federation import FederationError, make_spec
+from launcher.federation import FederationError
 from launcher.run import federated_run
-from sim.populations import PopulationError, from_spec
+from sim.populations import from_spec
 from sim.runner import CentralSimulator
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``bench federated``."""
-    p.add_argument("--population", default="synthetic:2000")
-    p.add_argument("--days", type=positive_int, default=10)
-    p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument(
-        "--pools",
-        type=positive_int,
-        default=2,
-        help="device-pool processes (at most one per agent)",
-    )
-    p.add_argument("--mode", default="mailbox", choices=("mailbox", "shuffled", "plaintext"))
-    p.add_argument("--radio", default="ideal", choices=("ideal", "simulated"))
-    p.add_argument("--step-timeout", type=positive_float, default=600.0, help="seconds per step")
+    add_federation_arguments(p, days=10, step_timeout_s=600.0)
     p.add_argument("--out", type=Path, help="keep the federated run's outputs here")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Time both runs; see the module docstring."""
     if args.out is not None:
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--out {str(args.out)!r}: cannot create it ({e.strerror})") from None
-    try:
-        population = from_spec(args.population, seed=args.seed)
-    except PopulationError as e:
-        raise UsageError(f"--population: {e}") from None
-    if args.pools > population.n_agents:
-        raise UsageError(
-            f"--pools {args.pools}: more pools than the population's {population.n_agents} "
-            "agents (every pool needs an agent)"
-        )
-    try:
-        spec = make_spec(
-            args.population,
-            args.days,
-            population_seed=args.seed,
-            pools=args.pools,
-            radio=args.radio,
-            seed=args.seed,
-            mode=args.mode,
-            step_timeout_s=args.step_timeout,
-        )
-    except RunSpecError as e:  # the spec's own consistency checks (each names its field)
-        raise UsageError(str(e)) from None
+        make_out_dir("--out", args.out)
+    spec = federation_spec(args)
+    population = from_spec(args.population, seed=args.seed)
     start = time.perf_counter()
     sim = CentralSimulator(population, spec.model_config(), args.seed, dtype=torch.float64)
     central = sim.run(spec.theta_object(), args.days, "forward")

@@ -1,8 +1,8 @@
-"""Sealed server transcripts: every byte a server received and sent, readable only by the auditor.
+"""Sealed server transcripts: every byte a server received and sent, readable only by its auditor.
 
-A server started with ``--audit-key PATH`` (an X25519 public key of the auditor) records each
+A server started with ``--audit-key PATH`` (the X25519 public key of its auditor) records each
 protocol message it receives or sends in ``<state-dir>/views/<role>.transcript``. A record holds
-an individual's shares, so it is never stored in plaintext: each one is sealed to the auditor's
+an individual's shares, so it is never stored in plaintext: each one is sealed to its auditor's
 key with the project's envelope (X25519 ephemeral + HKDF-SHA256 + ChaCha20-Poly1305, a fresh
 ephemeral key per record). The server itself cannot read its transcript back.
 
@@ -22,8 +22,11 @@ AAD, so a record moved, dropped from the middle or copied between roles fails to
 record cut short by a crash (the file's tail) is dropped when the server reopens the file.
 ``peer`` is a participant id in hex, ``"coordinator"`` or ``"aggregator"``.
 
-Auditor keys (:func:`create_auditor_keys`): ``auditor.key`` (the 32-byte private key in hex,
-``0600``) and ``auditor.pub`` (the public key in hex). Only the public key is given to servers.
+Auditor keys (:func:`create_auditor_keys`): each server has its own auditor, whose key pair is
+``<role>-auditor.key`` (the 32-byte private key in hex, ``0600``) and ``<role>-auditor.pub``
+(the public key in hex). A server is given only its own auditor's public key, so the auditor of
+one server can open that server's transcript and no other: one key opening both would be the
+coordinator + aggregator collusion the threat model excludes.
 """
 
 from __future__ import annotations
@@ -32,12 +35,11 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from identity.secret_files import write_secret
-from protocols.secure_sum.envelope import KeyPair, open_envelope, seal
+from protocols.secure_sum.envelope import KeyPair, key_id, open_envelope, seal
 from protocols.secure_sum.errors import EnvelopeError, MessageError
 from protocols.secure_sum.messages import decode
 
@@ -52,6 +54,11 @@ DIRECTIONS = ("in", "out")
 
 class TranscriptError(Exception):
     """A transcript or auditor key file is unusable; the message names the file and why."""
+
+
+class TranscriptIntegrityError(TranscriptError):
+    """A record of a transcript fails to authenticate or to parse (tampered, reordered or
+    dropped records, or a broken writer): the evidence itself is bad, not the key or path."""
 
 
 @dataclass(frozen=True)
@@ -137,9 +144,8 @@ def _header(role: str, public: bytes) -> bytes:
     return MAGIC + _s16(role) + public
 
 
-def _scan(path: Path) -> tuple[str, bytes, int, int]:
-    """(role, auditor public key, whole records, byte offset after the last whole record)."""
-    data = path.read_bytes()
+def _parse_header(data: bytes, path: Path) -> tuple[str, bytes, int]:
+    """(role, auditor public key, offset of the first record) of a transcript's leading bytes."""
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 2:
         raise TranscriptError(f"{path}: not an audit transcript (bad magic)")
     (n,) = struct.unpack_from(">H", data, len(MAGIC))
@@ -148,14 +154,41 @@ def _scan(path: Path) -> tuple[str, bytes, int, int]:
     public = data[start + n : start + n + KEY_BYTES]
     if len(public) != KEY_BYTES:
         raise TranscriptError(f"{path}: truncated header")
-    pos, count = start + n + KEY_BYTES, 0
+    return role, public, start + n + KEY_BYTES
+
+
+def _scan(data: bytes, path: Path) -> tuple[str, bytes, list[tuple[int, int]], int]:
+    """(role, auditor public key, (offset, size) of each whole record's envelope, byte offset
+    after the last whole record)."""
+    role, public, pos = _parse_header(data, path)
+    spans = []
     while pos + 4 <= len(data):
         (size,) = struct.unpack_from(">I", data, pos)
         if pos + 4 + size > len(data):
             break
+        spans.append((pos + 4, size))
         pos += 4 + size
-        count += 1
-    return role, public, count, pos
+    return role, public, spans, pos
+
+
+def read_header(path: Path) -> tuple[str, bytes]:
+    """(role, auditor public key) a transcript is recorded for; reads only the header.
+
+    Raises:
+        TranscriptError: missing, or not a transcript.
+    """
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(MAGIC) + 2 + (1 << 16) + KEY_BYTES)
+    except FileNotFoundError:
+        raise TranscriptError(f"{path}: transcript not found") from None
+    role, public, _ = _parse_header(head, path)
+    return role, public
+
+
+def fingerprint(public: bytes) -> str:
+    """A public key's short id (hex of its 8-byte key id), to name keys in messages."""
+    return key_id(public).hex()
 
 
 class TranscriptWriter:
@@ -177,7 +210,8 @@ class TranscriptWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._seq = 0
         if path.exists() and path.stat().st_size:
-            old_role, old_public, self._seq, end = _scan(path)
+            old_role, old_public, spans, end = _scan(path.read_bytes(), path)
+            self._seq = len(spans)
             if old_role != role or old_public != auditor_public:
                 raise TranscriptError(
                     f"{path}: transcript of role {old_role!r} for another auditor key; "
@@ -206,44 +240,71 @@ class TranscriptWriter:
             self._file.close()
 
 
-def read_transcript(path: Path, auditor: KeyPair) -> tuple[str, list[TranscriptRecord]]:
-    """(role, records) of a transcript, opened with the auditor's key pair.
+@dataclass(frozen=True)
+class Transcript:
+    """A transcript opened by its auditor.
+
+    Attributes:
+        role: the server it was recorded by.
+        records: every whole record, in order.
+        tail_bytes: bytes after the last whole record (a record cut short by a crash; the
+            server drops them when it reopens the file), not used.
+    """
+
+    role: str
+    records: list[TranscriptRecord]
+    tail_bytes: int = 0
+
+
+def read_transcript(path: Path, auditor: KeyPair) -> Transcript:
+    """A transcript, opened with its auditor's key pair (the file is read once).
 
     Raises:
-        TranscriptError: wrong file, another auditor's key, or a record that fails to open
-            (tampered, reordered or dropped), naming the sequence number.
+        TranscriptError: wrong file, or sealed to another auditor's key (both keys named by
+            fingerprint).
+        TranscriptIntegrityError: a record fails to open (tampered, reordered or dropped) or to
+            parse, naming its sequence number.
     """
-    role, public, count, _ = _scan(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TranscriptError(f"{path}: transcript not found") from None
+    role, public, spans, end = _scan(data, path)
     if public != auditor.public:
-        raise TranscriptError(f"{path}: sealed to another auditor key (key id mismatch)")
-    return role, list(_records(path, role, auditor, count))
-
-
-def _records(path: Path, role: str, auditor: KeyPair, count: int) -> Iterator[TranscriptRecord]:
-    data = path.read_bytes()
-    (n,) = struct.unpack_from(">H", data, len(MAGIC))
-    pos = len(MAGIC) + 2 + n + KEY_BYTES
-    for seq in range(count):
-        (size,) = struct.unpack_from(">I", data, pos)
-        env = data[pos + 4 : pos + 4 + size]
-        pos += 4 + size
+        raise TranscriptError(
+            f"{path}: the {role}'s transcript is sealed to auditor key {fingerprint(public)}, "
+            f"not to this key ({fingerprint(auditor.public)}): only the {role}'s own auditor "
+            "opens it"
+        )
+    records = []
+    for seq, (pos, size) in enumerate(spans):
         try:
-            plain = open_envelope(auditor, env, INFO, _aad(role, seq))
+            plain = open_envelope(auditor, data[pos : pos + size], INFO, _aad(role, seq))
         except EnvelopeError as e:
-            raise TranscriptError(
+            raise TranscriptIntegrityError(
                 f"{path}: record {seq} does not open ({type(e).__name__}): tampered, "
                 "reordered or dropped records"
             ) from None
-        yield decode_record(seq, plain)
+        try:
+            records.append(decode_record(seq, plain))
+        except TranscriptError as e:
+            raise TranscriptIntegrityError(f"{path}: {e}") from None
+    return Transcript(role, records, len(data) - end)
 
 
-def create_auditor_keys(directory: Path) -> tuple[Path, Path]:
-    """A fresh auditor key pair in ``directory``: (``auditor.key`` 0600, ``auditor.pub``)."""
+def auditor_files(directory: Path, role: str) -> tuple[Path, Path]:
+    """(private, public) key files of ``role``'s auditor in ``directory``:
+    ``<role>-auditor.key`` and ``<role>-auditor.pub``."""
+    return directory / f"{role}-auditor.key", directory / f"{role}-auditor.pub"
+
+
+def create_auditor_keys(directory: Path, role: str) -> tuple[Path, Path]:
+    """A fresh key pair for ``role``'s auditor in ``directory``: (``<role>-auditor.key`` 0600,
+    ``<role>-auditor.pub``). Give the server only the public file."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     pair = KeyPair.generate()
-    private = directory / "auditor.key"
+    private, public = auditor_files(directory, role)
     write_secret(private, (pair.private.private_bytes_raw().hex() + "\n").encode())
-    public = directory / "auditor.pub"
     public.write_text(pair.public.hex() + "\n")
     return private, public
 
@@ -261,7 +322,7 @@ def _hex_key(path: Path, what: str) -> bytes:
 
 
 def load_auditor_public(path: Path) -> bytes:
-    """The auditor's public key from ``auditor.pub`` (hex).
+    """An auditor's public key from ``<role>-auditor.pub`` (hex).
 
     Raises:
         TranscriptError: missing, not hex, or not 32 bytes.
@@ -270,7 +331,7 @@ def load_auditor_public(path: Path) -> bytes:
 
 
 def load_auditor_keypair(path: Path) -> KeyPair:
-    """The auditor's key pair from ``auditor.key`` (hex; must be ``0600``).
+    """An auditor's key pair from ``<role>-auditor.key`` (hex; must be ``0600``).
 
     Raises:
         TranscriptError: missing, readable by others, not hex, or not 32 bytes.

@@ -2,9 +2,10 @@
 
 ``views/<role>.jsonl`` (:class:`ViewLog`): one JSON object per line, ``t`` (unix time),
 ``event`` and the event's fields — identifiers, sizes, timing and opened aggregates, never a
-share, value or key. ``views/<role>.transcript`` (:func:`open_transcript`, only with an
-auditor's public key): every protocol message in and out, each record sealed to that auditor
-(:mod:`contract.transcript`). The event names are documented in ``docs/decentralized.md``.
+share, value or key. ``views/<role>.transcript`` (:func:`open_transcript`, only with the public
+key of this server's own auditor): every protocol message in and out, each record sealed to that
+auditor (:mod:`contract.transcript`); the other server's auditor cannot open it. The event
+names are documented in ``docs/decentralized.md``.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class ViewLog:
 def open_transcript(
     audit_key: Path | None, state_dir: Path, role: str, servers: Mapping[str, Observed]
 ) -> TranscriptWriter | None:
-    """With an auditor public key: ``views/<role>.transcript``, recording every message of
-    ``servers`` (by deployment name), each record sealed to the auditor. Without: ``None``.
+    """With the public key of ``role``'s own auditor: ``views/<role>.transcript``, recording
+    every message of ``servers`` (by deployment name), each record sealed to that auditor.
+    Without: ``None``. Each server must get a different auditor's key: one key opening both
+    transcripts would hold what the coordinator and the aggregator hold together.
 
     Raises:
         TranscriptError: the key file is unusable, or the transcript belongs to another key.

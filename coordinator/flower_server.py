@@ -59,8 +59,9 @@ class FlowerServerConfig:
         aggregator: ``HOST:PORT`` of the aggregator's link; ``aggregator_export`` its export.
         node_wait_s: how long to wait for ``spec.pools`` nodes to connect.
         progress: a progress bar of committed days on stderr.
-        audit_key: the auditor's public key: record the coordinator's sealed transcript
-            (``views/coordinator.transcript``, see docs/audit.md), as ``--audit-key`` does.
+        audit_key: the public key of the coordinator's own auditor: record the coordinator's
+            transcript sealed to it (``views/coordinator.transcript``, see docs/audit.md), as
+            ``--audit-key`` does.
     """
 
     state_dir: Path

@@ -12,9 +12,10 @@ Layout of ``DIR`` (``--out``)::
     summary.json        agents, days, mode, wall_s, bytes_device_to_servers, daily, loss, grad, …
     federated.png       daily aggregates by age group
     views/              the servers' recorded views (coordinator.jsonl, aggregator.jsonl) and
-                        their transcripts, every record sealed to the auditor (*.transcript)
-    audit/              the auditor's key pair (auditor.key 0600, the launcher's; servers get
-                        auditor.pub) and truth.json (population seed) for ``decentsim audit``
+                        their transcripts, each sealed to that server's own auditor (*.transcript)
+    audit/              one key pair per server's auditor (<role>-auditor.key 0600 and
+                        <role>-auditor.pub; each server gets only its own auditor's .pub) and
+                        truth.json (population seed) for ``decentsim audit --role ROLE``
     state/              every process's state dir (identities, databases, logs)
 
 View format (``views/*.jsonl``, one JSON object per line): ``t`` (unix time), ``event`` and
@@ -47,7 +48,7 @@ from tqdm import tqdm
 
 from contract.runspec import RunSpec, RunSpecError
 from contract.schedule import UNIT_DEVICES, slice_ids
-from contract.transcript import create_auditor_keys
+from contract.transcript import auditor_files, create_auditor_keys
 from identity.secret_files import write_secret
 from protocols.ble import gaen
 from sim.model import OBSERVATIONS
@@ -99,6 +100,7 @@ def make_spec(
     population_seed: int = 0,
     pools: int = 2,
     radio: str = "ideal",
+    loaded: Population | None = None,
     **options: Any,
 ) -> RunSpec:
     """The :class:`RunSpec` of a simulated federation of ``population`` in ``pools`` pools.
@@ -106,13 +108,14 @@ def make_spec(
     Derives what follows from the population and the radio: the messages phase's per-device
     budget (:func:`items_budget`) and the advertised beacon intervals (a few at the start of
     the day under the ideal radio; all day under the simulated one, whose contacts spread
-    over the day). ``options`` are further :class:`RunSpec` fields.
+    over the day). ``loaded`` is the population if the caller has it already; ``options`` are
+    further :class:`RunSpec` fields.
 
     Raises:
         PopulationError: the population cannot be loaded (names the file, line, field).
         RunSpecError: a bad field, or more pools than agents (every pool needs an agent).
     """
-    pop = from_spec(population, seed=population_seed)
+    pop = loaded if loaded is not None else from_spec(population, seed=population_seed)
     if not 1 <= pools <= pop.n_agents:
         raise RunSpecError(
             f"pools must be in 1..{pop.n_agents} (the population's agents), got {pools}"
@@ -150,7 +153,9 @@ class Federation:
         self.c_dir = root / "coordinator"
         self.a_dir = root / "aggregator"
         self.pool_dirs = [root / f"pool-{i}" for i in range(spec.pools)]
-        #: the auditor's key pair (the launcher's; servers get only the public key)
+        #: the two servers' auditors' key pairs (the launcher of a one-machine simulation
+        #: holds both, as it holds every process's state; each server gets only its own
+        #: auditor's public key, so no key opens both transcripts)
         self.audit_dir = root.parent / "audit"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         #: the environment of every process it starts
@@ -222,11 +227,17 @@ class Federation:
         self._run_cli("aggregator", "init", "--state-dir", str(self.a_dir))
         write_secret(self.world_secret, os.urandom(16))
         (self.root / "run.json").write_text(self.spec.to_json())
-        # servers record sealed transcripts for the audit; the ground truth's population seed
-        create_auditor_keys(self.audit_dir)
+        # each server records a transcript sealed to its own auditor (one key opening both
+        # would be the C + A collusion); the ground truth's population seed
+        for role in ("coordinator", "aggregator"):
+            create_auditor_keys(self.audit_dir, role)
         (self.audit_dir / "truth.json").write_text(
             json.dumps({"population_seed": self.population_seed})
         )
+
+    def audit_key(self, role: str) -> Path:
+        """The public key of ``role``'s auditor: what that server, and only it, records to."""
+        return auditor_files(self.audit_dir, role)[1]
 
     @property
     def world_secret(self) -> Path:
@@ -241,7 +252,7 @@ class Federation:
             ["aggregator", "serve", "--state-dir", str(self.a_dir), "--mode", self.spec.mode,
              "--coordinator-export", str(self.c_dir / "export"),
              "--listen", f"127.0.0.1:{self._a_port_hint()}",
-             "--audit-key", str(self.audit_dir / "auditor.pub"),
+             "--audit-key", str(self.audit_key("aggregator")),
              "--min-cohort", str(self.spec.min_cohort),
              *dp_flags(self.spec)],
             self.a_dir,
@@ -264,7 +275,7 @@ class Federation:
              "--aggregator-export", str(self.a_dir / "export"),
              "--listen", f"127.0.0.1:{getattr(self, 'c_port', 0)}",
              "--enrol-listen", f"127.0.0.1:{getattr(self, 'enrol_port', 0)}",
-             "--exit-when-finished", "--audit-key", str(self.audit_dir / "auditor.pub"), *run],
+             "--exit-when-finished", "--audit-key", str(self.audit_key("coordinator")), *run],
             self.c_dir,
         )  # fmt: skip
         self.c_port, self.enrol_port = self._port(self.c_dir, "coordinator")

@@ -40,7 +40,7 @@ def simulate_federation(
         f"127.0.0.1:{fed.a_port}",
         fed.a_dir / "export",
         progress=progress,
-        audit_key=fed.audit_dir / "auditor.pub",
+        audit_key=fed.audit_key("coordinator"),
     )
     defaults = {
         "state-dir": str(fed.root / "pool-{partition-id}"),

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from contract.runspec import RunSpec, RunSpecError
 from decentsim.commands.common import (
@@ -29,21 +30,58 @@ from launcher.federation import FederationError, make_spec
 from launcher.run import federated_run
 
 
-def add_federated_arguments(p: argparse.ArgumentParser) -> None:
-    """``federated run``."""
-    sub = p.add_subparsers(dest="action", required=True)
-    run = sub.add_parser("run", help="coordinator + aggregator + P pools on loopback, TLS")
-    run.add_argument("--population", default="synthetic:2000")
-    run.add_argument("--days", type=positive_int, default=20)
-    run.add_argument("--seed", type=nonnegative_int, default=0)
-    run.add_argument(
+def add_federation_arguments(p: argparse.ArgumentParser, days: int, step_timeout_s: float) -> None:
+    """What a simulated federation is made of (``federated run``, ``bench federated``)."""
+    p.add_argument("--population", default="synthetic:2000")
+    p.add_argument("--days", type=positive_int, default=days)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument(
         "--pools",
         type=positive_int,
         default=2,
         help="device-pool processes (at most one per agent)",
     )
-    run.add_argument("--mode", default="mailbox", choices=("mailbox", "shuffled", "plaintext"))
-    run.add_argument("--radio", default="ideal", choices=("ideal", "simulated"))
+    p.add_argument("--mode", default="mailbox", choices=("mailbox", "shuffled", "plaintext"))
+    p.add_argument("--radio", default="ideal", choices=("ideal", "simulated"))
+    p.add_argument(
+        "--step-timeout", type=positive_float, default=step_timeout_s, help="seconds per step"
+    )
+
+
+def federation_spec(args: argparse.Namespace, **options: Any) -> RunSpec:
+    """The RunSpec of :func:`add_federation_arguments`' arguments and further fields.
+
+    Raises:
+        UsageError: a bad argument; the message names it.
+    """
+    population = load_population(args.population, args.seed)
+    if args.pools > population.n_agents:
+        raise UsageError(
+            f"--pools {args.pools}: more pools than the population's {population.n_agents} "
+            "agents (every pool needs an agent)"
+        )
+    try:
+        return make_spec(
+            args.population,
+            args.days,
+            population_seed=args.seed,
+            pools=args.pools,
+            radio=args.radio,
+            loaded=population,
+            seed=args.seed,
+            mode=args.mode,
+            step_timeout_s=args.step_timeout,
+            **options,
+        )
+    except RunSpecError as e:  # the spec's own consistency checks (each names its field)
+        raise UsageError(str(e)) from None
+
+
+def add_federated_arguments(p: argparse.ArgumentParser) -> None:
+    """``federated run``."""
+    sub = p.add_subparsers(dest="action", required=True)
+    run = sub.add_parser("run", help="coordinator + aggregator + P pools on loopback, TLS")
+    add_federation_arguments(run, days=20, step_timeout_s=120.0)
     run.add_argument("--theta", default="", help="name=value,… (as simulate)")
     run.add_argument("--epochs", type=positive_int, default=1, help="calibration epochs (θ steps)")
     run.add_argument("--lr", type=positive_float, default=0.1, help="θ step size (Adam on log θ)")
@@ -59,7 +97,6 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
         help="keep only target rows with COLUMN=VALUE (repeatable), e.g. nta_id=QN0103",
     )
     run.add_argument("--target-column", default="cases_week")
-    run.add_argument("--step-timeout", type=positive_float, default=120.0, help="seconds per step")
     run.add_argument(
         "--min-cohort",
         type=nonnegative_int,
@@ -110,13 +147,6 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
     if args.dp_sigma is not None:
         dp_config(args.dp_sigma, args.dp_delta, args.dp_sensitivity)  # names a bad option
         dp = {"sigma": args.dp_sigma, "delta": args.dp_delta, "l2_sensitivity": args.dp_sensitivity}
-    # make_spec loads the population again; loading it here names --population and --pools
-    agents = load_population(args.population, args.seed).n_agents
-    if args.pools > agents:
-        raise UsageError(
-            f"--pools {args.pools}: more pools than the population's {agents} agents "
-            "(every pool needs an agent)"
-        )
     target = None
     if args.target is not None:
         series = load_target_series(args.target, args.target_column, filters)
@@ -127,26 +157,16 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
                 f"--target {str(args.target)!r}"
             )
         target = series.values[:periods].tolist()
-    try:
-        return make_spec(
-            args.population,
-            args.days,
-            population_seed=args.seed,
-            pools=args.pools,
-            radio=args.radio,
-            seed=args.seed,
-            mode=args.mode,
-            theta=theta.to_dict(),
-            epochs=args.epochs,
-            lr=args.lr,
-            fit=fit,
-            target=target,
-            step_timeout_s=args.step_timeout,
-            min_cohort=args.min_cohort,
-            dp=dp,
-        )
-    except RunSpecError as e:  # the spec's own consistency checks (each names its field)
-        raise UsageError(str(e)) from None
+    return federation_spec(
+        args,
+        theta=theta.to_dict(),
+        epochs=args.epochs,
+        lr=args.lr,
+        fit=fit,
+        target=target,
+        min_cohort=args.min_cohort,
+        dp=dp,
+    )
 
 
 def run_federated(args: argparse.Namespace) -> int:

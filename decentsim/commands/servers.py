@@ -38,8 +38,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 INSECURE_HELP = "DEBUGGING ONLY: no TLS, identities unproven (a loud warning is printed)"
 AUDIT_KEY_HELP = (
-    "the auditor's X25519 public key (auditor.pub, hex): record every message in and out in "
-    "views/<role>.transcript, each record sealed to it (see docs/audit.md)"
+    "this server's own auditor's X25519 public key (<role>-auditor.pub, hex): record every "
+    "message in and out in views/<role>.transcript, each record sealed to it (docs/audit.md)"
 )
 
 

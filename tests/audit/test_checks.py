@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from audit.checks import (
+    NOT_ENCODABLE,
+    OUTSIDE_ROUNDS,
     Status,
     check_cohorts,
     check_dp,
@@ -22,51 +24,66 @@ from audit.checks import (
 )
 from audit.report import write_report
 from audit.truth import bytes_needles, float_needles
-from audit.views import AuditInput, ServerView
-from contract.transcript import decode_record, encode_record
+from audit.views import (
+    ITEM_NOT_OPENED,
+    MALFORMED_POST,
+    NOT_SAMPLED,
+    OUTER_NOT_OPENED,
+    REPLAYED,
+    AuditInput,
+)
+from contract.transcript import TranscriptRecord, decode_record, encode_record
 from protocols.secure_sum import Mode
-from protocols.secure_sum.messages import MailboxPost
+from protocols.secure_sum.messages import DirectoryRequest, MailboxPost, RelayShuffled
 
-from .conftest import crafted, identity, write_files
+from .conftest import DIM, ROUND, colluding_recovery, crafted, identity, write_files
 
 
 # -- 1. uniformity ------------------------------------------------------------------------------
 def test_uniformity_passes_on_shares_and_fails_on_plaintext(
-    mailbox: AuditInput, plaintext: AuditInput
+    mailbox: dict[str, AuditInput], plaintext: dict[str, AuditInput]
 ) -> None:
-    ok = check_uniformity(mailbox, shares_of(mailbox))
-    assert ok.status is Status.PASS, ok.summary
-    assert set(ok.details["series"]) == {"coordinator", "aggregator"}
-    assert ok.details["series"]["coordinator"]["words"] >= 2048
-    # the plaintext control (the values themselves) is far from uniform
-    assert min(ok.details["control"].values()) < ok.details["threshold"]
-    bad = check_uniformity(plaintext, shares_of(plaintext))
-    assert bad.status is Status.FAIL
-    assert bad.summary.startswith("non-uniform shares at aggregator, coordinator")
+    for role, inp in mailbox.items():
+        ok = check_uniformity(inp, shares_of(inp))
+        assert ok.status is Status.PASS, ok.summary
+        assert set(ok.details["series"]) == {role}
+        assert ok.details["series"][role]["words"] >= 2048
+        # the plaintext control (the true values, from the ground truth) is far from uniform
+        assert min(ok.details["control"].values()) < ok.details["threshold"]
+    for role, inp in plaintext.items():
+        bad = check_uniformity(inp, shares_of(inp))
+        assert bad.status is Status.FAIL
+        assert bad.summary.startswith(f"non-uniform shares at the {role}")
 
 
 def test_uniformity_skips_without_enough_words() -> None:
-    small = crafted(Mode.MAILBOX, n=4)
+    small = crafted(Mode.MAILBOX, n=4)["coordinator"]
     r = check_uniformity(small, shares_of(small))
     assert r.status is Status.SKIP and "fewer than 2048" in r.summary
 
 
 # -- 2. reconstruction -------------------------------------------------------------------------
 def test_reconstruction_no_single_server_recovers_but_both_do(
-    mailbox: AuditInput, shuffled: AuditInput
+    mailbox: dict[str, AuditInput], shuffled: dict[str, AuditInput]
 ) -> None:
-    for inp in (mailbox, shuffled):
-        r = check_reconstruction(inp, shares_of(inp), colluders=1)
-        att = r.details["attackers"]
-        assert r.status is Status.PASS, r.summary
-        assert att["coordinator"]["recovered"] == att["aggregator"]["recovered"] == 0
-        # the boundary: C and A together add their shares and recover every contribution
-        assert att["coordinator + aggregator"]["rate"] == 1.0
-        assert r.details["targets"] == 3 * 39  # participant 0 colludes
+    for views in (mailbox, shuffled):
+        for role, inp in views.items():
+            r = check_reconstruction(inp, shares_of(inp), colluders=1)
+            assert r.status is Status.PASS, r.summary
+            assert r.details["attackers"][role]["recovered"] == 0
+            assert r.details["targets"] == 3 * 39  # participant 0 colludes
+            # the positive control: every true contribution is paired with the server's rows
+            control = r.details["control"]
+            assert control["recovered"] == control["expected"] == control["units"] > 0
+            assert not control["failed"] and control["unopened_items"] == 0
+        # the boundary, outside the product (no single audit holds both views): C and A add
+        # their shares and recover every contribution
+        assert colluding_recovery(views["coordinator"], views["aggregator"]) == 1.0
 
 
-def test_reconstruction_fails_on_plaintext(plaintext: AuditInput) -> None:
-    r = check_reconstruction(plaintext, shares_of(plaintext))
+def test_reconstruction_fails_on_plaintext(plaintext: dict[str, AuditInput]) -> None:
+    inp = plaintext["coordinator"]
+    r = check_reconstruction(inp, shares_of(inp))
     assert r.status is Status.FAIL
     assert r.details["attackers"]["coordinator"]["recovered_nonzero"] == 3 * 39
     assert "coordinator alone recovered 117 value(s)" in r.summary
@@ -74,92 +91,134 @@ def test_reconstruction_fails_on_plaintext(plaintext: AuditInput) -> None:
 
 def test_reconstruction_small_cohort_subtraction_is_reported_as_documented() -> None:
     # degree 1: the colluder's slot receives exactly one honest message, which it can subtract
-    inp = crafted(Mode.MAILBOX, n=40, degree=1)
-    r = check_reconstruction(inp, shares_of(inp), colluders=1)
-    coll = r.details["attackers"]["coordinator + 1 colluding pool(s)"]
-    assert r.status is Status.LEAK, r.summary
-    assert coll["documented_small_cohort"] == 1 and coll["undocumented"] == 0
+    for role, inp in crafted(Mode.MAILBOX, n=40, degree=1).items():
+        r = check_reconstruction(inp, shares_of(inp), colluders=1)
+        coll = r.details["attackers"][f"{role} + 1 colluding pool(s)"]
+        assert r.status is Status.LEAK, r.summary
+        assert coll["documented_small_cohort"] == 1 and coll["undocumented"] == 0
 
 
-def test_reconstruction_control_failure_fails_the_check(mailbox: AuditInput) -> None:
-    # a wrong ground truth: the C + A control cannot match it, so the audit refuses to vouch
-    assert mailbox.truth is not None
-    wrong = [dataclasses.replace(it, value=it.value + 1.0) for it in mailbox.truth.items]
-    inp = dataclasses.replace(mailbox, truth=dataclasses.replace(mailbox.truth, items=wrong))
-    r = check_reconstruction(inp, shares_of(inp))
-    assert r.status is Status.FAIL and "control C + A recovered only 0.0%" in r.summary
+def _wrong_slots(inp: AuditInput) -> AuditInput:
+    """``inp`` with a ground truth whose slots are not the ones the devices posted to (e.g. a
+    truth recomputed with the wrong deployment key): the control cannot pair it."""
+    assert inp.truth is not None
+    wrong = [
+        dataclasses.replace(it, slot=bytes(b ^ 0x5A for b in it.slot)) for it in inp.truth.items
+    ]
+    return dataclasses.replace(inp, truth=dataclasses.replace(inp.truth, items=wrong))
+
+
+def test_reconstruction_control_failure_fails_the_check(mailbox: dict[str, AuditInput]) -> None:
+    for role, inp in mailbox.items():
+        r = check_reconstruction(_wrong_slots(inp), shares_of(inp))
+        assert r.status is Status.FAIL, r.summary
+        assert r.details["control"]["recovered"] == 0 and r.details["control"]["failed"]
+        assert f"the control ({role}'s shares completed from the ground truth)" in r.summary
+        assert "the audit cannot vouch for its attacks" in r.summary
+
+
+def test_reconstruction_control_runs_on_the_opened_sample(
+    shuffled: dict[str, AuditInput],
+) -> None:
+    # 640 items per batch, 200 opened: before, the control was skipped whenever an item was
+    # left unopened — on every large run
+    for inp in shuffled.values():
+        sample = shares_of(inp, max_open=200)
+        ok = check_reconstruction(inp, sample)
+        control = ok.details["control"]
+        assert ok.details["unopened_items"] == control["unopened_items"] == 440
+        assert ok.status is Status.PASS, ok.summary
+        # a (round, slot) with t true items has an opened row with probability ≥ the
+        # hypergeometric bound; dummies at the slot only raise it
+        assert control["expected"] < control["units"] == 40
+        assert control["recovered"] >= control["expected"] and not control["failed"]
+        bad = check_reconstruction(_wrong_slots(inp), sample)
+        assert bad.status is Status.FAIL, bad.summary
+        assert bad.details["control"]["failed"] and bad.details["control"]["z"] < -5.33
+        assert "expected on the opened sample (440 item(s) not opened)" in bad.summary
 
 
 # -- 3. linkage --------------------------------------------------------------------------------
 def test_linkage_documented_in_mailbox_chance_in_shuffled(
-    mailbox: AuditInput, shuffled: AuditInput
+    mailbox: dict[str, AuditInput], shuffled: dict[str, AuditInput]
 ) -> None:
-    mb = check_linkage(mailbox, shares_of(mailbox))
-    assert mb.status is Status.LEAK
-    assert mb.details["servers"]["coordinator"]["recall"] == 1.0
-    assert mb.details["servers"]["coordinator"]["z"] > 5.33
-    sh = check_linkage(shuffled, shares_of(shuffled))
-    assert sh.status is Status.PASS, sh.summary
-    for role in ("coordinator", "aggregator"):
+    for role, inp in mailbox.items():  # both servers see the sender→slot graph in mailbox mode
+        mb = check_linkage(inp, shares_of(inp))
+        assert mb.status is Status.LEAK
+        assert set(mb.details["servers"]) == {role}
+        assert mb.details["servers"][role]["recall"] == 1.0
+        assert mb.details["servers"][role]["z"] > 5.33
+    for role, inp in shuffled.items():
+        sh = check_linkage(inp, shares_of(inp))
+        assert sh.status is Status.PASS, sh.summary
         assert sh.details["servers"][role]["z"] < 5.33
 
 
 def test_linkage_fails_in_shuffled_mode_when_servers_keep_arrival_order() -> None:
-    inp = crafted(Mode.SHUFFLED, a_permutation=identity, c_permutation=identity)
-    r = check_linkage(inp, shares_of(inp))
-    assert r.status is Status.FAIL
-    assert r.summary == (
-        "shuffled mode promises unlinkability, but aggregator, coordinator link(s) senders to slots"
-    )
-    assert r.details["servers"]["coordinator"]["recall"] == 1.0
+    for role, inp in crafted(Mode.SHUFFLED, a_permutation=identity, c_permutation=identity).items():
+        r = check_linkage(inp, shares_of(inp))
+        assert r.status is Status.FAIL
+        assert r.summary == (
+            f"shuffled mode promises unlinkability, but {role} link(s) senders to slots"
+        )
+        assert r.details["servers"][role]["recall"] == 1.0
 
 
 # -- 4. small cohorts --------------------------------------------------------------------------
-def test_cohorts_counts_slots_below_k(mailbox: AuditInput) -> None:
-    shares = shares_of(mailbox)
-    assert check_cohorts(mailbox, shares, k=3).status is Status.PASS  # every slot sums 3
-    r = check_cohorts(mailbox, shares, k=4)
+def test_cohorts_counts_slots_below_k(mailbox: dict[str, AuditInput]) -> None:
+    inp = mailbox["coordinator"]
+    shares = shares_of(inp)
+    assert check_cohorts(inp, shares, k=3).status is Status.PASS  # every slot sums 3
+    r = check_cohorts(inp, shares, k=4)
     assert r.status is Status.LEAK
     assert r.details["below_k_devices"] == r.details["slots"] == 40
 
 
-def test_cohorts_fail_when_a_minimum_cohort_is_not_enforced(mailbox: AuditInput) -> None:
+def test_cohorts_fail_when_a_minimum_cohort_is_not_enforced(
+    mailbox: dict[str, AuditInput],
+) -> None:
     # the servers ran without suppression: a claimed minimum of 1000 is violated by every fetch
-    inp = dataclasses.replace(mailbox, min_cohort=1000)
+    inp = dataclasses.replace(mailbox["coordinator"], min_cohort=1000)
     r = check_cohorts(inp, shares_of(inp))
     assert r.status is Status.FAIL
     assert r.summary == "40 slot(s) below the minimum cohort 1000 were released"
+    # the aggregator's replies are boxed to the registrant: its audit says it cannot tell
+    a = dataclasses.replace(mailbox["aggregator"], min_cohort=1000)
+    r = check_cohorts(a, shares_of(a))
+    assert r.status is Status.SKIP and "cannot show what it released" in r.summary
 
 
 # -- 6. secrets --------------------------------------------------------------------------------
 def test_secrets_scan_finds_planted_values_and_loose_keys(
-    mailbox: AuditInput, tmp_path: Path
+    mailbox: dict[str, AuditInput], tmp_path: Path
 ) -> None:
-    assert mailbox.truth is not None
+    c = mailbox["coordinator"]
+    assert c.truth is not None
     secret, value = b"\x13" * 32, 0.123456789012345
     truth = dataclasses.replace(
-        mailbox.truth, needles={"pool secret": bytes_needles(secret), "state": float_needles(value)}
+        c.truth, needles={"pool secret": bytes_needles(secret), "state": float_needles(value)}
     )
     clean = write_files(
         tmp_path / "ok", {"coordinator/views/coordinator.jsonl": b'{"event": "x"}\n'}
     )
-    inp = dataclasses.replace(mailbox, truth=truth, scan_files=clean)
+    inp = dataclasses.replace(c, truth=truth, scan_files=clean)
     assert check_secrets(inp).status is Status.PASS
     for i, leak in enumerate([secret, secret.hex().encode(), repr(value).encode()]):
         files = write_files(
-            tmp_path / f"leak{i}", {"aggregator/aggregator.log": b"x " + leak + b"\n"}
+            tmp_path / f"leak{i}", {"coordinator/coordinator.log": b"x " + leak + b"\n"}
         )
         r = check_secrets(dataclasses.replace(inp, scan_files=files))
         assert r.status is Status.FAIL
         assert r.details["hits"][0]["file"] == str(files[0])
-    # the other server's private key in a server's files is a finding too
-    c_key = mailbox.servers["coordinator"].keys["neighbourhood"].private.private_bytes_raw()
-    files = write_files(tmp_path / "cross", {"aggregator/notes.txt": c_key.hex().encode()})
-    r = check_secrets(dataclasses.replace(inp, scan_files=files))
+    # the other server's private key in a server's files is a finding too; the product's audit
+    # of one server does not hold it (only both auditors together would), so this test — which
+    # holds both views — plants it as a needle
+    a_key = mailbox["aggregator"].view.keys["neighbourhood"].private.private_bytes_raw()
+    files = write_files(tmp_path / "cross", {"coordinator/notes.txt": a_key.hex().encode()})
+    crossed = dataclasses.replace(truth, needles={"aggregator private key": bytes_needles(a_key)})
+    r = check_secrets(dataclasses.replace(inp, truth=crossed, scan_files=files))
     assert r.status is Status.FAIL
-    assert r.details["hits"] == [
-        {"needle": "coordinator private key (neighbourhood)", "file": str(files[0])}
-    ]
+    assert r.details["hits"] == [{"needle": "aggregator private key", "file": str(files[0])}]
     files = write_files(tmp_path / "perm", {"coordinator/keys.json": b"{}"})
     files[0].chmod(0o644)
     r = check_secrets(dataclasses.replace(inp, scan_files=files))
@@ -167,31 +226,109 @@ def test_secrets_scan_finds_planted_values_and_loose_keys(
 
 
 # -- 7. profile --------------------------------------------------------------------------------
-def test_profile_flags_a_message_outside_the_mode(shuffled: AuditInput) -> None:
-    assert check_profile(shuffled).status is Status.PASS
+def _record(
+    direction: str, peer: str, payload: bytes, deployment: str = "neighbourhood"
+) -> TranscriptRecord:
+    return decode_record(0, encode_record(direction, 0.0, deployment, peer, payload))
+
+
+def test_profile_flags_a_message_outside_the_mode(shuffled: dict[str, AuditInput]) -> None:
+    c = shuffled["coordinator"]
+    assert check_profile(c).status is Status.PASS
     post = MailboxPost(b"\x01" * 16, 7, "messages", 4, b"\x00" * 16, b"\x00" * 32, b"x")
-    rec = decode_record(0, encode_record("in", 0.0, "neighbourhood", "01" * 16, post.to_bytes()))
-    c = shuffled.servers["coordinator"]
-    tampered = dataclasses.replace(
-        shuffled,
-        servers={**shuffled.servers, "coordinator": ServerView(c.role, [*c.records, rec], c.keys)},
+    view = dataclasses.replace(
+        c.view, records=[*c.view.records, _record("in", "01" * 16, post.to_bytes())]
     )
-    r = check_profile(tampered)
+    r = check_profile(dataclasses.replace(c, view=view))
     assert r.status is Status.FAIL
     assert r.details["violations"] == ["coordinator received MailboxPost from a device"]
 
 
+# -- records the audit could not use -----------------------------------------------------------
+def test_records_the_audit_cannot_use_are_counted_and_reported(
+    mailbox: dict[str, AuditInput], shuffled: dict[str, AuditInput], tmp_path: Path
+) -> None:
+    c = mailbox["coordinator"]
+    assert c.truth is not None
+    # planted: an undecodable message, a message of an unknown deployment, a replayed post and
+    # a post whose share is cut short; a truth item of a round the servers never ran and one
+    # whose value the codec cannot encode
+    replay = next(r for r in c.view.records if r.kind == "MailboxPost")
+    short = MailboxPost(b"\xee" * 16, ROUND, "messages", DIM, b"\x07" * 16, b"\x00" * 8, b"x")
+    planted = [
+        _record("in", "ee" * 16, b"not a protocol message"),
+        _record("in", "ee" * 16, DirectoryRequest(ROUND).to_bytes(), deployment="elsewhere"),
+        replay,
+        _record("in", "ee" * 16, short.to_bytes()),
+    ]
+    first = c.truth.items[0]
+    truth = dataclasses.replace(
+        c.truth,
+        items=[
+            *c.truth.items,
+            dataclasses.replace(first, round_id=ROUND + 5),
+            dataclasses.replace(first, value=np.full(DIM, np.nan)),
+        ],
+    )
+    inp = dataclasses.replace(
+        c, view=dataclasses.replace(c.view, records=[*c.view.records, *planted]), truth=truth
+    )
+    audit = run_checks(inp)
+    assert audit.unused == {
+        "transcript": {
+            "message of a deployment the audit has no codec for ('elsewhere')": 1,
+            "undecodable protocol message (in)": 1,
+        },
+        "shares": {REPLAYED: 1, MALFORMED_POST: 1},
+        "check: reconstruction": {OUTSIDE_ROUNDS: 1, NOT_ENCODABLE: 1},
+    }
+    data = write_report(inp, audit, tmp_path / "mailbox")
+    assert data["unused"] == audit.unused
+    reconstruction = next(ch for ch in data["checks"] if ch["key"] == "reconstruction")
+    assert reconstruction["unused"] == {OUTSIDE_ROUNDS: 1, NOT_ENCODABLE: 1}
+    for name in ("report.md", "report.html"):
+        text = (tmp_path / "mailbox" / name).read_text()
+        assert "undecodable protocol message (in)" in text and MALFORMED_POST in text
+    # shuffled: items beyond --max-open, a relay replayed, and items that do not open (a
+    # batch moved to another round: the round is bound into every item's envelope)
+    a = shuffled["aggregator"]
+    relay = next(r for r in a.view.records if r.kind == "RelayShuffled")
+    msg = RelayShuffled.from_bytes(relay.payload)
+    moved = dataclasses.replace(msg, round_id=ROUND + 1)
+    view = dataclasses.replace(
+        a.view,
+        records=[*a.view.records, relay, _record("in", "coordinator", moved.to_bytes())],
+    )
+    audit = run_checks(dataclasses.replace(a, view=view), max_open=600)
+    assert audit.unused["shares"] == {
+        REPLAYED: 1,
+        NOT_SAMPLED: 2 * 40,  # 640 items per batch, 600 opened, in both rounds
+        OUTER_NOT_OPENED: 40,
+        ITEM_NOT_OPENED: 600,
+    }
+    reconstruction = next(ch for ch in audit.checks if ch.key == "reconstruction")
+    assert reconstruction.details["control"]["unopened_items"] == 80
+    assert reconstruction.status is Status.PASS, reconstruction.summary
+
+
 # -- the whole report ----------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", [Mode.MAILBOX, Mode.PLAINTEXT])
+@pytest.mark.parametrize("role", ["coordinator", "aggregator"])
 def test_report_files_and_verdict(
-    mode: Mode, mailbox: AuditInput, plaintext: AuditInput, tmp_path: Path
+    mode: Mode,
+    role: str,
+    mailbox: dict[str, AuditInput],
+    plaintext: dict[str, AuditInput],
+    tmp_path: Path,
 ) -> None:
-    inp = mailbox if mode is Mode.MAILBOX else plaintext
-    results = run_checks(inp)
-    data = write_report(inp, results, tmp_path)
+    inp = (mailbox if mode is Mode.MAILBOX else plaintext)[role]
+    audit = run_checks(inp)
+    data = write_report(inp, audit, tmp_path)
+    assert data["role"] == role and data["unused"] == {}
     assert data["verdict"] == ("pass" if mode is Mode.MAILBOX else "fail")
     for name in ("audit.json", "report.md", "report.html", "uniformity.png", "linkage.png"):
         assert (tmp_path / name).stat().st_size > 0
+    assert f"Privacy audit of the {role}" in (tmp_path / "report.md").read_text()
     assert [c["key"] for c in data["checks"]] == [
         "uniformity",
         "reconstruction",
@@ -205,13 +342,14 @@ def test_report_files_and_verdict(
 
 
 # -- 5. differential privacy --------------------------------------------------------------------
-def test_dp_reports_the_guarantee_of_the_configured_noise(mailbox: AuditInput) -> None:
-    assert check_dp(mailbox).status is Status.SKIP
+def test_dp_reports_the_guarantee_of_the_configured_noise(mailbox: dict[str, AuditInput]) -> None:
+    inp = mailbox["coordinator"]
+    assert check_dp(inp).status is Status.SKIP
     conf = {"sigma": 2.0, "delta": 1e-6, "coordinates": 8, "frac_bits": 16, "l2_sensitivity": 1.0}
-    r = check_dp(dataclasses.replace(mailbox, config={"dp": conf, "days": 3}))
+    r = check_dp(dataclasses.replace(inp, config={"dp": conf, "days": 3}))
     assert r.status is Status.PASS, r.summary
     eps = {k: v for k, v in r.details["privacy"].items() if k.startswith("epsilon_")}
     assert eps and all(0 < v < 100 for v in eps.values())
     assert r.details["privacy"]["releases"] == 3  # no aggregate phase in the views: days
-    bad = check_dp(dataclasses.replace(mailbox, config={"dp": {**conf, "delta": 2.0}}))
+    bad = check_dp(dataclasses.replace(inp, config={"dp": {**conf, "delta": 2.0}}))
     assert bad.status is Status.FAIL and "DP configuration is invalid" in bad.summary

@@ -53,7 +53,7 @@ def test_a_dp_run_reports_its_guarantee_and_fidelity_cost(
     cli_parser = argparse.ArgumentParser()
     cli.add_arguments(cli_parser)
     capsys.readouterr()
-    rc = cli.run(cli_parser.parse_args([str(out), "--json"]))
+    rc = cli.run(cli_parser.parse_args([str(out), "--role", "coordinator", "--json"]))
     data = json.loads(capsys.readouterr().out)
     checks = {c["key"]: c for c in data["checks"]}
     assert rc == 0 and data["verdict"] == "pass", [
@@ -73,12 +73,19 @@ def test_a_dp_run_reports_its_guarantee_and_fidelity_cost(
     assert cost["expected_rms_error"] == pytest.approx(SIGMA)
     assert cost["consistent_with_sigma"] is True
     assert 0.6 * SIGMA < cost["rms_error"] < 1.4 * SIGMA
-    assert (out / "audit" / "report" / "dp.png").exists()
+    assert (out / "audit" / "coordinator" / "dp.png").exists()
     for key in ("uniformity", "secrets", "profile"):
         assert checks[key]["status"] == "pass", checks[key]["summary"]
 
+    # the aggregator's audit counts the same releases from its own transcript (the requests it
+    # received); the observed noise is measured by the coordinator's, which opens it
+    rc = cli.run(cli_parser.parse_args([str(out), "--role", "aggregator", "--json"]))
+    a_dp = next(c for c in json.loads(capsys.readouterr().out)["checks"] if c["key"] == "dp")
+    assert rc == 0 and a_dp["status"] == "pass", a_dp["summary"]
+    assert a_dp["details"]["privacy"] == privacy and "fidelity_vs_truth" not in a_dp["details"]
+
     # a run that claims 4× the noise the servers added fails the DP check
-    inp = load_run(out)
+    inp = load_run(out, "coordinator")
     claimed = dict(inp.config["dp"], sigma=4 * SIGMA)
     lie = check_dp(dataclasses.replace(inp, config={**inp.config, "dp": claimed}))
     assert lie.status is Status.FAIL and "INCONSISTENT with the configured σ" in lie.summary
@@ -106,12 +113,12 @@ def _run_dir_with_noise(tmp_path: Path, noise_sigma: float) -> tuple[Path, Truth
 
 
 def test_the_dp_check_measures_the_noise_against_the_truth(
-    tmp_path: Path, mailbox: AuditInput
+    tmp_path: Path, mailbox: dict[str, AuditInput]
 ) -> None:
     run_dir, truth = _run_dir_with_noise(tmp_path, SIGMA)
     conf = {"sigma": SIGMA, "delta": 1e-6, "l2_sensitivity": 1.0}
     inp = dataclasses.replace(
-        mailbox, truth=truth, source=str(run_dir), config={"dp": conf, "days": 3}
+        mailbox["coordinator"], truth=truth, source=str(run_dir), config={"dp": conf, "days": 3}
     )
     r = check_dp(inp)
     assert r.status is Status.PASS, r.summary

@@ -23,18 +23,18 @@ def _registered(inp: AuditInput) -> list[bytes]:
     """Each participant's registered slot, in participant (fetch) order."""
     return [
         RegisterRequest.from_bytes(r.payload).slot_ids
-        for r in inp.servers["coordinator"].records
+        for r in inp.view.records
         if r.kind == "RegisterRequest" and r.direction == "in"
     ]
 
 
 @pytest.mark.parametrize("mode", [Mode.MAILBOX, Mode.SHUFFLED])
 def test_slots_below_the_minimum_are_released_as_zero(mode: Mode) -> None:
-    inp = crafted(mode, seed=5, min_cohort=K)
+    inp = crafted(mode, seed=5, min_cohort=K)["coordinator"]
     shares = shares_of(inp)
     # the servers' summand count per slot (padding dummies included), from C's own rows
     counts: dict[bytes, int] = defaultdict(int)
-    rows = shares.rows["coordinator"]["neighbourhood"]
+    rows = shares.rows["neighbourhood"]
     for i in range(len(rows)):
         counts[rows.slot[i].tobytes()] += 1
     assert inp.truth is not None

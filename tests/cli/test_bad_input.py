@@ -198,16 +198,10 @@ CASES = [
     case([*AGENT, "--world-secret", NO_FILE], "--world-secret"),
     case([*AGENT, "--state-dir", UNDER_A_FILE], "--state-dir"),
     case(["device-agent", "run", "--ca", TARGET], "--coordinator"),
-    # audit (audit.py belongs to someone else: --help and a missing run dir only)
-    case(
-        ["audit", NO_FILE],
-        NO_FILE,
-        pytest.mark.xfail(
-            reason="decentsim audit does not yet report a missing run dir in one line naming "
-            "it with exit status 2 (decentsim/commands/audit.py is another change's)",
-            strict=False,
-        ),
-    ),
+    # audit: a missing run dir, a missing or unknown role
+    case(["audit", NO_FILE, "--role", "coordinator"], NO_FILE),
+    case(["audit", NO_FILE], "--role"),
+    case(["audit", NO_FILE, "--role", "auditor"], "--role"),
 ]
 
 

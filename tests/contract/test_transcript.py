@@ -1,4 +1,5 @@
-"""The sealed transcript: round trip, and every way a record can be tampered with is refused."""
+"""The sealed transcript: round trip, every way a record can be tampered with is refused, and
+each server's auditor has a key of its own that opens no other server's transcript."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import pytest
 from contract.transcript import (
     MAGIC,
     TranscriptError,
+    TranscriptIntegrityError,
     TranscriptWriter,
+    auditor_files,
     create_auditor_keys,
+    fingerprint,
     load_auditor_keypair,
     load_auditor_public,
+    read_header,
     read_transcript,
 )
 from protocols.secure_sum.messages import DirectoryRequest
@@ -21,7 +26,7 @@ from protocols.secure_sum.messages import DirectoryRequest
 
 @pytest.fixture
 def keys(tmp_path: Path) -> tuple[Path, Path]:
-    return create_auditor_keys(tmp_path / "audit")
+    return create_auditor_keys(tmp_path / "audit", "coordinator")
 
 
 def _write(path: Path, pub: Path, payloads: list[bytes]) -> None:
@@ -38,8 +43,10 @@ def test_round_trip_and_continuation(tmp_path: Path, keys: tuple[Path, Path]) ->
     msg = DirectoryRequest(42).to_bytes()
     _write(path, pub, [msg, b"raw bytes"])
     _write(path, pub, [b"after restart"])  # a restarted server continues the sequence
-    role, recs = read_transcript(path, load_auditor_keypair(priv))
-    assert role == "coordinator"
+    transcript = read_transcript(path, load_auditor_keypair(priv))
+    role, recs = transcript.role, transcript.records
+    assert role == "coordinator" and transcript.tail_bytes == 0
+    assert read_header(path) == ("coordinator", load_auditor_public(pub))
     assert [r.seq for r in recs] == [0, 1, 2]
     assert [r.payload for r in recs] == [msg, b"raw bytes", b"after restart"]
     assert (recs[0].kind, recs[0].round_id, recs[0].direction) == ("DirectoryRequest", 42, "in")
@@ -59,23 +66,39 @@ def test_tampering_reordering_and_wrong_key_are_refused(
     flipped = bytearray(data)
     flipped[-1] ^= 1
     path.write_bytes(bytes(flipped))
-    with pytest.raises(TranscriptError, match="record 1 does not open"):
+    with pytest.raises(TranscriptIntegrityError, match="record 1 does not open"):
         read_transcript(path, kp)
     # swap the two records: the sequence numbers bound as AAD no longer match
     head = len(MAGIC) + 2 + len(b"coordinator") + 32
     (n0,) = struct.unpack_from(">I", data, head)
     first, second = data[head : head + 4 + n0], data[head + 4 + n0 :]
     path.write_bytes(data[:head] + second + first)
-    with pytest.raises(TranscriptError, match="record 0 does not open"):
+    with pytest.raises(TranscriptIntegrityError, match="record 0 does not open"):
         read_transcript(path, kp)
-    other_priv, _ = create_auditor_keys(tmp_path / "other")
+    # the other server's auditor key does not open it; both keys are named
+    other_priv, _ = create_auditor_keys(tmp_path / "audit", "aggregator")
+    other = load_auditor_keypair(other_priv)
     path.write_bytes(data)
-    with pytest.raises(TranscriptError, match="sealed to another auditor key"):
-        read_transcript(path, load_auditor_keypair(other_priv))
-    # a record cut short by a crash is dropped when the server reopens the file
+    with pytest.raises(TranscriptError, match="sealed to auditor key") as e:
+        read_transcript(path, other)
+    assert fingerprint(kp.public) in str(e.value) and fingerprint(other.public) in str(e.value)
+    assert not isinstance(e.value, TranscriptIntegrityError)  # a wrong key, not bad evidence
+    # a record cut short by a crash is left out (and counted) by the reader, and dropped when
+    # the server reopens the file
     path.write_bytes(data[:-5])
+    cut = read_transcript(path, kp)
+    assert [r.payload for r in cut.records] == [b"first"] and cut.tail_bytes > 0
     _write(path, pub, [b"third"])
-    assert [r.payload for r in read_transcript(path, kp)[1]] == [b"first", b"third"]
+    assert [r.payload for r in read_transcript(path, kp).records] == [b"first", b"third"]
+
+
+def test_each_server_has_its_own_auditor_key(tmp_path: Path) -> None:
+    c_priv, c_pub = create_auditor_keys(tmp_path, "coordinator")
+    a_priv, a_pub = create_auditor_keys(tmp_path, "aggregator")
+    assert (c_priv, c_pub) == auditor_files(tmp_path, "coordinator")
+    assert (c_priv.name, a_pub.name) == ("coordinator-auditor.key", "aggregator-auditor.pub")
+    assert load_auditor_public(c_pub) != load_auditor_public(a_pub)
+    assert a_priv.stat().st_mode & 0o777 == 0o600
 
 
 def test_bad_key_files_are_named(tmp_path: Path, keys: tuple[Path, Path]) -> None:
