@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,7 +98,7 @@ def open_db(
         check_same_thread=check_same_thread,
     )
     try:
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        mode = _enable_wal(conn, busy_timeout_s)
         if str(mode).lower() != "wal":
             raise StoreError(f"{db_path}: could not enable WAL journal mode (got {mode!r})")
         conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -108,6 +109,22 @@ def open_db(
         conn.close()
         raise
     return conn
+
+
+def _enable_wal(conn: sqlite3.Connection, busy_timeout_s: float) -> str:
+    """Switch to WAL, retrying while another opener holds the database: two connections that
+    both read a new database and then need its exclusive lock to switch modes deadlock, and
+    SQLite answers one of them SQLITE_BUSY at once, without waiting for the busy timeout."""
+    deadline = time.monotonic() + busy_timeout_s
+    pause = 0.005
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
