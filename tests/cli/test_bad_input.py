@@ -198,6 +198,8 @@ CASES = [
     case([*AGENT, "--world-secret", NO_FILE], "--world-secret"),
     case([*AGENT, "--state-dir", UNDER_A_FILE], "--state-dir"),
     case(["device-agent", "run", "--ca", TARGET], "--coordinator"),
+    # a radio that only refused is not offered (pilot radios come with the pilot deployment)
+    case([*AGENT, "--radio", "bleak"], "--radio"),
     # audit: a missing run dir, a missing or unknown role
     case(["audit", NO_FILE, "--role", "coordinator"], NO_FILE),
     case(["audit", NO_FILE], "--role"),
