@@ -81,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     keep_freed_memory()  # reuse freed tensors' memory instead of page-faulting it back each day
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    args, unknown = build_parser(argv).parse_known_args(argv)
     module, name = _entry(args._module)
     run = getattr(module, f"run_{name}" if name else "run")
     # the words that chose what runs: `decentsim bench sim`, `decentsim coordinator tokens`
     chosen = (args.command, getattr(args, "bench", None) or getattr(args, "action", None))
     prog = " ".join(["decentsim", *(word for word in chosen if word)])
+    if unknown:  # argparse would blame the top-level parser; name the command they were for
+        return fail(prog, UsageError(f"unrecognized arguments: {' '.join(unknown)}"), USAGE)
     try:
         if args._kind == "bench":
             print(json.dumps(run(args)), flush=True)
