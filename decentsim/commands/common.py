@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from contract.schedule import observations_dp
-from decentsim.usage import UsageError, nonnegative_int
+from decentsim.usage import UsageError, nonnegative_int, positive_float
 from protocols.secure_sum.dp import DPConfig, DPConfigError, NoiseHeadroomError
 from sim.calibration import ObservedSeries, TargetFileError, load_target
 from sim.model import Lockdown, ModelConfig, ModelConfigError, Vaccination
@@ -207,3 +207,28 @@ def dp_config(sigma: float, delta: float, l2_sensitivity: float) -> DPConfig:
         raise UsageError(f"{DP_OPTIONS.get(e.field, '--dp-sigma')}: {e}") from None
     except NoiseHeadroomError as e:  # more noise than the codec's headroom
         raise UsageError(f"--dp-sigma: {e}") from None
+
+
+def add_dp_arguments(p: argparse.ArgumentParser) -> None:
+    """``--dp-sigma``, ``--dp-delta``, ``--dp-sensitivity``: differential privacy of the daily
+    aggregates (``federated run``; ``aggregator serve``, whose operator sets the same)."""
+    p.add_argument(
+        "--dp-sigma",
+        type=positive_float,
+        metavar="S",
+        help="differential privacy: both servers add discrete Gaussian noise of total standard "
+        "deviation S (real units) to every coordinate of each opened daily aggregate "
+        "(values and tangents); off by default. The aggregator's operator sets the same "
+        "values (A refuses rounds under other settings)",
+    )
+    p.add_argument(
+        "--dp-delta", type=float, default=1e-6, help="δ in (0, 1) of the reported (ε, δ)"
+    )
+    p.add_argument(
+        "--dp-sensitivity",
+        type=positive_float,
+        default=1.0,
+        metavar="L2",
+        help="L2 bound of one participant's whole observation vector (values and tangents), "
+        "real units; see protocols/secure_sum/LEAKAGE.md",
+    )

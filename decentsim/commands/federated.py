@@ -11,6 +11,7 @@ from typing import Any
 
 from contract.runspec import RunSpec, RunSpecError
 from decentsim.commands.common import (
+    add_dp_arguments,
     dp_config,
     load_population,
     load_target_series,
@@ -104,25 +105,7 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="both servers release pseudonym slots with fewer than K summands as zeros",
     )
-    run.add_argument(
-        "--dp-sigma",
-        type=positive_float,
-        metavar="S",
-        help="differential privacy: both servers add discrete Gaussian noise of total standard "
-        "deviation S (real units) to every coordinate of each opened daily aggregate "
-        "(values and tangents); off by default",
-    )
-    run.add_argument(
-        "--dp-delta", type=float, default=1e-6, help="δ of the reported (ε, δ) (with --dp-sigma)"
-    )
-    run.add_argument(
-        "--dp-sensitivity",
-        type=positive_float,
-        default=1.0,
-        metavar="L2",
-        help="L2 bound of one participant's whole observation vector (values and tangents), "
-        "real units (with --dp-sigma); see protocols/secure_sum/LEAKAGE.md",
-    )
+    add_dp_arguments(run)
     run.add_argument(
         "--transport",
         default="grpc",

@@ -20,7 +20,8 @@ from types import FrameType
 
 from contract.runspec import RunSpec, RunSpecError
 from contract.transcript import TranscriptError
-from decentsim.usage import CommandFailed, UsageError, int_in, nonnegative_int, positive_float
+from decentsim.commands.common import add_dp_arguments
+from decentsim.usage import CommandFailed, UsageError, int_in, nonnegative_int
 from identity.enrolment import MAX_TOKENS_PER_MINT
 from identity.secret_files import SecretFileError, write_secret
 from transport.grpc.channels import InsecureAddressError, warn_insecure
@@ -208,23 +209,7 @@ def add_aggregator_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="release pseudonym slots with fewer summands as zeros (must equal the run's)",
     )
-    serve.add_argument(
-        "--dp-sigma",
-        type=positive_float,
-        metavar="S",
-        help="differential privacy of the daily aggregates: total noise standard deviation "
-        "(real units); A adds its own part (must equal the run's, else A refuses its rounds)",
-    )
-    serve.add_argument(
-        "--dp-delta", type=float, default=1e-6, help="δ, in (0, 1) (with --dp-sigma)"
-    )
-    serve.add_argument(
-        "--dp-sensitivity",
-        type=positive_float,
-        default=1.0,
-        metavar="L2",
-        help="L2 bound of one participant's observation vector (with --dp-sigma)",
-    )
+    add_dp_arguments(serve)
 
 
 def run_aggregator(args: argparse.Namespace) -> int:
