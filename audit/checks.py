@@ -45,6 +45,7 @@ from audit.views import (
     server_shares,
     transcript_unused,
 )
+from contract.schedule import AGGREGATES, NEIGHBOURHOOD
 from protocols.secure_sum import Mode
 from protocols.secure_sum.messages import decode
 
@@ -731,7 +732,7 @@ def _subtraction_attack(
     if len(own_keys):
         residual[np.searchsorted(slots, own_keys)] -= own
     eligible = np.ones(len(slots), dtype=bool)
-    if dep == "neighbourhood":
+    if dep == NEIGHBOURHOOD:
         owned = [
             (rnd, slot)
             for rnd, m in regs.items()
@@ -871,14 +872,14 @@ def check_linkage(inp: AuditInput, shares: Shares) -> CheckResult:
         return CheckResult(
             "linkage", "Linkage attack", Status.SKIP, "no ground truth (contact graph)"
         )
-    table_t = _truth_table(inp.truth.items, "neighbourhood")
+    table_t = _truth_table(inp.truth.items, NEIGHBOURHOOD)
     if not len(table_t.round_id):
         return CheckResult(
             "linkage", "Linkage attack", Status.SKIP, "no true contacts in the truth"
         )
     edges = np.unique(table_t.edge)
     results: dict[str, dict[str, Any]] = {}
-    measured = _linkage(shares.rows.get("neighbourhood"), edges)
+    measured = _linkage(shares.rows.get(NEIGHBOURHOOD), edges)
     if measured is not None:
         results[inp.role] = measured
     if not results:
@@ -948,7 +949,7 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
     if inp.truth is None:
         return CheckResult("cohorts", "Small cohorts", Status.SKIP, "no ground truth")
     k = max(k, inp.min_cohort)
-    t = _truth_table(inp.truth.items, "neighbourhood")
+    t = _truth_table(inp.truth.items, NEIGHBOURHOOD)
     if not len(t.round_id):
         return CheckResult(
             "cohorts", "Small cohorts", Status.SKIP, "no neighbourhood contributions"
@@ -997,7 +998,7 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
             f"of {n_slots} slots summed fewer than {k} contacts"
         )
     elif inp.min_cohort:
-        held_rows = shares.rows.get("neighbourhood")
+        held_rows = shares.rows.get(NEIGHBOURHOOD)
         if held_rows is not None and len(held_rows):
             held, held_n = np.unique(
                 _void(_be(held_rows.round_id), held_rows.slot), return_counts=True
@@ -1148,7 +1149,7 @@ def _fidelity_vs_truth(inp: AuditInput, config: Any) -> dict[str, Any] | None:
     opened = _opened_days(inp.source)
     exact: dict[int, list[npt.NDArray[np.float64]]] = defaultdict(list)
     for it in inp.truth.items:
-        if it.deployment == "aggregates" and it.round_id in opened:
+        if it.deployment == AGGREGATES and it.round_id in opened:
             exact[it.round_id].append(it.value)
     domains = len(set(inp.truth.domains.values()))
     rounds = sorted(r for r, vals in exact.items() if len(vals) == domains)
@@ -1158,7 +1159,7 @@ def _fidelity_vs_truth(inp: AuditInput, config: Any) -> dict[str, Any] | None:
     # the noise-free opened sum: the participants' totals as the codec encodes and sums them
     from contract.schedule import aggregates_codec
 
-    codec = inp.codecs.get("aggregates") or aggregates_codec()
+    codec = inp.codecs.get(AGGREGATES) or aggregates_codec()
     truth = np.stack([codec.decode(codec.encode(np.stack(exact[r])).sum(axis=0)) for r in rounds])
     noisy = np.stack([opened[r] for r in rounds])
     if truth.shape != noisy.shape:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from audit.views import ServerView, TrueItem, Truth, registrations
+from contract.schedule import AGGREGATES, NEIGHBOURHOOD
 
 if TYPE_CHECKING:
     from contract.runspec import RunSpec
@@ -155,7 +156,7 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
         for u in units:
             domains[u] = i
         deployments = {d.deployment_id: deployment_from_pb(d) for d in reply.deployments}
-        dkey = deployments["neighbourhood"].deployment_key
+        dkey = deployments[NEIGHBOURHOOD].deployment_key
         needles[f"pool-{i} secret"] = bytes_needles(secret)
         needles[f"pool-{i} private key"] = [key_pem]
         ids = slice_ids(population.n_agents, i, spec.pools)
@@ -183,7 +184,7 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
             if len(units) == 1:
                 items.append(
                     TrueItem(
-                        "aggregates",
+                        AGGREGATES,
                         rid,
                         units[0],
                         aggregate_slot(day_slot(day)),
@@ -228,9 +229,7 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
                     if registered is not None and slot not in registered:
                         unused[UNREGISTERED] += 1
                         continue
-                    items.append(
-                        TrueItem("neighbourhood", rid, unit, slot, summed[j], int(devs[j]))
-                    )
+                    items.append(TrueItem(NEIGHBOURHOOD, rid, unit, slot, summed[j], int(devs[j])))
                 message_values.append(summed[:, 0])
             for j, r in enumerate(rpi[:: max(1, len(rpi) // 5)][:5]):
                 needles[f"pool-{i} heard RPI (day {day}) #{j}"] = bytes_needles(bytes(r))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from contract.schedule import NEIGHBOURHOOD
 from contract.transcript import (
     TranscriptRecord,
     decode_record,
@@ -538,7 +539,7 @@ def _open_items(
 
 
 def registrations(
-    view: ServerView, deployment: str = "neighbourhood"
+    view: ServerView, deployment: str = NEIGHBOURHOOD
 ) -> dict[int, dict[bytes, bytes]]:
     """round → {slot id → registrant participant id}, from C's RegisterRequests (or A's
     RelayRegisters)."""
@@ -554,7 +555,7 @@ def registrations(
 
 
 def fetch_releases(
-    view: ServerView, deployment: str = "neighbourhood"
+    view: ServerView, deployment: str = NEIGHBOURHOOD
 ) -> tuple[list[tuple[int, bytes, bytes, npt.NDArray[np.int64]]], int]:
     """(round, participant, slot ids, C's released share-sum rows) of every answered fetch at C
     (each request paired with the next reply to the same participant), and the number of
