@@ -208,7 +208,7 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
                 unused[NO_ROUND] += len(observer)
                 continue
             state = state_from_bytes(raw)
-            th = forward_theta(thetas[epoch])
+            th = forward_theta(thetas[epoch], config.grad)
             beh = behaviour(agents, state, config, spec.seed, day)
             q = infectiousness(agents, state, beh, th, config, day).detach()
             local = observer - int(ids[0])

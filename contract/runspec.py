@@ -20,7 +20,7 @@ from contract.schedule import observations_dp
 from protocols.secure_sum.dp import DPError
 from sim.calibration import ObservedSeries, series_loss
 from sim.model import Lockdown, ModelConfig, ModelConfigError, Vaccination
-from sim.params import PARAM_NAMES, Theta
+from sim.params import BASE_PARAMS, PARAM_NAMES, Theta
 from sim.runner import total_infections
 from sim.sampling import Estimator
 
@@ -45,7 +45,7 @@ class RunSpec:
         population: how devices load their agents (``synthetic:N`` or a directory path).
         days, seed: length of one epoch and the seed of every counter-based draw.
         mode: secure-sum posting mode (``mailbox``, ``shuffled``, ``plaintext``).
-        theta: initial θ by name.
+        theta: initial θ by name; parameters not named keep their defaults.
         epochs: calibration epochs (1 = a plain run); θ steps between epochs.
         lr: step size of the θ update on log θ (Adam, ``sim.calibration.ThetaOptimizer``).
         fit: the parameters the θ steps fit; the others stay exactly at ``theta``.
@@ -92,6 +92,12 @@ class RunSpec:
     dp: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.theta) - set(PARAM_NAMES))
+        if unknown:
+            raise RunSpecError(f"run spec: theta names unknown parameter(s) {unknown}")
+        # parameters not named keep their defaults (the alignment's identity), so a spec always
+        # carries all of θ, in order
+        object.__setattr__(self, "theta", {**asdict(Theta()), **self.theta})
         checks: list[tuple[bool, str]] = [
             (self.days >= 1, f"days must be >= 1, got {self.days}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -105,12 +111,12 @@ class RunSpec:
                 f"step_timeout_s must be > 0, got {self.step_timeout_s}",
             ),
             (math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (set(self.theta) == set(PARAM_NAMES), f"theta must name exactly {PARAM_NAMES}"),
             (self.target_period_days >= 1, "target_period_days must be >= 1"),
             (self.min_cohort >= 0, f"min_cohort must be >= 0, got {self.min_cohort}"),
             (
-                bool(self.fit) and set(self.fit) <= set(PARAM_NAMES),
-                f"fit must name some of {PARAM_NAMES}, got {list(self.fit)}",
+                bool(self.fit) and set(self.fit) <= set(BASE_PARAMS),
+                f"fit must name some of {BASE_PARAMS} (a federation differentiates those), "
+                f"got {list(self.fit)}",
             ),
         ]
         for ok, message in checks:

@@ -30,7 +30,7 @@ import torch
 from protocols.secure_sum import FixedPointCodec, PhaseSpec, RoundSpec, SlotKind
 from protocols.secure_sum.dp import DPConfig, check_headroom
 from sim.model import EXACT_FRAC_BITS, MAX_MESSAGE_LOG2, OBSERVATIONS
-from sim.params import PARAM_NAMES
+from sim.params import BASE_PARAMS
 from sim.populations import AGE_GROUPS
 
 #: The steps of a round, in order (a federated run's day).
@@ -66,8 +66,10 @@ MAX_DEVICES = 2**20
 MAX_SLOT_SUMMANDS = 2**24
 #: Devices per secure-sum participant of a pool (bounds one post's size).
 UNIT_DEVICES = 1024
-#: Width of every message and observation: a value and its tangents dvalue/dθ.
-WIDTH = 1 + len(PARAM_NAMES)
+#: Width of every message and observation: a value and its tangents dvalue/dθ. A federation
+#: differentiates the epidemic's parameters (``BASE_PARAMS``: a run spec's model config keeps
+#: the default ``grad``); the behaviour table's alignment is fitted centrally.
+WIDTH = 1 + len(BASE_PARAMS)
 
 _DAY_SLOT_PREFIX = "global/day/"
 

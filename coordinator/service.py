@@ -79,7 +79,7 @@ from proto.limits import Channel, channel_options, server_options
 from protocols.secure_sum import CoordinatorServer, Deployment, KeyPair, Mode, PhaseReport
 from protocols.secure_sum.errors import RoundLost, SecureSumError
 from sim.calibration import ThetaOptimizer
-from sim.params import PARAM_NAMES, Theta
+from sim.params import BASE_PARAMS, PARAM_NAMES, Theta
 from storage.sqlite import open_db, transaction
 from transport.grpc.channels import require_loopback
 from transport.grpc.gateway import DeviceGatewayServicer
@@ -687,7 +687,7 @@ class CoordinatorService:
         optimizer = ThetaOptimizer(Theta(**self.spec.theta), self.spec.fit, self.spec.lr)
         if row[0]:
             optimizer.load_state_dict(json.loads(row[0]))
-        new = Theta.from_tensor(optimizer.step(grad))
+        new = Theta.from_tensor(optimizer.step(grad, BASE_PARAMS))
         with self._tx() as conn:
             conn.execute(
                 "UPDATE epochs SET loss = ?, grad = ? WHERE epoch = ?",

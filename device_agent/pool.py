@@ -52,7 +52,6 @@ from protocols.ble.sightings import Sightings
 from protocols.ble.simkeys import SimulatedKeyring
 from protocols.secure_sum import DeviceClient, RoundSpec, pseudonym_slots
 from protocols.secure_sum.errors import SecureSumError
-from sim import dual
 from sim.model import (
     Agents,
     Behaviour,
@@ -64,6 +63,7 @@ from sim.model import (
     initial_state,
     make_agents,
     message,
+    theta_dual,
     update,
 )
 from sim.params import PARAM_NAMES
@@ -100,14 +100,16 @@ class BeaconScheduleError(PoolError):
     """The radio put a beacon outside the intervals the devices advertise (and register)."""
 
 
-def forward_theta(theta: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The public θ (p,) as a forward-mode dual (p, 1 + p): tangents are the identity."""
+def forward_theta(
+    theta: torch.Tensor, grad: tuple[str, ...], dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """The public θ (p,) as a forward-mode dual (p, 1 + k), unit tangents along ``grad``."""
     if theta.shape != (len(PARAM_NAMES),):
         raise PoolInputError(
             f"theta must have shape ({len(PARAM_NAMES)},), got {tuple(theta.shape)}"
         )
     t = theta.detach().to(dtype)
-    return dual.make(t, torch.eye(len(PARAM_NAMES), dtype=dtype))
+    return theta_dual(t, grad)
 
 
 class SimulatedWorld:
@@ -318,13 +320,13 @@ class DevicePool:
 
     def begin(self, theta: torch.Tensor) -> None:
         """Start a run under the public θ (p,): every device draws its initial state."""
-        self._theta = forward_theta(theta)
+        self._theta = forward_theta(theta, self.config.grad)
         self.state = initial_state(self.agents, self._theta, self.config, self.seed)
         self._beh, self._y, self._slots = None, None, []
 
     def restore(self, theta: torch.Tensor, state: State) -> None:
         """Resume from a stored start-of-day ``state`` under θ (after a restart or a re-run)."""
-        self._theta = forward_theta(theta)
+        self._theta = forward_theta(theta, self.config.grad)
         self.state = state
         self._beh, self._y, self._slots = None, None, []
 
@@ -357,7 +359,7 @@ class DevicePool:
         device's message factor ``q`` (dual). A device that missed the messages step still
         prepares, so it can update."""
         _, state = self._require_theta()
-        self._theta = th = forward_theta(theta)
+        self._theta = th = forward_theta(theta, self.config.grad)
         self._beh = behaviour(self.agents, state, self.config, self.seed, day)
         return infectiousness(self.agents, state, self._beh, th, self.config, day).detach()
 

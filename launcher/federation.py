@@ -47,12 +47,12 @@ import torch
 from tqdm import tqdm
 
 from contract.runspec import RunSpec, RunSpecError
-from contract.schedule import UNIT_DEVICES, slice_ids
+from contract.schedule import UNIT_DEVICES, WIDTH, slice_ids
 from contract.transcript import auditor_files, create_auditor_keys
 from identity.secret_files import write_secret
 from protocols.ble import gaen
 from sim.model import OBSERVATIONS
-from sim.params import PARAM_NAMES
+from sim.params import BASE_PARAMS
 from sim.populations import AGE_GROUPS, Population, from_spec
 
 #: 10-minute intervals devices advertise per day under the ideal radio.
@@ -408,7 +408,7 @@ class Federation:
             )
         finally:
             conn.close()
-        width = 1 + len(PARAM_NAMES)
+        width = WIDTH
         flat = [np.frombuffer(r[0], "<f8") for r in rows]
         y = (np.stack(flat) if flat else np.zeros((0, 0))).reshape(
             -1, len(OBSERVATIONS), len(AGE_GROUPS), width
@@ -418,7 +418,7 @@ class Federation:
         return {
             "y": y,
             "loss": loss,
-            "grad": dict(zip(PARAM_NAMES, grad, strict=True)) if grad else None,
+            "grad": dict(zip(BASE_PARAMS, grad, strict=True)) if grad else None,
             "epochs": [{"epoch": e, "theta": json.loads(t), "loss": lo} for e, t, lo, _ in epochs],
             "bytes_device_to_servers": total_bytes,
         }

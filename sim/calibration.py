@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sim.params import PARAM_BOUNDS, PARAM_NAMES, Theta
+from sim.params import LOG_PARAMS, PARAM_BOUNDS, PARAM_NAMES, Theta
 from sim.runner import CentralSimulator
 
 
@@ -144,6 +144,14 @@ def _clamp_theta(values: torch.Tensor) -> torch.Tensor:
     return torch.minimum(torch.maximum(values, lo + 1e-9), hi)
 
 
+def full_grad(grad: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """A gradient over ``names`` as a (p,) vector in ``PARAM_NAMES`` order (0 elsewhere: the
+    run did not differentiate those parameters)."""
+    out = torch.zeros(len(PARAM_NAMES), dtype=torch.float64)
+    out[[PARAM_NAMES.index(n) for n in names]] = grad.detach().to(torch.float64)
+    return out
+
+
 def fit_mask(fit: Sequence[str]) -> torch.Tensor:
     """1.0 for each parameter named in ``fit``, 0.0 for the others (``PARAM_NAMES`` order).
 
@@ -159,37 +167,57 @@ def fit_mask(fit: Sequence[str]) -> torch.Tensor:
 
 
 class ThetaOptimizer:
-    """Adam on log θ for the parameters named in ``fit``; the others stay exactly at ``start``.
+    """Adam on θ for the parameters named in ``fit``; the others stay exactly at ``start``.
 
     The one optimizer of every calibration: central (:func:`fit_params`) and federated (the
     coordinator steps θ between epochs and persists :meth:`state_dict`, so a restarted
-    coordinator continues the same optimisation). Each step's θ is clamped into
-    ``PARAM_BOUNDS``; log space keeps fitted parameters positive, so each must start > 0.
+    coordinator continues the same optimisation). Positive parameters (``LOG_PARAMS``: β,
+    mortality, the initial fraction, the alignment scales) move in log space, which keeps them
+    positive, so each must start > 0; the alignment shifts move linearly. Each step's θ is
+    clamped into ``PARAM_BOUNDS``.
     """
 
     def __init__(self, start: Theta, fit: Sequence[str], lr: float) -> None:
         self.mask = fit_mask(fit)
         self.fixed = start.as_tensor()
+        #: 1.0 where a parameter moves in log space
+        self.log = torch.tensor([n in LOG_PARAMS for n in PARAM_NAMES], dtype=torch.float64)
         zero = [
-            n for n, m, v in zip(PARAM_NAMES, self.mask, self.fixed, strict=True) if m and v <= 0
+            n
+            for n, m, lg, v in zip(PARAM_NAMES, self.mask, self.log, self.fixed, strict=True)
+            if m and lg and v <= 0
         ]
         if zero:
             raise ValueError(f"cannot fit {zero} from 0 (θ is fitted in log space)")
-        self.log_theta = torch.log(self.fixed.clamp_min(1e-300)).requires_grad_(True)
+        # the optimizer's coordinates: log θ for positive parameters, θ itself for shifts
+        self.log_theta = torch.where(
+            self.log > 0, torch.log(self.fixed.clamp_min(1e-300)), self.fixed
+        ).requires_grad_(True)
         self.adam = torch.optim.Adam([self.log_theta], lr=lr)
 
     def theta(self) -> torch.Tensor:
-        """The current θ (p,): fitted parameters from log θ (clamped), the others exact."""
-        return torch.where(
-            self.mask > 0, _clamp_theta(torch.exp(self.log_theta.detach())), self.fixed
-        )
+        """The current θ (p,): fitted parameters from the optimizer's coordinates (clamped),
+        the others exact."""
+        z = self.log_theta.detach()
+        moved = _clamp_theta(torch.where(self.log > 0, torch.exp(z), z))
+        return torch.where(self.mask > 0, moved, self.fixed)
 
-    def step(self, grad: torch.Tensor) -> torch.Tensor:
-        """One Adam step with ``dL/dθ`` (p,) at :meth:`theta`; returns the new θ."""
+    def step(self, grad: torch.Tensor, names: Sequence[str] = PARAM_NAMES) -> torch.Tensor:
+        """One Adam step with ``dL/dθ`` over ``names`` (default: all of θ, in order) at
+        :meth:`theta`; returns the new θ.
+
+        Raises:
+            ValueError: a fitted parameter has no gradient (it is not in ``names``).
+        """
+        missing = [n for n, m in zip(PARAM_NAMES, self.mask, strict=True) if m and n not in names]
+        if missing:
+            raise ValueError(f"no gradient for fitted parameter(s) {missing}")
+        g = full_grad(grad, names)
         theta = self.theta()
         self.adam.zero_grad()
-        # chain rule through θ = exp(log θ); parameters not being fitted get no gradient
-        self.log_theta.grad = grad.to(torch.float64) * theta * self.mask
+        # chain rule through θ = exp(log θ) for positive parameters (dθ/dlog θ = θ); parameters
+        # not being fitted get no gradient
+        self.log_theta.grad = g * torch.where(self.log > 0, theta, 1.0) * self.mask
         self.adam.step()
         return self.theta()
 
@@ -237,7 +265,7 @@ def fit_params(
         result = sim.run(theta, days, grad)
         loss, g = result.loss_and_grad(loss_fn)
         assert g is not None
-        opt.step(g)
+        opt.step(g, result.grad_names)
         losses.append(loss)
         thetas.append(Theta.from_tensor(theta).to_dict())
         bar.set_postfix(loss=f"{loss:.4g}")
@@ -322,10 +350,11 @@ def fit_network(
         fitted = net(features)
         theta = start.as_tensor().clone()
         theta[index] = fitted.detach()
-        loss, g = sim.run(theta, target.days, grad).loss_and_grad(loss_fn)
+        result = sim.run(theta, target.days, grad)
+        loss, g = result.loss_and_grad(loss_fn)
         assert g is not None
         opt.zero_grad()
-        fitted.backward(g.to(torch.float64)[index])
+        fitted.backward(full_grad(g, result.grad_names)[index])
         opt.step()
         losses.append(loss)
         thetas.append(Theta.from_tensor(theta).to_dict())

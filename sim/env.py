@@ -18,7 +18,7 @@ import torch
 
 from sim.model import STAGES, ModelConfig
 from sim.models import ModelTemplate
-from sim.params import PARAM_NAMES, Theta
+from sim.params import Theta
 from sim.plots import plot_run
 from sim.populations import Population
 from sim.runner import CentralSimulator, GradMode, LossFn, RunResult, total_infections
@@ -81,7 +81,7 @@ class Simulation:
             loss, grad = r.loss_and_grad(loss_fn)
             assert grad is not None
             out["loss"] = loss
-            out["grad"] = dict(zip(PARAM_NAMES, grad.tolist(), strict=True))
+            out["grad"] = dict(zip(r.grad_names, grad.tolist(), strict=True))
             out["grad_mode"] = r.mode
         return out
 

@@ -19,12 +19,13 @@ alongside as an int8 so that masks never depend on θ.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from sim import dual, rng
-from sim.params import PARAM_NAMES
+from sim.params import BASE_PARAMS, PARAM_NAMES
 from sim.rng import Purpose
 from sim.sampling import Estimator, bernoulli
 
@@ -49,6 +50,16 @@ MAX_MESSAGE_LOG2 = 6
 MAX_IN_DEGREE_LOG2 = 53 - EXACT_FRAC_BITS - MAX_MESSAGE_LOG2
 
 _BETA, _MORTALITY, _INIT = (PARAM_NAMES.index(n) for n in ("beta", "mortality", "init_frac"))
+
+
+def theta_dual(theta: torch.Tensor, grad: tuple[str, ...]) -> torch.Tensor:
+    """θ (p,) as a forward-mode dual (p, 1 + k) with tangents along the k parameters in
+    ``grad``: parameter ``grad[j]`` has unit tangent j, every other parameter none."""
+    t = theta.detach()
+    tangents = t.new_zeros((len(PARAM_NAMES), len(grad)))
+    for j, name in enumerate(grad):
+        tangents[PARAM_NAMES.index(name), j] = 1.0
+    return dual.make(t, tangents)
 
 
 class ModelConfigError(ValueError):
@@ -107,6 +118,21 @@ class Vaccination:
 
 
 @dataclass(frozen=True)
+class Stimulus:
+    """A stimulus payment of ``amount`` US dollars in month ``month`` (0: the run's first
+    month): public policy that enters the behaviour table's prompts (``sim.archetypes``)."""
+
+    month: int
+    amount: float
+
+    def __post_init__(self) -> None:
+        if self.month < 0:
+            raise ModelConfigError(f"stimulus month must be >= 0, got {self.month}")
+        if not (math.isfinite(self.amount) and self.amount >= 0):
+            raise ModelConfigError(f"stimulus amount must be >= 0 dollars, got {self.amount}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Fixed (non-calibrated) model settings. Defaults are COVID-19-like, per age group.
 
@@ -132,6 +158,8 @@ class ModelConfig:
     lockdowns: tuple[Lockdown, ...] = ()
     vaccinations: tuple[Vaccination, ...] = ()
     estimator: Estimator = field(default_factory=Estimator)
+    #: the parameters that carry forward-mode tangents (and are reported in gradients)
+    grad: tuple[str, ...] = BASE_PARAMS
 
     def __post_init__(self) -> None:
         if len(self.susceptibility) != 6 or len(self.age_mortality) != 6:
@@ -148,6 +176,11 @@ class ModelConfig:
             raise ModelConfigError("archetype shares must sum to 1")
         if not self.profile or min(self.profile) < 0:
             raise ModelConfigError("profile must be a non-empty sequence of non-negative values")
+        unknown = [n for n in self.grad if n not in PARAM_NAMES]
+        if not self.grad or unknown or len(set(self.grad)) != len(self.grad):
+            raise ModelConfigError(
+                f"grad must name distinct parameters of {PARAM_NAMES}, got {list(self.grad)}"
+            )
 
     def layer_scale(self, layer: str, day: int) -> float:
         """The lockdown multiplier of ``layer`` on ``day``."""

@@ -1,7 +1,13 @@
 """Calibratable parameters θ, with validation.
 
-θ is small (p = 3 here), which is what makes forward-mode tangents cheap: every agent carries
-``dz/dθ`` as p extra numbers per state variable.
+θ holds the epidemic's parameters (β, mortality, the initial fraction) and the *alignment* of
+the behaviour table (``sim.archetypes``): per age group, a scale and a shift of the table's
+logits, ``p' = sigmoid(scale_g · logit p + shift_g)`` (identity at scale 1, shift 0).
+
+Forward-mode tangents are carried only for the parameters a run differentiates
+(``ModelConfig.grad``, :data:`BASE_PARAMS` by default): every agent carries ``dz/dθ`` as that
+many extra numbers per state variable, so a run that does not fit the alignment pays nothing
+for it.
 """
 
 from __future__ import annotations
@@ -11,15 +17,30 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-#: Parameter order in every θ tensor and every tangent axis.
-PARAM_NAMES: tuple[str, ...] = ("beta", "mortality", "init_frac")
+#: The epidemic's parameters: the default differentiated ones (``ModelConfig.grad``).
+BASE_PARAMS: tuple[str, ...] = ("beta", "mortality", "init_frac")
+#: Age groups of the alignment parameters (``sim.populations.AGE_GROUPS``, repeated here so
+#: this module stays a leaf).
+ALIGNMENT_GROUPS: tuple[str, ...] = ("U19", "20t29", "30t39", "40t49", "50t64", "65A")
+#: The behaviour table's alignment: a logit scale and shift per age group.
+ALIGNMENT_PARAMS: tuple[str, ...] = (
+    *(f"scale_{g}" for g in ALIGNMENT_GROUPS),
+    *(f"shift_{g}" for g in ALIGNMENT_GROUPS),
+)
+#: Parameter order in every θ tensor.
+PARAM_NAMES: tuple[str, ...] = (*BASE_PARAMS, *ALIGNMENT_PARAMS)
 
 #: Valid closed ranges; a value outside raises ``ParameterError`` naming the parameter.
 PARAM_BOUNDS: dict[str, tuple[float, float]] = {
     "beta": (0.0, 50.0),
     "mortality": (0.0, 1.0),
     "init_frac": (0.0, 1.0),
+    **{f"scale_{g}": (0.0, 10.0) for g in ALIGNMENT_GROUPS},
+    **{f"shift_{g}": (-10.0, 10.0) for g in ALIGNMENT_GROUPS},
 }
+#: Parameters an optimizer may move in log space (positive by nature); the others (shifts)
+#: move linearly.
+LOG_PARAMS: frozenset[str] = frozenset(n for n in PARAM_NAMES if not n.startswith("shift_"))
 
 
 class ParameterError(ValueError):
@@ -35,11 +56,26 @@ class Theta:
         infection is ``mortality × age_mortality[age]`` (clamped to 1).
     init_frac: fraction of agents infected on day 0 (ignored when the population brings its own
         seeds and the model is configured to use them).
+    scale_<g>, shift_<g>: the behaviour table's alignment for age group g (see the module
+        doc); they act only with a behaviour table (``ModelConfig.behaviour == "table"``).
     """
 
     beta: float = 0.25
     mortality: float = 0.01
     init_frac: float = 0.005
+    # the behaviour table's alignment (identity by default), one pair per age group
+    scale_U19: float = 1.0
+    scale_20t29: float = 1.0
+    scale_30t39: float = 1.0
+    scale_40t49: float = 1.0
+    scale_50t64: float = 1.0
+    scale_65A: float = 1.0
+    shift_U19: float = 0.0
+    shift_20t29: float = 0.0
+    shift_30t39: float = 0.0
+    shift_40t49: float = 0.0
+    shift_50t64: float = 0.0
+    shift_65A: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -413,7 +413,36 @@ def synthetic(
         name=f"synthetic(n={n}, seed={seed})",
         age_group=torch.from_numpy(age.astype(np.int64)),
         layers=tuple(layers),
+        attributes=_public_attributes(rng, age, workers),
     )
+
+
+#: SOC 2018 major groups of synthetic workers (the first two digits of a SOC code).
+_SYNTHETIC_SOC_MAJORS = (
+    "11", "13", "15", "17", "19", "21", "23", "25", "27", "29", "31",
+    "33", "35", "37", "39", "41", "43", "45", "47", "49", "51", "53",
+)  # fmt: skip
+
+
+def _public_attributes(
+    rng: np.random.Generator, age: np.ndarray, workers: np.ndarray
+) -> dict[str, list[str]]:
+    """Gender, occupation (a SOC code: workers get one of a major group, others none) and
+    annual household income (US dollars, log-normal around the US median, higher for
+    workers), as the columns of ``agents.csv`` would give them. Drawn after every layer, so
+    they leave the rest of the population unchanged."""
+    n = age.size
+    gender = np.where(rng.random(n) < 0.5, "female", "male")
+    soc = np.full(n, "", dtype=object)
+    majors = rng.integers(0, len(_SYNTHETIC_SOC_MAJORS), size=workers.size)
+    soc[workers] = [f"{_SYNTHETIC_SOC_MAJORS[m]}-0000.00" for m in majors.tolist()]
+    income = np.exp(rng.normal(np.log(75_000.0), 0.8, size=n))
+    income[workers] *= 1.3
+    return {
+        "gender": gender.tolist(),
+        "soc_code": soc.tolist(),
+        "income": [f"{x:.0f}" for x in income],
+    }
 
 
 def _households(rng: np.random.Generator, n: int, mean: float) -> ContactLayer:

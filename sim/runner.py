@@ -41,9 +41,10 @@ from sim.model import (
     infectiousness,
     initial_state,
     make_agents,
+    theta_dual,
     update,
 )
-from sim.params import PARAM_NAMES, Theta
+from sim.params import BASE_PARAMS, PARAM_NAMES, Theta
 from sim.populations import AGE_GROUPS, Population
 
 # CSR support is marked beta in torch; the operations used here (matmul, transpose-free
@@ -142,6 +143,8 @@ class RunResult:
     y: torch.Tensor
     stage_counts: torch.Tensor
     theta: Theta
+    #: the parameters ``loss_and_grad`` differentiates (``ModelConfig.grad``), in order
+    grad_names: tuple[str, ...] = BASE_PARAMS
     _theta_tensor: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -157,7 +160,7 @@ class RunResult:
     def loss_and_grad(
         self, loss_fn: LossFn = total_infections
     ) -> tuple[float, torch.Tensor | None]:
-        """L(Y) and dL/dθ (a (p,) tensor; None in mode "none").
+        """L(Y) and dL/dθ over :attr:`grad_names` (a (k,) tensor; None in mode "none").
 
         Forward mode: ``dL/dθ = Σ_t ∂L/∂Y_t · dY_t/dθ`` (autograd only over the small Y).
         Reverse mode: backpropagation through the whole run.
@@ -174,7 +177,8 @@ class RunResult:
             loss = loss_fn(yv)
             # The graph is kept so that several losses can be asked of one run.
             (grad,) = torch.autograd.grad(loss, self._theta_tensor, retain_graph=True)
-            return float(loss.detach()), grad
+            index = [PARAM_NAMES.index(n) for n in self.grad_names]
+            return float(loss.detach()), grad[index]
         return float(loss_fn(yv)), None
 
     def daily(self) -> dict[str, list[float]]:
@@ -280,13 +284,11 @@ class CentralSimulator:
         return theta.beta * max(c.profile) * max(a.contact_scale for a in c.archetypes) * w * scale
 
     def theta_dual(self, theta: Theta | torch.Tensor, mode: GradMode) -> torch.Tensor:
-        """θ as a dual (p, width): tangents = identity in forward mode."""
+        """θ as a dual (p, width): in forward mode, unit tangents along ``config.grad``."""
         t = theta if isinstance(theta, torch.Tensor) else theta.as_tensor()
         t = t.to(self.device, self.dtype)
         if mode == "forward":
-            return dual.make(
-                t.detach(), torch.eye(len(PARAM_NAMES), dtype=self.dtype, device=self.device)
-            )
+            return theta_dual(t, self.config.grad)
         return t.unsqueeze(-1)
 
     def run(
@@ -338,6 +340,7 @@ class CentralSimulator:
             y=torch.stack(ys),
             stage_counts=torch.stack(counts),
             theta=checked,
+            grad_names=self.config.grad,
             _theta_tensor=leaf,
         )
 

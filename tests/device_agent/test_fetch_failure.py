@@ -26,9 +26,10 @@ from protocols.ble.simkeys import SimulatedKeyring
 from protocols.secure_sum import Mode
 from protocols.secure_sum.messages import FetchReply, decode
 from sim.model import ModelConfig
+from sim.params import Theta
 from sim.populations import synthetic
 
-THETA = torch.tensor([0.6, 0.01, 0.05], dtype=torch.float64)
+THETA = Theta(beta=0.6, mortality=0.01, init_frac=0.05).as_tensor()
 
 
 def tampered(handle: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:

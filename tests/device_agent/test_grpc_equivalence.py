@@ -51,7 +51,7 @@ from protocols.secure_sum.messages import (
 )
 from sim import dual
 from sim.model import ModelConfig
-from sim.params import PARAM_NAMES, Theta
+from sim.params import BASE_PARAMS, Theta
 from sim.populations import Population, synthetic
 from sim.runner import CentralSimulator, RunResult, total_infections
 from transport.grpc.client import (
@@ -258,7 +258,7 @@ def test_shuffled_run_over_grpc_equals_the_central_run(
 
 
 def _open_probe_round(stack: Stack, round_id: int) -> RoundSpec:
-    width = 1 + len(PARAM_NAMES)
+    width = 1 + len(BASE_PARAMS)
     spec = RoundSpec(round_id, (PhaseSpec(MESSAGES_PHASE, width, SlotKind.PSEUDONYM, 1),))
     stack.services["neighbourhood"].open_round(spec)
     return spec
@@ -275,7 +275,7 @@ def test_fetching_another_devices_slot_is_permission_denied(mailbox: Stack) -> N
     coordinator = mailbox.services["neighbourhood"].coordinator
     coordinator.close_registration(rid)
     coordinator.close_phase(rid, MESSAGES_PHASE)
-    width = 1 + len(PARAM_NAMES)
+    width = 1 + len(BASE_PARAMS)
     with pytest.raises(
         ss_errors.NotRegistrant,
         match=r"coordinator refused \(PERMISSION_DENIED\): slot [0-9a-f]{16}… is registered "

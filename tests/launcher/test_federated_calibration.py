@@ -16,7 +16,7 @@ import torch
 from launcher.federation import make_spec
 from launcher.run import federated_run
 from sim.calibration import ThetaOptimizer
-from sim.params import PARAM_NAMES, Theta
+from sim.params import BASE_PARAMS, Theta
 from sim.populations import from_spec
 from sim.runner import CentralSimulator
 
@@ -57,6 +57,6 @@ def test_federated_theta_steps_are_the_calibration_optimizers(tmp_path: Path) ->
         loss, grad = central.run(theta, DAYS, "forward").loss_and_grad(spec.loss_fn())
         assert e["loss"] == pytest.approx(loss, rel=1e-9)
         np.testing.assert_allclose(opened, grad.numpy(), rtol=1e-6, atol=0)
-        optimizer.step(torch.tensor(opened, dtype=torch.float64))
+        optimizer.step(torch.tensor(opened, dtype=torch.float64), BASE_PARAMS)
     assert epochs[-1]["theta"]["beta"] != START["beta"]
-    np.testing.assert_array_equal([summary["grad"][n] for n in PARAM_NAMES], grads[-1])
+    np.testing.assert_array_equal([summary["grad"][n] for n in BASE_PARAMS], grads[-1])

@@ -47,7 +47,7 @@ from launcher.run import federated_run
 from proto.decentsim.v1 import device_pb2 as pb
 from sim import dual
 from sim.model import OBSERVATIONS
-from sim.params import PARAM_NAMES
+from sim.params import BASE_PARAMS
 from sim.populations import AGE_GROUPS, from_spec
 from sim.runner import CentralSimulator, RunResult, total_infections
 
@@ -55,7 +55,7 @@ POPULATION = "synthetic:400"
 POOLS = 2
 #: θ with infections every day (and deaths in the 6-day equivalence run).
 THETA = {"beta": 0.6, "mortality": 0.5, "init_frac": 0.05}
-WIDTH = 1 + len(PARAM_NAMES)
+WIDTH = 1 + len(BASE_PARAMS)
 #: Tolerance of a decoded tangent (fixed point; the ring's resolution is far finer).
 TANGENT_ATOL = 1e-6
 
@@ -225,7 +225,7 @@ def test_federated_run_equals_central(finished: Finished) -> None:
         assert summary["daily"][name] == totals[:, k].tolist()
     loss_c = float(total_infections(torch.from_numpy(ref)))
     assert summary["loss"] == loss_c
-    grad_f = np.array([summary["grad"][n] for n in PARAM_NAMES])
+    grad_f = np.array([summary["grad"][n] for n in BASE_PARAMS])
     grad_c = central_grad(EQ_SEED, EQ_DAYS)
     assert np.abs(grad_c).max() > 1.0
     np.testing.assert_allclose(grad_f, grad_c, rtol=1e-6, atol=1e-9)
@@ -236,7 +236,7 @@ def test_federated_run_equals_central(finished: Finished) -> None:
     assert summary["mode"] == spec.mode
     assert summary["wall_s"] > 0
     assert summary["bytes_device_to_servers"] > 0
-    assert set(summary["grad"]) == set(PARAM_NAMES)
+    assert set(summary["grad"]) == set(BASE_PARAMS)
     assert json.loads((out / "summary.json").read_text()) == summary
 
     # trajectory.csv: one row a day, the opened totals as integers
@@ -406,7 +406,7 @@ def test_killed_process_resumes_to_the_uninterrupted_results(tmp_path: Path, sce
     # exact equality with the uninterrupted run
     ref = central_values(CRASH_SEED, CRASH_DAYS)
     assert_equals_central(results["y"], CRASH_SEED, CRASH_DAYS)
-    grad_f = np.array([results["grad"][n] for n in PARAM_NAMES])
+    grad_f = np.array([results["grad"][n] for n in BASE_PARAMS])
     np.testing.assert_allclose(grad_f, central_grad(CRASH_SEED, CRASH_DAYS), rtol=1e-6, atol=1e-9)
     assert results["loss"] == float(total_infections(torch.from_numpy(ref)))
 

@@ -22,7 +22,7 @@ from launcher.run import federated_run
 from proto.decentsim.v1 import common_pb2
 from proto.decentsim.v1 import device_pb2 as pb
 from sim.model import OBSERVATIONS
-from sim.params import PARAM_NAMES
+from sim.params import BASE_PARAMS
 from sim.populations import AGE_GROUPS, from_spec
 from transport.flower.stub import TunnelRpcError, TunnelStub
 from transport.flower.tunnel import (
@@ -39,7 +39,7 @@ from transport.grpc.client import AwaitingReply
 POPULATION = "synthetic:400"
 POOLS = 2
 THETA = {"beta": 0.6, "mortality": 0.5, "init_frac": 0.05}
-WIDTH = 1 + len(PARAM_NAMES)
+WIDTH = 1 + len(BASE_PARAMS)
 
 
 def make_spec(seed: int, days: int, mode: str = "mailbox", step_timeout_s: float = 60.0) -> RunSpec:

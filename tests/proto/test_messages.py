@@ -26,7 +26,7 @@ from protocols.secure_sum import messages as ssm
 from protocols.secure_sum import protocol
 from protocols.secure_sum.config import Mode, PhaseSpec, RoundSpec, SlotKind
 from protocols.secure_sum.protocol import AggregatorServer, InMemoryNetwork
-from sim.params import PARAM_NAMES
+from sim.params import BASE_PARAMS
 
 MODULES = (common_pb2, device_pb2, aggregator_pb2)
 ALL_MESSAGES = [
@@ -265,7 +265,7 @@ def test_full_pooled_shuffled_messages_post_fits_the_payload_limit() -> None:
     items of dim 1 + p = 4: MAX_ITEMS_PER_POST items) fits the limits. Its size follows the
     documented layout, checked byte for byte on a real post of a 1/16 participant (building
     the full one would seal 2 × 65,536 envelopes)."""
-    dim, per_device = 1 + len(PARAM_NAMES), limits.MAX_ITEMS_PER_POST // UNIT_DEVICES
+    dim, per_device = 1 + len(BASE_PARAMS), limits.MAX_ITEMS_PER_POST // UNIT_DEVICES
     phase = PhaseSpec("messages", dim, SlotKind.PSEUDONYM, per_device)
     net = InMemoryNetwork(Mode.SHUFFLED, deployment_key=bytes(range(32)))
     spec = RoundSpec(1, (phase,))

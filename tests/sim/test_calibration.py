@@ -18,7 +18,7 @@ from sim.calibration import (
     load_target,
     series_loss,
 )
-from sim.params import PARAM_BOUNDS, Theta
+from sim.params import BASE_PARAMS, PARAM_BOUNDS, Theta
 from sim.runner import CentralSimulator
 
 PLANTED = Theta(beta=0.25, mortality=0.15, init_frac=0.01)
@@ -177,7 +177,7 @@ def test_theta_optimizer_fits_only_what_it_is_told_within_the_bounds() -> None:
     start = Theta(beta=0.3, mortality=0.02, init_frac=0.01)
     opt = ThetaOptimizer(start, ("beta", "init_frac"), lr=0.5)
     for _ in range(30):  # a gradient that pushes β up without end
-        theta = opt.step(torch.tensor([-1e6, 5.0, -3.0], dtype=torch.float64))
+        theta = opt.step(torch.tensor([-1e6, 5.0, -3.0], dtype=torch.float64), BASE_PARAMS)
     assert theta[1] == start.mortality  # not fitted: exactly the start value
     assert theta[0] > start.beta and theta[2] > start.init_frac
     assert 0 < theta[0] <= PARAM_BOUNDS["beta"][1] and 0 < theta[2] <= 1
@@ -193,12 +193,12 @@ def test_theta_optimizer_state_round_trips_through_json() -> None:
     start = Theta(beta=0.3, mortality=0.02, init_frac=0.01)
     grads = [torch.tensor([g, 0.1, -g], dtype=torch.float64) for g in (2.0, -1.0, 0.5, 3.0)]
     straight = ThetaOptimizer(start, ("beta", "init_frac"), 0.1)
-    thetas = [straight.step(g) for g in grads]
+    thetas = [straight.step(g, BASE_PARAMS) for g in grads]
     resumed = ThetaOptimizer(start, ("beta", "init_frac"), 0.1)
-    resumed.step(grads[0])
+    resumed.step(grads[0], BASE_PARAMS)
     state = json.loads(json.dumps(resumed.state_dict()))
     again = ThetaOptimizer(start, ("beta", "init_frac"), 0.1)
     again.load_state_dict(state)
     assert torch.equal(again.theta(), thetas[0])
     for g, want in zip(grads[1:], thetas[1:], strict=True):
-        assert torch.equal(again.step(g), want)
+        assert torch.equal(again.step(g, BASE_PARAMS), want)

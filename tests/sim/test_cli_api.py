@@ -14,7 +14,7 @@ import torch
 
 from decentsim.cli import main
 from sim import env, models, populations
-from sim.params import PARAM_NAMES, ParameterError, Theta
+from sim.params import BASE_PARAMS, ParameterError, Theta
 
 
 def test_python_api_as_in_the_design(tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_simulate_json_prints_exactly_one_object(
     assert summary["days"] == 20 and summary["agents"] == 1500
     assert len(summary["daily"]["new_infections"]) == 20
     assert summary["loss"] == sum(summary["daily"]["new_infections"])
-    assert set(summary["grad"]) == set(PARAM_NAMES) and summary["grad"]["beta"] != 0
+    assert set(summary["grad"]) == set(BASE_PARAMS) and summary["grad"]["beta"] != 0
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     rows = list(csv.DictReader((tmp_path / "trajectory.csv").open()))
     assert len(rows) == 21
@@ -95,7 +95,7 @@ def test_simulate_reverse_and_forward_print_the_same_gradient(
             ]
         )
         grads.append(json.loads(capsys.readouterr().out)["grad"])
-    for name in PARAM_NAMES:
+    for name in BASE_PARAMS:
         assert grads[0][name] == pytest.approx(grads[1][name], rel=1e-6, abs=1e-9)
 
 
