@@ -119,6 +119,7 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
     from device_agent.store import state_from_bytes
     from proto.decentsim.v1 import device_pb2 as pb
     from protocols.secure_sum import aggregate_slot, pseudonym_slots
+    from sim.archetypes import labour_force, population_cells
     from sim.model import behaviour, infectiousness, make_agents, message
     from sim.populations import from_spec
 
@@ -132,6 +133,8 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     population = from_spec(spec.population, seed=int(meta.get("population_seed", spec.seed)))
     config = spec.model_config()
+    _, cells = population_cells(population)
+    workforce = labour_force(population)
     thetas = _thetas(run_dir, spec)
     directory = registrations(view)
     unused: Counter[str] = Counter()
@@ -167,6 +170,8 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
             config,
             spec.seed,
             None if seeded is None else seeded[ids],
+            cells[ids],
+            workforce[ids],
         )
         unit_of = (torch.arange(ids.numel()) // UNIT_DEVICES).numpy()
         rounds = {
@@ -209,7 +214,7 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
                 continue
             state = state_from_bytes(raw)
             th = forward_theta(thetas[epoch], config.grad)
-            beh = behaviour(agents, state, config, spec.seed, day)
+            beh = behaviour(agents, state, th, config, spec.seed, day)
             q = infectiousness(agents, state, beh, th, config, day).detach()
             local = observer - int(ids[0])
             values = message(q[torch.from_numpy(local)], torch.from_numpy(weight)).numpy()

@@ -244,16 +244,8 @@ class PoolRunner:
         world = SimulatedWorld(
             self.population, config, radio, spec.advertising_intervals, self.ids.numpy()
         )
-        infected = self.population.initially_infected
-        return DevicePool(
-            self.ids,
-            self.population.age_group[self.ids],
-            config,
-            spec.seed,
-            keyring,
-            world,
-            self._connect,
-            None if infected is None else infected[self.ids],
+        return DevicePool.of_population(
+            self.ids, self.population, config, spec.seed, keyring, world, self._connect
         )
 
     def follow(self, sched: pb.RoundSchedule) -> bool:

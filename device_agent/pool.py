@@ -52,6 +52,8 @@ from protocols.ble.sightings import Sightings
 from protocols.ble.simkeys import SimulatedKeyring
 from protocols.secure_sum import DeviceClient, RoundSpec, pseudonym_slots
 from protocols.secure_sum.errors import SecureSumError
+from sim import dual
+from sim.archetypes import labour_force, population_cells
 from sim.model import (
     Agents,
     Behaviour,
@@ -65,6 +67,7 @@ from sim.model import (
     message,
     theta_dual,
     update,
+    work_choices,
 )
 from sim.params import PARAM_NAMES
 from sim.populations import AGE_GROUPS, Population
@@ -123,6 +126,11 @@ class SimulatedWorld:
     a beacon heard outside them could not be registered, so the world refuses it.
     ``observers`` restricts the simulation to the contacts those devices observe (a pool
     simulates only its own devices' radios).
+
+    Under a behaviour table, who is at work is physics too: a workplace contact happens only
+    between two agents at work that day (``sim.model.work_choices``: the same draws the agents
+    make on their devices, from the public table and θ), so the world holds every agent's
+    public archetype cell — what meets whom, never a device's private state.
     """
 
     def __init__(
@@ -144,20 +152,35 @@ class SimulatedWorld:
         self.advertising_intervals = advertising_intervals
         #: only these devices' radios are simulated (a pool's own), or everyone's
         self.observers = None if observers is None else np.unique(np.asarray(observers))
-        self._cached: tuple[int, RadioDay] | None = None
+        self._cached: tuple[tuple[int, tuple[float, ...] | None], RadioDay] | None = None
+        self._behaviour: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.everyone: Agents | None = None
+        if config.behaviour == "table":
+            _, cells = population_cells(population)
+            self.everyone = make_agents(
+                torch.arange(population.n_agents),
+                population.age_group,
+                config,
+                0,  # the seed keys draws the world never makes (durations, archetypes)
+                cell=cells,
+                labour_force=labour_force(population),
+            )
 
     def first_interval(self, day: int) -> int:
         """The ENIntervalNumber at the start of ``day``."""
         return self.radio.day_start(day) // gaen.EN_INTERVAL_SECONDS
 
-    def contacts(self, day: int) -> DayContacts:
+    def contacts(self, day: int, at_work: np.ndarray | None = None) -> DayContacts:
         """The day's directed contacts with their day weights (zero-weight edges dropped:
-        their messages are zero, so leaving them out changes no sum)."""
+        their messages are zero, so leaving them out changes no sum); with ``at_work`` (bool
+        per agent), workplace contacts only between agents at work."""
         src, dst, w = [], [], []
         for layer in self.population.layers:
             scale = self.config.layer_scale(layer.name, day)
             weight = day_weight(layer.weight.to(torch.float64), scale).numpy()
             keep = weight > 0
+            if at_work is not None and layer.name == self.config.work_layer:
+                keep &= at_work[layer.src.numpy()] & at_work[layer.dst.numpy()]
             if self.observers is not None:
                 # the radio's draws are keyed per contact, so simulating only the pool's own
                 # observers gives exactly their sightings of the whole world's run
@@ -172,10 +195,24 @@ class SimulatedWorld:
             day,
         )
 
+    def set_behaviour(self, theta: torch.Tensor, row: torch.Tensor, seed: int) -> None:
+        """The public θ (p,), the behaviour table's row and the run seed of the days to come:
+        what decides who is at work (a ``table`` run)."""
+        self._behaviour = (theta.detach().to(torch.float64), row.to(torch.float64), seed)
+
+    def _at_work(self, day: int) -> np.ndarray | None:
+        if self.everyone is None:
+            return None
+        if self._behaviour is None:
+            raise PoolStateError("a behaviour table run: set_behaviour() before the day's radio")
+        theta, row, seed = self._behaviour
+        return work_choices(self.everyone, theta, self.config, seed, day, row).numpy()
+
     def radio_day(self, day: int) -> RadioDay:
-        """Everyone's sightings of ``day`` (computed once per day)."""
-        if self._cached is None or self._cached[0] != day:
-            rd = sightings_from_contacts(self.contacts(day), self.radio)
+        """Everyone's sightings of ``day`` (computed once per day and behaviour)."""
+        key = (day, None if self._behaviour is None else tuple(self._behaviour[0].tolist()))
+        if self._cached is None or self._cached[0] != key:
+            rd = sightings_from_contacts(self.contacts(day, self._at_work(day)), self.radio)
             k = rd.beacon_enin - self.first_interval(day)
             outside = (k < 0) | (k >= self.advertising_intervals)
             if outside.any():
@@ -184,7 +221,7 @@ class SimulatedWorld:
                     f"{self.advertising_intervals} advertised intervals (latest interval "
                     f"{int(k.max())}); raise advertising_intervals"
                 )
-            self._cached = (day, rd)
+            self._cached = (key, rd)
         return self._cached[1]
 
     def sightings(self, day: int, observers: np.ndarray) -> Sightings:
@@ -218,6 +255,8 @@ class DevicePool:
         connect: opens a participant's links to the two secure-sum deployments.
         seeded: optional data-driven initial infections of these agents.
         unit_devices: most devices per secure-sum participant.
+        cell, labour_force: the agents' archetype cells and labour-force flags (their own
+            public attributes, ``sim.archetypes``).
     """
 
     def __init__(
@@ -231,6 +270,8 @@ class DevicePool:
         connect: Connect,
         seeded: torch.Tensor | None = None,
         unit_devices: int = UNIT_DEVICES,
+        cell: torch.Tensor | None = None,
+        labour_force: torch.Tensor | None = None,
     ) -> None:
         ids = agent_ids.to(torch.int64)
         if ids.ndim != 1 or ids.numel() == 0:
@@ -247,7 +288,9 @@ class DevicePool:
         self.seed = seed
         self.keyring = keyring
         self.world = world
-        self.agents: Agents = make_agents(ids, age_group, config, seed, seeded)
+        self.agents: Agents = make_agents(ids, age_group, config, seed, seeded, cell, labour_force)
+        #: the behaviour table's row of the current period (``table`` runs; public)
+        self.behaviour_row: torch.Tensor | None = None
         self._ids_np = ids.numpy()
         self._order = np.argsort(self._ids_np, kind="stable")
         self._sorted_ids = self._ids_np[self._order]
@@ -273,6 +316,37 @@ class DevicePool:
         #: sum of the last update's y over all devices (a local diagnostic, never sent as such)
         self.last_y: torch.Tensor | None = None
         self.last_trace: Trace | None = None
+
+    @classmethod
+    def of_population(
+        cls,
+        agent_ids: torch.Tensor,
+        population: Population,
+        config: ModelConfig,
+        seed: int,
+        keyring: SimulatedKeyring,
+        world: SimulatedWorld,
+        connect: Connect,
+        unit_devices: int = UNIT_DEVICES,
+    ) -> DevicePool:
+        """A pool of ``agent_ids``, each device with its own agent's attributes from
+        ``population`` (age group, data-driven seed, archetype cell, labour force)."""
+        ids = agent_ids.to(torch.int64)
+        infected = population.initially_infected
+        _, cells = population_cells(population)
+        return cls(
+            ids,
+            population.age_group[ids],
+            config,
+            seed,
+            keyring,
+            world,
+            connect,
+            None if infected is None else infected[ids],
+            unit_devices,
+            cells[ids],
+            labour_force(population)[ids],
+        )
 
     @property
     def n(self) -> int:
@@ -351,6 +425,9 @@ class DevicePool:
                 client.register(spec.round_id, [raw[16 * j : 16 * j + 16] for j in range(lo, hi)])
             )
         self._slots = slots
+        if self.behaviour_row is not None:
+            theta, _ = self._require_theta()
+            self.world.set_behaviour(dual.value(theta), self.behaviour_row, self.seed)
         # the day's radio (cached) runs now, while the other participants still register
         self.world.radio_day(day)
 
@@ -360,7 +437,9 @@ class DevicePool:
         prepares, so it can update."""
         _, state = self._require_theta()
         self._theta = th = forward_theta(theta, self.config.grad)
-        self._beh = behaviour(self.agents, state, self.config, self.seed, day)
+        self._beh = behaviour(
+            self.agents, state, th, self.config, self.seed, day, self.behaviour_row
+        )
         return infectiousness(self.agents, state, self._beh, th, self.config, day).detach()
 
     def post_messages(self, spec: RoundSpec, day: int, theta: torch.Tensor) -> None:

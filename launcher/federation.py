@@ -487,7 +487,9 @@ def _plot(y: np.ndarray, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, axes = plt.subplots(
+        1, len(OBSERVATIONS), figsize=(5.5 * len(OBSERVATIONS), 4), constrained_layout=True
+    )
     days = np.arange(1, y.shape[0] + 1)
     for k, ax in enumerate(axes):
         bottom = np.zeros(len(days))

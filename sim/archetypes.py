@@ -248,6 +248,19 @@ def population_cells(population: Population) -> tuple[ArchetypeGrid, torch.Tenso
     return built, built.cell_of(codes)
 
 
+def labour_force(population: Population) -> torch.Tensor:
+    """Who is in the labour force (bool (N,)): agents with an occupation (a ``soc_code``) where
+    the population records one, else the working-age groups (20–64)."""
+    if "soc_code" in population.attributes:
+        return torch.tensor([bool(c.strip()) for c in population.attributes["soc_code"]])
+    age = population.age_group.cpu()
+    return (age >= 1) & (age <= 4)
+
+
+#: Days of a month in ``PublicNumbers.months_since_start`` and stimulus months.
+MONTH_DAYS = 30
+
+
 @dataclass(frozen=True)
 class PublicNumbers:
     """What a period's behaviour may depend on: public aggregates and public policy only.
@@ -265,6 +278,27 @@ class PublicNumbers:
     cases: float
     change_pct: float
     stimulus: float
+
+
+def public_numbers(
+    daily_cases: Sequence[float], day: int, period_days: int, stimulus: float
+) -> PublicNumbers:
+    """The public numbers of the period starting on ``day``, from the run's own daily new
+    infections so far (the central trajectory, or a federation's opened aggregates: the same
+    numbers give the same table). ``stimulus`` is what that month pays."""
+    start = day - period_days
+    cases = float(sum(daily_cases[max(start, 0) : day])) if start >= 0 else 0.0
+    before = (
+        float(sum(daily_cases[start - period_days : start])) if start - period_days >= 0 else 0.0
+    )
+    change = 100.0 * (cases - before) / before if before > 0 else 0.0
+    return PublicNumbers(
+        period=day // period_days,
+        months_since_start=day / MONTH_DAYS,
+        cases=cases,
+        change_pct=change,
+        stimulus=stimulus,
+    )
 
 
 class BehaviourSource(Protocol):

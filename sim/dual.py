@@ -51,3 +51,12 @@ def one_minus_exp_neg(a: torch.Tensor) -> torch.Tensor:
     """p = 1 − exp(−a), with p' = exp(−a)·a'. Used for infection probabilities."""
     e = torch.exp(-a[..., :1])
     return torch.cat([1.0 - e, e * a[..., 1:]], dim=-1)
+
+
+def scale_dual(a: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a · c · s`` for a dual ``a``, a dual ``s`` and a constant ``c``, with the value
+    computed as ``a · (c · s)`` — exactly :func:`scale`'s arithmetic when ``s`` has no tangent —
+    and the tangent by the product rule."""
+    cs = c * s[..., 0]
+    out = scale(a, cs)
+    return torch.cat([out[..., :1], out[..., 1:] + (a[..., :1] * c.unsqueeze(-1)) * s[..., 1:]], -1)

@@ -86,18 +86,22 @@ class Simulation:
         return out
 
     def write_trajectory(self, path: str | Path) -> Path:
-        """trajectory.csv: day, S, E, I, R, D (end of day), new_infections, new_deaths."""
+        """trajectory.csv: day, S, E, I, R, D (end of day), new_infections, new_deaths,
+        employment."""
         r = self._require_result()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         counts = r.stage_counts.tolist()
         new_inf, new_dead = r.new_infections.tolist(), r.new_deaths.tolist()
+        employed = r.employment.tolist()
         with path.open("w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["day", *STAGES, "new_infections", "new_deaths"])
-            w.writerow([0, *counts[0], 0, 0])
+            w.writerow(["day", *STAGES, "new_infections", "new_deaths", "employment"])
+            w.writerow([0, *counts[0], 0, 0, ""])
             for d in range(r.days):
-                w.writerow([d + 1, *counts[d + 1], int(new_inf[d]), int(new_dead[d])])
+                w.writerow(
+                    [d + 1, *counts[d + 1], int(new_inf[d]), int(new_dead[d]), int(employed[d])]
+                )
         return path
 
     def visualize(self, out_dir: str | Path) -> list[Path]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sim import dual, rng
-from sim.params import BASE_PARAMS, PARAM_NAMES
+from sim.params import ALIGNMENT_GROUPS, BASE_PARAMS, PARAM_NAMES
 from sim.rng import Purpose
 from sim.sampling import Estimator, bernoulli
 
@@ -33,8 +33,11 @@ from sim.sampling import Estimator, bernoulli
 S, E, I, R, D = range(5)  # noqa: E741 (I is the epidemiological name)
 STAGES: tuple[str, ...] = ("S", "E", "I", "R", "D")
 
-#: Observation channels of ``y_i(t)``.
-OBSERVATIONS: tuple[str, ...] = ("new_infections", "new_deaths")
+#: Observation channels of ``y_i(t)``: ``employment`` is 1 for an agent alive and working
+#: that day (``Behaviour.work``).
+OBSERVATIONS: tuple[str, ...] = ("new_infections", "new_deaths", "employment")
+#: How agents decide ℓ: the built-in archetypes, or a behaviour table (``sim.archetypes``).
+BEHAVIOUR_KINDS: tuple[str, ...] = ("heuristic", "table")
 
 #: Exact-sum grids, part of the model: a sender's infectiousness is a multiple of 2^-Q_BITS and
 #: a day's edge weight a multiple of 2^-W_BITS, so every message is an integer multiple of
@@ -50,6 +53,11 @@ MAX_MESSAGE_LOG2 = 6
 MAX_IN_DEGREE_LOG2 = 53 - EXACT_FRAC_BITS - MAX_MESSAGE_LOG2
 
 _BETA, _MORTALITY, _INIT = (PARAM_NAMES.index(n) for n in ("beta", "mortality", "init_frac"))
+#: θ's rows of the alignment's scales and shifts, in age-group order
+_SCALE = [PARAM_NAMES.index(f"scale_{g}") for g in ALIGNMENT_GROUPS]
+_SHIFT = [PARAM_NAMES.index(f"shift_{g}") for g in ALIGNMENT_GROUPS]
+#: probabilities are clamped into [ε, 1 − ε] before their logit
+_P_EPS = 1e-6
 
 
 def theta_dual(theta: torch.Tensor, grad: tuple[str, ...]) -> torch.Tensor:
@@ -160,6 +168,15 @@ class ModelConfig:
     estimator: Estimator = field(default_factory=Estimator)
     #: the parameters that carry forward-mode tangents (and are reported in gradients)
     grad: tuple[str, ...] = BASE_PARAMS
+    #: ``heuristic``: the archetypes above decide (isolating when ill; everyone in the labour
+    #: force works); ``table``: each agent draws whether to isolate and whether to work from
+    #: its archetype cell's row of a behaviour table (``sim.archetypes``), one row per period
+    behaviour: str = "heuristic"
+    #: days per period of the behaviour table (7: weekly, 30: monthly)
+    period_days: int = 7
+    #: the contact layer a day off work removes (a population without it: no contact effect)
+    work_layer: str = "work"
+    stimuli: tuple[Stimulus, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.susceptibility) != 6 or len(self.age_mortality) != 6:
@@ -176,11 +193,21 @@ class ModelConfig:
             raise ModelConfigError("archetype shares must sum to 1")
         if not self.profile or min(self.profile) < 0:
             raise ModelConfigError("profile must be a non-empty sequence of non-negative values")
+        if self.behaviour not in BEHAVIOUR_KINDS:
+            raise ModelConfigError(
+                f"behaviour must be one of {BEHAVIOUR_KINDS}, got {self.behaviour!r}"
+            )
+        if self.period_days < 1:
+            raise ModelConfigError(f"period_days must be >= 1, got {self.period_days}")
         unknown = [n for n in self.grad if n not in PARAM_NAMES]
         if not self.grad or unknown or len(set(self.grad)) != len(self.grad):
             raise ModelConfigError(
                 f"grad must name distinct parameters of {PARAM_NAMES}, got {list(self.grad)}"
             )
+
+    def stimulus(self, month: int) -> float:
+        """The stimulus paid in ``month`` (dollars; 0 if none)."""
+        return sum(s.amount for s in self.stimuli if s.month == month)
 
     def layer_scale(self, layer: str, day: int) -> float:
         """The lockdown multiplier of ``layer`` on ``day``."""
@@ -205,6 +232,8 @@ class Agents:
     infectious_days: torch.Tensor  # int32 (n,)
     archetype: torch.Tensor  # int64 (n,) index into ModelConfig.archetypes
     seeded: torch.Tensor  # bool (n,) data-driven initial infections
+    cell: torch.Tensor  # int64 (n,) archetype cell (``sim.archetypes``), public attributes
+    labour_force: torch.Tensor  # bool (n,) in the labour force (has an occupation)
 
     @property
     def n(self) -> int:
@@ -235,8 +264,15 @@ def make_agents(
     config: ModelConfig,
     seed: int,
     seeded: torch.Tensor | None = None,
+    cell: torch.Tensor | None = None,
+    labour_force: torch.Tensor | None = None,
 ) -> Agents:
-    """Draw the per-agent constants (durations, archetype) for agents ``ids``."""
+    """Draw the per-agent constants (durations, archetype) for agents ``ids``.
+
+    ``cell`` and ``labour_force`` are the agents' archetype cells and labour-force flags
+    (``sim.archetypes.population_cells``, ``labour_force``); without them every agent is in
+    cell 0 and the working-age groups (20–64) are the labour force.
+    """
     ids = ids.to(torch.int64)
 
     def duration(purpose: Purpose, lo_hi: tuple[int, int]) -> torch.Tensor:
@@ -258,6 +294,12 @@ def make_agents(
         seeded=(
             seeded.to(torch.bool) if seeded is not None else torch.zeros_like(ids, dtype=torch.bool)
         ),
+        cell=torch.zeros_like(ids) if cell is None else cell.to(ids.device, torch.int64),
+        labour_force=(
+            ((age_group >= 1) & (age_group <= 4)).to(ids.device)
+            if labour_force is None
+            else labour_force.to(ids.device, torch.bool)
+        ),
     )
 
 
@@ -277,10 +319,18 @@ class State:
 
 @dataclass(frozen=True)
 class Behaviour:
-    """ℓ for one day: multipliers on outgoing and incoming contact weight (no θ-dependence)."""
+    """ℓ for one day, as duals (n, 1+p) (θ-dependent through a behaviour table's alignment).
+
+    ``out_scale``, ``in_scale``: multipliers on outgoing and incoming contact weight.
+    ``work``: 1 for an agent who works that day (the ``employment`` observation, once alive).
+    ``at_work``: the hard 0/1 of ``work`` where a day off removes the agent's workplace
+    contacts (a behaviour table), or ``None`` (the heuristic: workplace contacts as given).
+    """
 
     out_scale: torch.Tensor
     in_scale: torch.Tensor
+    work: torch.Tensor
+    at_work: torch.Tensor | None = None
 
 
 def _table(values: tuple[float, ...], index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -325,26 +375,92 @@ def vaccinated(
     return mult
 
 
-def behaviour(agents: Agents, state: State, config: ModelConfig, seed: int, day: int) -> Behaviour:
-    """ℓ: archetype-driven mixing and isolation.
+def aligned(p: torch.Tensor, agents: Agents, theta: torch.Tensor) -> torch.Tensor:
+    """A table's probabilities (n,) aligned per age group g: ``sigmoid(scale_g · logit p +
+    shift_g)``, as a dual (n, 1+p) whose tangents come from θ's alignment parameters."""
+    logit = torch.logit(p.clamp(_P_EPS, 1.0 - _P_EPS))
+    scale = theta[_SCALE][agents.age_group]  # (n, width)
+    shift = theta[_SHIFT][agents.age_group]
+    z = dual.scale(scale, logit) + shift
+    s = torch.sigmoid(dual.value(z))
+    return torch.cat([s.unsqueeze(-1), (s * (1 - s)).unsqueeze(-1) * z[..., 1:]], dim=-1)
 
-    Every agent scales its contacts by its archetype's ``contact_scale``. An infectious agent
-    whose archetype isolates (drawn once per infection episode) cuts its outgoing contact by
-    ``isolation_effect`` from ``isolation_delay`` days after onset.
+
+def behaviour(
+    agents: Agents,
+    state: State,
+    theta: torch.Tensor,
+    config: ModelConfig,
+    seed: int,
+    day: int,
+    probabilities: torch.Tensor | None = None,
+) -> Behaviour:
+    """ℓ: each agent's choices of the day.
+
+    ``heuristic``: every agent scales its contacts by its archetype's ``contact_scale``; an
+    infectious agent whose archetype isolates (drawn once per infection episode) cuts its
+    outgoing contact by ``isolation_effect`` from ``isolation_delay`` days after onset; the
+    labour force works.
+
+    ``table``: ``probabilities`` is the period's table row, (cells, 2): p(isolate), p(work)
+    per archetype cell. Each agent takes its cell's row, aligned by θ (:func:`aligned`), and
+    draws both choices (straight-through, so ``d/dθ`` reaches the alignment): an isolating
+    agent cuts its outgoing and incoming contact by ``isolation_effect``; an agent in the
+    labour force who does not work stays off the workplace layer.
     """
-    dtype = state.x.dtype
-    contact = _table(tuple(a.contact_scale for a in config.archetypes), agents.archetype, dtype)
-    iso_prob = _table(tuple(a.isolation_prob for a in config.archetypes), agents.archetype, dtype)
-    # Drawn at step = day of exposure: one decision per episode, the same on every later day.
-    episode = state.t_exposed.clamp(min=0).to(torch.int64)
-    u = rng.uniform(seed, agents.ids, episode, Purpose.ISOLATION, dtype)
-    isolating = (
-        (state.stage == I)
-        & (_days_since_onset(agents, state, day) >= config.isolation_delay)
-        & (u < iso_prob)
+    dtype, width = state.x.dtype, theta.shape[-1]
+    labour = agents.labour_force.to(dtype)
+    if config.behaviour == "heuristic":
+        contact = _table(tuple(a.contact_scale for a in config.archetypes), agents.archetype, dtype)
+        iso_prob = _table(
+            tuple(a.isolation_prob for a in config.archetypes), agents.archetype, dtype
+        )
+        # Drawn at step = day of exposure: one decision per episode, the same on every later day.
+        episode = state.t_exposed.clamp(min=0).to(torch.int64)
+        u = rng.uniform(seed, agents.ids, episode, Purpose.ISOLATION, dtype)
+        isolating = (
+            (state.stage == I)
+            & (_days_since_onset(agents, state, day) >= config.isolation_delay)
+            & (u < iso_prob)
+        )
+        out_scale = torch.where(isolating, contact * (1.0 - config.isolation_effect), contact)
+        return Behaviour(
+            out_scale=dual.constant(out_scale, width),
+            in_scale=dual.constant(contact, width),
+            work=dual.constant(labour, width),
+        )
+    if probabilities is None:
+        raise ModelConfigError("a behaviour table run needs the period's table row")
+    p = probabilities.to(agents.device, dtype)[agents.cell]  # (n, 2)
+    u_iso = rng.uniform(seed, agents.ids, day, Purpose.ISOLATE_CHOICE, dtype)
+    u_work = rng.uniform(seed, agents.ids, day, Purpose.WORK_CHOICE, dtype)
+    isolate = bernoulli(aligned(p[:, 0], agents, theta), u_iso, config.estimator)
+    work = dual.scale(bernoulli(aligned(p[:, 1], agents, theta), u_work, config.estimator), labour)
+    # 1 − isolation_effect × isolate: the scale on an isolating agent's contacts
+    keep = dual.constant(torch.ones_like(labour), width) - dual.scale(
+        isolate, config.isolation_effect
     )
-    out_scale = torch.where(isolating, contact * (1.0 - config.isolation_effect), contact)
-    return Behaviour(out_scale=out_scale, in_scale=contact)
+    return Behaviour(
+        out_scale=keep, in_scale=keep, work=work, at_work=dual.value(work).detach() > 0.5
+    )
+
+
+def work_choices(
+    agents: Agents,
+    theta: torch.Tensor,
+    config: ModelConfig,
+    seed: int,
+    day: int,
+    probabilities: torch.Tensor,
+) -> torch.Tensor:
+    """Who is at work on ``day`` (bool (n,)) under a behaviour table: the hard value of
+    :func:`behaviour`'s ``work`` — the same draws and arithmetic, for any agent set. A
+    simulated world uses it to know who meets whom at work; ``theta`` may be a plain (p,) θ."""
+    th = theta if theta.dim() == 2 else theta.unsqueeze(-1)
+    dtype = th.dtype
+    p = probabilities.to(agents.device, dtype)[agents.cell][:, 1]
+    u = rng.uniform(seed, agents.ids, day, Purpose.WORK_CHOICE, dtype)
+    return (u < dual.value(aligned(p, agents, th)).detach()) & agents.labour_force
 
 
 def infectiousness(
@@ -356,8 +472,10 @@ def infectiousness(
     """
     dtype = state.x.dtype
     k = _days_since_onset(agents, state, day).clamp(0, len(config.profile) - 1).to(torch.int64)
-    prof = torch.where(state.stage == I, _table(config.profile, k, dtype), 0.0) * beh.out_scale
-    q = dual.scale(dual.mul(state.x[:, I], theta[_BETA].expand(agents.n, -1)), prof)
+    prof = torch.where(state.stage == I, _table(config.profile, k, dtype), 0.0)
+    q = dual.scale_dual(
+        dual.mul(state.x[:, I], theta[_BETA].expand(agents.n, -1)), beh.out_scale, prof
+    )
     # Values go on the 2^-Q_BITS grid; the rounding is straight-through for autograd and the
     # tangents are left as they are (they need no exactness, only the discrete outcomes do).
     v = q[..., 0]
@@ -384,7 +502,7 @@ class StepResult:
     """What ``update`` returns: z(t+1) and the agents' observations ``y_i(t)``."""
 
     state: State
-    y: torch.Tensor  # dual (n, 2, 1+p): new_infections, new_deaths
+    y: torch.Tensor  # dual (n, 3, 1+p): new_infections, new_deaths, employment
 
 
 def update(
@@ -405,12 +523,10 @@ def update(
        P = mortality × age_mortality(age), sampled straight-through.
     """
     dtype, n, width = state.x.dtype, agents.n, state.x.shape[-1]
-    susc = (
-        _table(config.susceptibility, agents.age_group, dtype)
-        * vaccinated(agents, config, seed, day, dtype)
-        * beh.in_scale
+    susc = _table(config.susceptibility, agents.age_group, dtype) * vaccinated(
+        agents, config, seed, day, dtype
     )
-    p_inf = dual.one_minus_exp_neg(dual.scale(incoming, susc))
+    p_inf = dual.one_minus_exp_neg(dual.scale_dual(incoming, beh.in_scale, susc))
     b_inf = bernoulli(
         p_inf, rng.uniform(seed, agents.ids, day, Purpose.INFECTION, dtype), config.estimator
     )
@@ -454,5 +570,7 @@ def update(
     stage[died_now] = D
     stage[infected_now] = E
     t_exposed = torch.where(infected_now, torch.full_like(state.t_exposed, day), state.t_exposed)
-    y = torch.stack([new_inf, deaths], dim=1)
+    # employment: working and alive at the start of the day
+    employed = dual.mul(beh.work, dual.constant(torch.ones(n, dtype=dtype), width) - state.x[:, D])
+    y = torch.stack([new_inf, deaths, employed], dim=1)
     return StepResult(State(stage=stage, t_exposed=t_exposed, x=x), y)

@@ -38,6 +38,9 @@ class Purpose(IntEnum):
     ISOLATION = 6
     VACCINATION = 7
     ARCHETYPE = 8
+    #: the day's choices from a behaviour table (``sim.archetypes``)
+    ISOLATE_CHOICE = 9
+    WORK_CHOICE = 10
 
 
 def _signed(x: int) -> int:

@@ -23,10 +23,19 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from sim import dual
+from sim.archetypes import (
+    MONTH_DAYS,
+    BehaviourSource,
+    BehaviourTable,
+    labour_force,
+    population_cells,
+    public_numbers,
+)
 from sim.model import (
     MAX_IN_DEGREE_LOG2,
     MAX_MESSAGE_LOG2,
@@ -58,7 +67,7 @@ LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def total_infections(y: torch.Tensor) -> torch.Tensor:
-    """The default loss: total new infections over the run. ``y`` is (T, 2, G) values."""
+    """The default loss: total new infections over the run. ``y`` is (T, channels, G) values."""
     return y[:, 0].sum()
 
 
@@ -132,9 +141,10 @@ def _csr_index(
 class RunResult:
     """The outcome of a run.
 
-    ``y``: dual (T, 2, G, 1+p) of daily aggregates — observations ``new_infections``,
-    ``new_deaths`` by age group (``AGE_GROUPS``); its value part is differentiable in reverse
-    mode. ``stage_counts``: (T+1, 5) agents per stage (S E I R D), row 0 the initial state.
+    ``y``: dual (T, 3, G, 1+p) of daily aggregates — observations ``new_infections``,
+    ``new_deaths``, ``employment`` by age group (``AGE_GROUPS``); its value part is
+    differentiable in reverse mode. ``stage_counts``: (T+1, 5) agents per stage (S E I R D),
+    row 0 the initial state.
     """
 
     days: int
@@ -145,6 +155,8 @@ class RunResult:
     theta: Theta
     #: the parameters ``loss_and_grad`` differentiates (``ModelConfig.grad``), in order
     grad_names: tuple[str, ...] = BASE_PARAMS
+    #: the behaviour table the run realised (one row per period), or None (heuristic)
+    table: BehaviourTable | None = None
     _theta_tensor: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -156,6 +168,11 @@ class RunResult:
     def new_deaths(self) -> torch.Tensor:
         """(T,) daily new deaths, all ages."""
         return dual.value(self.y)[:, 1].sum(-1).detach()
+
+    @property
+    def employment(self) -> torch.Tensor:
+        """(T,) agents working each day, all ages."""
+        return dual.value(self.y)[:, 2].sum(-1).detach()
 
     def loss_and_grad(
         self, loss_fn: LossFn = total_infections
@@ -222,6 +239,8 @@ class CentralSimulator:
                 raise ModelConfigError(
                     f"lockdown names layer {lock.layer!r}; layers: {sorted(known)}"
                 )
+        #: the archetype cells of the population's public attributes (``sim.archetypes``)
+        self.grid, cells = population_cells(population)
         self.agents: Agents = make_agents(
             torch.arange(n, device=self.device),
             population.age_group.to(self.device),
@@ -230,6 +249,8 @@ class CentralSimulator:
             None
             if population.initially_infected is None
             else population.initially_infected.to(self.device),
+            cells.to(self.device),
+            labour_force(population).to(self.device),
         )
         self.layers = tuple(
             _Layer(
@@ -247,10 +268,14 @@ class CentralSimulator:
             dtype
         )
 
-    def neighbourhood_sums(self, q: torch.Tensor, day: int) -> torch.Tensor:
+    def neighbourhood_sums(
+        self, q: torch.Tensor, day: int, at_work: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """⊕ over all layers of ``message``: Σ_l A_l(day) @ q for a dual q (N, 1+p).
 
-        ``A_l(day)`` carries ``day_weight`` (layer weight × lockdown scale) per edge.
+        ``A_l(day)`` carries ``day_weight`` (layer weight × lockdown scale) per edge. With
+        ``at_work`` (bool (N,)), the workplace layer's contacts happen only between agents at
+        work that day: who meets whom, not a differentiable quantity.
         """
         total = torch.zeros_like(q)
         for layer in self.layers:
@@ -258,6 +283,12 @@ class CentralSimulator:
             if scale == 0.0:
                 continue
             a, a_t = layer.matrices(scale)
+            if at_work is not None and layer.name == self.config.work_layer:
+                present = at_work.to(q.dtype).unsqueeze(-1)
+                sent = q * present
+                summed = _CSRMatmul.apply(a, a_t, sent) if sent.requires_grad else a @ sent
+                total = total + summed * present
+                continue
             total = total + (_CSRMatmul.apply(a, a_t, q) if q.requires_grad else a @ q)
         return total
 
@@ -297,12 +328,15 @@ class CentralSimulator:
         days: int,
         mode: GradMode = "none",
         progress: bool = False,
+        source: BehaviourSource | None = None,
     ) -> RunResult:
         """Simulate ``days`` days.
 
         ``theta``: a ``Theta`` or a (p,) tensor; in reverse mode pass a tensor with
         ``requires_grad=True`` to backpropagate into it (e.g. an optimizer's parameter or a
-        calibration network's output).
+        calibration network's output). ``source`` fills the behaviour table of a ``table``
+        run, one row at the start of each period, from the run's own public numbers so far
+        (its daily new infections, the stimulus paid): the realised table is in the result.
         """
         if mode not in ("none", "forward", "reverse"):
             raise ValueError(f"mode must be none, forward or reverse, got {mode!r}")
@@ -314,6 +348,10 @@ class CentralSimulator:
                 f"exact sums: messages may reach {self._max_message(checked):.3g} under "
                 f"beta={checked.beta}; the bit budget allows less than 2^{MAX_MESSAGE_LOG2} "
                 "(use --dtype float32, inexact)"
+            )
+        if (self.config.behaviour == "table") != (source is not None):
+            raise ModelConfigError(
+                "a behaviour table run needs a source of the table, and only it takes one"
             )
         if mode == "reverse":
             leaf = (
@@ -327,11 +365,23 @@ class CentralSimulator:
             th = self.theta_dual(leaf if leaf is not None else theta, mode)
             state = initial_state(self.agents, th, self.config, self.seed)
             ys, counts = [], [self._counts(state)]
+            rows: list[np.ndarray] = []
+            daily_cases: list[float] = []
             for day in tqdm(
                 range(days), desc="simulate", unit="day", disable=not progress, leave=False
             ):
-                state, y = self.step(state, th, day)
+                probabilities = None
+                if source is not None:
+                    period = self.config.period_days
+                    if day % period == 0:
+                        public = public_numbers(
+                            daily_cases, day, period, self.config.stimulus(day // MONTH_DAYS)
+                        )
+                        rows.append(source.probabilities(self.grid, public))
+                    probabilities = torch.from_numpy(rows[-1])
+                state, y = self.step(state, th, day, probabilities)
                 ys.append(y)
+                daily_cases.append(float(dual.value(y)[0].sum().detach()))
                 counts.append(self._counts(state))
         return RunResult(
             days=days,
@@ -341,14 +391,26 @@ class CentralSimulator:
             stage_counts=torch.stack(counts),
             theta=checked,
             grad_names=self.config.grad,
+            table=(
+                BehaviourTable(self.grid, self.config.period_days, np.stack(rows), "run")
+                if rows
+                else None
+            ),
             _theta_tensor=leaf,
         )
 
-    def step(self, state: State, theta: torch.Tensor, day: int) -> tuple[State, torch.Tensor]:
-        """One day for everyone: ℓ, messages, ⊕, f; returns z(t+1) and Y_t (2, G, width)."""
-        beh = behaviour(self.agents, state, self.config, self.seed, day)
+    def step(
+        self,
+        state: State,
+        theta: torch.Tensor,
+        day: int,
+        probabilities: torch.Tensor | None = None,
+    ) -> tuple[State, torch.Tensor]:
+        """One day for everyone: ℓ, messages, ⊕, f; returns z(t+1) and Y_t (channels, G,
+        width). ``probabilities``: the behaviour table's row of the day's period."""
+        beh = behaviour(self.agents, state, theta, self.config, self.seed, day, probabilities)
         q = infectiousness(self.agents, state, beh, theta, self.config, day)
-        incoming = self.neighbourhood_sums(q, day)
+        incoming = self.neighbourhood_sums(q, day, beh.at_work)
         out = update(self.agents, state, incoming, beh, theta, self.config, self.seed, day)
         # Y_t[k, g] = Σ_{i in age group g} y_i,k — a (G × N) @ (N × 2·width) product.
         y = out.y

@@ -82,9 +82,9 @@ def federation(
     servers = InMemoryServers(mode)
     parts = split(population.n_agents, pools)
     device_pools = [
-        DevicePool(
+        DevicePool.of_population(
             ids,
-            population.age_group[ids],
+            population,
             CONFIG,
             SEED,
             keyring,
@@ -123,7 +123,7 @@ def central_per_agent_y(population: Population) -> torch.Tensor:
     state = initial_state(sim.agents, th, CONFIG, SEED)
     ys = []
     for day in range(DAYS):
-        beh = behaviour(sim.agents, state, CONFIG, SEED, day)
+        beh = behaviour(sim.agents, state, th, CONFIG, SEED, day)
         q = infectiousness(sim.agents, state, beh, th, CONFIG, day)
         out = update(sim.agents, state, sim.neighbourhood_sums(q, day), beh, th, CONFIG, SEED, day)
         state = out.state

@@ -201,9 +201,9 @@ def _run(stack: Stack, population: Population, unit_devices: int) -> tuple[Feder
     world = SimulatedWorld(population, CONFIG, IdealRadio(keyring), ADVERTISED)
     perm = torch.randperm(population.n_agents, generator=torch.Generator().manual_seed(11))
     pools = [
-        DevicePool(
+        DevicePool.of_population(
             ids,
-            population.age_group[ids],
+            population,
             CONFIG,
             SEED,
             keyring,

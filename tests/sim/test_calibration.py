@@ -27,7 +27,7 @@ PLANTED = Theta(beta=0.25, mortality=0.15, init_frac=0.01)
 @pytest.fixture(scope="module")
 def planted() -> tuple[CentralSimulator, torch.Tensor]:
     sim = CentralSimulator(populations.synthetic(3000, seed=2), seed=4, dtype=torch.float64)
-    y = sim.run(PLANTED, 42).y[..., 0].sum(-1).detach()  # (T, 2): infections, deaths
+    y = sim.run(PLANTED, 42).y[..., :2, :, 0].sum(-1).detach()  # (T, 2): infections, deaths
     assert y[:, 0].sum() > 300, "the planted epidemic must take off"
     return sim, y
 
@@ -36,7 +36,7 @@ def weekly_log_loss(observed: torch.Tensor):
     obs = observed.reshape(6, 7, 2).sum(1)
 
     def loss(y: torch.Tensor) -> torch.Tensor:
-        sim_w = y[:42].sum(-1).reshape(6, 7, 2).sum(1)
+        sim_w = y[:42, :2].sum(-1).reshape(6, 7, 2).sum(1)
         return ((torch.log1p(sim_w) - torch.log1p(obs)) ** 2).mean()
 
     return loss

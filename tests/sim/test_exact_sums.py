@@ -49,7 +49,7 @@ def test_central_sums_equal_fixed_point_sums_exactly(seed: int) -> None:
     state = initial_state(sim.agents, th, config, seed)
     checked = 0
     for day in range(12):
-        beh = behaviour(sim.agents, state, config, seed, day)
+        beh = behaviour(sim.agents, state, th, config, seed, day)
         q = infectiousness(sim.agents, state, beh, th, config, day)
         central = dual.value(sim.neighbourhood_sums(q, day))
         ring = fixed_point_sums(pop, config, q, day, seed + day)

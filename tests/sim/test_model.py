@@ -174,7 +174,9 @@ def _run_in_halves(
     states = [initial_state(a, theta, config, seed) for a in agents]
     stages = []
     for day in range(days):
-        behs = [behaviour(a, s, config, seed, day) for a, s in zip(agents, states, strict=True)]
+        behs = [
+            behaviour(a, s, theta, config, seed, day) for a, s in zip(agents, states, strict=True)
+        ]
         qs = [
             infectiousness(a, s, b, theta, config, day)
             for a, s, b in zip(agents, states, behs, strict=True)
