@@ -18,8 +18,9 @@ import torch
 
 from contract.schedule import observations_dp
 from protocols.secure_sum.dp import DPError
+from sim.archetypes import ArchetypeError, ArchetypeGrid
 from sim.calibration import ObservedSeries, series_loss
-from sim.model import Lockdown, ModelConfig, ModelConfigError, Vaccination
+from sim.model import Lockdown, ModelConfig, ModelConfigError, Stimulus, Vaccination
 from sim.params import BASE_PARAMS, PARAM_NAMES, Theta
 from sim.runner import total_infections
 from sim.sampling import Estimator
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from protocols.secure_sum.dp import DPConfig
 
 MODES = ("mailbox", "shuffled", "plaintext")
+BEHAVIOURS = ("heuristic", "table", "llm")
 RADIOS = ("ideal", "simulated")
 #: the fields of ``RunSpec.dp``
 DP_FIELDS = ("sigma", "delta", "l2_sensitivity")
@@ -67,6 +69,16 @@ class RunSpec:
             ``global/day/<d>``; the aggregator's operator must configure the same values. The
             decentralized = central equivalence does not hold with it on (by design); see
             ``protocols/secure_sum/LEAKAGE.md``.
+        behaviour: ``heuristic`` (the archetypes), ``table`` (the public table file
+            ``behaviour_table``) or ``llm`` (a language model at ``llm_url`` named
+            ``llm_model``, asked by the coordinator once per cell, behaviour and period, from
+            public cell attributes and the run's opened aggregates). With ``table`` or ``llm``
+            the coordinator sends every device the period's row; each device draws its own
+            choices from it (``sim.model.behaviour``).
+        grid: the archetype grid (``sim.archetypes.ArchetypeGrid.to_json``: public attribute
+            levels) of a ``table``/``llm`` run.
+        period_days, work_layer, stimuli: the table's period, the layer a day off work
+            removes, and ``MONTH:AMOUNT`` stimulus payments (public policy in the prompts).
     """
 
     population: str
@@ -90,6 +102,14 @@ class RunSpec:
     population_seeds: bool = False
     min_cohort: int = 0
     dp: dict[str, float] | None = None
+    behaviour: str = "heuristic"
+    behaviour_table: str | None = None
+    llm_url: str | None = None
+    llm_model: str | None = None
+    grid: list[dict[str, object]] | None = None
+    period_days: int = 7
+    work_layer: str = "work"
+    stimuli: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.theta) - set(PARAM_NAMES))
@@ -122,6 +142,7 @@ class RunSpec:
         for ok, message in checks:
             if not ok:
                 raise RunSpecError(f"run spec: {message}")
+        self._check_behaviour()
         if self.target is not None and len(self.target) * self.target_period_days > self.days:
             raise RunSpecError(
                 f"run spec: target covers {len(self.target) * self.target_period_days} days, "
@@ -135,6 +156,30 @@ class RunSpec:
         """θ as a validated ``Theta`` (raises ``ParameterError`` naming a bad value)."""
         return Theta(**{k: float(v) for k, v in self.theta.items()})
 
+    def _check_behaviour(self) -> None:
+        if self.behaviour not in BEHAVIOURS:
+            raise RunSpecError(
+                f"run spec: behaviour must be one of {BEHAVIOURS}, got {self.behaviour!r}"
+            )
+        needs = {
+            "table": ("behaviour_table", "grid"),
+            "llm": ("llm_url", "llm_model", "grid"),
+        }.get(self.behaviour, ())
+        missing = [name for name in needs if not getattr(self, name)]
+        if missing:
+            raise RunSpecError(f"run spec: a {self.behaviour} run needs {missing}")
+        if self.grid is not None:
+            try:
+                ArchetypeGrid.from_json(self.grid)
+            except ArchetypeError as e:
+                raise RunSpecError(f"run spec: grid: {e}") from None
+
+    def archetype_grid(self) -> ArchetypeGrid:
+        """The run's archetype grid (a ``table``/``llm`` run)."""
+        if self.grid is None:
+            raise RunSpecError("run spec: this run has no behaviour table grid")
+        return ArchetypeGrid.from_json(self.grid)
+
     def model_config(self) -> ModelConfig:
         """The model settings of the run (the same ``ModelConfig`` ``decentsim simulate`` builds
         from the same options)."""
@@ -147,6 +192,9 @@ class RunSpec:
                 Vaccination(int(p[0]), float(p[1]), *(float(x) for x in p[2:]))
                 for p in (s.split(":") for s in self.vaccinations)
             )
+            stimuli = tuple(
+                Stimulus(int(p[0]), float(p[1])) for p in (s.split(":") for s in self.stimuli)
+            )
         except (ValueError, IndexError) as e:
             raise RunSpecError(f"run spec: bad intervention: {e}") from None
         try:
@@ -155,6 +203,10 @@ class RunSpec:
                 vaccinations=vacs,
                 estimator=Estimator(self.estimator),
                 use_population_seeds=self.population_seeds,
+                behaviour="heuristic" if self.behaviour == "heuristic" else "table",
+                period_days=self.period_days,
+                work_layer=self.work_layer,
+                stimuli=stimuli,
             )
         except (ModelConfigError, ValueError) as e:
             raise RunSpecError(f"run spec: {e}") from None
@@ -203,7 +255,7 @@ class RunSpec:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise RunSpecError(f"{source}: unknown field(s) {unknown}")
-        for name in ("lockdowns", "vaccinations", "fit"):
+        for name in ("lockdowns", "vaccinations", "fit", "stimuli"):
             if name in raw:
                 raw[name] = tuple(raw[name])
         try:

@@ -49,6 +49,7 @@ import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from behaviour import BackendError, LLMSource, OpenAIClient, TableSource
 from contract.round import DaySpecs, loss_and_grad, run_day
 from contract.runspec import RunSpec
 from contract.schedule import (
@@ -78,6 +79,7 @@ from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
 from proto.limits import Channel, channel_options, server_options
 from protocols.secure_sum import CoordinatorServer, Deployment, KeyPair, Mode, PhaseReport
 from protocols.secure_sum.errors import RoundLost, SecureSumError
+from sim.archetypes import MONTH_DAYS, ArchetypeError, BehaviourTable, public_numbers
 from sim.calibration import ThetaOptimizer
 from sim.params import BASE_PARAMS, PARAM_NAMES, Theta
 from storage.sqlite import open_db, transaction
@@ -114,6 +116,12 @@ _MIGRATIONS = (
     # a run that stopped for good says why (a restarted coordinator refuses to go on)
     """
     ALTER TABLE run ADD COLUMN failure TEXT;
+    """,
+    # the public behaviour table's rows a table/llm run sent to devices, one per period
+    """
+    CREATE TABLE behaviour_rows (epoch INTEGER NOT NULL, period INTEGER NOT NULL,
+                                 row BLOB NOT NULL, source TEXT NOT NULL,
+                                 PRIMARY KEY (epoch, period));
     """,
 )
 
@@ -154,6 +162,25 @@ def coordinator_init(state_dir: Path, hostnames: tuple[str, ...]) -> Path:
     return export
 
 
+def behaviour_source(spec: RunSpec, state_dir: Path) -> TableSource | LLMSource | None:
+    """What fills a ``table``/``llm`` run's behaviour table: the public table file, or the
+    language model (its answers cached in the state dir, so a restart asks nothing twice)."""
+    if spec.behaviour == "table":
+        assert spec.behaviour_table is not None  # RunSpec checks it
+        try:
+            return TableSource(spec.behaviour_table, spec.archetype_grid(), spec.period_days)
+        except ArchetypeError as err:
+            raise ServiceError(f"behaviour table: {err}") from None
+    if spec.behaviour == "llm":
+        assert spec.llm_url is not None and spec.llm_model is not None
+        try:
+            client = OpenAIClient(spec.llm_url, spec.llm_model)
+        except BackendError as err:
+            raise ServiceError(f"behaviour llm: {err}") from None
+        return LLMSource(client, state_dir / "llm-cache")
+    return None
+
+
 @dataclass
 class _Step:
     """The run's position: what GetRound publishes."""
@@ -165,6 +192,9 @@ class _Step:
     deadline: float = 0.0
     version: int = 1
     failure: str = ""
+    #: the behaviour table's row of the day's period (float64 LE), and the period
+    behaviour_row: bytes = b""
+    behaviour_period: int = 0
 
 
 class CoordinatorService:
@@ -234,6 +264,8 @@ class CoordinatorService:
             self.servers[name] = CoordinatorServer(pair, self.deployments[name], self.links[name])
         #: every message in and out, sealed to the coordinator's auditor (``--audit-key``)
         self.transcript = open_transcript(audit_key, state_dir, "coordinator", self.servers)
+        #: what fills the behaviour table of a table/llm run (public inputs only)
+        self.behaviour = behaviour_source(self.spec, state_dir)
         self.servers[NEIGHBOURHOOD].min_cohort = self.spec.min_cohort
         # C's own DP noise secret (persisted: a re-opened release gets the same noise)
         self.servers[AGGREGATES].noise_secret = load_noise_secret(state_dir)
@@ -257,6 +289,8 @@ class CoordinatorService:
         self.failure = ""
         #: the day attempt in progress: (round id, epoch, day)
         self._attempt = (0, 0, 0)
+        #: its behaviour table row: (period, float64 LE bytes; empty for a heuristic run)
+        self._day_row: tuple[int, bytes] = (0, b"")
         self._driver: threading.Thread | None = None
         self._servers: list[grpc.Server] = []
         self._units = self._load_units()
@@ -435,6 +469,8 @@ class CoordinatorService:
             run_json=self.spec.to_json(),
             committed_days=self.committed_days(pos.epoch),
             failure=pos.failure,
+            behaviour_row=pos.behaviour_row,
+            behaviour_period=pos.behaviour_period,
         )
 
     def theta(self, epoch: int) -> Theta:
@@ -465,7 +501,15 @@ class CoordinatorService:
         deadline = time.time() + self.spec.step_timeout_s
         _, epoch, day = self._attempt
         # one publish: a device never sees a new round with the previous round's step
-        self._publish(round_id=round_id, epoch=epoch, day=day, step=step, deadline=deadline)
+        self._publish(
+            round_id=round_id,
+            epoch=epoch,
+            day=day,
+            step=step,
+            deadline=deadline,
+            behaviour_row=self._day_row[1],
+            behaviour_period=self._day_row[0],
+        )
         with self._cond:
             while not self._stop.is_set():
                 if round_id in self._lost:
@@ -524,6 +568,44 @@ class CoordinatorService:
         with self.gateway.lock:
             return self.servers[AGGREGATES].open_aggregates_ring(round_id, OBSERVATIONS_PHASE)
 
+    def _behaviour_row(self, epoch: int, day: int) -> tuple[int, bytes]:
+        """The behaviour table's row of ``day``'s period, made once per (epoch, period) from
+        the public numbers of the epoch's opened aggregates so far and kept (a restarted
+        coordinator sends the same row).
+
+        Raises:
+            RunFailure: the source failed (an unreachable or non-compliant model endpoint, a
+                bad table): the run cannot go on without the devices' public table.
+        """
+        if self.behaviour is None:
+            return 0, b""
+        period = day // self.spec.period_days
+        rows = self._read(
+            "SELECT row FROM behaviour_rows WHERE epoch = ? AND period = ?", (epoch, period)
+        )
+        if rows:
+            return period, bytes(rows[0][0])
+        start = period * self.spec.period_days
+        cases = self.aggregates(epoch)[:start, 0, :, 0].sum(-1).tolist() if start else []
+        config = self.spec.model_config()
+        public = public_numbers(
+            cases, start, self.spec.period_days, config.stimulus(start // MONTH_DAYS)
+        )
+        grid = self.spec.archetype_grid()
+        try:
+            row = np.asarray(self.behaviour.probabilities(grid, public), dtype="<f8")
+            BehaviourTable(grid, self.spec.period_days, row[None], self.behaviour.source)
+        except (BackendError, ArchetypeError) as err:
+            raise RunFailure(f"the behaviour table of period {period}: {err}") from None
+        raw = row.tobytes()
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO behaviour_rows VALUES (?, ?, ?, ?)",
+                (epoch, period, raw, self.behaviour.source),
+            )
+        self.view.write("behaviour_row", epoch=epoch, period=period, source=self.behaviour.source)
+        return period, raw
+
     def _new_round(self, epoch: int, day: int) -> int:
         with self._tx() as conn:
             rid = int(
@@ -548,6 +630,7 @@ class CoordinatorService:
         when devices void the attempt."""
         specs = round_specs(round_id, day, self.spec.items_per_device, self.spec.dp_config())
         self._attempt = (round_id, epoch, day)
+        self._day_row = self._behaviour_row(epoch, day)
         result = run_day(
             self,
             specs,

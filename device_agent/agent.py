@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -275,10 +276,28 @@ class PoolRunner:
             raise AgentError(f"θ names {list(sched.theta.names)} differ from {PARAM_NAMES}")
         return torch.tensor(list(sched.theta.values), dtype=torch.float64)
 
+    def _behaviour_row(self, sched: pb.RoundSchedule) -> torch.Tensor | None:
+        """The public behaviour table's row the schedule carries (a table/llm run)."""
+        assert self.spec is not None
+        if self.spec.behaviour == "heuristic":
+            return None
+        cells = self.spec.archetype_grid().n_cells
+        if len(sched.behaviour_row) != cells * 2 * 8:
+            raise AgentError(
+                f"round {sched.round_id}: the behaviour row has {len(sched.behaviour_row)} "
+                f"bytes, not the {cells * 2 * 8} of {cells} cells × 2 float64"
+            )
+        row = np.frombuffer(sched.behaviour_row, dtype="<f8").reshape(cells, 2)
+        if not np.all((row >= 0) & (row <= 1)):
+            raise AgentError(f"round {sched.round_id}: a behaviour probability is outside [0, 1]")
+        return torch.from_numpy(row.copy())
+
     def _start_day(self, sched: pb.RoundSchedule) -> None:
-        """Load the start-of-day state of the schedule's (epoch, day) (day 0: draw it)."""
+        """Load the start-of-day state of the schedule's (epoch, day) (day 0: draw it) and the
+        period's behaviour row."""
         pool = self.pool
         assert pool is not None
+        pool.behaviour_row = self._behaviour_row(sched)
         theta = self._theta(sched)
         stored = self.store.state(sched.epoch, sched.day)
         if stored is not None:

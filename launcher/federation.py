@@ -51,6 +51,7 @@ from contract.schedule import UNIT_DEVICES, WIDTH, slice_ids
 from contract.transcript import auditor_files, create_auditor_keys
 from identity.secret_files import write_secret
 from protocols.ble import gaen
+from sim.archetypes import population_cells
 from sim.model import OBSERVATIONS
 from sim.params import BASE_PARAMS
 from sim.populations import AGE_GROUPS, Population, from_spec
@@ -120,6 +121,9 @@ def make_spec(
         raise RunSpecError(
             f"pools must be in 1..{pop.n_agents} (the population's agents), got {pools}"
         )
+    if options.get("behaviour", "heuristic") != "heuristic" and "grid" not in options:
+        # the archetype grid is public: the attributes' levels, never who has which
+        options["grid"] = population_cells(pop)[0].to_json()
     return RunSpec(
         population=population,
         days=days,

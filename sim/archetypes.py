@@ -161,14 +161,27 @@ class ArchetypeGrid:
             index = index * len(a.levels) + a.levels.index(label)
         return index
 
-    def to_json(self) -> dict[str, list[str]]:
-        """The grid as attribute name → levels (what a saved table carries)."""
-        return {a.name: list(a.levels) for a in self.attributes}
+    def to_json(self) -> list[dict[str, object]]:
+        """The grid as ``[{"name", "levels"}, …]`` in cell-numbering order (a list, so the
+        order survives any JSON encoder that sorts keys)."""
+        return [{"name": a.name, "levels": list(a.levels)} for a in self.attributes]
 
     @classmethod
-    def from_json(cls, raw: Mapping[str, Sequence[str]]) -> ArchetypeGrid:
-        """Inverse of :meth:`to_json`."""
-        return cls(tuple(Attribute(str(k), tuple(str(x) for x in v)) for k, v in raw.items()))
+    def from_json(cls, raw: Sequence[Mapping[str, object]]) -> ArchetypeGrid:
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            ArchetypeError: not a list of ``{"name", "levels"}`` objects.
+        """
+        try:
+            return cls(
+                tuple(
+                    Attribute(str(a["name"]), tuple(str(x) for x in a["levels"]))  # type: ignore[attr-defined]
+                    for a in raw
+                )
+            )
+        except (KeyError, TypeError) as e:
+            raise ArchetypeError(f"grid: expected [{{'name', 'levels'}}, …] ({e})") from None
 
     @property
     def digest(self) -> str:

@@ -125,3 +125,14 @@ def test_insecure_debug_mode_runs_without_tls_and_still_checks_the_credential(
     assert results["y"][..., 0].sum(-1)[:, 0].tolist() == central.new_infections.tolist()
     for role in ("coordinator", "aggregator", "pool-0"):
         assert "--insecure: NO TLS" in (tmp_path / role / "stderr.log").read_text()
+
+
+def test_a_run_specs_grid_keeps_its_cell_order_through_json() -> None:
+    """The cells are numbered in the grid's attribute order; a JSON encoder that sorts keys
+    (RunSpec.to_json does) must not reorder them (it would hand devices another table)."""
+    from launcher.federation import make_spec
+
+    spec = make_spec("synthetic:60", 2, pools=1, behaviour="table", behaviour_table="t.csv")
+    grid = spec.archetype_grid()
+    assert grid.names == ("age_group", "gender", "occupation", "area", "income")
+    assert RunSpec.from_json(spec.to_json()).archetype_grid() == grid

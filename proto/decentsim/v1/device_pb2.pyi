@@ -64,7 +64,7 @@ class PhaseSchedule(_message.Message):
     def __init__(self, spec: _Optional[_Union[_common_pb2.PhaseSpec, _Mapping]] = ..., opens_unix_ms: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., fetch_deadline_unix_ms: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoundSchedule(_message.Message):
-    __slots__ = ("round_id", "day", "epoch", "days", "mode", "theta", "model", "rng_seed", "registration_deadline_unix_ms", "contact_window_start_unix_ms", "contact_window_end_unix_ms", "en_interval_number", "en_interval_count", "phases", "round_deadline_unix_ms", "spec_digest", "server_time_unix_ms", "step", "step_deadline_unix_ms", "version", "run_json", "committed_days", "failure")
+    __slots__ = ("round_id", "day", "epoch", "days", "mode", "theta", "model", "rng_seed", "registration_deadline_unix_ms", "contact_window_start_unix_ms", "contact_window_end_unix_ms", "en_interval_number", "en_interval_count", "phases", "round_deadline_unix_ms", "spec_digest", "server_time_unix_ms", "step", "step_deadline_unix_ms", "version", "run_json", "committed_days", "failure", "behaviour_row", "behaviour_period")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     DAY_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,8 @@ class RoundSchedule(_message.Message):
     RUN_JSON_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_DAYS_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    BEHAVIOUR_ROW_FIELD_NUMBER: _ClassVar[int]
+    BEHAVIOUR_PERIOD_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     day: int
     epoch: int
@@ -111,7 +113,9 @@ class RoundSchedule(_message.Message):
     run_json: str
     committed_days: int
     failure: str
-    def __init__(self, round_id: _Optional[int] = ..., day: _Optional[int] = ..., epoch: _Optional[int] = ..., days: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.Mode, str]] = ..., theta: _Optional[_Union[_common_pb2.ModelParameters, _Mapping]] = ..., model: _Optional[str] = ..., rng_seed: _Optional[int] = ..., registration_deadline_unix_ms: _Optional[int] = ..., contact_window_start_unix_ms: _Optional[int] = ..., contact_window_end_unix_ms: _Optional[int] = ..., en_interval_number: _Optional[int] = ..., en_interval_count: _Optional[int] = ..., phases: _Optional[_Iterable[_Union[PhaseSchedule, _Mapping]]] = ..., round_deadline_unix_ms: _Optional[int] = ..., spec_digest: _Optional[bytes] = ..., server_time_unix_ms: _Optional[int] = ..., step: _Optional[str] = ..., step_deadline_unix_ms: _Optional[int] = ..., version: _Optional[int] = ..., run_json: _Optional[str] = ..., committed_days: _Optional[int] = ..., failure: _Optional[str] = ...) -> None: ...
+    behaviour_row: bytes
+    behaviour_period: int
+    def __init__(self, round_id: _Optional[int] = ..., day: _Optional[int] = ..., epoch: _Optional[int] = ..., days: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.Mode, str]] = ..., theta: _Optional[_Union[_common_pb2.ModelParameters, _Mapping]] = ..., model: _Optional[str] = ..., rng_seed: _Optional[int] = ..., registration_deadline_unix_ms: _Optional[int] = ..., contact_window_start_unix_ms: _Optional[int] = ..., contact_window_end_unix_ms: _Optional[int] = ..., en_interval_number: _Optional[int] = ..., en_interval_count: _Optional[int] = ..., phases: _Optional[_Iterable[_Union[PhaseSchedule, _Mapping]]] = ..., round_deadline_unix_ms: _Optional[int] = ..., spec_digest: _Optional[bytes] = ..., server_time_unix_ms: _Optional[int] = ..., step: _Optional[str] = ..., step_deadline_unix_ms: _Optional[int] = ..., version: _Optional[int] = ..., run_json: _Optional[str] = ..., committed_days: _Optional[int] = ..., failure: _Optional[str] = ..., behaviour_row: _Optional[bytes] = ..., behaviour_period: _Optional[int] = ...) -> None: ...
 
 class SlotRegistration(_message.Message):
     __slots__ = ("device", "slot_count", "payload")
