@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
+from audit.behaviour import behaviour_verdict
 from audit.views import (
     UNANSWERED_FETCH,
     AuditInput,
@@ -1472,6 +1473,33 @@ def check_profile(inp: AuditInput) -> CheckResult:
     )
 
 
+# -- 8. behaviour table ------------------------------------------------------------------------
+#: What each party learns of a table/llm run's behaviour (behaviour/LEAKAGE.md, condensed).
+BEHAVIOUR_PROFILE: dict[str, str] = {
+    "everyone (public)": (
+        "the archetype grid (cell attributes and levels), each period's row of the behaviour "
+        "table, the stimulus policy, the opened daily aggregates (employment included)"
+    ),
+    "the language model's endpoint": (
+        "one question per grid cell, behaviour and period (every cell, inhabited or not): a "
+        "cell's attributes and the period's public numbers; when periods start"
+    ),
+    "the coordinator": "the rows it makes and the model's answers (no device's draw)",
+    "a device": "its period's row; its own agent's draws, which never leave it",
+}
+
+
+def check_behaviour(inp: AuditInput) -> CheckResult:
+    """A table/llm run's behaviour table came from public inputs only: the coordinator's rows
+    equal the table file's, or a language model's answers to prompts that render only a grid
+    cell and public numbers recomputed from the opened aggregates (:mod:`audit.behaviour`)."""
+    status, message, details = behaviour_verdict(inp)
+    table = [["party", "learns of the behaviour"]] + [[p, t] for p, t in BEHAVIOUR_PROFILE.items()]
+    return CheckResult(
+        "behaviour", "Behaviour table from public inputs", Status(status), message, details, table
+    )
+
+
 def run_checks(
     inp: AuditInput, colluders: int = 1, cohort_k: int = 2, max_open: int = 200_000
 ) -> AuditResult:
@@ -1486,6 +1514,7 @@ def run_checks(
         check_dp(inp),
         check_secrets(inp),
         check_profile(inp),
+        check_behaviour(inp),
     ]
     stages: dict[str, Counter[str] | dict[str, int]] = {
         "transcript": transcript_unused(inp.view, inp.codecs),

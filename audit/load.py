@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from audit.behaviour import load_behaviour
 from audit.truth import bytes_needles, load_truth
 from audit.views import ROLES, AuditInput, AuditInputError, ServerView
 from contract.runspec import RunSpec, RunSpecError
@@ -173,4 +174,5 @@ def load_run(
         min_cohort=int(getattr(spec, "min_cohort", 0)),
         source=str(run_dir),
         dims={NEIGHBOURHOOD: WIDTH, AGGREGATES: observations_dim()},
+        behaviour=load_behaviour(run_dir / "state" / role) if role == "coordinator" else None,
     )

@@ -132,6 +132,23 @@ class Truth:
 
 
 @dataclass
+class BehaviourRecord:
+    """What the coordinator kept of a run's behaviour, from its own state dir.
+
+    Attributes:
+        rows: (epoch, period) → the row sent to the devices, (cells, behaviours) float64.
+        sources: (epoch, period) → what filled the row (``table:PATH``, ``llm:MODEL@URL``).
+        daily_cases: epoch → the opened daily new infections of its committed days, in order.
+        cache: the files of the coordinator's language-model answer cache.
+    """
+
+    rows: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    sources: dict[tuple[int, int], str] = field(default_factory=dict)
+    daily_cases: dict[int, np.ndarray] = field(default_factory=dict)
+    cache: list[Path] = field(default_factory=list)
+
+
+@dataclass
 class AuditInput:
     """Everything the checks read: one server's view.
 
@@ -147,6 +164,9 @@ class AuditInput:
         source: where this came from (a run dir, or a description of the crafted input).
         dims: each deployment's vector length from the run's public schedule (empty: taken
             from the view's posts or the truth).
+        behaviour: the coordinator's record of a table/llm run's behaviour rows and their
+            inputs (:class:`audit.behaviour.BehaviourRecord`); None for the aggregator, a
+            heuristic run, or a crafted input.
     """
 
     mode: Mode
@@ -158,6 +178,7 @@ class AuditInput:
     min_cohort: int = 0
     source: str = ""
     dims: dict[str, int] = field(default_factory=dict)
+    behaviour: BehaviourRecord | None = None
 
     @property
     def role(self) -> str:

@@ -8,9 +8,11 @@ database. Tests use the same class to kill (SIGKILL) and restart any process mid
 
 Layout of ``DIR`` (``--out``)::
 
-    trajectory.csv      day, new_infections, new_deaths (the opened daily aggregates)
+    trajectory.csv      day, new_infections, new_deaths, employment (the opened daily aggregates)
     summary.json        agents, days, mode, wall_s, bytes_device_to_servers, daily, loss, grad, …
     federated.png       daily aggregates by age group
+    behaviour_table.csv a table/llm run's public behaviour table: each period's row the devices
+                        got (period, cell attributes, isolate, work), as ``simulate`` writes it
     views/              the servers' recorded views (coordinator.jsonl, aggregator.jsonl) and
                         their transcripts, each sealed to that server's own auditor (*.transcript)
     audit/              one key pair per server's auditor (<role>-auditor.key 0600 and
@@ -51,7 +53,7 @@ from contract.schedule import UNIT_DEVICES, WIDTH, slice_ids
 from contract.transcript import auditor_files, create_auditor_keys
 from identity.secret_files import write_secret
 from protocols.ble import gaen
-from sim.archetypes import population_cells
+from sim.archetypes import BehaviourTable, population_cells
 from sim.model import OBSERVATIONS
 from sim.params import BASE_PARAMS
 from sim.populations import AGE_GROUPS, Population, from_spec
@@ -410,6 +412,9 @@ class Federation:
             total_bytes = int(
                 conn.execute("SELECT COALESCE(SUM(bytes_in), 0) FROM days").fetchone()[0]
             )
+            behaviour = conn.execute(
+                "SELECT row, source FROM behaviour_rows WHERE epoch = ? ORDER BY period", (last,)
+            ).fetchall()
         finally:
             conn.close()
         width = WIDTH
@@ -425,7 +430,16 @@ class Federation:
             "grad": dict(zip(BASE_PARAMS, grad, strict=True)) if grad else None,
             "epochs": [{"epoch": e, "theta": json.loads(t), "loss": lo} for e, t, lo, _ in epochs],
             "bytes_device_to_servers": total_bytes,
+            "behaviour": self._table(behaviour),
         }
+
+    def _table(self, rows: list[tuple[bytes, str]]) -> BehaviourTable | None:
+        """The behaviour table the devices got in the reported epoch (None: heuristic)."""
+        if not rows:
+            return None
+        grid = self.spec.archetype_grid()
+        p = np.stack([np.frombuffer(r, "<f8").reshape(grid.n_cells, -1) for r, _ in rows])
+        return BehaviourTable(grid, self.spec.period_days, p, rows[0][1])
 
     def stop(self) -> None:
         """Terminate every process still running."""
@@ -468,6 +482,15 @@ def write_outputs(
         "grad": results["grad"],
         "epochs": results["epochs"],
     }
+    table = results["behaviour"]
+    if table is not None:
+        table.save(out / "behaviour_table.csv")
+        summary["behaviour"] = {
+            "kind": fed.spec.behaviour,
+            "source": table.source,
+            "periods": table.periods,
+            "version": table.version,
+        }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     views = out / "views"
     views.mkdir(exist_ok=True)

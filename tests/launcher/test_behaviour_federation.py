@@ -6,6 +6,7 @@ the same table, and the gradient agrees within 1e-6."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from audit.checks import Status, check_behaviour
+from audit.load import load_run
 from behaviour import LLMSource, OpenAIClient, TableSource
 from launcher.federation import make_spec
 from launcher.run import federated_run
@@ -51,6 +54,10 @@ def check_equal(summary: dict, run, out: Path) -> None:  # type: ignore[no-untyp
     for period, raw in rows:
         sent = np.frombuffer(raw, "<f8").reshape(-1, len(BEHAVIOURS))
         np.testing.assert_array_equal(sent, run.table.p[period])
+    # …and is the run's public table, saved beside its trajectory
+    saved = BehaviourTable.load(out / "behaviour_table.csv", run.table.grid, run.table.period_days)
+    np.testing.assert_array_equal(saved.p, run.table.p)
+    assert summary["behaviour"]["version"] == run.table.version
 
 
 @pytest.mark.slow
@@ -67,6 +74,15 @@ def test_a_table_run_samples_on_the_devices_as_centrally(tmp_path: Path) -> None
     out = tmp_path / "out"
     summary = federated_run(spec, out, population_seed=SEED, timeout_s=300)
     check_equal(summary, central(spec, TableSource(path, grid, 7)), out)
+    # the audit shows every row the devices got is the table file's…
+    inp = load_run(out, "coordinator", with_truth=False)
+    assert check_behaviour(inp).status is Status.PASS, check_behaviour(inp).summary
+    assert check_behaviour(load_run(out, "aggregator", with_truth=False)).status is Status.SKIP
+    # …and notices a row that is not
+    assert inp.behaviour is not None
+    inp.behaviour.rows[0, 1] = 1 - inp.behaviour.rows[0, 1]
+    bad = check_behaviour(inp)
+    assert bad.status is Status.FAIL and "epoch 0 period 1" in bad.summary
 
 
 @pytest.mark.slow
@@ -89,3 +105,23 @@ def test_an_llm_run_asks_per_cell_and_samples_on_the_devices(tmp_path: Path, rul
     # the prompts are public: the coordinator's answer cache holds only cell questions
     cached = list((out / "state" / "coordinator" / "llm-cache").rglob("*.json"))
     assert cached and all("agent" not in p.read_text().lower() for p in cached)
+    # the audit recomputes the public numbers from the opened aggregates and renders every
+    # cell's questions: each cached prompt is one of them, each row their answers
+    inp = load_run(out, "coordinator", with_truth=False)
+    ok = check_behaviour(inp)
+    assert ok.status is Status.PASS, ok.summary
+    assert ok.details["cached_prompts"] == len(cached) and ok.details["rows"] == 2
+    # a prompt carrying an individual's outcome is caught, and named by its file only
+    entry = json.loads(cached[0].read_text())
+    entry["prompt"] += " Agent 17 tested positive yesterday."
+    planted = tmp_path / "planted.json"
+    planted.write_text(json.dumps(entry))
+    assert inp.behaviour is not None
+    inp.behaviour.cache.append(planted)
+    bad = check_behaviour(inp)
+    assert bad.status is Status.FAIL and str(planted) in bad.summary
+    assert "Agent 17" not in json.dumps(bad.details) + bad.summary
+    # so is a row that is not the model's answers
+    inp.behaviour.cache.pop()
+    inp.behaviour.rows[0, 0] = np.clip(inp.behaviour.rows[0, 0] + 0.01, 0, 1)
+    assert "not the model's answers" in check_behaviour(inp).summary
