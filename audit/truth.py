@@ -104,9 +104,24 @@ def _thetas(run_dir: Path, spec: RunSpec) -> dict[int, torch.Tensor]:
     return out
 
 
+def _behaviour_rows(run_dir: Path, spec: RunSpec) -> dict[tuple[int, int], torch.Tensor]:
+    """A table/llm run's behaviour rows by (epoch, period), from the coordinator's (public)
+    behaviour_rows table: each device drew its choices from its period's row."""
+    db = run_dir / "state" / "coordinator" / "coordinator.sqlite3"
+    if spec.behaviour == "heuristic" or not db.exists():
+        return {}
+    return {
+        (int(epoch), int(period)): torch.from_numpy(np.frombuffer(raw, "<f8").reshape(-1, 2).copy())
+        for epoch, period, raw in _query(db, "SELECT epoch, period, row FROM behaviour_rows")
+    }
+
+
 #: reasons a row of a pool's store yields no contribution (the keys of ``Truth.unused``)
 NO_CREDENTIAL = "pool store without a credential (never enrolled)"
-NO_ROUND = "contact-log entry of a day without its round, start-of-day state or θ in the store"
+NO_ROUND = (
+    "contact-log entry of a day without its round, start-of-day state, θ or behaviour row in "
+    "the store"
+)
 UNREGISTERED = "heard RPI whose slot its owner did not register (nothing was posted to it)"
 
 
@@ -136,6 +151,7 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
     _, cells = population_cells(population)
     workforce = labour_force(population)
     thetas = _thetas(run_dir, spec)
+    table_rows = _behaviour_rows(run_dir, spec)
     directory = registrations(view)
     unused: Counter[str] = Counter()
     items: list[TrueItem] = []
@@ -209,12 +225,18 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
         for epoch, day, observer, rpi, weight in _traces(db):
             rid = rounds.get((epoch, day))
             raw = states.get((epoch, day))
-            if rid is None or raw is None or epoch not in thetas:
+            row = table_rows.get((epoch, day // spec.period_days))
+            if (
+                rid is None
+                or raw is None
+                or epoch not in thetas
+                or (spec.behaviour != "heuristic" and row is None)
+            ):
                 unused[NO_ROUND] += len(observer)
                 continue
             state = state_from_bytes(raw)
             th = forward_theta(thetas[epoch], config.grad)
-            beh = behaviour(agents, state, th, config, spec.seed, day)
+            beh = behaviour(agents, state, th, config, spec.seed, day, row)
             q = infectiousness(agents, state, beh, th, config, day).detach()
             local = observer - int(ids[0])
             values = message(q[torch.from_numpy(local)], torch.from_numpy(weight)).numpy()

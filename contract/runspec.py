@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from behaviour.openai_http import OpenAIClient
 from contract.schedule import observations_dp
 from protocols.secure_sum.dp import DPError
 from sim.archetypes import ArchetypeError, ArchetypeGrid
@@ -79,6 +80,8 @@ class RunSpec:
             levels) of a ``table``/``llm`` run.
         period_days, work_layer, stimuli: the table's period, the layer a day off work
             removes, and ``MONTH:AMOUNT`` stimulus payments (public policy in the prompts).
+        llm_timeout_s, llm_retries: the coordinator's language-model client: seconds per
+            request, and retries of a 5xx/429 answer or a timeout (with back-off).
     """
 
     population: str
@@ -110,6 +113,8 @@ class RunSpec:
     period_days: int = 7
     work_layer: str = "work"
     stimuli: tuple[str, ...] = ()
+    llm_timeout_s: float = 60.0
+    llm_retries: int = 3
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.theta) - set(PARAM_NAMES))
@@ -168,11 +173,32 @@ class RunSpec:
         missing = [name for name in needs if not getattr(self, name)]
         if missing:
             raise RunSpecError(f"run spec: a {self.behaviour} run needs {missing}")
+        if not (math.isfinite(self.llm_timeout_s) and self.llm_timeout_s > 0):
+            raise RunSpecError(f"run spec: llm_timeout_s must be > 0, got {self.llm_timeout_s}")
+        if self.llm_retries < 0:
+            raise RunSpecError(f"run spec: llm_retries must be >= 0, got {self.llm_retries}")
+        if self.behaviour == "llm":
+            self.llm_client()
         if self.grid is not None:
             try:
                 ArchetypeGrid.from_json(self.grid)
             except ArchetypeError as e:
                 raise RunSpecError(f"run spec: grid: {e}") from None
+
+    def llm_client(self) -> OpenAIClient:
+        """The client of an ``llm`` run's model endpoint (no connection is made yet).
+
+        Raises:
+            RunSpecError: not an ``llm`` run, or ``llm_url`` is not ``http(s)://HOST…``.
+        """
+        if self.llm_url is None or self.llm_model is None:
+            raise RunSpecError("run spec: this run asks no language model")
+        try:
+            return OpenAIClient(
+                self.llm_url, self.llm_model, timeout=self.llm_timeout_s, retries=self.llm_retries
+            )
+        except ValueError as e:
+            raise RunSpecError(f"run spec: llm_url: {e}") from None
 
     def archetype_grid(self) -> ArchetypeGrid:
         """The run's archetype grid (a ``table``/``llm`` run)."""

@@ -49,7 +49,7 @@ import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from behaviour import BackendError, LLMSource, OpenAIClient, TableSource
+from behaviour import BackendError, LLMSource, TableSource
 from contract.round import DaySpecs, loss_and_grad, run_day
 from contract.runspec import RunSpec
 from contract.schedule import (
@@ -172,12 +172,7 @@ def behaviour_source(spec: RunSpec, state_dir: Path) -> TableSource | LLMSource 
         except ArchetypeError as err:
             raise ServiceError(f"behaviour table: {err}") from None
     if spec.behaviour == "llm":
-        assert spec.llm_url is not None and spec.llm_model is not None
-        try:
-            client = OpenAIClient(spec.llm_url, spec.llm_model)
-        except BackendError as err:
-            raise ServiceError(f"behaviour llm: {err}") from None
-        return LLMSource(client, state_dir / "llm-cache")
+        return LLMSource(spec.llm_client(), state_dir / "llm-cache")
     return None
 
 

@@ -37,6 +37,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "ble": ("bench.ble", "simulated radio + exposure scoring"),
     "federated": ("bench.federated", "federated run vs the central simulator"),
     "vs-secaggplus": ("bench.secaggplus", "two-server sum vs Flower's SecAgg+"),
+    "behaviour": ("bench.behaviour", "behaviour-table overhead and backend calls"),
 }
 
 

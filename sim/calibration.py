@@ -1,31 +1,49 @@
 """Calibration: fit θ so that the simulated aggregates match an observed series.
 
-Mode 1 (``fit_params``): θ itself is optimised by a torch optimizer (Adam), in log space so it
-stays positive, with gradients from the simulator (forward tangents by default).
+Mode 1 (``fit_params``): θ itself is optimised by a torch optimizer (Adam), in log space for
+the positive parameters and linearly for the alignment shifts (:class:`ThetaOptimizer`), with
+gradients from the simulator (forward tangents by default).
 
 Mode 2 (``fit_network``): a small calibration network (a GRU over the observed series) maps
 features to θ, and is trained end to end: ``dL/dθ`` from the simulator is backpropagated into
 the network's weights (``θ.backward(dL/dθ)``).
 
-The loss compares the model's new infections, summed per observation period (7 days for a
-weekly series), with the observed counts on a log1p scale — robust to the range from a handful
-to hundreds of cases — scaled by a fixed ascertainment rate (the fraction of infections that
-become reported cases).
+Both fit any parameters the simulator differentiates (``ModelConfig.grad``): the epidemic's,
+and the behaviour table's alignment (``scale_<g>``, ``shift_<g>``), whose gradient reaches θ
+through the straight-through draws of each agent's choices.
+
+**Cases** (:func:`series_loss`): the model's new infections, summed per observation period (7
+days for a weekly series), against the observed counts on a log1p scale — robust to the range
+from a handful to hundreds of cases — scaled by a fixed ascertainment rate (the fraction of
+infections that become reported cases).
+
+**Employment** (:func:`employment_loss`): a monthly labour-force series (e.g. Queens County's
+``employed``, about 1.1 million people) cannot be compared in level with a synthetic population
+of a few thousand agents, nor with its notion of a labour force (agents with an occupation).
+What both share is the *shape* of the series, so the loss compares month-on-month relative
+changes, in percent: month ``m`` of the run is days ``30m … 30m+29`` (``MONTH_DAYS``), its
+simulated employment ``E_m`` the mean over those days of the agents working (the ``employment``
+observation), and the loss is the mean over ``m >= 1`` of
+``(100 (E_m / E_{m-1} − 1) − 100 (O_m / O_{m-1} − 1))²`` for the observed series ``O`` whose
+first month is the run's month 0. The same changes give the validation the seed talk shows: the
+Pearson correlation between simulated and observed month-on-month change (:func:`pearson`).
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from sim.archetypes import MONTH_DAYS, BehaviourSource
 from sim.params import LOG_PARAMS, PARAM_BOUNDS, PARAM_NAMES, Theta
-from sim.runner import CentralSimulator
+from sim.runner import CentralSimulator, LossFn
 
 
 class TargetFileError(ValueError):
@@ -113,10 +131,9 @@ def load_target(
     )
 
 
-def series_loss(
-    target: ObservedSeries, ascertainment: float = 1.0
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A loss on the run's aggregates ``y`` (T, 2, G): mean squared log1p error per period."""
+def series_loss(target: ObservedSeries, ascertainment: float = 1.0) -> LossFn:
+    """A loss on the run's aggregates ``y`` (T, channels, G): mean squared log1p error of the
+    new infections per period."""
 
     def loss(y: torch.Tensor) -> torch.Tensor:
         n = len(target)
@@ -128,14 +145,186 @@ def series_loss(
     return loss
 
 
+_MONTH_LABEL = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
+
+
+@dataclass(frozen=True)
+class EmploymentSeries:
+    """An observed monthly employment series (``values`` per calendar month, labelled
+    ``YYYY-MM``); its first month is the run's month 0 (days 0 … 29)."""
+
+    values: torch.Tensor
+    labels: tuple[str, ...]
+    source: str = ""
+    column: str = "employed"
+
+    def __len__(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def days(self) -> int:
+        """Days of the run the series covers (``MONTH_DAYS`` per month)."""
+        return len(self) * MONTH_DAYS
+
+    def head(self, months: int) -> EmploymentSeries:
+        """The first ``months`` months."""
+        return EmploymentSeries(
+            self.values[:months], self.labels[:months], self.source, self.column
+        )
+
+    def since(self, label: str) -> EmploymentSeries:
+        """The series from month ``label`` (``YYYY-MM``) on.
+
+        Raises:
+            ValueError: the series has no such month; the message names its range.
+        """
+        if label not in self.labels:
+            raise ValueError(
+                f"no month {label} in {self.source} (it covers {self.labels[0]} to "
+                f"{self.labels[-1]})"
+            )
+        i = self.labels.index(label)
+        return EmploymentSeries(self.values[i:], self.labels[i:], self.source, self.column)
+
+    def changes(self) -> torch.Tensor:
+        """Month-on-month change in percent, (months − 1,) (:func:`month_on_month`)."""
+        return month_on_month(self.values)
+
+
+def load_employment(path: str | Path, column: str = "employed") -> EmploymentSeries:
+    """A monthly labour-force CSV (``year, month, <column>``, e.g. the New York State
+    Department of Labor's ``year, month, labor_force, employed, unemployed,
+    unemployment_rate``) as an :class:`EmploymentSeries`.
+
+    Rows must be consecutive calendar months in order, each once, with a count > 0.
+
+    Raises:
+        TargetFileError: names the file, line and field (a missing column, a value that is not
+            a positive count, a month out of 1..12, a gap or a repeat).
+    """
+    path = Path(path)
+    try:
+        fh = path.open(newline="")
+    except OSError as e:
+        raise TargetFileError(f"{path}: cannot open ({e.strerror})") from None
+    labels: list[str] = []
+    values: list[float] = []
+    with fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        for name in ("year", "month", column):
+            if name not in header:
+                raise TargetFileError(f"{path}:1: missing column {name!r} (have {header})")
+        previous: tuple[int, int] | None = None
+        for lineno, row in enumerate(reader, start=2):
+            year, month = (_integer(path, lineno, row, name) for name in ("year", "month"))
+            if not 1 <= month <= 12:
+                raise TargetFileError(f"{path}:{lineno}: field 'month': {month} is not 1..12")
+            if previous is not None:
+                want = (previous[0] + previous[1] // 12, previous[1] % 12 + 1)
+                if (year, month) != want:
+                    raise TargetFileError(
+                        f"{path}:{lineno}: field 'month': {year}-{month:02d} follows "
+                        f"{previous[0]}-{previous[1]:02d}; the series must be consecutive months"
+                    )
+            previous = (year, month)
+            raw = (row[column] or "").strip()
+            try:
+                v = float(raw)
+            except ValueError:
+                v = math.nan
+            if not (math.isfinite(v) and v > 0):
+                raise TargetFileError(
+                    f"{path}:{lineno}: field {column!r}: {raw!r} is not a count > 0"
+                )
+            labels.append(f"{year}-{month:02d}")
+            values.append(v)
+    if not values:
+        raise TargetFileError(f"{path}: no rows")
+    return EmploymentSeries(
+        torch.tensor(values, dtype=torch.float64), tuple(labels), str(path), column
+    )
+
+
+def _integer(path: Path, lineno: int, row: dict[str, str], name: str) -> int:
+    raw = (row[name] or "").strip()
+    try:
+        return int(raw)
+    except ValueError:
+        raise TargetFileError(
+            f"{path}:{lineno}: field {name!r}: {raw!r} is not an integer"
+        ) from None
+
+
+def is_month_label(text: str) -> bool:
+    """Whether ``text`` is a ``YYYY-MM`` month label."""
+    return _MONTH_LABEL.fullmatch(text) is not None
+
+
+def monthly_employment(daily: torch.Tensor, months: int) -> torch.Tensor:
+    """(months,) mean daily employment of each month of ``MONTH_DAYS`` days, from the run's
+    daily employment (T,) (T >= months × MONTH_DAYS)."""
+    return daily[: months * MONTH_DAYS].reshape(months, MONTH_DAYS).mean(-1)
+
+
+def month_on_month(monthly: torch.Tensor) -> torch.Tensor:
+    """Relative change from each month to the next, in percent: ``100 (x_m / x_{m-1} − 1)``.
+
+    A simulated month with fewer than one agent working on average counts as one, so a run
+    without workers gives a finite (large) loss instead of a division by zero.
+    """
+    return 100.0 * (monthly[1:] / monthly[:-1].clamp_min(1.0) - 1.0)
+
+
+def employment_loss(target: EmploymentSeries) -> LossFn:
+    """A loss on the run's aggregates ``y`` (T, channels, G): the mean squared difference of
+    simulated and observed month-on-month employment change, in percent points (see the
+    module doc). The target needs two months at least."""
+    if len(target) < 2:
+        raise ValueError(f"an employment target needs 2 months at least, got {len(target)}")
+    observed = target.changes()
+
+    def loss(y: torch.Tensor) -> torch.Tensor:
+        simulated = month_on_month(monthly_employment(y[:, 2].sum(-1), len(target)))
+        return ((simulated - observed.to(simulated.dtype)) ** 2).mean()
+
+    return loss
+
+
+def weighted_loss(terms: Sequence[tuple[float, LossFn]]) -> LossFn:
+    """``Σ weight × loss`` over ``terms``: one loss of several targets."""
+
+    def loss(y: torch.Tensor) -> torch.Tensor:
+        return sum((w * fn(y) for w, fn in terms), torch.zeros((), dtype=y.dtype))
+
+    return loss
+
+
+def pearson(x: Sequence[float] | torch.Tensor, y: Sequence[float] | torch.Tensor) -> float | None:
+    """The Pearson correlation of two equally long series; None where it is undefined (fewer
+    than 3 points — two points always correlate ±1 — or a constant series)."""
+    a = torch.as_tensor(x, dtype=torch.float64)
+    b = torch.as_tensor(y, dtype=torch.float64)
+    if a.shape != b.shape or a.dim() != 1:
+        raise ValueError(f"pearson needs two series of one length, got {a.shape} and {b.shape}")
+    if a.numel() < 3:
+        return None
+    a, b = a - a.mean(), b - b.mean()
+    norm = float(a.norm() * b.norm())
+    return float((a * b).sum()) / norm if norm > 0 else None
+
+
 @dataclass
 class FitResult:
-    """The fitted θ, the loss per epoch, the θ per epoch and the final run's daily series."""
+    """The fitted θ, the loss and θ per epoch, and daily series: the fitted θ's new infections
+    and employment, and the employment of the first epoch's run (at the start θ)."""
 
     theta: Theta
     losses: list[float]
     thetas: list[dict[str, float]]
     fitted_daily: list[float] = field(default_factory=list)
+    fitted_employment: list[float] = field(default_factory=list)
+    start_employment: list[float] = field(default_factory=list)
 
 
 def _clamp_theta(values: torch.Tensor) -> torch.Tensor:
@@ -243,9 +432,20 @@ class ThetaOptimizer:
             }
 
 
+def _check_differentiated(sim: CentralSimulator, fit: Sequence[str]) -> None:
+    """Every fitted parameter must carry a gradient: be in ``sim.config.grad``."""
+    fit_mask(fit)
+    missing = [n for n in fit if n not in sim.config.grad]
+    if missing:
+        raise ValueError(
+            f"cannot fit {missing}: the simulator differentiates only {list(sim.config.grad)} "
+            "(add them to ModelConfig.grad)"
+        )
+
+
 def fit_params(
     sim: CentralSimulator,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: LossFn,
     days: int,
     start: Theta,
     epochs: int = 50,
@@ -253,23 +453,34 @@ def fit_params(
     fit: Sequence[str] = ("beta",),
     grad: str = "forward",
     progress: bool = False,
+    source: BehaviourSource | None = None,
 ) -> FitResult:
-    """Mode 1: Adam on log θ for the parameters named in ``fit`` (others stay at ``start``)."""
+    """Mode 1: Adam on θ (:class:`ThetaOptimizer`) for the parameters named in ``fit`` (others
+    stay at ``start``). ``source`` fills the behaviour table of a ``table`` run, every epoch
+    from that epoch's own public numbers.
+
+    Raises:
+        ValueError: no epochs, or a fitted parameter the simulator does not differentiate.
+    """
     _check_epochs(epochs)
+    _check_differentiated(sim, fit)
     opt = ThetaOptimizer(start, fit, lr)
     losses: list[float] = []
     thetas: list[dict[str, float]] = []
+    start_employment: list[float] = []
     bar = tqdm(range(epochs), desc="calibrate", unit="epoch", disable=not progress)
-    for _ in bar:
+    for epoch in bar:
         theta = opt.theta()
-        result = sim.run(theta, days, grad)
+        result = sim.run(theta, days, grad, source=source)
         loss, g = result.loss_and_grad(loss_fn)
         assert g is not None
         opt.step(g, result.grad_names)
         losses.append(loss)
         thetas.append(Theta.from_tensor(theta).to_dict())
+        if epoch == 0:  # the run at the start θ
+            start_employment = result.employment.tolist()
         bar.set_postfix(loss=f"{loss:.4g}")
-    return _best_epoch(sim, days, losses, thetas)
+    return _best_epoch(sim, days, losses, thetas, start_employment, source)
 
 
 def _check_epochs(epochs: int) -> None:
@@ -278,19 +489,33 @@ def _check_epochs(epochs: int) -> None:
 
 
 def _best_epoch(
-    sim: CentralSimulator, days: int, losses: list[float], thetas: list[dict[str, float]]
+    sim: CentralSimulator,
+    days: int,
+    losses: list[float],
+    thetas: list[dict[str, float]],
+    start_employment: list[float],
+    source: BehaviourSource | None,
 ) -> FitResult:
     """The epoch with the lowest loss wins: the ABM's loss is not monotone along the path."""
     best = min(range(len(losses)), key=losses.__getitem__)
     final = Theta(**thetas[best])
-    return FitResult(final, losses, thetas, sim.run(final, days).new_infections.tolist())
+    run = sim.run(final, days, source=source)
+    return FitResult(
+        final,
+        losses,
+        thetas,
+        run.new_infections.tolist(),
+        run.employment.tolist(),
+        start_employment,
+    )
 
 
 class CalibrationNet(torch.nn.Module):
     """Features (T, F) → θ: a GRU over the series, its last hidden state → bounded θ.
 
-    Each fitted parameter is produced as ``exp(log lo + sigmoid(h) · (log hi − log lo))``
-    within a per-parameter range, so θ is always valid.
+    Each fitted parameter is produced within its range ``(lo, hi)`` from ``z = sigmoid(h)``:
+    ``exp(log lo + z (log hi − log lo))`` for a positive parameter (``LOG_PARAMS``), so θ is
+    always valid, and ``lo + z (hi − lo)`` for an alignment shift.
     """
 
     def __init__(
@@ -298,35 +523,54 @@ class CalibrationNet(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.names = tuple(ranges)
+        for name, (lo, hi) in ranges.items():
+            if not lo < hi or (name in LOG_PARAMS and lo <= 0):
+                raise ValueError(
+                    f"range of {name!r} must be lo < hi (lo > 0 for a positive parameter), "
+                    f"got {(lo, hi)}"
+                )
         self.gru = torch.nn.GRU(n_features, hidden, batch_first=True, dtype=torch.float64)
         self.head = torch.nn.Linear(hidden, len(self.names), dtype=torch.float64)
-        self.register_buffer(
-            "log_lo",
-            torch.log(torch.tensor([ranges[n][0] for n in self.names], dtype=torch.float64)),
-        )
-        self.register_buffer(
-            "log_hi",
-            torch.log(torch.tensor([ranges[n][1] for n in self.names], dtype=torch.float64)),
-        )
+        log = torch.tensor([n in LOG_PARAMS for n in self.names])
+        lo = torch.tensor([ranges[n][0] for n in self.names], dtype=torch.float64)
+        hi = torch.tensor([ranges[n][1] for n in self.names], dtype=torch.float64)
+        # the network's coordinates: log θ for positive parameters, θ itself for shifts
+        self.register_buffer("log", log)
+        self.register_buffer("lo", torch.where(log, torch.log(lo.abs()), lo))
+        self.register_buffer("hi", torch.where(log, torch.log(hi.abs()), hi))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _, h = self.gru(features.unsqueeze(0))
         z = torch.sigmoid(self.head(h[-1, 0]))
-        return torch.exp(self.log_lo + z * (self.log_hi - self.log_lo))
+        c = self.lo + z * (self.hi - self.lo)
+        return torch.where(self.log, torch.exp(c), c)
+
+
+def _standardised(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with mean 0 and standard deviation 1 (a constant series: all 0), and the time
+    index in [0, 1] beside it: (T, 2)."""
+    x = (x - x.mean()) / (x.std() + 1e-9)
+    t = torch.linspace(0, 1, x.numel(), dtype=torch.float64)
+    return torch.stack([x, t], dim=-1)
 
 
 def series_features(target: ObservedSeries) -> torch.Tensor:
-    """The network's input: log1p counts, standardised, and the period index in [0, 1]."""
-    x = torch.log1p(target.values)
-    x = (x - x.mean()) / (x.std() + 1e-9)
-    t = torch.linspace(0, 1, len(target), dtype=torch.float64)
-    return torch.stack([x, t], dim=-1)
+    """The network's input from a case series: log1p counts, standardised, and the period
+    index in [0, 1]."""
+    return _standardised(torch.log1p(target.values))
+
+
+def employment_features(target: EmploymentSeries) -> torch.Tensor:
+    """The network's input from an employment series: the month-on-month change (0 for the
+    first month), standardised, and the month index in [0, 1]."""
+    return _standardised(torch.cat([target.values.new_zeros(1), target.changes()]))
 
 
 def fit_network(
     sim: CentralSimulator,
-    target: ObservedSeries,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    features: torch.Tensor,
+    loss_fn: LossFn,
+    days: int,
     start: Theta,
     ranges: dict[str, tuple[float, float]],
     epochs: int = 50,
@@ -334,23 +578,31 @@ def fit_network(
     grad: str = "forward",
     seed: int = 0,
     progress: bool = False,
+    source: BehaviourSource | None = None,
 ) -> FitResult:
-    """Mode 2: train a ``CalibrationNet`` end to end through the simulator."""
+    """Mode 2: train a ``CalibrationNet`` over ``features`` (T, 2) (:func:`series_features`,
+    :func:`employment_features`) end to end through the simulator, runs of ``days`` days, for
+    the parameters of ``ranges``; ``source`` as in :func:`fit_params`.
+
+    Raises:
+        ValueError: no epochs, a bad range, or a fitted parameter the simulator does not
+            differentiate.
+    """
     _check_epochs(epochs)
-    fit_mask(tuple(ranges))
+    _check_differentiated(sim, tuple(ranges))
     torch.manual_seed(seed)  # the network's own initialisation; the simulator has no global RNG
-    net = CalibrationNet(2, ranges)
+    net = CalibrationNet(features.shape[-1], ranges)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    features = series_features(target)
     index = [PARAM_NAMES.index(n) for n in net.names]
     losses: list[float] = []
     thetas: list[dict[str, float]] = []
+    start_employment: list[float] = []
     bar = tqdm(range(epochs), desc="calibrate (network)", unit="epoch", disable=not progress)
-    for _ in bar:
+    for epoch in bar:
         fitted = net(features)
         theta = start.as_tensor().clone()
         theta[index] = fitted.detach()
-        result = sim.run(theta, target.days, grad)
+        result = sim.run(theta, days, grad, source=source)
         loss, g = result.loss_and_grad(loss_fn)
         assert g is not None
         opt.zero_grad()
@@ -358,5 +610,7 @@ def fit_network(
         opt.step()
         losses.append(loss)
         thetas.append(Theta.from_tensor(theta).to_dict())
+        if epoch == 0:  # the run at the start θ
+            start_employment = result.employment.tolist()
         bar.set_postfix(loss=f"{loss:.4g}")
-    return _best_epoch(sim, target.days, losses, thetas)
+    return _best_epoch(sim, days, losses, thetas, start_employment, source)

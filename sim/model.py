@@ -375,15 +375,52 @@ def vaccinated(
     return mult
 
 
-def aligned(p: torch.Tensor, agents: Agents, theta: torch.Tensor) -> torch.Tensor:
+def _alignment(agents: Agents, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each agent's alignment scale and shift by its age group, duals (n, 1+p): θ's rows
+    gathered once for both (``index_select`` copies the same values as indexing each)."""
+    rows = theta[_SCALE + _SHIFT].reshape(2, len(_SCALE), theta.shape[-1])
+    both = rows.index_select(1, agents.age_group)  # (2, n, width)
+    return both[0], both[1]
+
+
+def aligned(
+    p: torch.Tensor,
+    agents: Agents,
+    theta: torch.Tensor,
+    alignment: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """A table's probabilities (n,) aligned per age group g: ``sigmoid(scale_g · logit p +
-    shift_g)``, as a dual (n, 1+p) whose tangents come from θ's alignment parameters."""
+    shift_g)``, as a dual (n, 1+p) whose tangents come from θ's alignment parameters.
+    ``alignment``: the agents' (scale, shift) if already gathered (:func:`_alignment`)."""
     logit = torch.logit(p.clamp(_P_EPS, 1.0 - _P_EPS))
-    scale = theta[_SCALE][agents.age_group]  # (n, width)
-    shift = theta[_SHIFT][agents.age_group]
+    if alignment is None:
+        scale = theta[_SCALE][agents.age_group]  # (n, width)
+        shift = theta[_SHIFT][agents.age_group]
+    else:
+        scale, shift = alignment
     z = dual.scale(scale, logit) + shift
     s = torch.sigmoid(dual.value(z))
+    if z.shape[-1] == 1:  # no tangents: the value alone (saves the copy of a concatenation)
+        return s.unsqueeze(-1)
     return torch.cat([s.unsqueeze(-1), (s * (1 - s)).unsqueeze(-1) * z[..., 1:]], dim=-1)
+
+
+def _choice(
+    p: torch.Tensor,
+    u: torch.Tensor,
+    agents: Agents,
+    theta: torch.Tensor,
+    config: ModelConfig,
+    alignment: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """An agent's choice from its cell's probability ``p`` (n,) and its draw ``u``: the dual
+    event ``bernoulli(aligned(p), u)``. Where nothing carries a derivative (no tangents, no
+    autograd graph) that event's value is its hard 0/1 — whatever the estimator, its soft
+    part cancels — so the hard value is all that is computed."""
+    a = aligned(p, agents, theta, alignment)
+    if a.shape[-1] == 1 and not (torch.is_grad_enabled() and a.requires_grad):
+        return (u < a[..., 0]).to(a.dtype).unsqueeze(-1)
+    return bernoulli(a, u, config.estimator)
 
 
 def behaviour(
@@ -431,15 +468,20 @@ def behaviour(
         )
     if probabilities is None:
         raise ModelConfigError("a behaviour table run needs the period's table row")
-    p = probabilities.to(agents.device, dtype)[agents.cell]  # (n, 2)
+    # (2, n): each behaviour's probabilities, a contiguous row (index_select: a fast gather)
+    p = probabilities.to(agents.device, dtype).T.index_select(1, agents.cell)
     u_iso = rng.uniform(seed, agents.ids, day, Purpose.ISOLATE_CHOICE, dtype)
     u_work = rng.uniform(seed, agents.ids, day, Purpose.WORK_CHOICE, dtype)
-    isolate = bernoulli(aligned(p[:, 0], agents, theta), u_iso, config.estimator)
-    work = dual.scale(bernoulli(aligned(p[:, 1], agents, theta), u_work, config.estimator), labour)
-    # 1 − isolation_effect × isolate: the scale on an isolating agent's contacts
-    keep = dual.constant(torch.ones_like(labour), width) - dual.scale(
-        isolate, config.isolation_effect
+    # One gather of the alignment serves both choices; under autograd each choice gathers its
+    # own, so that backpropagation adds up each choice's gradient as a graph of its own.
+    alignment = (
+        None if torch.is_grad_enabled() and theta.requires_grad else _alignment(agents, theta)
     )
+    isolate = _choice(p[0], u_iso, agents, theta, config, alignment)
+    work = dual.scale(_choice(p[1], u_work, agents, theta, config, alignment), labour)
+    # 1 − isolation_effect × isolate: the scale on an isolating agent's contacts
+    lost = dual.scale(isolate, config.isolation_effect)
+    keep = 1.0 - lost if width == 1 else dual.constant(torch.ones_like(labour), width) - lost
     return Behaviour(
         out_scale=keep, in_scale=keep, work=work, at_work=dual.value(work).detach() > 0.5
     )
@@ -458,7 +500,7 @@ def work_choices(
     simulated world uses it to know who meets whom at work; ``theta`` may be a plain (p,) θ."""
     th = theta if theta.dim() == 2 else theta.unsqueeze(-1)
     dtype = th.dtype
-    p = probabilities.to(agents.device, dtype)[agents.cell][:, 1]
+    p = probabilities[:, 1].to(agents.device, dtype).index_select(0, agents.cell)
     u = rng.uniform(seed, agents.ids, day, Purpose.WORK_CHOICE, dtype)
     return (u < dual.value(aligned(p, agents, th)).detach()) & agents.labour_force
 

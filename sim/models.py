@@ -22,5 +22,6 @@ class ModelTemplate:
 epidemiology = ModelTemplate(
     name="epidemiology",
     description="SEIRD with age-dependent susceptibility and mortality, an infectiousness "
-    "profile, archetype behaviour (mixing, isolation), lockdowns and vaccination.",
+    "profile, behaviour from archetypes (mixing, isolation) or from a behaviour table "
+    "(isolating, working: employment), lockdowns, vaccination and stimulus payments.",
 )

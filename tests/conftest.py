@@ -1,10 +1,9 @@
 """Shared test fixtures: the Astoria data directory, thread settings under xdist, and the rule
-backend (``tests/behaviour/rule_server.py``: a deterministic OpenAI-compatible HTTP server on
+backend (``bench/rule_server.py``: a deterministic OpenAI-compatible HTTP server on
 loopback that answers by a fixed rule — not a language model)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from bench import rule_server
 
 #: ``../shared/data/astoria`` relative to the project root (read-only data, not in the repo).
 ASTORIA_DIR: Path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "astoria"
@@ -33,13 +34,6 @@ def astoria_dir() -> Path:
     if not (ASTORIA_DIR / "agents.csv").is_file():
         pytest.skip(f"Astoria data not found at {ASTORIA_DIR}")
     return ASTORIA_DIR
-
-
-SERVER = Path(__file__).parent / "behaviour" / "rule_server.py"
-_spec = importlib.util.spec_from_file_location("rule_server", SERVER)
-assert _spec is not None and _spec.loader is not None
-rule_server = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rule_server)
 
 
 @dataclass(frozen=True)
@@ -64,7 +58,7 @@ class RuleServer:
 def rule_backend() -> Iterator[RuleServer]:
     """The rule backend, started once for the session on a free loopback port."""
     process = subprocess.Popen(
-        [sys.executable, str(SERVER)], stdout=subprocess.PIPE, text=True, bufsize=1
+        [sys.executable, "-m", "bench.rule_server"], stdout=subprocess.PIPE, text=True, bufsize=1
     )
     try:
         assert process.stdout is not None

@@ -8,17 +8,36 @@ one line and exits 2.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from behaviour import (
+    BackendError,
+    BackendUnreachable,
+    CacheError,
+    LLMSource,
+    MalformedAnswer,
+    NonCompliantEndpoint,
+    OpenAIClient,
+    TableSource,
+)
 from contract.schedule import observations_dp
-from decentsim.usage import UsageError, nonnegative_int, positive_float
+from decentsim.usage import CommandFailed, UsageError, nonnegative_int, positive_float
 from protocols.secure_sum.dp import DPConfig, DPConfigError, NoiseHeadroomError
+from sim.archetypes import (
+    MONTH_DAYS,
+    ArchetypeError,
+    ArchetypeGrid,
+    population_cells,
+)
 from sim.calibration import ObservedSeries, TargetFileError, load_target
-from sim.model import Lockdown, ModelConfig, ModelConfigError, Vaccination
-from sim.params import PARAM_NAMES, ParameterError, Theta
+from sim.model import Lockdown, ModelConfig, ModelConfigError, Stimulus, Vaccination
+from sim.params import BASE_PARAMS, PARAM_NAMES, ParameterError, Theta
 from sim.populations import Population, PopulationError, from_spec
 from sim.runner import DTYPES
 from sim.sampling import Estimator
@@ -167,13 +186,16 @@ def _vaccination(text: str) -> Vaccination:
         raise UsageError(f"--vaccinate {text!r}: {e}") from None
 
 
-def model_config(args: argparse.Namespace) -> ModelConfig:
-    """The ``ModelConfig`` described by the shared arguments."""
+def model_config(args: argparse.Namespace, grad: Sequence[str] = BASE_PARAMS) -> ModelConfig:
+    """The ``ModelConfig`` described by the shared arguments and the behaviour arguments
+    (:func:`add_behaviour_arguments`), differentiating ``grad``."""
     return ModelConfig(
         lockdowns=tuple(_lockdown(t) for t in args.lockdown),
         vaccinations=tuple(_vaccination(t) for t in args.vaccinate),
         estimator=Estimator(args.estimator),
         use_population_seeds=args.population_seeds,
+        grad=tuple(grad),
+        **behaviour_config(args),
     )
 
 
@@ -232,3 +254,265 @@ def add_dp_arguments(p: argparse.ArgumentParser) -> None:
         help="L2 bound of one participant's whole observation vector (values and tangents), "
         "real units; see protocols/secure_sum/LEAKAGE.md",
     )
+
+
+# -- behaviour: how the agents decide ℓ (a heuristic, a table file, a language model) -------
+
+#: ``--period`` → days per period of the behaviour table
+PERIODS: dict[str, int] = {"week": 7, "month": MONTH_DAYS}
+#: the contact layer a day off work removes, unless ``--work-layer`` names another
+DEFAULT_WORK_LAYER: str = ModelConfig.work_layer
+#: ``--llm-timeout`` and ``--llm-retries`` unless given
+LLM_TIMEOUT_S = 60.0
+LLM_RETRIES = 3
+_BEHAVIOURS = "heuristic, table:PATH or llm"
+
+
+def default_llm_cache() -> Path:
+    """Where the language model's answers are cached unless ``--llm-cache`` says otherwise:
+    ``$XDG_CACHE_HOME/decentsim/llm``, or ``~/.cache/decentsim/llm``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec ignores a relative XDG_CACHE_HOME.
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "decentsim" / "llm"
+
+
+def add_behaviour_arguments(p: argparse.ArgumentParser, period_option: str = "--period") -> None:
+    """``--behaviour``, the ``--llm-*`` options (URL, model, timeout, retries, cache), the period
+    option (``period_option``: ``calibrate`` has a ``--period`` of its own), ``--stimulus`` and
+    ``--work-layer``: how agents decide whether to isolate and whether to work.
+
+    Read them with :func:`behaviour_config` (the ``ModelConfig`` fields) and
+    :func:`behaviour_source` (the table's source); run with :func:`behaviour_errors`.
+    """
+    p.add_argument(
+        "--behaviour",
+        default="heuristic",
+        metavar="heuristic|table:PATH|llm",
+        help="heuristic: three fixed archetypes (default); table:PATH: each agent draws whether "
+        "to isolate and whether to work from its archetype cell's row of a behaviour table "
+        "(CSV: period, <cell attributes…>, isolate, work; or a saved JSON table); llm: a "
+        "language model fills that table, asked once per cell, behaviour and period",
+    )
+    p.add_argument(
+        "--llm-url",
+        metavar="URL",
+        help="--behaviour llm: the base URL of an OpenAI-compatible API, e.g. "
+        "http://127.0.0.1:8080/v1 (llama.cpp's server, vLLM, Ollama's /v1, a hosted API; "
+        "an API key is read from OPENAI_API_KEY)",
+    )
+    p.add_argument("--llm-model", metavar="NAME", help="--behaviour llm: the model's name")
+    p.add_argument(
+        "--llm-timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help=f"--behaviour llm: seconds to wait for a connection and each answer (default "
+        f"{LLM_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--llm-retries",
+        type=nonnegative_int,
+        metavar="N",
+        help=f"--behaviour llm: further tries after a connection error, a timeout or HTTP "
+        f"5xx/429, with exponential back-off (default {LLM_RETRIES})",
+    )
+    p.add_argument(
+        "--llm-cache",
+        metavar="DIR",
+        help="--behaviour llm: the answer cache, keyed by model, prompt and sampling, so a "
+        f"rerun makes no call (default {default_llm_cache()})",
+    )
+    p.add_argument(
+        period_option,
+        dest="behaviour_period",
+        choices=tuple(PERIODS),
+        help="a table or llm run: one table row per week (default) or month (30 days)",
+    )
+    p.add_argument(
+        "--stimulus",
+        action="append",
+        default=[],
+        metavar="MONTH:AMOUNT",
+        help="--behaviour llm: a stimulus payment of AMOUNT dollars in MONTH (0: the run's "
+        "first 30 days), told to the language model (repeatable; payments of one month add up)",
+    )
+    p.add_argument(
+        "--work-layer",
+        metavar="NAME",
+        help="a table or llm run: the contact layer an agent who does not work stays off "
+        f"(default {DEFAULT_WORK_LAYER!r}; a population without it: working has no contact "
+        "effect)",
+    )
+    p.set_defaults(behaviour_period_option=period_option)
+
+
+def _behaviour_kind(text: str) -> tuple[str, Path | None]:
+    """``--behaviour TEXT`` as (``heuristic`` | ``table`` | ``llm``, the table's path)."""
+    if text in ("heuristic", "llm"):
+        return text, None
+    kind, sep, path = text.partition(":")
+    if kind == "table" and sep and path:
+        return "table", Path(path)
+    raise UsageError(f"--behaviour {text!r}: expected {_BEHAVIOURS}")
+
+
+def _stimulus(text: str) -> Stimulus:
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise UsageError(f"--stimulus {text!r}: expected MONTH:AMOUNT")
+    month = int(_number("--stimulus", text, "MONTH", parts[0], int))
+    amount = _number("--stimulus", text, "AMOUNT", parts[1], float)
+    try:
+        return Stimulus(month, amount)
+    except ModelConfigError as e:
+        raise UsageError(f"--stimulus {text!r}: {e}") from None
+
+
+def behaviour_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``ModelConfig`` fields of :func:`add_behaviour_arguments`' arguments: ``behaviour``
+    and, for a table or llm run, ``period_days``, ``work_layer`` and ``stimuli``.
+
+    An option that would change nothing is refused rather than ignored: the ``--llm-*``
+    options and ``--stimulus`` (which only a language model is told) without
+    ``--behaviour llm``, the period and ``--work-layer`` with the heuristic.
+
+    Raises:
+        UsageError: names the option.
+    """
+    kind, _ = _behaviour_kind(args.behaviour)
+    llm_options = {"--llm-url": args.llm_url, "--llm-model": args.llm_model}
+    if kind == "llm":
+        missing = [option for option, value in llm_options.items() if not value]
+        if missing:
+            raise UsageError(f"--behaviour llm needs {' and '.join(missing)}")
+    else:
+        for option, value in {
+            **llm_options,
+            "--llm-timeout": args.llm_timeout,
+            "--llm-retries": args.llm_retries,
+            "--llm-cache": args.llm_cache,
+        }.items():
+            if value is not None:
+                raise UsageError(f"{option}: only with --behaviour llm")
+        if args.stimulus:
+            raise UsageError(
+                "--stimulus: only with --behaviour llm (a stimulus payment is told to the "
+                "language model; a table file's rows and the heuristic do not depend on it)"
+            )
+    if kind == "heuristic":
+        for option, value in (
+            (args.behaviour_period_option, args.behaviour_period),
+            ("--work-layer", args.work_layer),
+        ):
+            if value is not None:
+                raise UsageError(f"{option}: only with --behaviour table:PATH or llm")
+        return {"behaviour": "heuristic"}
+    return {
+        "behaviour": "table",
+        "period_days": PERIODS[args.behaviour_period or "week"],
+        "work_layer": args.work_layer or DEFAULT_WORK_LAYER,
+        "stimuli": tuple(_stimulus(t) for t in args.stimulus),
+    }
+
+
+def population_grid(population: Population) -> ArchetypeGrid:
+    """The archetype grid of ``population``'s public attributes (a value that bins nowhere,
+    e.g. a SOC code outside the major groups, names ``--population``)."""
+    try:
+        return population_cells(population)[0]
+    except ArchetypeError as e:
+        raise UsageError(f"--population: {e}") from None
+
+
+def check_work_layer(args: argparse.Namespace, population: Population) -> None:
+    """A ``--work-layer`` the user named must be a layer of ``population`` (the default
+    ``work`` may be absent: then working has no contact effect)."""
+    layers = sorted(layer.name for layer in population.layers)
+    if args.work_layer is not None and args.work_layer not in layers:
+        raise UsageError(
+            f"--work-layer: population {population.name!r} has no layer {args.work_layer!r}; "
+            f"its layers: {layers}"
+        )
+
+
+def check_stimuli(config: ModelConfig, days: int) -> None:
+    """Every ``--stimulus`` month starts within the run's ``days``."""
+    for s in config.stimuli:
+        if s.month * MONTH_DAYS >= days:
+            raise UsageError(
+                f"--stimulus '{s.month}:{s.amount:g}': month {s.month} starts on day "
+                f"{s.month * MONTH_DAYS}, after the run's {days} days"
+            )
+
+
+def behaviour_source(
+    args: argparse.Namespace, grid: ArchetypeGrid
+) -> TableSource | LLMSource | None:
+    """The source of a table or llm run's behaviour table over ``grid`` (None for the
+    heuristic): the table file, read and checked in full now, or the language model behind
+    ``--llm-url`` with its answer cache (contacted during the run: see
+    :func:`behaviour_errors`).
+
+    Raises:
+        UsageError: a missing or malformed table (its file, line and field), a table of
+            another period, a bad ``--llm-url``, a ``--llm-cache`` that cannot be created.
+    """
+    kind, path = _behaviour_kind(args.behaviour)
+    if kind == "heuristic":
+        return None
+    period_days = PERIODS[args.behaviour_period or "week"]
+    if kind == "table":
+        assert path is not None
+        try:
+            table = TableSource(path, grid, period_days)
+        except ArchetypeError as e:
+            raise UsageError(f"--behaviour: {e}") from None
+        if table.table.period_days != period_days:
+            raise UsageError(
+                f"--behaviour: {path}: a table of {table.table.period_days}-day periods; "
+                f"{args.behaviour_period_option} gives {period_days}-day periods"
+            )
+        return table
+    cache = make_out_dir("--llm-cache", args.llm_cache or default_llm_cache())
+    try:
+        client = OpenAIClient(
+            args.llm_url,
+            args.llm_model,
+            timeout=args.llm_timeout or LLM_TIMEOUT_S,
+            retries=LLM_RETRIES if args.llm_retries is None else args.llm_retries,
+        )
+    except ValueError as e:
+        raise UsageError(f"--llm-url: {e}") from None
+    return LLMSource(client, cache)
+
+
+def describe_source(source: TableSource | LLMSource | None) -> dict[str, Any]:
+    """What a run's results record of its behaviour source: where the rows come from
+    (``heuristic``, ``table:PATH``, ``llm:MODEL@URL``), a table file's version, a language
+    model's backend calls and cached answers so far."""
+    if source is None:
+        return {"source": "heuristic"}
+    if isinstance(source, TableSource):
+        return {"source": source.source, "table_version": source.table.version}
+    return {
+        "source": source.source,
+        "backend_calls": source.calls,
+        "cache_hits": source.cache_hits,
+    }
+
+
+@contextmanager
+def behaviour_errors() -> Iterator[None]:
+    """Report a behaviour source's failure during a run as the command line does: an endpoint
+    that cannot be reached or does not speak the API, or a cache entry that is not one, is bad
+    input (``UsageError`` naming ``--llm-url`` or ``--llm-cache``); an endpoint that fails
+    after the retries (HTTP errors, timeouts) failed the run (``CommandFailed``). Each message
+    is one line naming the URL or file."""
+    try:
+        yield
+    except (BackendUnreachable, NonCompliantEndpoint, MalformedAnswer) as e:
+        raise UsageError(f"--llm-url: {e}") from None
+    except BackendError as e:
+        raise CommandFailed(str(e)) from None
+    except CacheError as e:
+        raise UsageError(f"--llm-cache: {e}") from None

@@ -9,9 +9,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from behaviour import OpenAIClient, TableSource
 from contract.runspec import RunSpec, RunSpecError
 from decentsim.commands.common import (
+    LLM_RETRIES,
+    LLM_TIMEOUT_S,
+    add_behaviour_arguments,
     add_dp_arguments,
+    behaviour_config,
+    behaviour_source,
+    check_stimuli,
+    check_work_layer,
     dp_config,
     load_population,
     load_target_series,
@@ -19,6 +27,7 @@ from decentsim.commands.common import (
     parse_filters,
     parse_fit,
     parse_theta,
+    population_grid,
 )
 from decentsim.usage import (
     CommandFailed,
@@ -29,6 +38,7 @@ from decentsim.usage import (
 )
 from launcher.federation import FederationError, make_spec
 from launcher.run import federated_run
+from sim.populations import Population
 
 
 def add_federation_arguments(p: argparse.ArgumentParser, days: int, step_timeout_s: float) -> None:
@@ -49,13 +59,17 @@ def add_federation_arguments(p: argparse.ArgumentParser, days: int, step_timeout
     )
 
 
-def federation_spec(args: argparse.Namespace, **options: Any) -> RunSpec:
-    """The RunSpec of :func:`add_federation_arguments`' arguments and further fields.
+def federation_spec(
+    args: argparse.Namespace, population: Population | None = None, **options: Any
+) -> RunSpec:
+    """The RunSpec of :func:`add_federation_arguments`' arguments and further fields
+    (``population``: the loaded ``--population``, if the caller has it).
 
     Raises:
         UsageError: a bad argument; the message names it.
     """
-    population = load_population(args.population, args.seed)
+    if population is None:
+        population = load_population(args.population, args.seed)
     if args.pools > population.n_agents:
         raise UsageError(
             f"--pools {args.pools}: more pools than the population's {population.n_agents} "
@@ -106,6 +120,7 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
         help="both servers release pseudonym slots with fewer than K summands as zeros",
     )
     add_dp_arguments(run)
+    add_behaviour_arguments(run)
     run.add_argument(
         "--transport",
         default="grpc",
@@ -115,6 +130,49 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--out", type=Path, default=Path("out/federated"))
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def behaviour_fields(args: argparse.Namespace, population: Population) -> dict[str, Any]:
+    """The run spec's behaviour fields of the ``--behaviour`` options (checked as ``simulate``
+    checks them). The coordinator makes the table: it reads a table file itself (so the path
+    is made absolute, and the file checked in full now) and caches a language model's answers
+    in its own state dir (``OUT/state/coordinator/llm-cache``), which the audit reads — a run
+    shares no cache with another, so ``--llm-cache`` is refused.
+
+    Raises:
+        UsageError: a bad option or table file; the message names it.
+    """
+    config = behaviour_config(args)
+    if args.behaviour == "heuristic":
+        return {}
+    if args.llm_cache is not None:
+        raise UsageError(
+            "--llm-cache: a federation's coordinator caches the answers in its state dir "
+            "(OUT/state/coordinator/llm-cache, which the audit checks), not in a shared cache"
+        )
+    check_work_layer(args, population)
+    fields: dict[str, Any] = {
+        "period_days": config["period_days"],
+        "work_layer": config["work_layer"],
+        "stimuli": tuple(f"{s.month}:{s.amount!r}" for s in config["stimuli"]),
+    }
+    if args.behaviour == "llm":
+        try:
+            OpenAIClient(args.llm_url, args.llm_model)
+        except ValueError as e:
+            raise UsageError(f"--llm-url: {e}") from None
+        return {
+            **fields,
+            "behaviour": "llm",
+            "llm_url": args.llm_url,
+            "llm_model": args.llm_model,
+            "llm_timeout_s": args.llm_timeout or LLM_TIMEOUT_S,
+            "llm_retries": LLM_RETRIES if args.llm_retries is None else args.llm_retries,
+        }
+    source = behaviour_source(args, population_grid(population))  # reads the whole file
+    assert isinstance(source, TableSource)
+    path = Path(args.behaviour.partition(":")[2]).resolve()
+    return {**fields, "behaviour": "table", "behaviour_table": str(path)}
 
 
 def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
@@ -140,8 +198,11 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
                 f"--target {str(args.target)!r}"
             )
         target = series.values[:periods].tolist()
-    return federation_spec(
+    population = load_population(args.population, args.seed)
+    spec = federation_spec(
         args,
+        population,
+        **behaviour_fields(args, population),
         theta=theta.to_dict(),
         epochs=args.epochs,
         lr=args.lr,
@@ -150,6 +211,8 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
         min_cohort=args.min_cohort,
         dp=dp,
     )
+    check_stimuli(spec.model_config(), spec.days)
+    return spec
 
 
 def run_federated(args: argparse.Namespace) -> int:
@@ -166,9 +229,13 @@ def run_federated(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         inf = int(sum(summary["daily"]["new_infections"]))
+        employed = ""
+        if "behaviour" in summary:  # a table/llm run: who works is a choice
+            work = summary["daily"]["employment"]
+            employed = f", employment {min(work):,.0f}–{max(work):,.0f} a day"
         print(
             f"{summary['agents']:,} devices in {spec.pools} pools, {spec.days} days "
-            f"({spec.mode}): {inf:,} infections, {summary['wall_s']:.1f} s; "
+            f"({spec.mode}): {inf:,} infections{employed}, {summary['wall_s']:.1f} s; "
             f"results, plots and the servers' views in {args.out}"
         )
     return 0

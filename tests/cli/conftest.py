@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from decentsim.cli import main
@@ -88,3 +89,29 @@ def tiny_target(tmp_path: Path) -> Path:
         )
     )
     return path
+
+
+@pytest.fixture
+def small_population(tmp_path: Path) -> Path:
+    """A 400-agent population directory (the Astoria format) with a gender and two areas: 36
+    archetype cells, so a language-model run asks few questions. Layers ``contacts_0``
+    (households of 4) and ``contacts_1`` (random workplace contacts)."""
+    rng = np.random.default_rng(5)
+    n = 400
+    directory = tmp_path / "small"
+    directory.mkdir()
+    ages = rng.choice(["U19", "20t29", "30t39", "40t49", "50t64", "65A"], n)
+    genders = rng.choice(["female", "male"], n)
+    rows = "".join(
+        f"{i},{ages[i]},{genders[i]},{'north' if i < n // 2 else 'south'},{int(i % 40 == 0)}\n"
+        for i in range(n)
+    )
+    (directory / "agents.csv").write_text(
+        "agent_id,age_group,gender,area,initially_infected\n" + rows
+    )
+    homes = "".join(f"{i},{i + 1}\n{i},{i + 2}\n" for i in range(0, n - 2, 4))
+    (directory / "contacts_0.csv").write_text("src,dst\n" + homes)
+    pairs = rng.integers(0, n, size=(3 * n, 2))
+    work = "".join(f"{a},{b}\n" for a, b in pairs if a != b)
+    (directory / "contacts_1.csv").write_text("src,dst\n" + work)
+    return directory

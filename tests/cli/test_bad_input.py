@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,8 @@ from bench import federated as bench_federated
 from bench import secaggplus as bench_secaggplus
 from decentsim.commands import device_agent as device_agent_command
 from decentsim.commands import federated as federated_command
+from sim.archetypes import BehaviourTable, population_cells
+from sim.populations import from_spec
 
 from .conftest import Outcome
 
@@ -28,6 +31,10 @@ NO_FILE = "{missing}"  # a path that does not exist
 TMP = "{tmp}"  # the test's own directory
 UNDER_A_FILE = "{under_a_file}"  # a path whose parent is a file: no directory can be made there
 BINARY = "{binary}"  # a file that is not text
+TABLE = "{table}"  # a good weekly behaviour table (JSON) of synthetic:50's archetype grid
+BAD_TABLE = "{bad_table}"  # that table as CSV, line 3's work probability 1.5
+LABOUR = "{labour}"  # a good monthly labour-force CSV, 2020-01 to 2020-04
+BAD_LABOUR = "{bad_labour}"  # a labour-force CSV whose line 3 has a non-numeric count
 
 #: where CUDA is present, --device cuda is good input
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -36,6 +43,10 @@ SIM = ["simulate", "--population", "synthetic:50", "--days", "2"]
 CAL = ["calibrate", "--population", "synthetic:50", "--target", TARGET, "--out", TMP + "/cal"]
 CAL += ["--filter", "region=X", "--epochs", "1"]
 FED = ["federated", "run", "--population", "synthetic:50", "--days", "2", "--out", TMP + "/fed"]
+NO_LLM = ["--llm-url", "http://127.0.0.1:1/v1", "--llm-model", "m", "--llm-retries", "0"]
+LLM = [*SIM, "--behaviour", "llm", *NO_LLM, "--llm-cache", TMP + "/llm"]  # nothing listens
+CAL_EMP = ["calibrate", "--population", "synthetic:50", "--target-employment", LABOUR]
+CAL_EMP += ["--out", TMP + "/cal", "--epochs", "1"]
 B_SIM = ["bench", "sim", "--agents", "10", "--degree", "2", "--steps", "1"]
 B_SUM = ["bench", "securesum", "--devices", "4", "--dim", "2", "--items-per-device", "1"]
 B_BLE = ["bench", "ble", "--contacts", "10"]
@@ -85,6 +96,36 @@ CASES = [
     case([*SIM, "--theta", "beta=50", "--lockdown", "community:0:100"], "--dtype"),
     case([*SIM, "--out", UNDER_A_FILE], "--out"),
     case([*SIM, "--device", "cuda"], "--device", NO_CUDA),
+    # simulate: behaviour (a table, a language model), its period, stimulus, work layer
+    case([*SIM, "--behaviour", "bogus"], "--behaviour"),
+    case([*SIM, "--behaviour", "table:"], "--behaviour"),
+    case([*SIM, "--behaviour", "table:" + NO_FILE], NO_FILE),
+    case([*SIM, "--behaviour", "table:" + BAD_TABLE], "bad_table.csv:3: field 'work'"),
+    case([*SIM, "--behaviour", "table:" + TABLE, "--period", "month"], "--period"),
+    case([*SIM, "--behaviour", "llm"], "--llm-url"),
+    case([*SIM, "--behaviour", "llm", "--llm-url", "http://127.0.0.1:1/v1"], "--llm-model"),
+    case([*SIM, "--llm-url", "http://127.0.0.1:1/v1"], "--llm-url"),
+    case([*SIM, "--llm-model", "m"], "--llm-model"),
+    case([*SIM, "--llm-retries", "1"], "--llm-retries"),
+    case([*SIM, "--llm-cache", TMP], "--llm-cache"),
+    case([*SIM, "--behaviour", "table:" + TABLE, "--llm-model", "m"], "--llm-model"),
+    case([*LLM, "--llm-url", "ftp://127.0.0.1/v1"], "--llm-url"),
+    case(LLM, "--llm-url: http://127.0.0.1:1/v1/chat/completions: connection failed"),
+    case([*LLM, "--llm-cache", UNDER_A_FILE], "--llm-cache"),
+    case([*LLM, "--llm-timeout", "0"], "--llm-timeout"),
+    case([*LLM, "--llm-retries", "-1"], "--llm-retries"),
+    case([*SIM, "--period", "yearly"], "--period"),
+    case([*SIM, "--period", "month"], "--period"),
+    case([*SIM, "--work-layer", "work"], "--work-layer"),
+    case([*SIM, "--behaviour", "table:" + TABLE, "--work-layer", "office"], "--work-layer"),
+    case([*SIM, "--stimulus", "0:500"], "--stimulus"),
+    case([*SIM, "--behaviour", "table:" + TABLE, "--stimulus", "0:500"], "--stimulus"),
+    case([*LLM, "--stimulus", "500"], "--stimulus"),
+    case([*LLM, "--stimulus", "x:500"], "--stimulus"),
+    case([*LLM, "--stimulus", "0:lots"], "--stimulus"),
+    case([*LLM, "--stimulus=-1:500"], "--stimulus"),
+    case([*LLM, "--stimulus", "0:-500"], "--stimulus"),
+    case([*LLM, "--stimulus", "1:500"], "--stimulus '1:500': month 1 starts on day 30"),
     # calibrate: the target file, its filters and period, the fit
     case(["calibrate", "--population", "synthetic:50"], "--target"),
     case([*CAL, "--target", NO_FILE], NO_FILE),
@@ -106,6 +147,24 @@ CASES = [
     case([*CAL, "--mode", "guess"], "--mode"),
     case([*CAL, "--lockdown", "work:1"], "--lockdown"),
     case([*CAL, "--out", UNDER_A_FILE], "--out"),
+    # calibrate: the employment target, the alignment, the behaviour options
+    case([*CAL_EMP, "--target-employment", NO_FILE], NO_FILE),
+    case([*CAL_EMP, "--target-employment", BAD_LABOUR], "bad_labour.csv:3: field 'employed'"),
+    case([*CAL_EMP, "--employment-column", "jobs"], "missing column 'jobs'"),
+    case([*CAL_EMP, "--employment-from", "April"], "--employment-from"),
+    case([*CAL_EMP, "--employment-from", "2019-01"], "--employment-from"),
+    case([*CAL_EMP, "--employment-from", "2020-04"], "--target-employment"),
+    case([*CAL_EMP, "--days", "40"], "--target-employment"),
+    case([*CAL_EMP, "--employment-weight", "2"], "--employment-weight"),
+    case([*CAL_EMP, "--filter", "region=X"], "--filter"),
+    case([*CAL, "--employment-from", "2020-01"], "--employment-from"),
+    case([*CAL, "--employment-column", "employed"], "--employment-column"),
+    case([*CAL, "--employment-weight", "0"], "--employment-weight"),
+    case([*CAL_EMP, "--fit", "shift_U19"], "--fit"),
+    case([*CAL_EMP, "--behaviour-period", "month"], "--behaviour-period"),
+    case([*CAL_EMP, "--behaviour", "llm", "--llm-model", "m"], "--llm-url"),
+    case([*CAL_EMP, "--behaviour", "table:" + BAD_TABLE], "bad_table.csv:3: field 'work'"),
+    case([*CAL_EMP, "--behaviour", "table:" + TABLE, "--stimulus", "0:1"], "--stimulus"),
     # federated run: more pools than agents, counts and durations, DP, θ, the target
     case(["federated", "run", "--population", "synthetic:3", "--pools", "5"], "--pools"),
     case([*FED, "--pools", "0"], "--pools"),
@@ -216,12 +275,28 @@ def files(tmp_path: Path, tiny_target: Path) -> dict[str, str]:
     a_file.write_text("")
     binary = tmp_path / "binary"
     binary.write_bytes(b"\xff\xfe\x00")
+    grid, _ = population_cells(from_spec("synthetic:50", seed=0))
+    table = BehaviourTable(grid, 7, np.full((1, grid.n_cells, 2), 0.5))
+    table.save(tmp_path / "table.json")
+    table.save(tmp_path / "bad_table.csv")
+    lines = (tmp_path / "bad_table.csv").read_text().splitlines()
+    lines[2] = lines[2].rsplit(",", 1)[0] + ",1.5"
+    (tmp_path / "bad_table.csv").write_text("\n".join(lines) + "\n")
+    header = "year,month,labor_force,employed,unemployed,unemployment_rate\n"
+    labour = tmp_path / "labour.csv"
+    labour.write_text(header + "".join(f"2020,{m},100,{90 + m},{10 - m},1\n" for m in range(1, 5)))
+    bad_labour = tmp_path / "bad_labour.csv"
+    bad_labour.write_text(header + "2020,1,100,90,10,10\n2020,2,100,n/a,10,10\n")
     return {
         TARGET: str(tiny_target),
         BAD_FIELD: str(bad),
         NO_FILE: str(tmp_path / "no-such-file"),
         UNDER_A_FILE: str(a_file / "sub"),
         BINARY: str(binary),
+        TABLE: str(tmp_path / "table.json"),
+        BAD_TABLE: str(tmp_path / "bad_table.csv"),
+        LABOUR: str(labour),
+        BAD_LABOUR: str(bad_labour),
         TMP: str(tmp_path),
     }
 
@@ -287,3 +362,36 @@ def test_bad_input_as_a_process(
     assert _fill([names], files)[0] in line, line
     assert done.status == 2, done.err
     assert done.out == ""
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "status", "names"),
+    [
+        # a base URL without /v1: HTTP 404, no chat-completions endpoint there
+        ("", "rule", 2, "--llm-url: {url}/chat/completions: HTTP 404"),
+        # an answer that is not a chat completion's
+        ("/v1", "rule-malformed", 2, "--llm-url: {url}/chat/completions: choice 0"),
+        ("/v1", "rule-html", 2, "--llm-url: {url}/chat/completions: HTTP 200 answer is not JSON"),
+        # HTTP 500 after the retries: the run failed (exit 1), the URL named
+        ("/v1", "rule-500", 1, "{url}/chat/completions: HTTP 500"),
+    ],
+)
+def test_an_endpoint_that_is_not_compliant_is_named(
+    path: str,
+    model: str,
+    status: int,
+    names: str,
+    cli: Callable[..., Outcome],
+    rule_backend,
+    tmp_path: Path,
+) -> None:
+    """Against the rule backend (a deterministic OpenAI-compatible server, not a language
+    model) made to misbehave."""
+    url = rule_backend.base_url.removesuffix("/v1") + path
+    done = cli(
+        *SIM, "--behaviour", "llm", "--llm-url", url, "--llm-model", model,
+        "--llm-retries", "1", "--llm-cache", str(tmp_path / "cache"),
+    )  # fmt: skip
+    line = done.error_line()
+    assert line.startswith("decentsim simulate: ") and names.format(url=url) in line, line
+    assert done.status == status and done.out == ""

@@ -13,10 +13,14 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from decentsim.cli import build_parser
+from sim.archetypes import BehaviourTable, population_cells
+from sim.populations import AGE_GROUPS, from_spec
 
 from .conftest import ROOT, Outcome
 
@@ -25,10 +29,14 @@ COVERED: dict[str, tuple[str, ...]] = {
     "simulate": (
         "tests/cli/test_smoke.py::test_simulate_smallest_run",
         "tests/cli/test_smoke.py::test_simulate_astoria_as_in_the_readme",
+        "tests/cli/test_smoke.py::test_simulate_with_a_behaviour_table",
+        "tests/cli/test_smoke.py::test_simulate_with_a_language_model_then_from_its_cache",
     ),
     "calibrate": (
         "tests/cli/test_smoke.py::test_calibrate_smallest_run",
         "tests/cli/test_smoke.py::test_calibrate_astoria_as_in_the_readme",
+        "tests/cli/test_smoke.py::test_calibrate_to_employment_smallest_run",
+        "tests/cli/test_smoke.py::test_calibrate_to_cases_and_queens_employment",
     ),
     "bench sim": ("tests/cli/test_smoke.py::test_bench_sim_smallest_run",),
     "bench securesum": ("tests/cli/test_smoke.py::test_bench_securesum_smallest_run",),
@@ -211,6 +219,137 @@ def test_calibrate_astoria_as_in_the_readme(
         )
     )  # fmt: skip
     assert result["population"] == "astoria" and result["periods"] == 1
+
+
+def _table_for(population: str, path: Path, periods: int = 2) -> Path:
+    """A behaviour table (CSV) of ``population``'s archetype grid: fixed probabilities away
+    from 0 and 1, changing from period to period."""
+    grid, _ = population_cells(from_spec(population, seed=0))
+    cells = np.arange(grid.n_cells) % 7 / 20  # a spread in [0, 0.3]
+    p = np.stack(
+        [
+            np.stack([0.1 + cells + 0.05 * (k % 5), 0.9 - cells - 0.1 * (k % 5)], -1)
+            for k in range(periods)
+        ]
+    )
+    BehaviourTable(grid, 7, p).save(path)
+    return path
+
+
+def test_simulate_with_a_behaviour_table(cli: Callable[..., Outcome], tmp_path: Path) -> None:
+    table = _table_for("synthetic:300", tmp_path / "table.csv")
+    out = tmp_path / "run"
+    summary = _json_line(
+        cli(
+            "simulate", "--population", "synthetic:300", "--days", "10", "--theta",
+            "beta=0.5,init_frac=0.02,shift_30t39=-1", "--behaviour", f"table:{table}",
+            "--period", "week", "--work-layer", "work", "--grad", "forward", "--json",
+            "--out", str(out),
+        )
+    )  # fmt: skip
+    beh = summary["behaviour"]
+    assert beh["kind"] == "table" and beh["source"] == f"table:{table}" and beh["periods"] == 2
+    assert {f"shift_{g}" for g in AGE_GROUPS} <= set(summary["grad"])
+    for name in ("trajectory.csv", "summary.json", "behaviour_table.csv", "employment.png"):
+        assert (out / name).is_file(), name
+    grid, _ = population_cells(from_spec("synthetic:300", seed=0))
+    saved = BehaviourTable.load(out / "behaviour_table.csv", grid)
+    assert saved.version == beh["table_version"]
+    assert np.array_equal(saved.p, BehaviourTable.load(table, grid).p)
+    employment = summary["daily"]["employment"]
+    assert min(employment) > 0 and max(employment) < summary["labour_force"]
+
+
+def test_simulate_with_a_language_model_then_from_its_cache(
+    cli: Callable[..., Outcome], tmp_path: Path, small_population: Path, rule_backend
+) -> None:
+    """Against the rule backend (a deterministic rule, not a language model): the first run
+    asks each of the 36 cells' two questions once per period; the second asks nothing and
+    gives the same run."""
+    cache = tmp_path / "cache"
+
+    def run(out: str, *extra: str) -> dict[str, Any]:
+        return _json_line(
+            cli(
+                "simulate", "--population", str(small_population), "--days", "20",
+                "--population-seeds", "--theta", "beta=0.8", "--behaviour", "llm",
+                "--llm-url", rule_backend.base_url, "--llm-model", "rule",
+                "--llm-cache", str(cache), "--work-layer", "contacts_1", "--json",
+                "--out", str(tmp_path / out), *extra,
+            )
+        )  # fmt: skip
+
+    before = rule_backend.requests()
+    first = run("first")
+    asked = 2 * 36 * 3  # two questions, 36 cells, periods starting on days 0, 7 and 14
+    assert first["behaviour"]["backend_calls"] == asked == rule_backend.requests() - before
+    assert first["behaviour"]["source"] == f"llm:rule@{rule_backend.base_url}/chat/completions"
+    assert sum(first["daily"]["new_infections"]) > 0
+    second = run("second")
+    assert second["behaviour"]["backend_calls"] == 0 and rule_backend.requests() - before == asked
+    assert second["behaviour"]["cache_hits"] == asked
+    assert second["daily"] == first["daily"]
+    assert second["behaviour"]["table_version"] == first["behaviour"]["table_version"]
+    for name in ("trajectory.csv", "behaviour_table.csv"):
+        assert (tmp_path / "second" / name).read_text() == (tmp_path / "first" / name).read_text()
+    # A stimulus is told to the model: new questions for the periods of its month (0).
+    paid = run("paid", "--stimulus", "0:600")
+    assert paid["behaviour"]["backend_calls"] == asked
+    assert paid["behaviour"]["stimuli"] == [{"month": 0, "amount": 600.0}]
+    assert paid["behaviour"]["table_version"] != first["behaviour"]["table_version"]
+
+
+def test_calibrate_to_employment_smallest_run(cli: Callable[..., Outcome], tmp_path: Path) -> None:
+    table = _table_for("synthetic:200", tmp_path / "table.csv", periods=10)
+    labour = tmp_path / "labour.csv"
+    labour.write_text(
+        "year,month,labor_force,employed,unemployed,unemployment_rate\n"
+        "2020,2,100,95,5,5\n2020,3,100,94,6,6\n2020,4,100,80,20,20\n"
+    )
+    out = tmp_path / "cal"
+    for mode in ("params", "network"):  # both fit the alignment
+        result = _json_line(
+            cli(
+                "calibrate", "--population", "synthetic:200", "--behaviour", f"table:{table}",
+                "--target-employment", str(labour), "--epochs", "1", "--mode", mode,
+                "--fit", "beta,scale_20t29,shift_30t39", "--out", str(out), "--json",
+            )
+        )  # fmt: skip
+        assert result["days"] == 90 and result["target"] is None
+        employment = result["employment"]
+        assert employment["months"] == ["2020-02", "2020-03", "2020-04"]
+        assert len(employment["observed_change_pct"]) == 2
+        assert len(employment["simulated_change_pct"]) == 2
+        assert employment["pearson"] is None  # two changes: the correlation is undefined
+        assert len(result["losses"]) == 1
+        for name in ("theta.json", "loss.png", "employment_fit.png"):
+            assert (out / name).is_file(), name
+        assert not (out / "fit.png").exists()
+
+
+def test_calibrate_to_cases_and_queens_employment(
+    cli: Callable[..., Outcome], tmp_path: Path, astoria_dir: Path
+) -> None:
+    """Astoria's cases and Queens County's labour force together, with a behaviour table: the
+    report gives the Pearson correlation of simulated and observed month-on-month employment
+    change."""
+    table = _table_for("synthetic:300", tmp_path / "table.csv", periods=20)
+    done = cli(
+        "calibrate", "--population", "synthetic:300", "--behaviour", f"table:{table}",
+        "--target", str(astoria_dir / "nyc_neighborhood_weekly_cases.csv"),
+        "--filter", "nta_id=QN0103",
+        "--target-employment", str(astoria_dir / "queens_labor_force.csv"),
+        "--employment-from", "2020-08", "--employment-weight", "0.5", "--days", "120",
+        "--epochs", "1", "--fit", "beta,shift_20t29", "--out", str(tmp_path / "cal"),
+    )  # fmt: skip
+    assert done.status == 0, done.err
+    report = json.loads((tmp_path / "cal" / "theta.json").read_text())
+    employment = report["employment"]
+    assert employment["months"] == ["2020-08", "2020-09", "2020-10", "2020-11"]
+    assert report["periods"] == 17 and report["days"] == 120 and employment["weight"] == 0.5
+    assert isinstance(employment["pearson"], float) and -1 <= employment["pearson"] <= 1
+    assert f"= {employment['pearson']:.3f}" in done.out.splitlines()[-1]
+    assert (tmp_path / "cal" / "fit.png").is_file()
 
 
 def test_server_identities_and_tokens(cli: Callable[..., Outcome], tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from sim.calibration import (
     fit_network,
     fit_params,
     load_target,
+    series_features,
     series_loss,
 )
 from sim.params import BASE_PARAMS, PARAM_BOUNDS, Theta
@@ -75,7 +76,14 @@ def test_network_mode_recovers_planted_beta(planted) -> None:
     target = ObservedSeries(observed[:, 0].reshape(6, 7).sum(-1), 7)
     start = PLANTED.replace(beta=0.15)
     result = fit_network(
-        sim, target, series_loss(target), start, {"beta": (0.05, 1.0)}, epochs=50, lr=0.05
+        sim,
+        series_features(target),
+        series_loss(target),
+        target.days,
+        start,
+        {"beta": (0.05, 1.0)},
+        epochs=50,
+        lr=0.05,
     )
     assert min(result.losses) < 0.1 * result.losses[0]
     assert result.theta.beta == pytest.approx(PLANTED.beta, rel=0.10)

@@ -23,8 +23,12 @@ def test_python_api_as_in_the_design(tmp_path: Path) -> None:
     )
     result = simulation.execute()
     assert result.new_infections.sum() > 0
+    predicted = simulation.predict()
+    assert torch.equal(predicted.new_infections, result.new_infections)
+    assert torch.equal(predicted.employment, result.employment)
+    assert predicted.employment.min() > 0  # the heuristic: the labour force works
     paths = simulation.visualize(tmp_path)
-    assert {p.name for p in paths} == {"stages.png", "daily.png", "by_age.png"}
+    assert {p.name for p in paths} == {"stages.png", "daily.png", "by_age.png", "employment.png"}
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
 

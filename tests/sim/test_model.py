@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sim import dual
+from sim import dual, populations
+from sim.archetypes import (
+    MONTH_DAYS,
+    BehaviourSource,
+    labour_force,
+    population_cells,
+    public_numbers,
+)
 from sim.model import (
+    OBSERVATIONS,
     STAGES,
     Lockdown,
     ModelConfig,
@@ -24,6 +32,8 @@ from sim.params import PARAM_NAMES, Theta
 from sim.populations import ContactLayer, Population
 from sim.runner import CentralSimulator
 from sim.sampling import Estimator
+
+from .behaviour_rules import CaseRule
 
 
 def random_population(n: int, k: int, seed: int, layers: int = 2) -> Population:
@@ -154,13 +164,27 @@ def test_population_seeds_are_used_when_configured() -> None:
 
 
 def _run_in_halves(
-    pop: Population, config: ModelConfig, seed: int, days: int, theta: torch.Tensor
-) -> list[torch.Tensor]:
+    pop: Population,
+    config: ModelConfig,
+    seed: int,
+    days: int,
+    theta: torch.Tensor,
+    source: BehaviourSource | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Simulate two halves of the agents separately, as two device pools would.
 
     Each half computes its own agents' messages with ``message`` along the edges it sends on,
     and receives the other half's messages for the edges that end in it; each half applies
     ``aggregate`` and ``update`` to its own agents only.
+
+    With a behaviour table (``source``), the table's row of each period is filled from the
+    public numbers the halves publish together (their summed daily new infections), and every
+    half draws its own agents' choices from it (``behaviour``) with its agents' own cells; a
+    work-layer contact happens only when its sender's half and its receiver's half both find
+    their agent at work.
+
+    Returns each day's stages (all agents) and the daily totals (T, 3) of the observations
+    (new infections, deaths, employment) summed over the halves.
     """
     n = pop.n_agents
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(123))
@@ -170,12 +194,25 @@ def _run_in_halves(
     for h, ids in enumerate(halves):
         owner[ids] = h
         local[ids] = torch.arange(ids.numel())
-    agents = [make_agents(ids, pop.age_group[ids], config, seed) for ids in halves]
+    grid, cells = population_cells(pop)
+    labour = labour_force(pop)
+    agents = [
+        make_agents(ids, pop.age_group[ids], config, seed, None, cells[ids], labour[ids])
+        for ids in halves
+    ]
     states = [initial_state(a, theta, config, seed) for a in agents]
-    stages = []
+    stages, totals = [], []
+    row: torch.Tensor | None = None
     for day in range(days):
+        if source is not None and day % config.period_days == 0:
+            cases = [float(t[0]) for t in totals]
+            public = public_numbers(
+                cases, day, config.period_days, config.stimulus(day // MONTH_DAYS)
+            )
+            row = torch.from_numpy(source.probabilities(grid, public))
         behs = [
-            behaviour(a, s, theta, config, seed, day) for a, s in zip(agents, states, strict=True)
+            behaviour(a, s, theta, config, seed, day, row)
+            for a, s in zip(agents, states, strict=True)
         ]
         qs = [
             infectiousness(a, s, b, theta, config, day)
@@ -185,31 +222,38 @@ def _run_in_halves(
         inbox: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[], []]
         for layer in pop.layers:
             scale = config.layer_scale(layer.name, day)
+            at_work = layer.name == config.work_layer and behs[0].at_work is not None
             for h in range(2):
                 sent = owner[layer.src] == h
-                m = message(
-                    qs[h][local[layer.src[sent]]], day_weight(layer.weight[sent].double(), scale)
-                )
+                q = qs[h][local[layer.src[sent]]]
+                if at_work:  # the sender is at work, or sends nothing on this layer
+                    q = q * behs[h].at_work[local[layer.src[sent]]].to(q.dtype).unsqueeze(-1)
+                m = message(q, day_weight(layer.weight[sent].double(), scale))
                 dst, src = layer.dst[sent], layer.src[sent]
-                for r in range(2):  # ... and delivered to the half that owns its receiver.
+                for r in range(2):  # ... and delivered to the half that owns its receiver,
                     to_r = owner[dst] == r
-                    inbox[r].append((dst[to_r], src[to_r], m[to_r]))
-        new_states = []
+                    m_r = m[to_r]
+                    if at_work:  # which hears it only when its agent is at work.
+                        present = behs[r].at_work[local[dst[to_r]]]
+                        m_r = m_r * present.to(m_r.dtype).unsqueeze(-1)
+                    inbox[r].append((dst[to_r], src[to_r], m_r))
+        new_states, day_total = [], torch.zeros(len(OBSERVATIONS), dtype=torch.float64)
         for h in range(2):
             dst = torch.cat([d for d, _, _ in inbox[h]])
             src = torch.cat([s for _, s, _ in inbox[h]])
             m = torch.cat([x for _, _, x in inbox[h]])
             order = torch.argsort(dst * n + src)  # the central CSR's summation order
             incoming = aggregate(m[order], local[dst[order]], halves[h].numel())
-            new_states.append(
-                update(agents[h], states[h], incoming, behs[h], theta, config, seed, day).state
-            )
+            out = update(agents[h], states[h], incoming, behs[h], theta, config, seed, day)
+            new_states.append(out.state)
+            day_total += dual.value(out.y).sum(0).detach()  # what the halves publish
         states = new_states
+        totals.append(day_total)
         full = torch.empty(n, dtype=torch.int8)
         for h in range(2):
             full[halves[h]] = states[h].stage
         stages.append(full)
-    return stages
+    return stages, torch.stack(totals)
 
 
 @pytest.mark.parametrize("seed", [0, 7])
@@ -218,7 +262,7 @@ def test_two_halves_reproduce_the_full_run(seed: int) -> None:
     config = ModelConfig(lockdowns=(Lockdown("layer0", 8, 0.3),))
     sim = CentralSimulator(pop, config, seed=seed, dtype=torch.float64)
     th = sim.theta_dual(THETA, "forward")
-    halves = _run_in_halves(pop, config, seed, 25, th)
+    halves, _ = _run_in_halves(pop, config, seed, 25, th)
     state = initial_state(sim.agents, th, config, seed)
     changed = 0
     for day in range(25):
@@ -227,6 +271,37 @@ def test_two_halves_reproduce_the_full_run(seed: int) -> None:
         assert torch.equal(state.stage, halves[day]), f"day {day}: stages differ"
         changed += int((state.stage != before).sum())
     assert changed > 100  # the run had real dynamics to reproduce
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_two_halves_reproduce_a_behaviour_table_run(seed: int) -> None:
+    """Each half draws its own agents' isolation and work from the table's row: cases and
+    employment equal the central run's, day by day (the rule's rows follow the cases)."""
+    pop = populations.synthetic(800, seed=seed)
+    config = ModelConfig(
+        behaviour="table",
+        period_days=5,
+        lockdowns=(Lockdown("school", 8, 0.3),),
+        grad=PARAM_NAMES,
+    )
+    sim = CentralSimulator(pop, config, seed=seed, dtype=torch.float64)
+    theta = THETA.replace(shift_20t29=-0.5, scale_50t64=1.5)
+    central = sim.run(theta, 25, "forward", source=CaseRule())
+    assert central.table is not None and central.table.periods == 5
+    stages, halves = _run_in_halves(
+        pop, config, seed, 25, sim.theta_dual(theta, "forward"), CaseRule()
+    )
+    assert torch.equal(halves[:, 0], central.new_infections)
+    assert torch.equal(halves[:, 1], central.new_deaths)
+    assert torch.equal(halves[:, 2], central.employment)
+    for day, stage in enumerate(stages):
+        counts = torch.bincount(stage.to(torch.int64), minlength=len(STAGES))
+        assert torch.equal(counts, central.stage_counts[day + 1]), f"day {day}: stages differ"
+    assert central.new_infections.sum() > 50, "the run must have real dynamics to reproduce"
+    employment = central.employment
+    assert employment.max() > employment.min(), "work choices must vary from day to day"
+    # A workplace contact needs both ends at work: without that the halves would differ.
+    assert any(layer.name == config.work_layer for layer in pop.layers)
 
 
 def test_seeding_from_a_population_without_seeds_is_rejected() -> None:

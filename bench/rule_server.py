@@ -1,6 +1,7 @@
-"""A rule backend for the tests: a standard-library HTTP server speaking the OpenAI-compatible
-chat-completions API on loopback. It is *not* a language model: it answers by a fixed,
-deterministic rule from the prompt, so the tests know exactly what p(Yes) must come out.
+"""A rule backend for the tests and benchmarks: a standard-library HTTP server speaking the
+OpenAI-compatible chat-completions API on loopback. It is *not* a language model: it answers by
+a fixed, deterministic rule from the prompt, so the tests know exactly what p(Yes) must come
+out, and a benchmark counts backend calls without a model's cost.
 
 The rule: ``p = rule_p(prompt)`` (a hash of the prompt, in (0, 1)). With ``logprobs`` the first
 token's ``top_logprobs`` carry ``Yes``/`` yes`` (together ``0.8 p``), ``No`` (``0.8 (1 - p)``)
@@ -23,7 +24,7 @@ Any path other than ``/v1/chat/completions`` is a 404. ``GET /stats`` (test-only
 body and its ``Authorization`` header, or null), for the tests to count backend calls and read
 what was sent.
 
-Run: ``python rule_server.py`` prints ``PORT <n>`` (a free loopback port) and serves until
+Run: ``python -m bench.rule_server`` prints ``PORT <n>`` (a free loopback port) and serves until
 killed.
 """
 
