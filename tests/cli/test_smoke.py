@@ -43,6 +43,10 @@ COVERED: dict[str, tuple[str, ...]] = {
     "bench ble": ("tests/cli/test_smoke.py::test_bench_ble_smallest_run",),
     "bench federated": ("tests/cli/test_smoke.py::test_bench_federated_smallest_run",),
     "bench vs-secaggplus": ("tests/cli/test_smoke.py::test_bench_vs_secaggplus_smallest_run",),
+    "bench behaviour": (
+        "tests/bench/test_bench_behaviour.py::"
+        "test_smallest_run_counts_calls_and_its_cached_rerun_makes_none",
+    ),
     "coordinator init": ("tests/cli/test_smoke.py::test_server_identities_and_tokens",),
     "coordinator tokens": ("tests/cli/test_smoke.py::test_server_identities_and_tokens",),
     "aggregator init": ("tests/cli/test_smoke.py::test_server_identities_and_tokens",),
@@ -54,6 +58,10 @@ COVERED: dict[str, tuple[str, ...]] = {
         "tests/audit/test_dp_run.py::test_a_dp_run_reports_its_guarantee_and_fidelity_cost",
         "tests/launcher/test_federation.py::test_federated_run_equals_central",
         "tests/launcher/test_flower.py::test_flower_transport_equals_grpc",
+        "tests/cli/test_federated_behaviour.py::"
+        "test_federated_run_with_a_table_samples_on_the_devices_and_audits",
+        "tests/launcher/test_behaviour_federation.py::"
+        "test_an_llm_run_asks_per_cell_and_samples_on_the_devices",
     ),
     # launcher.federation.Federation starts these as `python -m decentsim …` processes
     "coordinator serve": ("tests/launcher/test_federation.py::test_federated_run_equals_central",),

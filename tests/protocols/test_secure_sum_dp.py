@@ -246,8 +246,10 @@ def test_noisy_shares_open_to_sum_plus_noise() -> None:
     n_c = server_noise(cfg, (n_slots, dim), NoiseRng(seed(9)))
     n_a = server_noise(cfg, (n_slots, dim), NoiseRng(seed(10)))
     assert (n_c < 0).any() and (n_a < 0).any()  # negative noise must wrap and cancel
-    # each released part is still a uniform-looking ring element: the wrap happened
-    assert (noisy_c.view(np.uint64) >= 2**63).any()
+    # the noise is added in the ring: a negative draw wraps to the top half of Z_2^64
+    added = (noisy_c - share_c).view(np.uint64)
+    np.testing.assert_array_equal(added, n_c.view(np.uint64))
+    assert (added[n_c < 0] >= 2**63).all()
     opened = check_noisy_sum(cfg, codec, noisy_c + noisy_a, counts)
     true_sum = group_sum(slot_of, enc, n_slots)[0]
     np.testing.assert_array_equal(opened, true_sum + n_c + n_a)
