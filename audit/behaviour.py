@@ -111,6 +111,14 @@ def _check_table(spec: RunSpec, record: BehaviourRecord, v: _Verdict) -> None:
         v.checked_rows += 1
 
 
+def _model_of(spec: RunSpec, model: str) -> bool:
+    """Whether a cache entry's ``model`` is the run's: its server's model name, or the GGUF
+    file's name and digest (``behaviour.local``)."""
+    if spec.llm_gguf is not None:
+        return model.startswith(f"{Path(spec.llm_gguf).name}@")
+    return model == spec.llm_model
+
+
 def _check_llm(spec: RunSpec, record: BehaviourRecord, v: _Verdict) -> None:
     grid = spec.archetype_grid()
     templates = PromptTemplates()
@@ -143,7 +151,7 @@ def _check_llm(spec: RunSpec, record: BehaviourRecord, v: _Verdict) -> None:
             v.failures.append(f"{path}: unexpected fields {sorted(fields - CACHE_FIELDS)}")
         elif prompt not in allowed:
             foreign.append(str(path))
-        elif model == spec.llm_model:
+        elif _model_of(spec, model):
             answers[prompt] = p_yes
     if foreign:
         v.failures.append(

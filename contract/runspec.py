@@ -82,6 +82,8 @@ class RunSpec:
             removes, and ``MONTH:AMOUNT`` stimulus payments (public policy in the prompts).
         llm_timeout_s, llm_retries: the coordinator's language-model client: seconds per
             request, and retries of a 5xx/429 answer or a timeout (with back-off).
+        llm_gguf: an ``llm`` run without a server: the GGUF model file the coordinator runs
+            in process (``decentsim[llm-local]``), instead of ``llm_url``/``llm_model``.
     """
 
     population: str
@@ -115,6 +117,7 @@ class RunSpec:
     stimuli: tuple[str, ...] = ()
     llm_timeout_s: float = 60.0
     llm_retries: int = 3
+    llm_gguf: str | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.theta) - set(PARAM_NAMES))
@@ -168,7 +171,7 @@ class RunSpec:
             )
         needs = {
             "table": ("behaviour_table", "grid"),
-            "llm": ("llm_url", "llm_model", "grid"),
+            "llm": ("llm_gguf", "grid") if self.llm_gguf else ("llm_url", "llm_model", "grid"),
         }.get(self.behaviour, ())
         missing = [name for name in needs if not getattr(self, name)]
         if missing:
@@ -177,7 +180,9 @@ class RunSpec:
             raise RunSpecError(f"run spec: llm_timeout_s must be > 0, got {self.llm_timeout_s}")
         if self.llm_retries < 0:
             raise RunSpecError(f"run spec: llm_retries must be >= 0, got {self.llm_retries}")
-        if self.behaviour == "llm":
+        if self.behaviour == "llm" and self.llm_gguf and (self.llm_url or self.llm_model):
+            raise RunSpecError("run spec: an llm run names llm_gguf or llm_url/llm_model, not both")
+        if self.behaviour == "llm" and not self.llm_gguf:
             self.llm_client()
         if self.grid is not None:
             try:
@@ -189,10 +194,11 @@ class RunSpec:
         """The client of an ``llm`` run's model endpoint (no connection is made yet).
 
         Raises:
-            RunSpecError: not an ``llm`` run, or ``llm_url`` is not ``http(s)://HOST…``.
+            RunSpecError: not an ``llm`` run with a server, or ``llm_url`` is not
+                ``http(s)://HOST…``.
         """
         if self.llm_url is None or self.llm_model is None:
-            raise RunSpecError("run spec: this run asks no language model")
+            raise RunSpecError("run spec: this run asks no language model server")
         try:
             return OpenAIClient(
                 self.llm_url, self.llm_model, timeout=self.llm_timeout_s, retries=self.llm_retries

@@ -49,7 +49,7 @@ import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from behaviour import BackendError, LLMSource, TableSource
+from behaviour import BackendError, LLMSource, LocalLlamaClient, TableSource
 from contract.round import DaySpecs, loss_and_grad, run_day
 from contract.runspec import RunSpec
 from contract.schedule import (
@@ -164,7 +164,8 @@ def coordinator_init(state_dir: Path, hostnames: tuple[str, ...]) -> Path:
 
 def behaviour_source(spec: RunSpec, state_dir: Path) -> TableSource | LLMSource | None:
     """What fills a ``table``/``llm`` run's behaviour table: the public table file, or the
-    language model (its answers cached in the state dir, so a restart asks nothing twice)."""
+    language model — a server, or a GGUF file run in this process — its answers cached in the
+    state dir, so a restart asks nothing twice."""
     if spec.behaviour == "table":
         assert spec.behaviour_table is not None  # RunSpec checks it
         try:
@@ -172,7 +173,12 @@ def behaviour_source(spec: RunSpec, state_dir: Path) -> TableSource | LLMSource 
         except ArchetypeError as err:
             raise ServiceError(f"behaviour table: {err}") from None
     if spec.behaviour == "llm":
-        return LLMSource(spec.llm_client(), state_dir / "llm-cache")
+        if spec.llm_gguf is None:
+            return LLMSource(spec.llm_client(), state_dir / "llm-cache")
+        try:
+            return LLMSource(LocalLlamaClient(spec.llm_gguf), state_dir / "llm-cache")
+        except BackendError as err:
+            raise ServiceError(f"behaviour llm: {err}") from None
     return None
 
 

@@ -1,12 +1,13 @@
 """The epidemic model as separately named pieces of ``z(t+1) = f(z, ⊕M, θ, ℓ)``.
 
-- ``behaviour`` (ℓ): an agent's own choices — archetype contact scaling, isolating when ill.
+- ``behaviour`` (ℓ): an agent's own choices — archetype contact scaling and isolating when ill,
+  or, under a behaviour table, isolating and working as drawn from its archetype cell's row.
 - ``infectiousness``: the per-sender factor of a message (θ, the sender's state, ℓ).
 - ``message``: what flows along one contact edge, ``M_ij = weight_ij × infectiousness_j``.
 - ``aggregate`` (⊕): the sum of incoming messages per receiver — the only place where agents'
   data meet; centrally a scatter-add, decentralized a private neighbourhood sum.
 - ``update`` (f): SEIRD progression and stochastic infection/death, returning the agent's
-  observations ``y_i(t)`` (new infection, new death).
+  observations ``y_i(t)`` (new infection, new death, at work).
 
 All functions act on any subset of agents (``Agents``): the central runner passes everyone; a
 device passes its one agent, and draws the same random numbers (``sim.rng``) for it.

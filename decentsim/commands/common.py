@@ -21,6 +21,7 @@ from behaviour import (
     BackendUnreachable,
     CacheError,
     LLMSource,
+    LocalLlamaClient,
     MalformedAnswer,
     NonCompliantEndpoint,
     OpenAIClient,
@@ -303,6 +304,12 @@ def add_behaviour_arguments(p: argparse.ArgumentParser, period_option: str = "--
     )
     p.add_argument("--llm-model", metavar="NAME", help="--behaviour llm: the model's name")
     p.add_argument(
+        "--llm-gguf",
+        metavar="PATH",
+        help="--behaviour llm without a server: run this GGUF model file in process with "
+        "llama.cpp (the optional extra decentsim[llm-local]); instead of --llm-url/--llm-model",
+    )
+    p.add_argument(
         "--llm-timeout",
         type=positive_float,
         metavar="SECONDS",
@@ -381,13 +388,24 @@ def behaviour_config(args: argparse.Namespace) -> dict[str, Any]:
     """
     kind, _ = _behaviour_kind(args.behaviour)
     llm_options = {"--llm-url": args.llm_url, "--llm-model": args.llm_model}
-    if kind == "llm":
+    if kind == "llm" and args.llm_gguf is not None:
+        for option, value in {
+            **llm_options,
+            "--llm-timeout": args.llm_timeout,
+            "--llm-retries": args.llm_retries,
+        }.items():
+            if value is not None:
+                raise UsageError(f"{option}: not with --llm-gguf (the model runs in process)")
+    elif kind == "llm":
         missing = [option for option, value in llm_options.items() if not value]
         if missing:
-            raise UsageError(f"--behaviour llm needs {' and '.join(missing)}")
+            raise UsageError(
+                f"--behaviour llm needs {' and '.join(missing)} (a server), or --llm-gguf"
+            )
     else:
         for option, value in {
             **llm_options,
+            "--llm-gguf": args.llm_gguf,
             "--llm-timeout": args.llm_timeout,
             "--llm-retries": args.llm_retries,
             "--llm-cache": args.llm_cache,
@@ -474,6 +492,11 @@ def behaviour_source(
             )
         return table
     cache = make_out_dir("--llm-cache", args.llm_cache or default_llm_cache())
+    if args.llm_gguf is not None:
+        try:
+            return LLMSource(LocalLlamaClient(args.llm_gguf), cache)
+        except BackendError as e:
+            raise UsageError(f"--llm-gguf: {e}") from None
     try:
         client = OpenAIClient(
             args.llm_url,

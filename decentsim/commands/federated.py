@@ -156,6 +156,11 @@ def behaviour_fields(args: argparse.Namespace, population: Population) -> dict[s
         "work_layer": config["work_layer"],
         "stimuli": tuple(f"{s.month}:{s.amount!r}" for s in config["stimuli"]),
     }
+    if args.behaviour == "llm" and args.llm_gguf is not None:
+        gguf = Path(args.llm_gguf).resolve()
+        if not gguf.is_file():
+            raise UsageError(f"--llm-gguf: {args.llm_gguf}: no such model file")
+        return {**fields, "behaviour": "llm", "llm_gguf": str(gguf)}
     if args.behaviour == "llm":
         try:
             OpenAIClient(args.llm_url, args.llm_model)

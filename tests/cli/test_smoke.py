@@ -31,6 +31,7 @@ COVERED: dict[str, tuple[str, ...]] = {
         "tests/cli/test_smoke.py::test_simulate_astoria_as_in_the_readme",
         "tests/cli/test_smoke.py::test_simulate_with_a_behaviour_table",
         "tests/cli/test_smoke.py::test_simulate_with_a_language_model_then_from_its_cache",
+        "tests/cli/test_real_model.py::test_simulate_asks_a_real_model_in_process_then_its_cache",
     ),
     "calibrate": (
         "tests/cli/test_smoke.py::test_calibrate_smallest_run",
@@ -62,6 +63,7 @@ COVERED: dict[str, tuple[str, ...]] = {
         "test_federated_run_with_a_table_samples_on_the_devices_and_audits",
         "tests/launcher/test_behaviour_federation.py::"
         "test_an_llm_run_asks_per_cell_and_samples_on_the_devices",
+        "tests/cli/test_real_model.py::test_a_federation_asks_a_real_model_in_its_coordinator",
     ),
     # launcher.federation.Federation starts these as `python -m decentsim …` processes
     "coordinator serve": ("tests/launcher/test_federation.py::test_federated_run_equals_central",),
