@@ -40,10 +40,12 @@ from audit.views import (
     AuditInput,
     Rows,
     Shares,
+    SlotGroups,
     TrueItem,
     fetch_releases,
     registrations,
     server_shares,
+    slot_groups,
     transcript_unused,
 )
 from contract.schedule import AGGREGATES, NEIGHBOURHOOD
@@ -551,6 +553,7 @@ def check_reconstruction(inp: AuditInput, shares: Shares, colluders: int = 1) ->
     colluding = {p for p, d in inp.truth.domains.items() if d < colluders}
     coll_ids = _ids(sorted(colluding)) if colluding else np.zeros((0, 16), np.uint8)
     regs = registrations(inp.view)
+    groups = slot_groups(inp.view, inp.group_slots) if inp.group_slots > 1 else None
     coll_name = f"{role} + {colluders} colluding pool(s)"
     names = (role, coll_name)
     totals = {n: np.zeros(3, dtype=np.int64) for n in names}  # recovered, non-zero, undocumented
@@ -582,7 +585,7 @@ def check_reconstruction(inp: AuditInput, shares: Shares, colluders: int = 1) ->
             guesses[role].add_rows(rows, -rows.share)
         guesses[coll_name].extend(guesses[role])
         documented = _subtraction_attack(
-            dep, every, honest, coll_ids, regs, rows, guesses[coll_name]
+            dep, every, honest, coll_ids, regs, rows, guesses[coll_name], groups
         )
         n_documented += int((documented & nonzero).sum())
         for n in names:
@@ -665,8 +668,8 @@ def check_reconstruction(inp: AuditInput, shares: Shares, colluders: int = 1) ->
         summary = (
             f"the {role} alone recovers no value; {coll_name} recovers "
             f"{results[coll_name]['documented_small_cohort']} value(s), each the residual of a "
-            "colluder's slot or an aggregate after subtracting the colluders' own (documented: "
-            f"LEAKAGE.md, server + t devices); {control_text}"
+            "colluder's day total (slot group) or an aggregate after subtracting the "
+            f"colluders' own (documented: LEAKAGE.md, server + t devices); {control_text}"
         )
     else:
         status = Status.PASS
@@ -719,16 +722,24 @@ def _subtraction_attack(
     regs: dict[int, dict[bytes, bytes]],
     rows: Rows,
     guesses: _Guesses,
+    groups: SlotGroups | None = None,
 ) -> npt.NDArray[np.bool_]:
-    """The server + colluders: a colluding registrant's fetched sum minus the colluders' own
-    items leaves the honest contributions to that slot; aggregates are opened (and published)
-    anyway. The residual is guessed as a lone honest contribution's value, attributed where the
-    server's ``rows`` show a single honest poster (mailbox mode; dummies usually hide it).
-    Returns which honest targets this documented attack may recover (each honest contribution
-    equal to its slot's residual)."""
-    slots, total = _group_sum(every.slot_key, every.value)
+    """The server + colluders: a colluding registrant's fetched total — one per slot group of
+    ``groups`` (its device-day), or per slot without — minus the colluders' own items leaves
+    the honest contributions to that group; aggregates are opened (and published) anyway. The
+    residual is guessed as a lone honest contribution's value (at any slot of the group: as
+    generous to the attacker as can be), attributed where the server's ``rows`` show a single
+    honest poster to the group (mailbox mode; dummies usually hide it). Returns which honest
+    targets this documented attack may recover (each honest contribution equal to its group's
+    residual)."""
+
+    def group_of(keys: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
+        return keys if groups is None or dep != NEIGHBOURHOOD else groups.of(keys)
+
+    every_g, honest_g = group_of(every.slot_key), group_of(honest.slot_key)
+    slots, total = _group_sum(every_g, every.value)
     coll = _rows_in(every.participant, coll_ids)
-    own_keys, own = _group_sum(every.slot_key[coll], every.value[coll])
+    own_keys, own = _group_sum(every_g[coll], every.value[coll])
     residual = total.copy()
     if len(own_keys):
         residual[np.searchsorted(slots, own_keys)] -= own
@@ -745,30 +756,30 @@ def _subtraction_attack(
             if owned
             else np.zeros(0, dtype="V24")
         )
-        eligible = np.isin(slots, keys)
+        eligible = np.isin(slots, group_of(keys))
     slots, residual = slots[eligible], residual[eligible]
     documented = np.zeros(len(honest.edge), dtype=bool)
     if not len(slots):
         return documented
-    idx = np.minimum(np.searchsorted(slots, honest.slot_key), len(slots) - 1)
-    at = slots[idx] == honest.slot_key
+    idx = np.minimum(np.searchsorted(slots, honest_g), len(slots) - 1)
+    at = slots[idx] == honest_g
     documented[at] = _near_rows(residual[idx[at]], honest.value[at])
-    guesses.slot.append(slots)
-    guesses.slot_val.append(residual)
+    guesses.slot.append(honest.slot_key[at])
+    guesses.slot_val.append(residual[idx[at]])
     if rows.known.any():
         k = rows.known & ~_rows_in(rows.participant, coll_ids)
-        pairs = np.unique(_void(_be(rows.round_id[k]), rows.slot[k], rows.participant[k]))
+        row_g = group_of(_void(_be(rows.round_id[k]), rows.slot[k]))
+        pairs = np.unique(_void(row_g.view(np.uint8).reshape(-1, 24), rows.participant[k]))
         raw = pairs.view(np.uint8).reshape(-1, 40)
-        slot_of = _void(raw[:, :24])
-        uniq, first, counts = np.unique(slot_of, return_index=True, return_counts=True)
+        uniq, first, counts = np.unique(_void(raw[:, :24]), return_index=True, return_counts=True)
         lone = uniq[counts == 1]
         poster = raw[first[counts == 1], 24:]
-        sel = np.isin(slots, lone)
+        sel = at & np.isin(honest_g, lone)
         if sel.any():
-            pos = np.searchsorted(lone, slots[sel])
-            s_raw = slots[sel].view(np.uint8).reshape(-1, 24)
+            pos = np.searchsorted(lone, honest_g[sel])
+            s_raw = honest.slot_key[sel].view(np.uint8).reshape(-1, 24)
             guesses.edge.append(_void(s_raw[:, :8], poster[pos], s_raw[:, 8:]))
-            guesses.edge_val.append(residual[sel])
+            guesses.edge_val.append(residual[idx[sel]])
     return documented
 
 
@@ -955,11 +966,16 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
         return CheckResult(
             "cohorts", "Small cohorts", Status.SKIP, "no neighbourhood contributions"
         )
-    slot_keys, inv = np.unique(t.slot_key, return_inverse=True)
+    # What a registrant is released is one total per slot group (its device-day): the cohort
+    # is what sums into a group, whichever of its slots each contact posted to.
+    groups = slot_groups(inp.view, inp.group_slots) if inp.group_slots > 1 else None
+    what = "slots" if groups is None else "device-days (slot groups)"
+    target_keys = t.slot_key if groups is None else groups.of(t.slot_key)
+    slot_keys, inv = np.unique(target_keys, return_inverse=True)
     inv = inv.reshape(-1)
     dev = np.bincount(inv, weights=t.devices, minlength=len(slot_keys)).astype(np.int64)
     mass = np.bincount(inv, weights=np.abs(t.value[:, 0]), minlength=len(slot_keys))
-    pairs = _void(t.slot_key.view(np.uint8).reshape(-1, 24), t.participant)
+    pairs = _void(target_keys.view(np.uint8).reshape(-1, 24), t.participant)
     first = np.unique(pairs, return_index=True)[1]
     parts = np.bincount(inv[first], minlength=len(slot_keys))
     n_slots = len(slot_keys)
@@ -972,22 +988,24 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
         "below_k_participants": int((parts < k).sum()),
         "single_contact": int((dev == 1).sum()),
         "min_cohort": inp.min_cohort,
+        "unit": what,
+        "group_slots": inp.group_slots,
     }
-    table = [["measure", "value"], ["slots with ≥ 1 contributor", str(n_slots)]]
+    table = [["measure", "value"], [f"{what} with ≥ 1 contributor", str(n_slots)]]
     table.append(
-        [f"slots with < {k} contributing devices", f"{int(small.sum())} ({small.mean():.1%})"]
+        [f"{what} with < {k} contributed contacts", f"{int(small.sum())} ({small.mean():.1%})"]
     )
     table.append(
-        [f"slots with < {k} contributing participants", str(details["below_k_participants"])]
+        [f"{what} with < {k} contributing participants", str(details["below_k_participants"])]
     )
-    table.append(["slots summing exactly one contact", str(details["single_contact"])])
+    table.append([f"{what} summing exactly one contact", str(details["single_contact"])])
     status = Status.LEAK if small.any() else Status.PASS
     summary = (
-        f"{int(small.sum())} of {n_slots} slots ({small.mean():.1%}) summed fewer than {k} "
-        "contacts (documented: a registrant learns such a slot's sum); no minimum cohort was "
+        f"{int(small.sum())} of {n_slots} {what} ({small.mean():.1%}) summed fewer than {k} "
+        f"contacts (documented: a registrant learns such a total); no minimum cohort was "
         "enforced"
         if small.any()
-        else f"every slot summed at least {k} contacts"
+        else f"every one of {n_slots} {what} summed at least {k} contacts"
     )
     unused: dict[str, int] = {}
     if inp.min_cohort and inp.role != "coordinator":
@@ -996,18 +1014,19 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
             f"minimum cohort {inp.min_cohort}: the {inp.role}'s replies are boxed to the "
             "registrant, so its view cannot show what it released (the coordinator's audit "
             f"checks its releases; either server's zero withholds a sum); {int(small.sum())} "
-            f"of {n_slots} slots summed fewer than {k} contacts"
+            f"of {n_slots} {what} summed fewer than {k} contacts"
         )
     elif inp.min_cohort:
         held_rows = shares.rows.get(NEIGHBOURHOOD)
         if held_rows is not None and len(held_rows):
+            held_keys = _void(_be(held_rows.round_id), held_rows.slot)
             held, held_n = np.unique(
-                _void(_be(held_rows.round_id), held_rows.slot), return_counts=True
+                held_keys if groups is None else groups.of(held_keys), return_counts=True
             )
         else:
             held, held_n = np.zeros(0, "V24"), np.zeros(0, np.int64)
         rel_keys, rel_zero = [], []
-        releases, unanswered = fetch_releases(inp.view)
+        releases, unanswered = fetch_releases(inp.view, groups)
         if unanswered:
             unused[UNANSWERED_FETCH] = unanswered
         for rnd, _, slot_ids, rows in releases:
@@ -1040,7 +1059,7 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
             }
         )
         table.append(
-            [f"slots suppressed (< {inp.min_cohort} items at the servers)", str(suppressed)]
+            [f"{what} suppressed (< {inp.min_cohort} items at the servers)", str(suppressed)]
         )
         table.append(
             ["message mass suppressed (fidelity cost)", f"{suppressed_mass / total_mass:.2%}"]
@@ -1048,16 +1067,17 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
         if released_bad:
             status = Status.FAIL
             summary = (
-                f"{released_bad} slot(s) below the minimum cohort {inp.min_cohort} were released"
+                f"{released_bad} of the {what} below the minimum cohort {inp.min_cohort} were "
+                "released"
             )
         else:
             passed_small = int(small.sum()) - int((sup & small[spos]).sum())
             status = Status.LEAK if passed_small > 0 else Status.PASS
             summary = (
-                f"minimum cohort {inp.min_cohort} enforced: {suppressed} slot(s) suppressed, "
-                f"{suppressed_mass / total_mass:.2%} of the message mass lost"
+                f"minimum cohort {inp.min_cohort} enforced: {suppressed} of the {what} "
+                f"suppressed, {suppressed_mass / total_mass:.2%} of the message mass lost"
                 + (
-                    f"; {passed_small} slot(s) with < {k} real contacts passed (padding dummies "
+                    f"; {passed_small} of the {what} with < {k} real contacts passed (dummies "
                     "count as items at the servers)"
                     if passed_small > 0
                     else ""
@@ -1335,11 +1355,14 @@ PROFILE: dict[str, dict[str, str]] = {
             "uniform A-shares (seeds); the sender→slot graph from the relay; per-slot counts; "
             "which registrant fetched"
         ),
-        "a device": "the sums of its own registered slots, once per phase",
+        "a device": (
+            "the total of each of its slot groups (its day's beacons: its day's neighbourhood "
+            "sum), never one slot's sum, once per phase"
+        ),
         "a server (C or A) + t devices": (
-            "the colluders' own values and sums; a colluder's slot sum minus their items = the "
-            "honest contributions to it (one honest contributor: its value, and the server "
-            "knows who)"
+            "the colluders' own values and totals; a colluder's day total minus their items = "
+            "the honest contributions to it (one honest contributor that day: its value, and "
+            "the server knows who)"
         ),
         "coordinator + aggregator": "everything (they add their shares): outside the threat model",
     },
@@ -1353,7 +1376,10 @@ PROFILE: dict[str, dict[str, str]] = {
             "that each participant posted; A-items (slot, seed) shuffled by C, without senders; "
             "per-slot counts (padded)"
         ),
-        "a device": "the sums of its own registered slots, once per phase",
+        "a device": (
+            "the total of each of its slot groups (its day's beacons: its day's neighbourhood "
+            "sum), never one slot's sum, once per phase"
+        ),
         "a server (C or A) + t devices": (
             "the same subtraction on values; the sender of a lone honest contribution stays "
             "hidden (no sender↔slot link)"
@@ -1366,7 +1392,7 @@ PROFILE: dict[str, dict[str, str]] = {
     "plaintext": {
         "coordinator": "every raw value with its sender and slot (INSECURE baseline)",
         "aggregator": "nothing of value (zero shares); the sender→slot graph from the relay",
-        "a device": "the sums of its own registered slots",
+        "a device": "the total of each of its slot groups (its day's neighbourhood sum)",
         "a server (C or A) + t devices": "everything",
         "coordinator + aggregator": "everything",
     },

@@ -175,4 +175,5 @@ def load_run(
         source=str(run_dir),
         dims={NEIGHBOURHOOD: WIDTH, AGGREGATES: observations_dim()},
         behaviour=load_behaviour(run_dir / "state" / role) if role == "coordinator" else None,
+        group_slots=spec.advertising_intervals,
     )

@@ -115,8 +115,9 @@ def _plots(results: list[CheckResult], out: Path) -> dict[str, str]:
             h = r.plot["cohort_histogram"]
             fig, ax = plt.subplots(figsize=(6, 3.6), constrained_layout=True)
             ax.bar(np.arange(len(h)), h)
-            ax.set_xlabel("contributing devices per slot (20 = 20 or more)")
-            ax.set_ylabel("slots")
+            unit = r.details.get("unit", "slots")
+            ax.set_xlabel(f"contacts summed, per one of the {unit} (20 = 20 or more)")
+            ax.set_ylabel(unit)
             k = r.details.get("k", 2)
             ax.axvline(k - 0.5, color="r", ls="--", lw=1, label=f"k = {k}")
             ax.legend(fontsize=7)

@@ -167,6 +167,8 @@ class AuditInput:
         behaviour: the coordinator's record of a table/llm run's behaviour rows and their
             inputs (:class:`audit.behaviour.BehaviourRecord`); None for the aggregator, a
             heuristic run, or a crafted input.
+        group_slots: the neighbourhood phase's slot group (the beacons a device registers a
+            day, ``advertising_intervals``): a fetch releases one total per group.
     """
 
     mode: Mode
@@ -179,6 +181,7 @@ class AuditInput:
     source: str = ""
     dims: dict[str, int] = field(default_factory=dict)
     behaviour: BehaviourRecord | None = None
+    group_slots: int = 1
 
     @property
     def role(self) -> str:
@@ -575,12 +578,56 @@ def registrations(
     return out
 
 
+def _key(round_id: int, ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
+    """``round (8 bytes, big endian) ‖ slot id`` of each row of an ``(n, 16)`` id matrix."""
+    rnd = np.broadcast_to(np.frombuffer(round_id.to_bytes(8, "big"), np.uint8), (len(ids), 8))
+    return np.ascontiguousarray(np.concatenate([rnd, ids], axis=1)).view("V24").ravel()
+
+
+@dataclass(frozen=True)
+class SlotGroups:
+    """Which registration group each registered slot is in: ``round ‖ slot`` keys (sorted) and,
+    aligned, the key of their group (``round ‖`` the group's first registered slot)."""
+
+    keys: npt.NDArray[np.void]
+    groups: npt.NDArray[np.void]
+
+    def of(self, keys: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
+        """The group key of each ``round ‖ slot`` key; a slot nobody registered is its own."""
+        if not len(self.keys):
+            return keys.copy()
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[pos] == keys, self.groups[pos], keys)
+
+
+def slot_groups(view: ServerView, group_slots: int, deployment: str = NEIGHBOURHOOD) -> SlotGroups:
+    """The slot groups of every registration in the view: a registrant's slots, in the order
+    it registered them, in consecutive groups of ``group_slots`` (the servers release only a
+    group's total)."""
+    keys, groups = [], []
+    peer_is_device = view.role == "coordinator"
+    for r, msg in _decoded(view.records, "in", peer_is_device):
+        if r.deployment != deployment or not isinstance(msg, RegisterRequest | RelayRegister):
+            continue
+        ids = np.frombuffer(msg.slot_ids, np.uint8).reshape(-1, SLOT_ID_BYTES)
+        first = ids[(np.arange(len(ids)) // group_slots) * group_slots]
+        keys.append(_key(msg.round_id, ids))
+        groups.append(_key(msg.round_id, first))
+    if not keys:
+        return SlotGroups(np.zeros(0, "V24"), np.zeros(0, "V24"))
+    # a resent registration repeats the same slots in the same groups: keep one of each
+    all_keys, first_at = np.unique(np.concatenate(keys), return_index=True)
+    return SlotGroups(all_keys, np.concatenate(groups)[first_at])
+
+
 def fetch_releases(
-    view: ServerView, deployment: str = NEIGHBOURHOOD
+    view: ServerView, groups: SlotGroups | None = None, deployment: str = NEIGHBOURHOOD
 ) -> tuple[list[tuple[int, bytes, bytes, npt.NDArray[np.int64]]], int]:
-    """(round, participant, slot ids, C's released share-sum rows) of every answered fetch at C
+    """(round, participant, group ids, C's released share-sum rows) of every answered fetch at C
     (each request paired with the next reply to the same participant), and the number of
-    fetch requests left without a reply."""
+    fetch requests left without a reply. A reply has one row per slot group named (``groups``;
+    ``None``: every slot its own group), in order of each group's first slot in the request;
+    a group's id is its first registered slot."""
     pending: dict[str, FetchRequest] = {}
     unanswered = 0
     out = []
@@ -596,7 +643,18 @@ def fetch_releases(
             pending[r.peer] = msg
         elif r.direction == "out" and isinstance(msg, FetchResponse) and r.peer in pending:
             req = pending.pop(r.peer)
-            n = len(req.slot_ids) // SLOT_ID_BYTES
-            rows = np.frombuffer(msg.share_sum_c, dtype="<i8").astype(np.int64).reshape(n, -1)
-            out.append((req.round_id, req.device_id, req.slot_ids, rows))
+            ids = np.frombuffer(req.slot_ids, np.uint8).reshape(-1, SLOT_ID_BYTES)
+            named = _key(req.round_id, ids)
+            if groups is not None:
+                named = groups.of(named)
+            _, first = np.unique(named, return_index=True)
+            group_ids = (
+                ids[np.sort(first)]
+                if groups is None
+                else (named[np.sort(first)].view(np.uint8).reshape(-1, 24)[:, 8:])
+            )
+            rows = np.frombuffer(msg.share_sum_c, dtype="<i8").astype(np.int64)
+            out.append(
+                (req.round_id, req.device_id, group_ids.tobytes(), rows.reshape(len(group_ids), -1))
+            )
     return out, unanswered + len(pending)

@@ -243,6 +243,8 @@ class RoundDriver:
         participants: the device pools.
         messages_per_device: the neighbourhood phase's fixed item count (public): every
             device posts exactly this many items, real messages padded with dummies.
+        beacons_per_day: the beacons (RPIs) each device advertises and registers a day: the
+            slot group whose total a device is released (``round_specs``).
         round_base: round id of day 0 (day ``d`` runs round ``round_base + d``).
     """
 
@@ -252,6 +254,7 @@ class RoundDriver:
         aggregates: SumService,
         participants: Sequence[Participant],
         messages_per_device: int,
+        beacons_per_day: int,
         round_base: int = 0,
     ) -> None:
         if not participants:
@@ -262,11 +265,14 @@ class RoundDriver:
         self.codec = aggregates.coordinator.codec
         self.participants = list(participants)
         self.messages_per_device = messages_per_device
+        self.beacons_per_day = beacons_per_day
         self.round_base = round_base
 
     def specs(self, day: int) -> DaySpecs:
         """The day's round specs: the neighbourhood phase and the observations phase."""
-        return round_specs(self.round_base + day, day, self.messages_per_device)
+        return round_specs(
+            self.round_base + day, day, self.messages_per_device, self.beacons_per_day
+        )
 
     def begin(self, theta: Theta) -> None:
         """Start a run: every participant draws its initial state under public θ."""

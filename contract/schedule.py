@@ -134,16 +134,25 @@ def observations_dp(sigma: float, delta: float, l2_sensitivity: float) -> DPConf
 
 
 def round_specs(
-    round_id: int, day: int, items_per_device: int, dp: DPConfig | None = None
+    round_id: int,
+    day: int,
+    items_per_device: int,
+    beacons_per_day: int,
+    dp: DPConfig | None = None,
 ) -> tuple[RoundSpec, RoundSpec]:
     """A day's round specs: the neighbourhood (messages) phase and the observations phase.
 
     ``items_per_device`` is the public per-device budget of the messages phase (a participant
-    hosting m devices posts m × budget items). Observations go to :func:`day_slot`, one item
+    hosting m devices posts m × budget items). ``beacons_per_day`` (the run's
+    ``advertising_intervals``) groups the messages phase's slots: a device registers its day's
+    beacons as one group and is released only the group's total — its day's neighbourhood
+    sum, never one beacon's. Observations go to :func:`day_slot`, one item
     per participant: its devices' ``y_i`` summed (a pool is one trust domain; a phone posts its
     own). ``dp`` (see :func:`observations_dp`) makes both servers noise the observations.
     """
-    messages = PhaseSpec(MESSAGES_PHASE, WIDTH, SlotKind.PSEUDONYM, items_per_device)
+    messages = PhaseSpec(
+        MESSAGES_PHASE, WIDTH, SlotKind.PSEUDONYM, items_per_device, group_slots=beacons_per_day
+    )
     observations = PhaseSpec(
         OBSERVATIONS_PHASE, observations_dim(), SlotKind.AGGREGATE, 1, (day_slot(day),), dp
     )

@@ -43,6 +43,7 @@ def phase_to_pb(phase: PhaseSpec) -> common_pb2.PhaseSpec:
         dim=phase.dim,
         items_per_device=phase.items_per_device,
         aggregate_slots=list(phase.aggregate_slots),
+        group_slots=phase.group_slots,
     )
 
 
@@ -51,7 +52,14 @@ def phase_from_pb(msg: common_pb2.PhaseSpec) -> PhaseSpec:
     kind = next((k for k, v in _KIND.items() if v == msg.kind), None)
     if kind is None:
         raise MessageError(f"phase {msg.name!r}: slot kind {msg.kind} is unspecified/unknown")
-    return PhaseSpec(msg.name, msg.dim, kind, msg.items_per_device, tuple(msg.aggregate_slots))
+    return PhaseSpec(
+        msg.name,
+        msg.dim,
+        kind,
+        msg.items_per_device,
+        tuple(msg.aggregate_slots),
+        group_slots=msg.group_slots or 1,
+    )
 
 
 def round_to_pb(spec: RoundSpec) -> list[common_pb2.PhaseSpec]:

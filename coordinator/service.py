@@ -629,7 +629,13 @@ class CoordinatorService:
     def _run_day(self, round_id: int, epoch: int, day: int) -> None:
         """One attempt at a day; commits its aggregates. Raises on a server/link failure, or
         when devices void the attempt."""
-        specs = round_specs(round_id, day, self.spec.items_per_device, self.spec.dp_config())
+        specs = round_specs(
+            round_id,
+            day,
+            self.spec.items_per_device,
+            self.spec.advertising_intervals,
+            self.spec.dp_config(),
+        )
         self._attempt = (round_id, epoch, day)
         self._day_row = self._behaviour_row(epoch, day)
         result = run_day(

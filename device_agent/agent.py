@@ -315,7 +315,9 @@ class PoolRunner:
     def _act(self, sched: pb.RoundSchedule, done: set[str]) -> bool:
         pool = self.pool
         assert pool is not None and self.spec is not None
-        specs = round_specs(sched.round_id, sched.day, self.spec.items_per_device)
+        specs = round_specs(
+            sched.round_id, sched.day, self.spec.items_per_device, self.spec.advertising_intervals
+        )
         theta = self._theta(sched)
         step, day = sched.step, sched.day
         try:

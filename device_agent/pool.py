@@ -7,7 +7,8 @@ public θ of the round. Per simulated day it
 2. computes its message factor ``q`` (``sim.model.behaviour`` + ``infectiousness``) and posts
    ``message(q, w)`` (value + tangents) to the slot of every RPI it heard, with weight ``w`` from
    its own trace;
-3. fetches its own slots' sums, adds them into its ``incoming`` neighbourhood sum and applies
+3. fetches the *total* of its day's slots — the servers release a device's slot group only
+   as one sum, never a beacon's — as its ``incoming`` neighbourhood sum, and applies
    ``sim.model.update`` (f) to its agent;
 4. contributes its observations ``y_i(t)`` (and tangents), placed in its age group's column, to
    the aggregate slot ``global/day/<d>``.
@@ -483,7 +484,7 @@ class DevicePool:
             client.post(spec, MESSAGES_PHASE, slots, summed[registered])
 
     def fetch_and_update(self, spec: RoundSpec, day: int) -> None:
-        """Each participant fetches its slots' sums (its devices' ``incoming``); then f.
+        """Each participant fetches its devices' day totals (their ``incoming``); then f.
 
         A participant that could not register this round has no sums: its devices' incoming
         is zero (they heard of no exposure), as for a phone that was offline.
@@ -493,15 +494,20 @@ class DevicePool:
             raise PoolStateError(f"day {day}: register and post messages before updating")
         width = theta.shape[-1]
         k = self.world.advertising_intervals
-        # Exact ring sums are added before decoding, so the sum over a device's slots is exact.
+        group = spec.phase(MESSAGES_PHASE).group_slots
+        if group != k:
+            raise PoolStateError(
+                f"day {day}: the round groups {group} slot(s) per device, but the devices "
+                f"advertise {k} beacons a day"
+            )
+        # The servers release each device's day total (its k slots' group) as exact ring sums.
         ring = np.zeros((self.n, width), dtype=np.int64)
         for u, client in enumerate(self._nbhd):
             slots = self._slots[u] if u < len(self._slots) else None
             if not slots:
                 continue
-            sums = client.fetch_ring(spec.round_id, MESSAGES_PHASE, slots)
             lo, hi = int(self.unit_bounds[u]), int(self.unit_bounds[u + 1])
-            ring[lo:hi] = sums.reshape(hi - lo, k, width).sum(axis=1)
+            ring[lo:hi] = client.fetch_ring(spec.round_id, MESSAGES_PHASE, slots, group)
         incoming = torch.from_numpy(self._nbhd[0].codec.decode(ring))
         self.apply_update(incoming, day)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from .dp import DPConfig
@@ -45,6 +46,11 @@ class PhaseSpec:
             discrete Gaussian noise to its share sums of every slot before C opens them (one
             *release* per opening). Covers all ``len(aggregate_slots) × dim`` coordinates;
             part of the round-spec digest, so both servers must hold the same settings.
+        group_slots: of a pseudonym phase: a registrant's slots form consecutive groups of
+            this many (in the order it registered them), and a fetch releases only whole
+            groups' *totals*, one row per group — never a slot's own sum. A device registers
+            its day's beacons as one group, so it learns its day's total exposure and not
+            whom it met when (``LEAKAGE.md``). A registration must hold whole groups.
     """
 
     name: str
@@ -53,6 +59,7 @@ class PhaseSpec:
     items_per_device: int
     aggregate_slots: tuple[str, ...] = ()
     dp: DPConfig | None = None
+    group_slots: int = 1
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name.encode()) > 64:
@@ -69,6 +76,14 @@ class PhaseSpec:
             raise SecureSumError(f"pseudonym phase {self.name!r} cannot declare named slots")
         for n in self.aggregate_slots:
             aggregate_slot(n)  # validates the name
+        if self.group_slots < 1:
+            raise SecureSumError(
+                f"phase {self.name!r}: group_slots must be >= 1, got {self.group_slots}"
+            )
+        if self.group_slots > 1 and self.kind is not SlotKind.PSEUDONYM:
+            raise SecureSumError(
+                f"phase {self.name!r}: only a pseudonym phase groups its slots (group_slots)"
+            )
         if self.dp is not None:
             if self.kind is not SlotKind.AGGREGATE:
                 raise SecureSumError(
@@ -104,6 +119,11 @@ class RoundSpec:
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise SecureSumError(f"round {self.round_id}: duplicate phase names {names}")
+
+    def registration_unit(self) -> int:
+        """A registration's slot count must be a multiple of this: the least common multiple
+        of the pseudonym phases' ``group_slots`` (1 without groups)."""
+        return math.lcm(1, *(p.group_slots for p in self.phases if p.kind is SlotKind.PSEUDONYM))
 
     def phase(self, name: str) -> PhaseSpec:
         """The phase called ``name``; raises :class:`UnknownPhase`."""

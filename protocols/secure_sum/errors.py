@@ -71,6 +71,11 @@ class NotRegistrant(RegistrationError):
     """A fetch of a slot by someone other than its registrant (forged or mistaken)."""
 
 
+class PartialGroup(RegistrationError):
+    """A fetch names part of a slot group (only whole groups' totals are released), or a
+    registration does not hold whole groups."""
+
+
 class AlreadyFetched(RegistrationError):
     """The registrant already fetched this phase's sums with a different request."""
 

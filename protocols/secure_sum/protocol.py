@@ -40,6 +40,8 @@ from .errors import (
     ConflictingSubmission,
     MessageError,
     NotRegistrant,
+    OverflowBoundError,
+    PartialGroup,
     PhaseClosed,
     PhaseError,
     RegistrationError,
@@ -223,6 +225,17 @@ def check_item_count(n_items: int, items_per_device: int, phase: str) -> None:
         )
 
 
+def _check_whole_groups(spec: RoundSpec, n_slots: int) -> None:
+    """Raise :class:`PartialGroup` unless ``n_slots`` fills whole slot groups of every
+    pseudonym phase of the round (a device registers its day's beacons as whole groups)."""
+    unit = spec.registration_unit()
+    if n_slots % unit:
+        raise PartialGroup(
+            f"round {spec.round_id}: a registration of {n_slots} slot(s) is not whole groups of "
+            f"{unit}"
+        )
+
+
 def fetch_slot_matrix(slot_ids: bytes) -> npt.NDArray[np.uint8]:
     """The ``(n, 16)`` slot ids of a fetch, ``1 ≤ n ≤`` :data:`MAX_SLOTS_PER_FETCH`.
 
@@ -248,6 +261,9 @@ def spec_digest(spec: RoundSpec) -> bytes:
             # 0xFF never occurs in UTF-8 names, and the encoding has a fixed length: unambiguous
             # (a phase without DP keeps its former digest)
             parts += [b"\xff", p.dp.encode()]
+        if p.group_slots != 1:
+            # 0xFE never occurs in UTF-8 either; a phase without groups keeps its digest
+            parts += [b"\xfe", p.group_slots.to_bytes(4, "big")]
     return hashlib.sha256(b"decentsim/round-spec/v1" + b"".join(parts)).digest()
 
 
@@ -354,13 +370,46 @@ class _Server:
         if deployment.mode is Mode.PLAINTEXT:
             _warn_plaintext(self.role)
 
+    def _group_totals(
+        self,
+        acc: ShareAccumulator,
+        idx: npt.NDArray[np.int64],
+        row: npt.NDArray[np.int64],
+        group_slots: int,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Share-sum totals and summand counts of a fetch's groups: slot ``idx[j]`` adds into
+        release row ``row[j]``; every group has ``group_slots`` slots (``authorize_fetch``).
+
+        A group's total is released as one sum: more than ``max_summands`` summands in it
+        withhold it, as for an overflowed slot (a registrant's bound check assumes at most
+        ``max_summands`` summands per row).
+
+        Raises:
+            OverflowBoundError: a slot or a group offered more than ``max_summands`` summands.
+        """
+        sums, counts = acc.released_sums(idx)
+        if group_slots == 1:  # every slot its own group, rows in request order
+            return sums, counts
+        order = np.argsort(row, kind="stable")
+        # int64 addition wraps modulo 2^64: exactly the ring's sum of shares
+        totals = sums[order].reshape(-1, group_slots, sums.shape[1]).sum(axis=1)
+        group_counts = counts[order].reshape(-1, group_slots).sum(axis=1)
+        if (group_counts > self.deployment.codec.max_summands).any():
+            raise OverflowBoundError(
+                f"{int((group_counts > self.deployment.codec.max_summands).sum())} group(s) "
+                f"hold more than max_summands={self.deployment.codec.max_summands} summands; "
+                "their totals are withheld"
+            )
+        return totals, group_counts
+
     def _cohort_rows(
         self, rows: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]
     ) -> npt.NDArray[np.int64]:
-        """A fetch's share-sum rows with slots of fewer than ``min_cohort`` summands zeroed.
+        """A fetch's share-sum rows (one per slot group) with groups of fewer than
+        ``min_cohort`` summands zeroed.
 
-        Both servers hold the same agreed summands, so both zero the same slots and the
-        registrant's sum of such a slot is exactly zero. Summands include the zero-valued padding
+        Both servers hold the same agreed summands, so both zero the same groups and the
+        registrant's total of such a group is exactly zero. Summands include the zero-valued padding
         dummies (servers cannot tell them apart): ``min_cohort`` bounds items, not distinct
         real contributors.
         """
@@ -498,6 +547,7 @@ class AggregatorServer(_Server):
         if not hmac.compare_digest(digest, hashlib.sha256(m.slot_ids).digest()):
             raise NotRegistrant("relayed slot list differs from the one the device sealed")
         slots = [bytes(r) for r in as_id_matrix(m.slot_ids)]
+        _check_whole_groups(rnd.spec, len(slots))
         rnd.registry.check_new(m.device_id, slots)
         reply = RegisterResponse(box_seal(secret, b"registered" + digest, INFO_REGISTER_ACK, aad))
         rnd.registry.register(m.device_id, slots, digest_m, reply.to_bytes(), secret)
@@ -646,7 +696,8 @@ class AggregatorServer(_Server):
         ids = fetch_slot_matrix(m.slot_ids)
         acc = self._accumulator(rnd, m.phase)
         acc.sums()  # nothing is released before agreement
-        reg, idx = rnd.registry.authorize_fetch(m.device_id, ids)
+        group = rnd.phase(m.phase).group_slots
+        reg, idx, row = rnd.registry.authorize_fetch(m.device_id, ids, group)
         digest = request_digest(m)
         cached = rnd.registry.cached_fetch(reg, m.phase, digest)
         if cached is not None:  # C retried after losing the reply: the same bytes again
@@ -658,7 +709,7 @@ class AggregatorServer(_Server):
             tag, fetch_tag(reg.fetch_secret, m.round_id, m.phase, m.slot_ids)
         ):
             raise NotRegistrant("fetch proof does not match the registrant's secret")
-        rows = self._cohort_rows(*acc.released_sums(idx))
+        rows = self._cohort_rows(*self._group_totals(acc, idx, row, group))
         box = box_seal(reg.fetch_secret, rows.astype("<i8").tobytes(), INFO_FETCH_REPLY, aad)
         reply = FetchReply(box)
         rnd.registry.record_fetch(reg, m.phase, digest, reply.to_bytes())
@@ -940,6 +991,7 @@ class CoordinatorServer(_Server):
         if not rnd.registration_open:
             raise PhaseClosed(f"round {m.round_id}: registration is closed")
         slots = [bytes(r) for r in as_id_matrix(m.slot_ids)]
+        _check_whole_groups(rnd.spec, len(slots))
         rnd.registry.check_new(m.device_id, slots)
         # A registers first: if it refuses, C's registry is untouched
         resp = self._ask(
@@ -1020,12 +1072,12 @@ class CoordinatorServer(_Server):
         ids = fetch_slot_matrix(m.slot_ids)
         acc = self._accumulator(rnd, m.phase)
         acc.sums()  # nothing is released before agreement
-        reg, idx = rnd.registry.authorize_fetch(m.device_id, ids)
+        reg, idx, row = rnd.registry.authorize_fetch(m.device_id, ids, p.group_slots)
         digest = request_digest(m)
         cached = rnd.registry.cached_fetch(reg, m.phase, digest)
         if cached is not None:  # a retry of the answered request: the same bytes, nothing new
             return FetchResponse.from_bytes(cached)
-        rows = self._cohort_rows(*acc.released_sums(idx))
+        rows = self._cohort_rows(*self._group_totals(acc, idx, row, p.group_slots))
         reply = self._ask(
             RelayFetch(m.device_id, m.round_id, m.phase, m.slot_ids, m.sealed_for_a), FetchReply
         )
@@ -1408,25 +1460,31 @@ class DeviceClient:
         return raw
 
     def fetch(
-        self, round_id: int, phase: str, slot_ids: Sequence[bytes]
+        self, round_id: int, phase: str, slot_ids: Sequence[bytes], group_slots: int = 1
     ) -> npt.NDArray[np.float64]:
-        """Fetch and decode the sums of this participant's slots: shape ``(len(slot_ids), dim)``."""
-        return self.codec.decode(self.fetch_ring(round_id, phase, slot_ids))
+        """Fetch and decode the totals of this participant's slot groups (the phase's
+        ``group_slots``): shape ``(len(slot_ids) // group_slots, dim)``."""
+        return self.codec.decode(self.fetch_ring(round_id, phase, slot_ids, group_slots))
 
     def fetch_ring(
-        self, round_id: int, phase: str, slot_ids: Sequence[bytes]
+        self, round_id: int, phase: str, slot_ids: Sequence[bytes], group_slots: int = 1
     ) -> npt.NDArray[np.int64]:
-        """Fetch the exact ring sums of this participant's slots: ``(len(slot_ids), dim)`` int64.
+        """Fetch the exact ring totals of this participant's slot groups: one int64 row per
+        group, in order of each group's first slot in ``slot_ids``. ``group_slots`` is the
+        phase's (``PhaseSpec.group_slots``); the slots must make whole groups.
 
         Raises:
             NotRegistrant / UnknownSlot: a slot is not this participant's (nothing is released).
+            PartialGroup: the slots name part of a group (nothing is released).
             AlreadyFetched: this participant fetched the phase with a different request.
             PhaseNotReleased: the phase's surviving set is not agreed yet.
-            OverflowBoundError: a slot's sum is withheld, or a sum is out of range.
+            OverflowBoundError: a sum is withheld, or a total is out of range.
         """
+        if group_slots < 1 or len(slot_ids) % group_slots:
+            raise PartialGroup(f"{len(slot_ids)} slot(s) do not make whole groups of {group_slots}")
         raw = self.build_fetch(round_id, phase, slot_ids)
         raw_ids = FetchRequest.from_bytes(raw).slot_ids
-        n = len(raw_ids) // SLOT_ID_BYTES
+        n = len(raw_ids) // SLOT_ID_BYTES // group_slots
         resp = FetchResponse.from_bytes(self._send(raw))
         aad = fetch_aad(self.device_id, round_id, phase, raw_ids)
         a = box_open(self._secrets[round_id], resp.box_from_a, INFO_FETCH_REPLY, aad)

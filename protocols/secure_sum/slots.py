@@ -36,6 +36,7 @@ from .errors import (
     InvalidSlotName,
     MessageError,
     NotRegistrant,
+    PartialGroup,
     SlotAlreadyRegistered,
     SlotError,
     UnknownSlot,
@@ -264,7 +265,9 @@ class Registry:
         self.table = SlotTable()
         self._participants: dict[bytes, Registration] = {}
         self._owner: list[int] = []  # participant number per slot index
+        self._offset: list[int] = []  # position in its registrant's slot list, per slot index
         self._owner_array: npt.NDArray[np.int64] | None = None
+        self._offset_array: npt.NDArray[np.int64] | None = None
 
     def registration(self, device_id: bytes) -> Registration | None:
         """The participant's registration this round, if any."""
@@ -324,20 +327,25 @@ class Registry:
         reg = Registration(device_id, len(self._participants), request_digest, reply, fetch_secret)
         self._participants[device_id] = reg
         self._owner.extend([reg.number] * len(slot_ids))
-        self._owner_array = None
+        self._offset.extend(range(len(slot_ids)))
+        self._owner_array = self._offset_array = None
         return reg
 
     def authorize_fetch(
-        self, device_id: bytes, ids: npt.NDArray[np.uint8]
-    ) -> tuple[Registration, npt.NDArray[np.int64]]:
-        """Check that ``device_id`` registered every slot of an ``(n, 16)`` id matrix (vectorized).
+        self, device_id: bytes, ids: npt.NDArray[np.uint8], group_slots: int = 1
+    ) -> tuple[Registration, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Check that ``device_id`` registered every slot of an ``(n, 16)`` id matrix, and that
+        they make whole groups of ``group_slots`` (vectorized).
 
-        Returns the registration and the slots' table indices. Marks nothing.
+        Returns the registration, the slots' table indices, and each slot's release row: its
+        group's rank among the groups named, in order of each group's first slot in ``ids``
+        (the reply has one row per group). Marks nothing.
 
         Raises:
             MessageError: a slot is listed twice.
             UnknownSlot: a slot is not registered.
             NotRegistrant: a slot is registered by another participant.
+            PartialGroup: the slots name part of a group (no total is released then).
         """
         idx, known = self.table.find(ids)
         if not known.all():
@@ -352,7 +360,19 @@ class Registry:
         if reg is None or not mine.all():
             bad = bytes(ids[int(np.argmin(mine))])
             raise NotRegistrant(f"slot {bad.hex()[:16]}… is registered to another participant")
-        return reg, idx
+        if self._offset_array is None:
+            self._offset_array = np.asarray(self._offset, dtype=np.int64)
+        group = self._offset_array[idx] // group_slots
+        named, first, row = np.unique(group, return_index=True, return_inverse=True)
+        if len(idx) != group_slots * len(named):
+            raise PartialGroup(
+                f"the fetch names {len(idx)} slot(s) of {len(named)} group(s) of {group_slots}: "
+                "only whole groups' totals are released"
+            )
+        # rows in order of each group's first appearance in the request
+        rank = np.empty(len(named), dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(named))
+        return reg, idx, rank[row.reshape(-1)]
 
     @staticmethod
     def cached_fetch(reg: Registration, phase: str, request_digest: bytes) -> bytes | None:

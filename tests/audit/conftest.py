@@ -52,10 +52,13 @@ def crafted(
     a_permutation: Callable[[int], np.ndarray] | None = None,
     c_permutation: Callable[[int], np.ndarray] | None = None,
     min_cohort: int = 0,
+    group: int = 1,
 ) -> dict[str, AuditInput]:
-    """One round of ``n`` participants, each sending ``degree`` non-zero messages to the slots
-    of its ring neighbours (participant i → i+1, …, i+degree), everyone fetching; both servers
-    enforce ``min_cohort``. One audit input per server (by role), sharing the ground truth."""
+    """One round of ``n`` participants, each registering ``group`` beacons as one slot group
+    and sending ``degree`` non-zero messages to a slot of each of its ring neighbours'
+    groups (participant i → i+1, …, i+degree), everyone fetching its group's total; both
+    servers enforce ``min_cohort``. One audit input per server (by role), sharing the ground
+    truth."""
     kw = {}
     if a_permutation is not None:
         kw["a_permutation"] = a_permutation
@@ -64,11 +67,11 @@ def crafted(
     with warnings.catch_warnings():
         # the plaintext baseline warns on every party; that is its documented behaviour
         warnings.simplefilter("ignore", InsecurePlaintextWarning)
-        return _crafted(mode, n, degree, seed, kw, min_cohort)
+        return _crafted(mode, n, degree, seed, kw, min_cohort, group)
 
 
 def _crafted(
-    mode: Mode, n: int, degree: int, seed: int, kw: dict, min_cohort: int
+    mode: Mode, n: int, degree: int, seed: int, kw: dict, min_cohort: int, group: int
 ) -> dict[str, AuditInput]:
     codec = FixedPointCodec(16, 1024.0, 1024)
     net = InMemoryNetwork(mode, codec, deployment_key=DEPLOYMENT_KEY, **kw)
@@ -79,27 +82,29 @@ def _crafted(
     net.coordinator.observer = rec["coordinator"].bind("neighbourhood")
     net.aggregator.observer = rec["aggregator"].bind("neighbourhood")
     net.coordinator.min_cohort = net.aggregator.min_cohort = min_cohort
-    spec = RoundSpec(ROUND, (PhaseSpec("messages", DIM, SlotKind.PSEUDONYM, ITEMS),))
+    spec = RoundSpec(
+        ROUND, (PhaseSpec("messages", DIM, SlotKind.PSEUDONYM, ITEMS, group_slots=group),)
+    )
     net.open_round(spec)
     ids = [bytes([i + 1]) * 16 for i in range(n)]
-    rpis = [os.urandom(16) for _ in range(n)]
+    rpis = [[os.urandom(16) for _ in range(group)] for _ in range(n)]
     clients = [net.device(pid, secret=bytes([i]) * 32) for i, pid in enumerate(ids)]
-    slots = [c.register(ROUND, [rpi])[0] for c, rpi in zip(clients, rpis, strict=True)]
-    assert slots[0] == pseudonym_slot(rpis[0], ROUND, DEPLOYMENT_KEY)
+    slots = [c.register(ROUND, r) for c, r in zip(clients, rpis, strict=True)]
+    assert slots[0][0] == pseudonym_slot(rpis[0][0], ROUND, DEPLOYMENT_KEY)
     net.coordinator.close_registration(ROUND)
     rng = np.random.default_rng(seed)
+    # which beacon of a neighbour's day was heard (its own stream: values stay as they were)
+    beacon = np.random.default_rng(seed + 1000).integers(0, group, (n, degree))
     items: list[TrueItem] = []
     for i, c in enumerate(clients):
-        to = [(i + d) % n for d in range(1, degree + 1)]
+        to = [slots[(i + d) % n][beacon[i, d - 1]] for d in range(1, degree + 1)]
         values = np.round(rng.uniform(0.5, 4.0, (degree, DIM)), 3)
-        c.post(spec, "messages", [slots[j] for j in to], values)
+        c.post(spec, "messages", to, values)
         items += [
-            TrueItem("neighbourhood", ROUND, ids[i], slots[j], values[k]) for k, j in enumerate(to)
+            TrueItem("neighbourhood", ROUND, ids[i], slot, values[k]) for k, slot in enumerate(to)
         ]
     net.coordinator.close_phase(ROUND, "messages")
-    fetched = [
-        c.fetch(ROUND, "messages", [slot])[0] for c, slot in zip(clients, slots, strict=True)
-    ]
+    fetched = [c.fetch(ROUND, "messages", s, group)[0] for c, s in zip(clients, slots, strict=True)]
     truth = Truth(items, {pid: i for i, pid in enumerate(ids)})
     keys = {"coordinator": net.c_keys, "aggregator": net.a_keys}
     return {
@@ -111,6 +116,7 @@ def _crafted(
             min_cohort=min_cohort,
             source=f"crafted {mode.value} round",
             config={"fetched": fetched},
+            group_slots=group,
         )
         for role in ("coordinator", "aggregator")
     }

@@ -181,11 +181,40 @@ def test_cohorts_fail_when_a_minimum_cohort_is_not_enforced(
     inp = dataclasses.replace(mailbox["coordinator"], min_cohort=1000)
     r = check_cohorts(inp, shares_of(inp))
     assert r.status is Status.FAIL
-    assert r.summary == "40 slot(s) below the minimum cohort 1000 were released"
+    assert r.summary == "40 of the slots below the minimum cohort 1000 were released"
     # the aggregator's replies are boxed to the registrant: its audit says it cannot tell
     a = dataclasses.replace(mailbox["aggregator"], min_cohort=1000)
     r = check_cohorts(a, shares_of(a))
     assert r.status is Status.SKIP and "cannot show what it released" in r.summary
+
+
+def test_cohorts_count_a_device_day_not_a_beacon() -> None:
+    """With the day's beacons as one slot group, a registrant learns only the group's total:
+    the cohort is the group's. Read per beacon, the same run has slots of one contact."""
+    inp = crafted(Mode.MAILBOX, group=3)["coordinator"]
+    shares = shares_of(inp)
+    r = check_cohorts(inp, shares, k=3)
+    assert r.status is Status.PASS, r.summary  # every device-day sums its 3 contacts
+    assert r.details["slots"] == 40 and r.details["unit"] == "device-days (slot groups)"
+    per_beacon = check_cohorts(dataclasses.replace(inp, group_slots=1), shares, k=3)
+    assert per_beacon.status is Status.LEAK and per_beacon.details["slots"] > 40
+    assert per_beacon.details["single_contact"] > 0
+
+
+def test_subtraction_on_a_group_total_recovers_only_a_lone_honest_contact() -> None:
+    """Degree 1 with groups of 3: the colluder's day total holds exactly one honest message
+    (documented, as for one slot); degree 3: three honest messages sum in each day total, so
+    subtracting recovers none of them, though per beacon some slots hold one."""
+    for role, inp in crafted(Mode.MAILBOX, degree=1, group=3).items():
+        r = check_reconstruction(inp, shares_of(inp), colluders=1)
+        coll = r.details["attackers"][f"{role} + 1 colluding pool(s)"]
+        assert r.status is Status.LEAK, r.summary
+        assert coll["documented_small_cohort"] == 1 and coll["undocumented"] == 0
+    for role, inp in crafted(Mode.MAILBOX, degree=3, group=3).items():
+        r = check_reconstruction(inp, shares_of(inp), colluders=1)
+        coll = r.details["attackers"][f"{role} + 1 colluding pool(s)"]
+        assert r.status is Status.PASS, r.summary
+        assert coll["recovered_nonzero"] == 0
 
 
 # -- 6. secrets --------------------------------------------------------------------------------

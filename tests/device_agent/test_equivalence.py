@@ -94,7 +94,13 @@ def federation(
         )
         for k, ids in enumerate(parts)
     ]
-    driver = RoundDriver(servers.neighbourhood, servers.aggregates, device_pools, items)
+    driver = RoundDriver(
+        servers.neighbourhood,
+        servers.aggregates,
+        device_pools,
+        items,
+        device_pools[0].world.advertising_intervals,
+    )
     return driver, device_pools, parts
 
 
@@ -298,4 +304,4 @@ def test_pool_refuses_bad_input_and_calls_out_of_order(population: Population) -
     with pytest.raises(PoolInputError, match="do not belong to this pool"):
         pool.local_index(torch.tensor([9]).numpy())
     with pytest.raises(RoundError, match="messages_per_device must be >= 1"):
-        RoundDriver(servers.neighbourhood, servers.aggregates, [pool], 0)
+        RoundDriver(servers.neighbourhood, servers.aggregates, [pool], 0, 1)

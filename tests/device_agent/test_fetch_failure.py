@@ -60,7 +60,7 @@ def test_a_pool_whose_fetch_fails_raises_and_keeps_its_state() -> None:
     pool = DevicePool(ids, population.age_group, config, 5, keyring, world, servers.connect)
     pool.begin(THETA)
     start = pool.state
-    specs = round_specs(1, 0, 64)
+    specs = round_specs(1, 0, 64, 4)
     servers.open_round(specs)
     pool.act(REGISTER, specs, 0, THETA)
     servers.close_registration(1)

@@ -214,7 +214,11 @@ def _run(stack: Stack, population: Population, unit_devices: int) -> tuple[Feder
         for ids in (torch.sort(part).values for part in perm.chunk(2))
     ]
     driver = RoundDriver(
-        stack.services["neighbourhood"], stack.services["aggregates"], pools, ITEMS
+        stack.services["neighbourhood"],
+        stack.services["aggregates"],
+        pools,
+        ITEMS,
+        pools[0].world.advertising_intervals,
     )
     return driver.run(THETA, DAYS), sum(p.n_units for p in pools)
 

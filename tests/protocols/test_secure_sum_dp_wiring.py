@@ -247,7 +247,7 @@ def test_run_spec_carries_dp_into_the_observations_phase() -> None:
     assert cfg is not None
     assert (cfg.sigma, cfg.delta, cfg.l2_sensitivity) == (2.0, 1e-6, 1.5)
     assert cfg.coordinates == observations_dim()
-    _, obs = round_specs(7, 2, 4, cfg)
+    _, obs = round_specs(7, 2, 4, 1, cfg)
     assert obs.phases[0].dp == cfg and obs.phases[0].aggregate_slots == ("global/day/2",)
     assert RunSpec("synthetic:50", 3).dp_config() is None
     with pytest.raises(RunSpecError, match=r"dp must have exactly the fields .* got \['sigma'\]"):

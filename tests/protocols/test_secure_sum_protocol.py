@@ -27,6 +27,7 @@ from protocols.secure_sum import (
     Mode,
     NotRegistrant,
     OverflowBoundError,
+    PartialGroup,
     PhaseClosed,
     PhaseError,
     PhaseNotReleased,
@@ -782,3 +783,95 @@ def test_a_round_the_aggregator_lost_is_void_at_the_coordinator() -> None:
         net.coordinator.close_registration(5)
     with pytest.raises(UnknownRound, match="round 6 is not open on the coordinator"):
         net.coordinator.close_registration(6)
+
+
+# -- slot groups: a device learns its day's total, never a beacon's ----------------------------
+class GroupWorld:
+    """A round whose pseudonym phase groups ``g`` slots: each device registers ``g`` beacons."""
+
+    def __init__(
+        self, mode: Mode, n: int, g: int, min_cohort: int = 0, items: int = 4, **kw
+    ) -> None:
+        self.net = make_net(mode, **kw)
+        self.net.coordinator.min_cohort = self.net.aggregator.min_cohort = min_cohort
+        self.g = g
+        self.spec = RoundSpec(
+            ROUND, (PhaseSpec("messages", 2, SlotKind.PSEUDONYM, items, group_slots=g),)
+        )
+        self.net.open_round(self.spec)
+        self.devices = [self.net.device() for _ in range(n)]
+        self.slots = [d.register(ROUND, [os.urandom(16) for _ in range(g)]) for d in self.devices]
+        self.net.coordinator.close_registration(ROUND)
+
+
+@pytest.mark.parametrize("mode", SECURE)
+def test_a_fetch_releases_only_a_whole_group_total_once(mode: Mode) -> None:
+    w = GroupWorld(mode, 3, g=3)
+    # device 0 heard device 2's beacons 0 and 2; device 1 heard beacon 1
+    w.devices[0].post(
+        w.spec, "messages", [w.slots[2][0], w.slots[2][2]], np.array([[1.0, 2.0], [0.5, 0.25]])
+    )
+    w.devices[1].post(w.spec, "messages", [w.slots[2][1]], np.array([[4.0, -1.0]]))
+    w.net.coordinator.close_phase(ROUND, "messages")
+    owner = w.devices[2]
+    before = server_state(w.net)
+    # one beacon's slot, or two of three: part of the group, nothing released; nothing recorded
+    for part in ([w.slots[2][0]], w.slots[2][:2], [w.slots[2][1]]):
+        with pytest.raises(PartialGroup, match="only whole groups' totals are released"):
+            owner.fetch(ROUND, "messages", part, 1)  # the client claims groups of one
+        with pytest.raises(PartialGroup, match="do not make whole groups of 3"):
+            owner.fetch(ROUND, "messages", part, 3)
+    assert server_state(w.net) == before
+    # the whole group: one row, the day's total
+    total = owner.fetch(ROUND, "messages", w.slots[2], 3)
+    assert total.tolist() == [[5.5, 1.25]]
+    answered = server_state(w.net)
+    # the identical request again gets the same total; any other grouping of the phase is refused
+    assert owner.fetch(ROUND, "messages", w.slots[2], 3).tolist() == [[5.5, 1.25]]
+    assert server_state(w.net) == answered
+    with pytest.raises(AlreadyFetched):
+        owner.fetch(ROUND, "messages", w.slots[2][::-1], 3)
+    with pytest.raises(PartialGroup):  # a part after the whole: still refused as a part
+        owner.fetch(ROUND, "messages", w.slots[2][:1], 1)
+    assert server_state(w.net) == answered
+    # a device with no contacts gets an exact zero total
+    assert w.devices[0].fetch(ROUND, "messages", w.slots[0], 3).tolist() == [[0.0, 0.0]]
+
+
+def test_a_registration_must_hold_whole_groups() -> None:
+    net = make_net(Mode.MAILBOX)
+    spec = RoundSpec(ROUND, (PhaseSpec("messages", 2, SlotKind.PSEUDONYM, 4, group_slots=3),))
+    net.open_round(spec)
+    device = net.device()
+    before = server_state(net)
+    for n in (1, 2, 4):
+        with pytest.raises(
+            PartialGroup, match=f"a registration of {n} slot\\(s\\) is not whole groups of 3"
+        ):
+            device.register(ROUND, [os.urandom(16) for _ in range(n)])
+    assert server_state(net) == before  # neither C nor A registered anything
+    assert len(device.register(ROUND, [os.urandom(16) for _ in range(6)])) == 6  # two groups
+
+
+@pytest.mark.parametrize("mode", SECURE)
+def test_the_minimum_cohort_counts_a_group(mode: Mode) -> None:
+    """Three contacts spread over a group's three slots: no slot reaches a cohort of 2, the
+    group does, so its total is released; a group of one contact is suppressed (one item per
+    device: no padding dummies)."""
+    w = GroupWorld(mode, 5, g=3, min_cohort=2, items=1)
+    for i, slot in ((0, w.slots[4][0]), (1, w.slots[4][1]), (2, w.slots[4][2]), (3, w.slots[0][1])):
+        w.devices[i].post(w.spec, "messages", [slot], np.array([[1.0, 1.0]]))
+    w.net.coordinator.close_phase(ROUND, "messages")
+    assert w.devices[4].fetch(ROUND, "messages", w.slots[4], 3).tolist() == [[3.0, 3.0]]
+    assert w.devices[0].fetch(ROUND, "messages", w.slots[0], 3).tolist() == [[0.0, 0.0]]
+
+
+def test_a_group_over_the_summand_bound_is_withheld() -> None:
+    """A group's total is one released sum: more summands in it than max_summands withhold it,
+    though each slot alone is within the bound (two items per device: no dummies)."""
+    w = GroupWorld(Mode.MAILBOX, 4, g=2, items=2, codec=FixedPointCodec(16, 64.0, 5))
+    for i in range(3):  # 3 summands in each of device 3's two slots, 6 in its group
+        w.devices[i].post(w.spec, "messages", [w.slots[3][0], w.slots[3][1]], np.ones((2, 2)))
+    w.net.coordinator.close_phase(ROUND, "messages")
+    with pytest.raises(OverflowBoundError, match="group\\(s\\) hold more than max_summands=5"):
+        w.devices[3].fetch(ROUND, "messages", w.slots[3], 2)

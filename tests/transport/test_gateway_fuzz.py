@@ -154,6 +154,7 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         days=DAYS,
         pools=2,
         items_per_device=ITEMS,
+        advertising_intervals=BEACONS,
         step_timeout_s=30,
     )
     svc = CoordinatorService(c_dir, spec, f"127.0.0.1:{a_port}", a_export)
@@ -321,6 +322,8 @@ def replaced(msg: Message, **changes: Any) -> bytes:
 
 # -- fuzzing, RPC by RPC ----------------------------------------------------------------------
 #: an entry acting for a participant the certificate's credential does not own
+#: beacons each participant registers a day: one slot group, released only as its total
+BEACONS = 2
 NOT_YOURS = {SC.PERMISSION_DENIED: r"names a device other than"}
 #: a well-formed message with random contents: refused by the protocol's own checks at C, or
 #: by A (envelopes it cannot open, slot lists that differ from the sealed one)
@@ -332,7 +335,8 @@ STRUCTURED = {
     SC.NOT_FOUND: r"^(unknown slot [0-9a-f]{16}… \(not registered|slot [0-9a-f]{16}… is not "
     r"registered)",
     SC.PERMISSION_DENIED: r"^(aggregator refused: relayed slot list differs from the one the "
-    r"device sealed|slot [0-9a-f]{16}… is registered to another participant)",
+    r"device sealed|slot [0-9a-f]{16}… is registered to another participant|round \d+: a "
+    r"registration of \d+ slot\(s\) is not whole groups|the fetch names \d+ slot\(s\) of)",
 }
 #: a second, different post of the same participant in a round's phase
 CONFLICT = {SC.ALREADY_EXISTS: r"different content was already accepted"}
@@ -345,8 +349,8 @@ UNRELEASED = {SC.FAILED_PRECONDITION: r"^sums are released only after the surviv
 #: a registration whose slot list is not the one sealed to A (A checks the digest)
 RESEALED = {
     SC.INVALID_ARGUMENT: r"slot ids: \d+ bytes is not a multiple of 16",
-    SC.PERMISSION_DENIED: r"^aggregator refused: relayed slot list differs from the one the "
-    "device sealed",
+    SC.PERMISSION_DENIED: r"^(aggregator refused: relayed slot list differs from the one the "
+    r"device sealed|round \d+: a registration of \d+ slot\(s\) is not whole groups of)",
 }
 #: an envelope for A that A cannot open: relayed, refused there, nothing recorded at C
 UNSEALABLE = {
@@ -518,14 +522,15 @@ def fuzz_registration(
 ) -> None:
     """Malformed, misrouted and impersonating registrations while registration is open."""
     m, a = mallory.pid, alice.pid
-    good = RegisterRequest.from_bytes(mallory.nbhd.build_registration(rid, [rng.randbytes(16)]))
+    day_rpis = [rng.randbytes(16) for _ in range(BEACONS)]
+    good = RegisterRequest.from_bytes(mallory.nbhd.build_registration(rid, day_rpis))
     raw = good.to_bytes()
     bad: list[Bad] = []
     bad += [Bad(m, junk(rng), {SC.INVALID_ARGUMENT: MALFORMED}) for _ in range(600)]
     bad += [Bad(m, mutate(rng, raw), {SC.INVALID_ARGUMENT: MALFORMED}) for _ in range(400)]
     bad += [Bad(m, structured(rng, RegisterRequest, m, rid, ""), STRUCTURED) for _ in range(150)]
     bad += [
-        Bad(m, raw, {SC.INVALID_ARGUMENT: r"routing field slot_count"}, count=rng.choice([0, 2]))
+        Bad(m, raw, {SC.INVALID_ARGUMENT: r"routing field slot_count"}, count=rng.choice([0, 1, 3]))
         for _ in range(20)
     ]
     bad += [
@@ -553,7 +558,7 @@ def fuzz_registration(
     bad.append(
         Bad(
             m,
-            replaced(good, slot_ids=slot_a),
+            replaced(good, slot_ids=slot_a + rng.randbytes(16)),
             {SC.ALREADY_EXISTS: r"^slot [0-9a-f]{16}… is already registered$"},
         )
     )
@@ -900,6 +905,10 @@ def fuzz_fetches(
     for slots in ([slot_a], [slots_m[0], slot_a]):
         theirs = mallory.nbhd.build_fetch(rid, MESSAGES_PHASE, slots)
         bad.append(Bad(m, theirs, {SC.PERMISSION_DENIED: r"registered to another participant"}))
+    # one beacon's slot of Mallory's own day: part of a group, so no sum is released
+    for slots in ([slots_m[0]], [slots_m[1]]):
+        part = mallory.nbhd.build_fetch(rid, MESSAGES_PHASE, slots)
+        bad.append(Bad(m, part, {SC.PERMISSION_DENIED: r"only whole groups' totals"}))
     bad += [
         Bad(
             m,
@@ -1067,12 +1076,12 @@ def test_malformed_requests_are_refused_specifically_and_the_run_stays_intact(
     values_a = np.array([[0.5, 1.25, -2.0, 3.0]])
     values_m = np.array([[1.0, -0.75, 0.125, 8.0]])
     zero = np.zeros((1, 4))
-    obs_dim = round_specs(1, 0, ITEMS)[1].phases[0].dim
+    obs_dim = round_specs(1, 0, ITEMS, BEACONS)[1].phases[0].dim
     expected_y = []
     for day in range(DAYS):
         fuzzing, spoiling = day == 0, day == 1
         rid = wait_step(stub, "register", day).round_id
-        spec_m, spec_o = round_specs(rid, day, ITEMS)
+        spec_m, spec_o = round_specs(rid, day, ITEMS, BEACONS)
 
         # -- register: Alice, then Mallory's garbage, then Mallory (which ends the step) ----
         slots_a = alice.nbhd.register(rid, [rng.randbytes(16), rng.randbytes(16)])
@@ -1097,19 +1106,20 @@ def test_malformed_requests_are_refused_specifically_and_the_run_stays_intact(
         # -- fetch: each gets exactly the other's surviving message ------------------------
         wait_step(stub, "fetch", day)
         codec = alice.nbhd.codec
-        got_a = alice.nbhd.fetch_ring(rid, MESSAGES_PHASE, slots_a)
-        np.testing.assert_array_equal(
-            codec.decode(got_a), np.vstack([zero if spoiling else values_m, zero])
-        )
+        # one row: the total of Alice's day (her two beacons' slots are one group)
+        got_a = alice.nbhd.fetch_ring(rid, MESSAGES_PHASE, slots_a, BEACONS)
+        np.testing.assert_array_equal(codec.decode(got_a), zero if spoiling else values_m)
         if fuzzing:
             fuzz_fetches(stub, rng, tally, rid, mallory, alice, slots_m, slots_a[0])
             fuzz_late(stub, rng, tally, spec_m, mallory)
-        got_m = mallory.nbhd.fetch_ring(rid, MESSAGES_PHASE, slots_m)
-        np.testing.assert_array_equal(codec.decode(got_m), np.vstack([values_a, zero]))
+        got_m = mallory.nbhd.fetch_ring(rid, MESSAGES_PHASE, slots_m, BEACONS)
+        np.testing.assert_array_equal(codec.decode(got_m), values_a)
         # Alice's identical retry gets the identical reply; any other fetch is refused
-        np.testing.assert_array_equal(alice.nbhd.fetch_ring(rid, MESSAGES_PHASE, slots_a), got_a)
+        np.testing.assert_array_equal(
+            alice.nbhd.fetch_ring(rid, MESSAGES_PHASE, slots_a, BEACONS), got_a
+        )
         with pytest.raises(ss_errors.AlreadyFetched, match="FAILED_PRECONDITION"):
-            alice.nbhd.fetch_ring(rid, MESSAGES_PHASE, slots_a[:1])
+            alice.nbhd.fetch_ring(rid, MESSAGES_PHASE, slots_a[::-1], BEACONS)
 
         # -- observations: the aggregate is the surviving participants' sum ----------------
         wait_step(stub, "observations", day)

@@ -75,6 +75,7 @@ MAX_WAIT_MS = 30_000
 #: gRPC status of each protocol refusal; the most specific class in an error's MRO wins.
 _STATUS: dict[type[SecureSumError], grpc.StatusCode] = {
     ss_errors.NotRegistrant: grpc.StatusCode.PERMISSION_DENIED,
+    ss_errors.PartialGroup: grpc.StatusCode.PERMISSION_DENIED,
     ss_errors.SlotAlreadyRegistered: grpc.StatusCode.ALREADY_EXISTS,
     ss_errors.ConflictingSubmission: grpc.StatusCode.ALREADY_EXISTS,
     ss_errors.AlreadyFetched: grpc.StatusCode.FAILED_PRECONDITION,

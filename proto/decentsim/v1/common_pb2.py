@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fproto/decentsim/v1/common.proto\x12\x0c\x64\x65\x63\x65ntsim.v1\"+\n\x08RoundRef\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\"\x19\n\x08\x44\x65viceId\x12\r\n\x05value\x18\x01 \x01(\x0c\"b\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12%\n\x05round\x18\x04 \x01(\x0b\x32\x16.decentsim.v1.RoundRef\"A\n\x05\x43odec\x12\x11\n\tfrac_bits\x18\x01 \x01(\r\x12\x0f\n\x07max_abs\x18\x02 \x01(\x01\x12\x14\n\x0cmax_summands\x18\x03 \x01(\x04\"\xb8\x01\n\nDeployment\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12 \n\x04mode\x18\x02 \x01(\x0e\x32\x12.decentsim.v1.Mode\x12\"\n\x05\x63odec\x18\x03 \x01(\x0b\x32\x13.decentsim.v1.Codec\x12\x1a\n\x12\x63oordinator_public\x18\x04 \x01(\x0c\x12\x19\n\x11\x61ggregator_public\x18\x05 \x01(\x0c\x12\x16\n\x0e\x64\x65ployment_key\x18\x06 \x01(\x0c\"\x7f\n\tPhaseSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.decentsim.v1.SlotKind\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x18\n\x10items_per_device\x18\x04 \x01(\r\x12\x17\n\x0f\x61ggregate_slots\x18\x05 \x03(\t\"A\n\x0fModelParameters\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0e\n\x06values\x18\x02 \x03(\x01\x12\x0f\n\x07version\x18\x03 \x01(\x04\"M\n\x08\x46ragment\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c*U\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cMODE_MAILBOX\x10\x01\x12\x11\n\rMODE_SHUFFLED\x10\x02\x12\x12\n\x0eMODE_PLAINTEXT\x10\x03*W\n\x08SlotKind\x12\x19\n\x15SLOT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13SLOT_KIND_PSEUDONYM\x10\x01\x12\x17\n\x13SLOT_KIND_AGGREGATE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fproto/decentsim/v1/common.proto\x12\x0c\x64\x65\x63\x65ntsim.v1\"+\n\x08RoundRef\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\"\x19\n\x08\x44\x65viceId\x12\r\n\x05value\x18\x01 \x01(\x0c\"b\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12%\n\x05round\x18\x04 \x01(\x0b\x32\x16.decentsim.v1.RoundRef\"A\n\x05\x43odec\x12\x11\n\tfrac_bits\x18\x01 \x01(\r\x12\x0f\n\x07max_abs\x18\x02 \x01(\x01\x12\x14\n\x0cmax_summands\x18\x03 \x01(\x04\"\xb8\x01\n\nDeployment\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12 \n\x04mode\x18\x02 \x01(\x0e\x32\x12.decentsim.v1.Mode\x12\"\n\x05\x63odec\x18\x03 \x01(\x0b\x32\x13.decentsim.v1.Codec\x12\x1a\n\x12\x63oordinator_public\x18\x04 \x01(\x0c\x12\x19\n\x11\x61ggregator_public\x18\x05 \x01(\x0c\x12\x16\n\x0e\x64\x65ployment_key\x18\x06 \x01(\x0c\"\x94\x01\n\tPhaseSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.decentsim.v1.SlotKind\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x18\n\x10items_per_device\x18\x04 \x01(\r\x12\x17\n\x0f\x61ggregate_slots\x18\x05 \x03(\t\x12\x13\n\x0bgroup_slots\x18\x06 \x01(\r\"A\n\x0fModelParameters\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0e\n\x06values\x18\x02 \x03(\x01\x12\x0f\n\x07version\x18\x03 \x01(\x04\"M\n\x08\x46ragment\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c*U\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cMODE_MAILBOX\x10\x01\x12\x11\n\rMODE_SHUFFLED\x10\x02\x12\x12\n\x0eMODE_PLAINTEXT\x10\x03*W\n\x08SlotKind\x12\x19\n\x15SLOT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13SLOT_KIND_PSEUDONYM\x10\x01\x12\x17\n\x13SLOT_KIND_AGGREGATE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.decentsim.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=750
-  _globals['_MODE']._serialized_end=835
-  _globals['_SLOTKIND']._serialized_start=837
-  _globals['_SLOTKIND']._serialized_end=924
+  _globals['_MODE']._serialized_start=772
+  _globals['_MODE']._serialized_end=857
+  _globals['_SLOTKIND']._serialized_start=859
+  _globals['_SLOTKIND']._serialized_end=946
   _globals['_ROUNDREF']._serialized_start=49
   _globals['_ROUNDREF']._serialized_end=92
   _globals['_DEVICEID']._serialized_start=94
@@ -45,10 +45,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CODEC']._serialized_end=286
   _globals['_DEPLOYMENT']._serialized_start=289
   _globals['_DEPLOYMENT']._serialized_end=473
-  _globals['_PHASESPEC']._serialized_start=475
-  _globals['_PHASESPEC']._serialized_end=602
-  _globals['_MODELPARAMETERS']._serialized_start=604
-  _globals['_MODELPARAMETERS']._serialized_end=669
-  _globals['_FRAGMENT']._serialized_start=671
-  _globals['_FRAGMENT']._serialized_end=748
+  _globals['_PHASESPEC']._serialized_start=476
+  _globals['_PHASESPEC']._serialized_end=624
+  _globals['_MODELPARAMETERS']._serialized_start=626
+  _globals['_MODELPARAMETERS']._serialized_end=691
+  _globals['_FRAGMENT']._serialized_start=693
+  _globals['_FRAGMENT']._serialized_end=770
 # @@protoc_insertion_point(module_scope)

@@ -80,18 +80,20 @@ class Deployment(_message.Message):
     def __init__(self, deployment_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., codec: _Optional[_Union[Codec, _Mapping]] = ..., coordinator_public: _Optional[bytes] = ..., aggregator_public: _Optional[bytes] = ..., deployment_key: _Optional[bytes] = ...) -> None: ...
 
 class PhaseSpec(_message.Message):
-    __slots__ = ("name", "kind", "dim", "items_per_device", "aggregate_slots")
+    __slots__ = ("name", "kind", "dim", "items_per_device", "aggregate_slots", "group_slots")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     ITEMS_PER_DEVICE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SLOTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: SlotKind
     dim: int
     items_per_device: int
     aggregate_slots: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[SlotKind, str]] = ..., dim: _Optional[int] = ..., items_per_device: _Optional[int] = ..., aggregate_slots: _Optional[_Iterable[str]] = ...) -> None: ...
+    group_slots: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[SlotKind, str]] = ..., dim: _Optional[int] = ..., items_per_device: _Optional[int] = ..., aggregate_slots: _Optional[_Iterable[str]] = ..., group_slots: _Optional[int] = ...) -> None: ...
 
 class ModelParameters(_message.Message):
     __slots__ = ("names", "values", "version")
