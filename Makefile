@@ -40,7 +40,7 @@ $(MODEL_STAMP): $(STAMP)
 demo: install
 	$(VENV)/bin/decentsim simulate --population synthetic:10000 --days 60 --seed 1 --grad forward --out out/demo/central
 	$(VENV)/bin/decentsim federated run --population synthetic:2000 --days 20 --seed 1 --pools 2 \
-		--radio simulated --theta beta=0.5,init_frac=0.02 --out out/demo/federated
+		--radio simulated --theta beta=0.5,init_frac=0.02 --record-views --out out/demo/federated
 	$(VENV)/bin/decentsim audit out/demo/federated --role coordinator
 	$(VENV)/bin/decentsim audit out/demo/federated --role aggregator
 	@echo "plots: out/demo/central/*.png, out/demo/federated/federated.png;" \

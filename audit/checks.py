@@ -264,7 +264,10 @@ def _plaintext_values(inp: AuditInput, shares: Shares) -> npt.NDArray[np.int64]:
 # -- keys: fixed-width byte strings as numpy void scalars, so joins are sorts, not dict loops ---
 def _void(*cols: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
     """Rows of the concatenated uint8 columns as one void key per row."""
-    mat = np.ascontiguousarray(np.concatenate([c.reshape(len(c), -1) for c in cols], axis=1))
+    # reshape(0, -1) is ambiguous: an empty column keeps its row width explicitly
+    mat = np.ascontiguousarray(
+        np.concatenate([c.reshape(len(c), int(np.prod(c.shape[1:]))) for c in cols], axis=1)
+    )
     return mat.view(f"V{mat.shape[1]}").ravel()
 
 

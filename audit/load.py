@@ -78,7 +78,7 @@ def transcript_path(run_dir: Path, role: str) -> Path:
     server's state dir.
 
     Raises:
-        AuditInputError: neither exists (the server was not started with ``--audit-key``).
+        AuditInputError: neither exists (no ``--record-views`` / ``--audit-key``).
     """
     for path in (
         run_dir / "views" / f"{role}.transcript",
@@ -87,8 +87,9 @@ def transcript_path(run_dir: Path, role: str) -> Path:
         if path.exists():
             return path
     raise AuditInputError(
-        f"{run_dir / 'views' / f'{role}.transcript'}: no transcript — the {role} was not "
-        "started with --audit-key"
+        f"{run_dir / 'views' / f'{role}.transcript'}: no transcript — the run did not record "
+        f"the servers' views (`federated run --record-views`; a deployed {role}: "
+        "`serve --audit-key`)"
     )
 
 

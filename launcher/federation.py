@@ -13,11 +13,13 @@ Layout of ``DIR`` (``--out``)::
     federated.png       daily aggregates by age group
     behaviour_table.csv a table/llm run's public behaviour table: each period's row the devices
                         got (period, cell attributes, isolate, work), as ``simulate`` writes it
-    views/              the servers' recorded views (coordinator.jsonl, aggregator.jsonl) and
-                        their transcripts, each sealed to that server's own auditor (*.transcript)
-    audit/              one key pair per server's auditor (<role>-auditor.key 0600 and
-                        <role>-auditor.pub; each server gets only its own auditor's .pub) and
-                        truth.json (population seed) for ``decentsim audit --role ROLE``
+    views/              the servers' event logs (coordinator.jsonl, aggregator.jsonl) and, with
+                        ``--record-views``, their transcripts, each sealed to that server's own
+                        auditor (*.transcript)
+    audit/              with ``--record-views``: one key pair per server's auditor
+                        (<role>-auditor.key 0600 and <role>-auditor.pub; each server gets only
+                        its own auditor's .pub); truth.json (population seed) for
+                        ``decentsim audit --role ROLE``
     state/              every process's state dir (identities, databases, logs)
 
 View format (``views/*.jsonl``, one JSON object per line): ``t`` (unix time), ``event`` and
@@ -146,14 +148,23 @@ class Federation:
         spec: the run.
         population_seed: seed of a ``synthetic:N`` population (the pools generate it).
         insecure: DEBUGGING ONLY: run every process with ``--insecure`` (no TLS).
+        record_views: each server records every message it sends and receives in a transcript
+            sealed to its own auditor, for ``decentsim audit`` (as large as the traffic: an
+            explicit choice, ``federated run --record-views``).
     """
 
     def __init__(
-        self, root: Path, spec: RunSpec, population_seed: int = 0, insecure: bool = False
+        self,
+        root: Path,
+        spec: RunSpec,
+        population_seed: int = 0,
+        insecure: bool = False,
+        record_views: bool = False,
     ) -> None:
         self.root = root
         self.spec = spec
         self.population_seed = population_seed
+        self.record_views = record_views
         #: DEBUGGING ONLY: every process without TLS
         self.insecure = insecure
         self.c_dir = root / "coordinator"
@@ -233,10 +244,12 @@ class Federation:
         self._run_cli("aggregator", "init", "--state-dir", str(self.a_dir))
         write_secret(self.world_secret, os.urandom(16))
         (self.root / "run.json").write_text(self.spec.to_json())
-        # each server records a transcript sealed to its own auditor (one key opening both
-        # would be the C + A collusion); the ground truth's population seed
-        for role in ("coordinator", "aggregator"):
-            create_auditor_keys(self.audit_dir, role)
+        # with record_views, each server records a transcript sealed to its own auditor (one
+        # key opening both would be the C + A collusion); the ground truth's population seed
+        if self.record_views:
+            for role in ("coordinator", "aggregator"):
+                create_auditor_keys(self.audit_dir, role)
+        self.audit_dir.mkdir(parents=True, exist_ok=True)
         (self.audit_dir / "truth.json").write_text(
             json.dumps({"population_seed": self.population_seed})
         )
@@ -244,6 +257,9 @@ class Federation:
     def audit_key(self, role: str) -> Path:
         """The public key of ``role``'s auditor: what that server, and only it, records to."""
         return auditor_files(self.audit_dir, role)[1]
+
+    def _audit_flags(self, role: str) -> list[str]:
+        return ["--audit-key", str(self.audit_key(role))] if self.record_views else []
 
     @property
     def world_secret(self) -> Path:
@@ -258,7 +274,7 @@ class Federation:
             ["aggregator", "serve", "--state-dir", str(self.a_dir), "--mode", self.spec.mode,
              "--coordinator-export", str(self.c_dir / "export"),
              "--listen", f"127.0.0.1:{self._a_port_hint()}",
-             "--audit-key", str(self.audit_key("aggregator")),
+             *self._audit_flags("aggregator"),
              "--min-cohort", str(self.spec.min_cohort),
              *dp_flags(self.spec)],
             self.a_dir,
@@ -281,7 +297,7 @@ class Federation:
              "--aggregator-export", str(self.a_dir / "export"),
              "--listen", f"127.0.0.1:{getattr(self, 'c_port', 0)}",
              "--enrol-listen", f"127.0.0.1:{getattr(self, 'enrol_port', 0)}",
-             "--exit-when-finished", "--audit-key", str(self.audit_key("coordinator")), *run],
+             "--exit-when-finished", *self._audit_flags("coordinator"), *run],
             self.c_dir,
         )  # fmt: skip
         self.c_port, self.enrol_port = self._port(self.c_dir, "coordinator")
@@ -481,6 +497,7 @@ def write_outputs(
         "loss": results["loss"],
         "grad": results["grad"],
         "epochs": results["epochs"],
+        "record_views": fed.record_views,
     }
     table = results["behaviour"]
     if table is not None:

@@ -40,7 +40,7 @@ def simulate_federation(
         f"127.0.0.1:{fed.a_port}",
         fed.a_dir / "export",
         progress=progress,
-        audit_key=fed.audit_key("coordinator"),
+        audit_key=fed.audit_key("coordinator") if fed.record_views else None,
     )
     defaults = {
         "state-dir": str(fed.root / "pool-{partition-id}"),

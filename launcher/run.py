@@ -19,17 +19,19 @@ def federated_run(
     progress: bool = False,
     timeout_s: float = 3600.0,
     transport: str = "grpc",
+    record_views: bool = False,
 ) -> dict[str, Any]:
     """Run a whole simulated federation; returns the summary (also written into ``out``).
 
     ``transport="grpc"``: every party is a process on loopback (TLS). ``"flower"``: the pools
     are virtual nodes of Flower's simulation engine driven by a ServerApp hosting the
     coordinator (``coordinator.flower_server``); the aggregator is a process either way.
+    ``record_views``: both servers record sealed transcripts for ``decentsim audit``.
     """
     state = out / "state"
     if state.exists():
         shutil.rmtree(state)
-    fed = Federation(state, spec, population_seed)
+    fed = Federation(state, spec, population_seed, record_views=record_views)
     start = time.perf_counter()
     try:
         if transport == "flower":

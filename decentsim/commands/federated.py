@@ -117,7 +117,14 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
         type=nonnegative_int,
         default=0,
         metavar="K",
-        help="both servers release pseudonym slots with fewer than K summands as zeros",
+        help="both servers release a device-day's total (a slot group) of fewer than K "
+        "summands as zeros",
+    )
+    run.add_argument(
+        "--record-views",
+        action="store_true",
+        help="both servers record every message in a transcript sealed to their own auditor, "
+        "for `decentsim audit` (as large as the traffic; off by default)",
     )
     add_dp_arguments(run)
     add_behaviour_arguments(run)
@@ -226,7 +233,12 @@ def run_federated(args: argparse.Namespace) -> int:
     make_out_dir("--out", args.out)
     try:
         summary = federated_run(
-            spec, args.out, args.seed, progress=sys.stderr.isatty(), transport=args.transport
+            spec,
+            args.out,
+            args.seed,
+            progress=sys.stderr.isatty(),
+            transport=args.transport,
+            record_views=args.record_views,
         )
     except FederationError as e:
         raise CommandFailed(str(e)) from None
@@ -241,6 +253,7 @@ def run_federated(args: argparse.Namespace) -> int:
         print(
             f"{summary['agents']:,} devices in {spec.pools} pools, {spec.days} days "
             f"({spec.mode}): {inf:,} infections{employed}, {summary['wall_s']:.1f} s; "
-            f"results, plots and the servers' views in {args.out}"
+            f"results, plots and the servers' "
+            f"{'views' if args.record_views else 'event logs'} in {args.out}"
         )
     return 0

@@ -77,7 +77,7 @@ def _audit(
         step_timeout_s=60.0,
     )
     out = tmp_path / mode
-    federated_run(spec, out, population_seed=3, timeout_s=300)
+    federated_run(spec, out, population_seed=3, timeout_s=300, record_views=True)
     # each server's transcript is sealed to its own auditor, and the two auditors differ
     sealed = {}
     for role in ROLES:

@@ -44,7 +44,7 @@ def test_a_dp_run_reports_its_guarantee_and_fidelity_cost(
     spec = run_spec_from_args(args)
     assert spec.dp == {"sigma": SIGMA, "delta": 1e-6, "l2_sensitivity": 2.0}
     out = tmp_path / "dp"
-    summary = federated_run(spec, out, population_seed=3, timeout_s=300)
+    summary = federated_run(spec, out, population_seed=3, timeout_s=300, record_views=True)
     assert summary["daily"] and all(len(s) == 3 for s in summary["daily"].values())
     # the noisy daily totals are not the integers an exact run opens
     totals = [v for series in summary["daily"].values() for v in series]

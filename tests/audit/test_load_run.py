@@ -64,7 +64,7 @@ def test_missing_run_spec_and_transcript_are_named(tmp_path: Path) -> None:
         load_run(tmp_path, "coordinator")
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "run.json").write_text(RunSpec("synthetic:10", 1).to_json())
-    with pytest.raises(AuditInputError, match="not started with --audit-key"):
+    with pytest.raises(AuditInputError, match="did not record the servers' views"):
         load_run(tmp_path, "aggregator")
     with pytest.raises(AuditInputError, match="role must be one of coordinator, aggregator"):
         load_run(tmp_path, "auditor")

@@ -17,7 +17,7 @@ from sim.populations import from_spec
 
 from .conftest import Outcome
 
-FED = ("federated", "run", "--days", "8", "--pools", "2", "--step-timeout", "60")
+FED = ("federated", "run", "--days", "8", "--pools", "2", "--step-timeout", "60", "--record-views")
 
 
 def _table(population: Path, path: Path, period_days: int = 7) -> Path:

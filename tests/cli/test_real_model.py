@@ -72,7 +72,7 @@ def test_a_federation_asks_a_real_model_in_its_coordinator(
     out = tmp_path / "run"
     r = cli("federated", "run", "--population", str(one_area), "--days", "7",
             "--pools", "2", "--behaviour", "llm", "--llm-gguf", str(gguf), "--out", str(out),
-            "--json")  # fmt: skip
+            "--record-views", "--json")  # fmt: skip
     assert r.status == 0, r.err
     grid = population_cells(from_spec(str(one_area)))[0]
     table = BehaviourTable.load(out / "behaviour_table.csv", grid)

@@ -64,6 +64,7 @@ COVERED: dict[str, tuple[str, ...]] = {
         "tests/launcher/test_behaviour_federation.py::"
         "test_an_llm_run_asks_per_cell_and_samples_on_the_devices",
         "tests/cli/test_real_model.py::test_a_federation_asks_a_real_model_in_its_coordinator",
+        "tests/cli/test_record_views.py::test_a_run_records_no_transcript_unless_asked",
     ),
     # launcher.federation.Federation starts these as `python -m decentsim …` processes
     "coordinator serve": ("tests/launcher/test_federation.py::test_federated_run_equals_central",),

@@ -72,7 +72,7 @@ def test_a_table_run_samples_on_the_devices_as_centrally(tmp_path: Path) -> None
         behaviour="table", behaviour_table=str(path), step_timeout_s=60,
     )  # fmt: skip
     out = tmp_path / "out"
-    summary = federated_run(spec, out, population_seed=SEED, timeout_s=300)
+    summary = federated_run(spec, out, population_seed=SEED, timeout_s=300, record_views=True)
     check_equal(summary, central(spec, TableSource(path, grid, 7)), out)
     # the audit shows every row the devices got is the table file's…
     inp = load_run(out, "coordinator", with_truth=False)
@@ -96,7 +96,7 @@ def test_an_llm_run_asks_per_cell_and_samples_on_the_devices(tmp_path: Path, rul
     )  # fmt: skip
     out = tmp_path / "out"
     before = rule_backend.requests()
-    summary = federated_run(spec, out, population_seed=SEED, timeout_s=300)
+    summary = federated_run(spec, out, population_seed=SEED, timeout_s=300, record_views=True)
     cells = spec.archetype_grid().n_cells
     asked = rule_backend.requests() - before
     assert 0 < asked <= cells * len(BEHAVIOURS) * 2  # 2 periods; repeated prompts asked once
