@@ -47,6 +47,7 @@ from audit.views import (
     server_shares,
     slot_groups,
     transcript_unused,
+    verify_elided,
 )
 from contract.schedule import AGGREGATES, NEIGHBOURHOOD
 from protocols.secure_sum import Mode
@@ -1464,7 +1465,8 @@ def check_profile(inp: AuditInput) -> CheckResult:
         seen[r.kind] += 1
         if r.kind not in allowed[src]:
             violations.append(f"{role} received {r.kind} from a {src}")
-    violations = sorted(set(violations))
+    elided, mismatched = verify_elided(inp.view)
+    violations = sorted(set(violations)) + mismatched
     counts = {role: dict(seen)}
     regs = registrations(inp.view)
     participants = {p for slots in regs.values() for p in slots.values()}
@@ -1485,9 +1487,10 @@ def check_profile(inp: AuditInput) -> CheckResult:
             "profile",
             "Leakage profile",
             Status.FAIL,
-            f"the {role}'s transcript holds messages outside the {mode} profile: "
+            f"the {role}'s transcript holds messages outside the {mode} profile, or elided "
+            "records that differ from what it determines: "
             f"{'; '.join(violations[:5])}",
-            {"config": config, "messages": counts, "violations": violations},
+            {"config": config, "messages": counts, "violations": violations, "elided": elided},
             table,
         )
     status = Status.LEAK if inp.mode is Mode.PLAINTEXT else Status.PASS
@@ -1497,7 +1500,7 @@ def check_profile(inp: AuditInput) -> CheckResult:
         status,
         f"{mode} mode; every message the {role} received fits the profile"
         + (" (plaintext is the insecure baseline)" if status is Status.LEAK else ""),
-        {"config": config, "messages": counts, "violations": []},
+        {"config": config, "messages": counts, "violations": [], "elided": elided},
         table,
     )
 

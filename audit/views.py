@@ -15,6 +15,7 @@ by reason, every record and item it could not use (:class:`Shares`).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -31,14 +32,18 @@ from contract.transcript import (
     decode_record,
     encode_record,
 )
+from contract.views import ELIDED
 from protocols.secure_sum import FixedPointCodec, KeyPair, Mode, open_envelope
 from protocols.secure_sum.errors import SecureSumError
 from protocols.secure_sum.messages import (
+    DirectoryRequest,
+    DirectoryResponse,
     FetchRequest,
     FetchResponse,
     MailboxPost,
     Message,
     RegisterRequest,
+    RelayFetch,
     RelayMailbox,
     RelayRegister,
     RelayShuffled,
@@ -192,19 +197,20 @@ class AuditInput:
 class RecordingObserver:
     """An in-memory transcript: set ``server.observer = RecordingObserver(...).bind(name)``.
 
-    Records exactly what the sealed file would hold (the same record encoding), for tests and
-    in-process audits.
+    Records exactly what the sealed file would hold (the same record encoding, the same elided
+    messages: ``contract.views.ELIDED``), for tests and in-process audits.
     """
 
     def __init__(self, role: str) -> None:
         self.role = role
         self.records: list[TranscriptRecord] = []
+        self.elide = ELIDED.get(role, frozenset())
 
     def bind(self, deployment: str) -> Any:
         """The observer callable for the server of ``deployment``."""
 
         def observe(direction: str, peer: str, raw: bytes) -> None:
-            plain = encode_record(direction, time.time(), deployment, peer, raw)
+            plain = encode_record(direction, time.time(), deployment, peer, raw, self.elide)
             self.records.append(decode_record(len(self.records), plain))
 
         return observe
@@ -329,11 +335,63 @@ def transcript_unused(view: ServerView, deployments: Iterable[str]) -> Counter[s
     return out
 
 
+def verify_elided(view: ServerView) -> tuple[int, list[str]]:
+    """Rebuild every elided record of the view (``contract.views.ELIDED``) from the records it
+    derives from, and compare digests: (records checked, what did not match).
+
+    A device request and its reply are consecutive in the transcript (the coordinator serves
+    devices one at a time, its relay to the aggregator in between), so each elided relay is the
+    copy of the device request before it, and each directory reply is the round's successful
+    registrations so far, in order."""
+    checked, bad = 0, []
+    registered: dict[int, list[bytes]] = {}
+    done: set[tuple[int, bytes]] = set()
+    pending: dict[str, Message] = {}  # the device request being served, by peer
+    current: Message | None = None
+    for r in view.records:
+        if r.peer not in ROLES and not r.elided:
+            try:
+                msg = decode(r.payload)
+            except SecureSumError:
+                continue
+            if r.direction == "in":
+                pending[r.peer] = current = msg
+                continue
+            req = pending.pop(r.peer, None)
+            key = (getattr(req, "round_id", -1), getattr(req, "device_id", b""))
+            answered = type(msg).__name__ == "RegisterResponse"
+            if isinstance(req, RegisterRequest) and answered and key not in done:
+                done.add(key)
+                registered.setdefault(req.round_id, []).append(req.slot_ids)
+            continue
+        if not r.elided:
+            continue
+        checked += 1
+        want: Message | None = None
+        if r.kind == "DirectoryResponse":
+            req = pending.get(r.peer)
+            if isinstance(req, DirectoryRequest):
+                want = DirectoryResponse(b"".join(registered.get(req.round_id, [])))
+        elif r.kind == "RelayRegister" and isinstance(current, RegisterRequest):
+            m = current
+            want = RelayRegister(m.device_id, m.round_id, m.slot_ids, m.sealed_for_a)
+        elif r.kind == "RelayFetch" and isinstance(current, FetchRequest):
+            m = current
+            want = RelayFetch(m.device_id, m.round_id, m.phase, m.slot_ids, m.sealed_for_a)
+        digest, length = r.elided_digest()
+        raw = want.to_bytes() if want is not None else b""
+        if want is None or len(raw) != length or hashlib.sha256(raw).digest() != digest:
+            bad.append(
+                f"record {r.seq} ({r.direction} {r.kind}) is not what the transcript determines"
+            )
+    return checked, bad
+
+
 def _decoded(records: Iterable[TranscriptRecord], direction: str, peer_is_device: bool | None):
-    """(record, message) pairs of one direction; undecodable payloads are skipped (each is
-    counted once, by :func:`transcript_unused`)."""
+    """(record, message) pairs of one direction; undecodable payloads and elided records are
+    skipped (the former counted once, by :func:`transcript_unused`)."""
     for r in records:
-        if r.direction != direction:
+        if r.direction != direction or r.elided:
             continue
         is_device = r.peer not in ROLES
         if peer_is_device is not None and is_device != peer_is_device:
@@ -627,23 +685,33 @@ def fetch_releases(
     (each request paired with the next reply to the same participant), and the number of
     fetch requests left without a reply. A reply has one row per slot group named (``groups``;
     ``None``: every slot its own group), in order of each group's first slot in the request;
-    a group's id is its first registered slot."""
+    a group's id is its first registered slot. A request naming no slot asks for every slot
+    its registrant registered, in order."""
     pending: dict[str, FetchRequest] = {}
     unanswered = 0
     out = []
+    asked: dict[str, RegisterRequest] = {}
+    registered: dict[tuple[int, bytes], bytes] = {}  # (round, participant) → its slot list
     for r in view.records:
-        if r.deployment != deployment or r.peer in ROLES:
+        if r.deployment != deployment or r.peer in ROLES or r.elided:
             continue
         try:
             msg: Message = decode(r.payload)
         except SecureSumError:
             continue
-        if r.direction == "in" and isinstance(msg, FetchRequest):
+        if r.direction == "in" and isinstance(msg, RegisterRequest):
+            asked[r.peer] = msg
+        elif r.direction == "out" and type(msg).__name__ == "RegisterResponse" and r.peer in asked:
+            reg = asked.pop(r.peer)
+            registered.setdefault((reg.round_id, reg.device_id), reg.slot_ids)
+        elif r.direction == "in" and isinstance(msg, FetchRequest):
             unanswered += int(r.peer in pending)  # a request superseded before its reply
             pending[r.peer] = msg
         elif r.direction == "out" and isinstance(msg, FetchResponse) and r.peer in pending:
             req = pending.pop(r.peer)
-            ids = np.frombuffer(req.slot_ids, np.uint8).reshape(-1, SLOT_ID_BYTES)
+            # a fetch naming no slot asks for every slot its registrant registered, in order
+            raw = req.slot_ids or registered.get((req.round_id, req.device_id), b"")
+            ids = np.frombuffer(raw, np.uint8).reshape(-1, SLOT_ID_BYTES)
             named = _key(req.round_id, ids)
             if groups is not None:
                 named = groups.of(named)

@@ -17,6 +17,12 @@ File format (all integers big-endian)::
                 u16 len ‖ deployment ‖ u16 len ‖ peer ‖ u16 len ‖ message type ‖
                 u64 round (0: none) ‖ u32 len ‖ payload (the raw protocol message)
 
+An *elided* record (version 2) has the same layout, but its payload is ``SHA-256(message) ‖ u64
+length`` instead of the message: the server records so a message that the rest of its own
+transcript determines (:data:`contract.views.ELIDED`: the slot directory it serves, which is its
+registrations in order; a relay to the other server, which copies a request it recorded), and
+the audit rebuilds each one from the records it derives from and checks the digest.
+
 The sequence number (0, 1, 2, … over the whole file, continued after a restart) is bound as
 AAD, so a record moved, dropped from the middle or copied between roles fails to open. A
 record cut short by a crash (the file's tail) is dropped when the server reopens the file.
@@ -31,6 +37,7 @@ coordinator + aggregator collusion the threat model excludes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import threading
@@ -45,6 +52,8 @@ from protocols.secure_sum.messages import decode
 
 MAGIC = b"DSAUDTR1"
 RECORD_VERSION = 1
+#: version of a record whose payload is only the message's digest and length (see above)
+ELIDED_VERSION = 2
 INFO = b"decentsim/v1/audit-transcript"
 KEY_BYTES = 32
 #: largest record accepted when reading (a record holds one protocol message)
@@ -73,6 +82,12 @@ class TranscriptRecord:
     kind: str
     round_id: int
     payload: bytes
+    #: the payload is ``SHA-256(message) ‖ u64 length`` of a message the transcript determines
+    elided: bool = False
+
+    def elided_digest(self) -> tuple[bytes, int]:
+        """(SHA-256, length) of the message an elided record stands for."""
+        return self.payload[:32], struct.unpack(">Q", self.payload[32:40])[0]
 
 
 def _s16(text: str) -> bytes:
@@ -93,14 +108,26 @@ def describe(payload: bytes) -> tuple[str, int]:
     return type(msg).__name__, int(getattr(msg, "round_id", 0))
 
 
-def encode_record(direction: str, t: float, deployment: str, peer: str, payload: bytes) -> bytes:
-    """The plaintext of a record (see the module docstring)."""
+def encode_record(
+    direction: str,
+    t: float,
+    deployment: str,
+    peer: str,
+    payload: bytes,
+    elide: frozenset[str] = frozenset(),
+) -> bytes:
+    """The plaintext of a record (see the module docstring); a message whose type is in
+    ``elide`` is recorded as its digest and length."""
     if direction not in DIRECTIONS:
         raise TranscriptError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     kind, round_id = describe(payload)
+    version = RECORD_VERSION
+    if kind in elide:
+        version = ELIDED_VERSION
+        payload = hashlib.sha256(payload).digest() + struct.pack(">Q", len(payload))
     return b"".join(
         (
-            bytes([RECORD_VERSION, DIRECTIONS.index(direction)]),
+            bytes([version, DIRECTIONS.index(direction)]),
             struct.pack(">d", t),
             _s16(deployment),
             _s16(peer),
@@ -118,7 +145,7 @@ def decode_record(seq: int, plain: bytes) -> TranscriptRecord:
         TranscriptError: a malformed record (names the sequence number).
     """
     try:
-        if plain[0] != RECORD_VERSION or plain[1] > 1:
+        if plain[0] not in (RECORD_VERSION, ELIDED_VERSION) or plain[1] > 1:
             raise TranscriptError(f"record {seq}: unknown version {plain[0]} or direction")
         pos = 2
         (t,) = struct.unpack_from(">d", plain, pos)
@@ -133,10 +160,20 @@ def decode_record(seq: int, plain: bytes) -> TranscriptRecord:
         payload = plain[pos : pos + n]
         if len(payload) != n or pos + n != len(plain):
             raise TranscriptError(f"record {seq}: payload length {n} disagrees with the record")
+        if plain[0] == ELIDED_VERSION and n != 40:
+            raise TranscriptError(f"record {seq}: an elided record holds 40 bytes, not {n}")
     except (IndexError, struct.error, UnicodeDecodeError) as e:
         raise TranscriptError(f"record {seq}: malformed ({type(e).__name__}: {e})") from None
     return TranscriptRecord(
-        seq, DIRECTIONS[plain[1]], t, texts[0], texts[1], texts[2], round_id, payload
+        seq,
+        DIRECTIONS[plain[1]],
+        t,
+        texts[0],
+        texts[1],
+        texts[2],
+        round_id,
+        payload,
+        plain[0] == ELIDED_VERSION,
     )
 
 
@@ -199,14 +236,18 @@ class TranscriptWriter:
             continued, after dropping a record cut short by a crash).
         role: ``"coordinator"`` or ``"aggregator"`` (bound into every record).
         auditor_public: the auditor's 32-byte X25519 public key.
+        elide: message types recorded as their digest (the transcript determines them).
     """
 
-    def __init__(self, path: Path, role: str, auditor_public: bytes) -> None:
+    def __init__(
+        self, path: Path, role: str, auditor_public: bytes, elide: frozenset[str] = frozenset()
+    ) -> None:
         if len(auditor_public) != KEY_BYTES:
             raise TranscriptError(
                 f"auditor public key must be {KEY_BYTES} bytes, got {len(auditor_public)}"
             )
         self.path, self.role, self._public = path, role, auditor_public
+        self.elide = elide
         path.parent.mkdir(parents=True, exist_ok=True)
         self._seq = 0
         if path.exists() and path.stat().st_size:
@@ -227,7 +268,7 @@ class TranscriptWriter:
 
     def record(self, direction: str, deployment: str, peer: str, payload: bytes) -> None:
         """Seal and append one message (``direction`` is ``"in"`` or ``"out"``)."""
-        plain = encode_record(direction, time.time(), deployment, peer, payload)
+        plain = encode_record(direction, time.time(), deployment, peer, payload, self.elide)
         with self._lock:
             env = seal(self._public, plain, INFO, _aad(self.role, self._seq))
             self._file.write(struct.pack(">I", len(env)) + env)

@@ -20,6 +20,16 @@ from typing import Any, Protocol
 
 from contract.transcript import TranscriptError, TranscriptWriter, load_auditor_public
 
+#: Messages a server records only as their digest (``contract.transcript``, version 2 records),
+#: because the rest of its own transcript determines them and the audit rebuilds them: the
+#: coordinator's slot directory replies (its registrations, in order: 144 slots per device a
+#: day, sent to every pool, often in pages) and its relays to the aggregator of a device's
+#: registration or fetch (field copies of the request it recorded).
+ELIDED: dict[str, frozenset[str]] = {
+    "coordinator": frozenset({"DirectoryResponse", "RelayRegister", "RelayFetch"}),
+    "aggregator": frozenset(),
+}
+
 
 class Observed(Protocol):
     """A secure-sum server whose messages can be observed (``server.observer``)."""
@@ -63,7 +73,10 @@ def open_transcript(
         return None
     try:
         writer = TranscriptWriter(
-            state_dir / "views" / f"{role}.transcript", role, load_auditor_public(audit_key)
+            state_dir / "views" / f"{role}.transcript",
+            role,
+            load_auditor_public(audit_key),
+            ELIDED.get(role, frozenset()),
         )
     except TranscriptError as e:
         raise TranscriptError(f"--audit-key: {e}") from None

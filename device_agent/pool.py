@@ -507,7 +507,8 @@ class DevicePool:
             if not slots:
                 continue
             lo, hi = int(self.unit_bounds[u]), int(self.unit_bounds[u + 1])
-            ring[lo:hi] = client.fetch_ring(spec.round_id, MESSAGES_PHASE, slots, group)
+            # None: every slot it registered (each device's group, in order), named by none
+            ring[lo:hi] = client.fetch_ring(spec.round_id, MESSAGES_PHASE, None, group)
         incoming = torch.from_numpy(self._nbhd[0].codec.decode(ring))
         self.apply_update(incoming, day)
 

@@ -237,15 +237,17 @@ def _check_whole_groups(spec: RoundSpec, n_slots: int) -> None:
 
 
 def fetch_slot_matrix(slot_ids: bytes) -> npt.NDArray[np.uint8]:
-    """The ``(n, 16)`` slot ids of a fetch, ``1 ≤ n ≤`` :data:`MAX_SLOTS_PER_FETCH`.
+    """The ``(n, 16)`` slot ids of a fetch, ``0 ≤ n ≤`` :data:`MAX_SLOTS_PER_FETCH`; none
+    (``n = 0``) asks for every slot the participant registered this round, in its order.
 
     Raises:
-        WrongLength: not whole ids, empty, or too many.
+        WrongLength: not whole ids, or too many.
     """
     ids = as_id_matrix(slot_ids)
-    if not 1 <= len(ids) <= MAX_SLOTS_PER_FETCH:
+    if len(ids) > MAX_SLOTS_PER_FETCH:
         raise WrongLength(
-            f"a fetch names 1..{MAX_SLOTS_PER_FETCH} slots (MAX_SLOTS_PER_FETCH), got {len(ids)}"
+            f"a fetch names 0..{MAX_SLOTS_PER_FETCH} slots (MAX_SLOTS_PER_FETCH; 0: every "
+            f"registered slot), got {len(ids)}"
         )
     return ids
 
@@ -1210,13 +1212,14 @@ class DeviceClient:
         #: every request built, by what it asks for, so a retry resends the same bytes
         self._registrations: dict[tuple[int, bytes], bytes] = {}  # (round, slot list)
         self._fetches: dict[tuple[int, str, bytes], bytes] = {}  # (round, phase, slot list)
+        self._registered: dict[int, int] = {}  # slots registered (acknowledged) per round
         if deployment.mode is Mode.PLAINTEXT:
             _warn_plaintext("device")
 
     def forget_before(self, round_id: int) -> None:
         """Drop what this client remembers of rounds older than ``round_id`` (their requests,
         fetch secrets and directories): a long run must not keep every day in memory."""
-        for table in (self._secrets, self._directory):
+        for table in (self._secrets, self._directory, self._registered):
             for r in [r for r in table if r < round_id]:
                 del table[r]
         for keyed in (self._aggregate_tables, self._outbox, self._registrations, self._fetches):
@@ -1282,6 +1285,7 @@ class DeviceClient:
         ack = box_open(secret, resp.ack_from_a, INFO_REGISTER_ACK, aad)
         if ack != b"registered" + hashlib.sha256(slot_ids).digest():
             raise RegistrationError("the aggregator acknowledged a different slot list")
+        self._registered[round_id] = len(slot_ids) // SLOT_ID_BYTES
         return [bytes(r) for r in as_id_matrix(slot_ids)]
 
     def directory(self, round_id: int) -> SlotTable:
@@ -1427,8 +1431,12 @@ class DeviceClient:
     def _deliver(self, raw: bytes) -> bool:
         return bool(PostReceipt.from_bytes(self._send(raw)).fresh)
 
-    def build_fetch(self, round_id: int, phase: str, slot_ids: Sequence[bytes]) -> bytes:
-        """The fetch request for the sums of some of this participant's slots (no sending).
+    def build_fetch(
+        self, round_id: int, phase: str, slot_ids: Sequence[bytes] | None = None
+    ) -> bytes:
+        """The fetch request for the totals of this participant's slot groups (no sending):
+        those of ``slot_ids``, or with ``None`` every slot it registered this round (the
+        request then names none: 16 bytes a slot fewer each way).
 
         One fetch per (participant, round, phase) is answered: name every slot wanted in one
         request. Rebuilding it for the same slots gives the same bytes, which the servers answer
@@ -1444,7 +1452,13 @@ class DeviceClient:
                 "slot_ids is a sequence of 16-byte slot ids, not one bytes object: "
                 "wrap a single slot in a list"
             )
-        raw_ids = fetch_slot_matrix(as_id_matrix(list(slot_ids)).tobytes()).tobytes()
+        raw_ids = (
+            b""
+            if slot_ids is None
+            else fetch_slot_matrix(as_id_matrix(list(slot_ids)).tobytes()).tobytes()
+        )
+        if slot_ids is not None and not raw_ids:
+            raise WrongLength("a fetch names at least one slot (None: every registered slot)")
         known = self._fetches.get((round_id, phase, raw_ids))
         if known is not None:
             return known
@@ -1460,18 +1474,19 @@ class DeviceClient:
         return raw
 
     def fetch(
-        self, round_id: int, phase: str, slot_ids: Sequence[bytes], group_slots: int = 1
+        self, round_id: int, phase: str, slot_ids: Sequence[bytes] | None, group_slots: int = 1
     ) -> npt.NDArray[np.float64]:
         """Fetch and decode the totals of this participant's slot groups (the phase's
         ``group_slots``): shape ``(len(slot_ids) // group_slots, dim)``."""
         return self.codec.decode(self.fetch_ring(round_id, phase, slot_ids, group_slots))
 
     def fetch_ring(
-        self, round_id: int, phase: str, slot_ids: Sequence[bytes], group_slots: int = 1
+        self, round_id: int, phase: str, slot_ids: Sequence[bytes] | None, group_slots: int = 1
     ) -> npt.NDArray[np.int64]:
         """Fetch the exact ring totals of this participant's slot groups: one int64 row per
-        group, in order of each group's first slot in ``slot_ids``. ``group_slots`` is the
-        phase's (``PhaseSpec.group_slots``); the slots must make whole groups.
+        group, in order of each group's first slot in ``slot_ids`` (``None``: every slot it
+        registered this round, in registration order). ``group_slots`` is the phase's
+        (``PhaseSpec.group_slots``); the slots must make whole groups.
 
         Raises:
             NotRegistrant / UnknownSlot: a slot is not this participant's (nothing is released).
@@ -1480,11 +1495,14 @@ class DeviceClient:
             PhaseNotReleased: the phase's surviving set is not agreed yet.
             OverflowBoundError: a sum is withheld, or a total is out of range.
         """
-        if group_slots < 1 or len(slot_ids) % group_slots:
-            raise PartialGroup(f"{len(slot_ids)} slot(s) do not make whole groups of {group_slots}")
+        if slot_ids is None and round_id not in self._registered:
+            raise RegistrationError(f"this participant registered no slots in round {round_id}")
+        count = self._registered[round_id] if slot_ids is None else len(slot_ids)
+        if group_slots < 1 or count % group_slots:
+            raise PartialGroup(f"{count} slot(s) do not make whole groups of {group_slots}")
         raw = self.build_fetch(round_id, phase, slot_ids)
         raw_ids = FetchRequest.from_bytes(raw).slot_ids
-        n = len(raw_ids) // SLOT_ID_BYTES // group_slots
+        n = count // group_slots
         resp = FetchResponse.from_bytes(self._send(raw))
         aad = fetch_aad(self.device_id, round_id, phase, raw_ids)
         a = box_open(self._secrets[round_id], resp.box_from_a, INFO_FETCH_REPLY, aad)

@@ -250,6 +250,9 @@ class Registration:
     request_digest: bytes
     reply: bytes
     fetch_secret: bytes | None = None
+    #: its slots' table indices: ``first, first + 1, …`` (registered together, in its order)
+    first: int = 0
+    count: int = 0
     fetches: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
 
@@ -323,8 +326,17 @@ class Registry:
             SlotAlreadyRegistered: a slot is taken (or repeated in the request).
         """
         self.check_new(device_id, slot_ids)
+        first = len(self.table)
         self.table.add_many(slot_ids)
-        reg = Registration(device_id, len(self._participants), request_digest, reply, fetch_secret)
+        reg = Registration(
+            device_id,
+            len(self._participants),
+            request_digest,
+            reply,
+            fetch_secret,
+            first,
+            len(slot_ids),
+        )
         self._participants[device_id] = reg
         self._owner.extend([reg.number] * len(slot_ids))
         self._offset.extend(range(len(slot_ids)))
@@ -334,8 +346,9 @@ class Registry:
     def authorize_fetch(
         self, device_id: bytes, ids: npt.NDArray[np.uint8], group_slots: int = 1
     ) -> tuple[Registration, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Check that ``device_id`` registered every slot of an ``(n, 16)`` id matrix, and that
-        they make whole groups of ``group_slots`` (vectorized).
+        """Check that ``device_id`` registered every slot of an ``(n, 16)`` id matrix (none:
+        every slot it registered), and that they make whole groups of ``group_slots``
+        (vectorized).
 
         Returns the registration, the slots' table indices, and each slot's release row: its
         group's rank among the groups named, in order of each group's first slot in ``ids``
@@ -347,6 +360,11 @@ class Registry:
             NotRegistrant: a slot is registered by another participant.
             PartialGroup: the slots name part of a group (no total is released then).
         """
+        if not len(ids):  # every slot it registered, in its order
+            reg = self._participants.get(device_id)
+            if reg is None:
+                raise NotRegistrant("the participant registered no slots this round")
+            ids = self.table.id_matrix()[reg.first : reg.first + reg.count]
         idx, known = self.table.find(ids)
         if not known.all():
             bad = bytes(ids[int(np.argmin(known))])

@@ -273,6 +273,28 @@ def test_profile_flags_a_message_outside_the_mode(shuffled: dict[str, AuditInput
     assert r.details["violations"] == ["coordinator received MailboxPost from a device"]
 
 
+@pytest.mark.parametrize("kind", ["DirectoryResponse", "RelayRegister", "RelayFetch"])
+def test_profile_rebuilds_every_elided_record_and_fails_a_forged_one(
+    mailbox: dict[str, AuditInput], kind: str
+) -> None:
+    """C records its directory replies and its relays of device requests only as digests (the
+    rest of its transcript determines them); the audit rebuilds each one. A record whose digest
+    is not the rebuilt message's — here, one byte of one digest flipped — fails the check."""
+    c = mailbox["coordinator"]
+    ok = check_profile(c)
+    assert ok.status is Status.PASS and ok.details["elided"] == 81  # 40 + 40 relays, 1 directory
+    records = list(c.view.records)
+    i = next(i for i, r in enumerate(records) if r.elided and r.kind == kind)
+    forged = bytearray(records[i].payload)
+    forged[0] ^= 1
+    records[i] = dataclasses.replace(records[i], payload=bytes(forged))
+    r = check_profile(dataclasses.replace(c, view=dataclasses.replace(c.view, records=records)))
+    assert r.status is Status.FAIL
+    assert r.details["violations"] == [
+        f"record {records[i].seq} (out {kind}) is not what the transcript determines"
+    ]
+
+
 # -- records the audit could not use -----------------------------------------------------------
 def test_records_the_audit_cannot_use_are_counted_and_reported(
     mailbox: dict[str, AuditInput], shuffled: dict[str, AuditInput], tmp_path: Path

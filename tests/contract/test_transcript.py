@@ -3,6 +3,7 @@ each server's auditor has a key of its own that opens no other server's transcri
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from pathlib import Path
 
@@ -15,13 +16,15 @@ from contract.transcript import (
     TranscriptWriter,
     auditor_files,
     create_auditor_keys,
+    decode_record,
+    encode_record,
     fingerprint,
     load_auditor_keypair,
     load_auditor_public,
     read_header,
     read_transcript,
 )
-from protocols.secure_sum.messages import DirectoryRequest
+from protocols.secure_sum.messages import DirectoryRequest, DirectoryResponse
 
 
 @pytest.fixture
@@ -53,6 +56,31 @@ def test_round_trip_and_continuation(tmp_path: Path, keys: tuple[Path, Path]) ->
     assert (recs[1].kind, recs[1].direction, recs[1].peer) == ("?", "out", "ab" * 16)
     # the server cannot read its own transcript: the payload is not in the file
     assert b"raw bytes" not in path.read_bytes()
+
+
+def test_an_elided_message_is_recorded_as_its_digest(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    priv, pub = keys
+    path = tmp_path / "c.transcript"
+    directory = DirectoryResponse(bytes(range(16)) * 1000).to_bytes()
+    w = TranscriptWriter(
+        path, "coordinator", load_auditor_public(pub), frozenset({"DirectoryResponse"})
+    )
+    w.record("in", "neighbourhood", "ab" * 16, DirectoryRequest(3).to_bytes())
+    w.record("out", "neighbourhood", "ab" * 16, directory)
+    w.close()
+    recs = read_transcript(path, load_auditor_keypair(priv)).records
+    assert [r.elided for r in recs] == [False, True]
+    assert recs[1].kind == "DirectoryResponse" and len(recs[1].payload) == 40
+    assert recs[1].elided_digest() == (hashlib.sha256(directory).digest(), len(directory))
+    assert path.stat().st_size < 1000  # not the 16 kB message
+    # an elided record must hold exactly a digest and a length
+    plain = encode_record(
+        "out", 0.0, "neighbourhood", "ab" * 16, directory, frozenset({"DirectoryResponse"})
+    )
+    with pytest.raises(TranscriptError, match="record 9: an elided record holds 40 bytes, not 41"):
+        decode_record(9, plain[:-44] + struct.pack(">I", 41) + plain[-40:] + b"x")
 
 
 def test_tampering_reordering_and_wrong_key_are_refused(

@@ -537,7 +537,7 @@ def test_batched_fetch_refusals_release_nothing(
         (NotRegistrant, "registered to another participant", [w.all_slots[0], w.all_slots[3]]),
         (UnknownSlot, "not registered", [w.all_slots[0], os.urandom(16)]),
         (MessageError, "more than once", [w.all_slots[0], w.all_slots[0]]),
-        (WrongLength, "1..4194304 slots", []),
+        (WrongLength, "at least one slot \\(None: every registered slot\\)", []),
     ]
     for exc, msg, slots in cases:
         with pytest.raises(exc, match=msg):
@@ -551,7 +551,7 @@ def test_batched_fetch_refusals_release_nothing(
         lambda: owner.fetch_ring(ROUND, "messages", w.slots[0][::-1]),  # the client checks
         lambda: w.c.handle_device(three, owner.device_id),  # and so does C
     ):
-        with pytest.raises(WrongLength, match=r"1\.\.2 slots \(MAX_SLOTS_PER_FETCH\), got 3"):
+        with pytest.raises(WrongLength, match=r"0\.\.2 slots \(MAX_SLOTS_PER_FETCH; 0: every"):
             attempt()
     monkeypatch.undo()
     assert state(w.net) == before

@@ -32,6 +32,7 @@ from protocols.secure_sum import (
     PhaseError,
     PhaseNotReleased,
     PhaseSpec,
+    RegistrationError,
     RoundSpec,
     SlotAlreadyRegistered,
     SlotKind,
@@ -43,6 +44,7 @@ from protocols.secure_sum import (
 from protocols.secure_sum.messages import (
     Agreed,
     DirectoryRequest,
+    FetchRequest,
     KeySetReply,
     MailboxPost,
     RelayMailbox,
@@ -875,3 +877,30 @@ def test_a_group_over_the_summand_bound_is_withheld() -> None:
     w.net.coordinator.close_phase(ROUND, "messages")
     with pytest.raises(OverflowBoundError, match="group\\(s\\) hold more than max_summands=5"):
         w.devices[3].fetch(ROUND, "messages", w.slots[3], 2)
+
+
+@pytest.mark.parametrize("mode", SECURE)
+def test_a_fetch_naming_no_slot_gets_every_registered_group(mode: Mode) -> None:
+    """A pool registers its devices' days (here two groups of 2) and fetches them all with a
+    request that names no slot: one total per group, in registration order; the request
+    carries no slot id. A participant that registered nothing is refused."""
+    net = make_net(mode)
+    spec = RoundSpec(ROUND, (PhaseSpec("messages", 2, SlotKind.PSEUDONYM, 2, group_slots=2),))
+    net.open_round(spec)
+    owner, poster, late = net.device(devices=2), net.device(), net.device()
+    days = owner.register(ROUND, [os.urandom(16) for _ in range(4)])
+    poster.register(ROUND, [os.urandom(16), os.urandom(16)])
+    net.coordinator.close_registration(ROUND)
+    poster.post(spec, "messages", [days[1], days[2]], np.array([[1.0, 0.5], [2.0, 4.0]]))
+    net.coordinator.close_phase(ROUND, "messages")
+    raw = owner.build_fetch(ROUND, "messages", None)
+    assert FetchRequest.from_bytes(raw).slot_ids == b""
+    assert owner.fetch(ROUND, "messages", None, 2).tolist() == [[1.0, 0.5], [2.0, 4.0]]
+    before = server_state(net)
+    with pytest.raises(RegistrationError, match="registered no slots in round 7"):
+        late.fetch(ROUND, "messages", None, 2)
+    late._registered[ROUND] = 2  # as if it had registered: the servers refuse it
+    late._secrets[ROUND] = os.urandom(32)
+    with pytest.raises(NotRegistrant, match="registered no slots this round"):
+        late.fetch(ROUND, "messages", None, 2)
+    assert server_state(net) == before

@@ -915,8 +915,17 @@ def fuzz_fetches(
             replaced(good, slot_ids=ids),
             {SC.INVALID_ARGUMENT: r"a fetch names \d+\.\.\d+ slots|is not a multiple of 16"},
         )
-        for ids in (b"", rng.randbytes(15), rng.randbytes(33))
+        for ids in (rng.randbytes(15), rng.randbytes(33))
     ]
+    # naming no slot asks for all of Mallory's, but the sealed proof binds the list it named
+    # (as its envelope's AAD): A refuses the swap, and nothing is recorded
+    bad.append(
+        Bad(
+            m,
+            replaced(good, slot_ids=b""),
+            {SC.INVALID_ARGUMENT: r"^aggregator refused: envelope authentication failed"},
+        )
+    )
     for _ in range(10):
         name = random_phase(rng)
         bad.append(Bad(m, replaced(good, phase=name), NO_PHASE, phase=name))
