@@ -38,14 +38,13 @@ from audit.behaviour import behaviour_verdict
 from audit.views import (
     UNANSWERED_FETCH,
     AuditInput,
+    Registrations,
     Rows,
     Shares,
-    SlotGroups,
     TrueItem,
     fetch_releases,
     registrations,
     server_shares,
-    slot_groups,
     transcript_unused,
     verify_elided,
 )
@@ -556,8 +555,8 @@ def check_reconstruction(inp: AuditInput, shares: Shares, colluders: int = 1) ->
     role = inp.role
     colluding = {p for p, d in inp.truth.domains.items() if d < colluders}
     coll_ids = _ids(sorted(colluding)) if colluding else np.zeros((0, 16), np.uint8)
-    regs = registrations(inp.view)
-    groups = slot_groups(inp.view, inp.group_slots) if inp.group_slots > 1 else None
+    regs = registrations(inp.view, inp.group_slots)
+    groups = regs if inp.group_slots > 1 else None
     coll_name = f"{role} + {colluders} colluding pool(s)"
     names = (role, coll_name)
     totals = {n: np.zeros(3, dtype=np.int64) for n in names}  # recovered, non-zero, undocumented
@@ -723,10 +722,10 @@ def _subtraction_attack(
     every: _Targets,
     honest: _Targets,
     coll_ids: npt.NDArray[np.uint8],
-    regs: dict[int, dict[bytes, bytes]],
+    regs: Registrations,
     rows: Rows,
     guesses: _Guesses,
-    groups: SlotGroups | None = None,
+    groups: Registrations | None = None,
 ) -> npt.NDArray[np.bool_]:
     """The server + colluders: a colluding registrant's fetched total — one per slot group of
     ``groups`` (its device-day), or per slot without — minus the colluders' own items leaves
@@ -738,7 +737,7 @@ def _subtraction_attack(
     residual)."""
 
     def group_of(keys: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
-        return keys if groups is None or dep != NEIGHBOURHOOD else groups.of(keys)
+        return keys if groups is None or dep != NEIGHBOURHOOD else groups.group_of(keys)
 
     every_g, honest_g = group_of(every.slot_key), group_of(honest.slot_key)
     slots, total = _group_sum(every_g, every.value)
@@ -749,18 +748,7 @@ def _subtraction_attack(
         residual[np.searchsorted(slots, own_keys)] -= own
     eligible = np.ones(len(slots), dtype=bool)
     if dep == NEIGHBOURHOOD:
-        owned = [
-            (rnd, slot)
-            for rnd, m in regs.items()
-            for slot, pid in m.items()
-            if pid in set(map(bytes, coll_ids))
-        ]
-        keys = (
-            _void(_be(np.asarray([r for r, _ in owned])), _ids([s for _, s in owned]))
-            if owned
-            else np.zeros(0, dtype="V24")
-        )
-        eligible = np.isin(slots, group_of(keys))
+        eligible = np.isin(slots, group_of(regs.owned_by(coll_ids)))
     slots, residual = slots[eligible], residual[eligible]
     documented = np.zeros(len(honest.edge), dtype=bool)
     if not len(slots):
@@ -972,9 +960,9 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
         )
     # What a registrant is released is one total per slot group (its device-day): the cohort
     # is what sums into a group, whichever of its slots each contact posted to.
-    groups = slot_groups(inp.view, inp.group_slots) if inp.group_slots > 1 else None
+    groups = registrations(inp.view, inp.group_slots) if inp.group_slots > 1 else None
     what = "slots" if groups is None else "device-days (slot groups)"
-    target_keys = t.slot_key if groups is None else groups.of(t.slot_key)
+    target_keys = t.slot_key if groups is None else groups.group_of(t.slot_key)
     slot_keys, inv = np.unique(target_keys, return_inverse=True)
     inv = inv.reshape(-1)
     dev = np.bincount(inv, weights=t.devices, minlength=len(slot_keys)).astype(np.int64)
@@ -1025,7 +1013,7 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
         if held_rows is not None and len(held_rows):
             held_keys = _void(_be(held_rows.round_id), held_rows.slot)
             held, held_n = np.unique(
-                held_keys if groups is None else groups.of(held_keys), return_counts=True
+                held_keys if groups is None else groups.group_of(held_keys), return_counts=True
             )
         else:
             held, held_n = np.zeros(0, "V24"), np.zeros(0, np.int64)
@@ -1468,15 +1456,15 @@ def check_profile(inp: AuditInput) -> CheckResult:
     elided, mismatched = verify_elided(inp.view)
     violations = sorted(set(violations)) + mismatched
     counts = {role: dict(seen)}
-    regs = registrations(inp.view)
-    participants = {p for slots in regs.values() for p in slots.values()}
+    regs = registrations(inp.view, inp.group_slots)
+    participants = regs.participants
     table = [["party", f"learns ({mode})"]] + [[p, t] for p, t in PROFILE[mode].items()]
     table.append(list(AUDITOR_ROW))
     config = {
         "mode": mode,
         "participants": len(participants),
-        "rounds": len(regs),
-        "registered_slots": sum(len(v) for v in regs.values()),
+        "rounds": len(regs.rounds()),
+        "registered_slots": len(regs),
         "items_per_device": inp.config.get("items_per_device"),
         "pools": inp.config.get("pools"),
         "min_cohort": inp.min_cohort,

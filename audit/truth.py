@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from audit.views import ServerView, TrueItem, Truth, registrations
+from audit.views import ServerView, TrueItem, Truth, registrations, round_slot_keys
 from contract.schedule import AGGREGATES, NEIGHBOURHOOD
 
 if TYPE_CHECKING:
@@ -152,7 +152,8 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
     workforce = labour_force(population)
     thetas = _thetas(run_dir, spec)
     table_rows = _behaviour_rows(run_dir, spec)
-    directory = registrations(view)
+    directory = registrations(view, spec.advertising_intervals)
+    registered_rounds = directory.rounds()
     unused: Counter[str] = Counter()
     items: list[TrueItem] = []
     domains: dict[bytes, int] = {}
@@ -240,7 +241,7 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
             q = infectiousness(agents, state, beh, th, config, day).detach()
             local = observer - int(ids[0])
             values = message(q[torch.from_numpy(local)], torch.from_numpy(weight)).numpy()
-            registered = directory.get(rid)
+            has_round = rid in registered_rounds
             for u, unit in enumerate(units):
                 rows = np.flatnonzero(unit_of[local] == u)
                 keys = np.ascontiguousarray(rpi[rows]).view("V16").ravel()
@@ -251,11 +252,15 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
                 devs = np.zeros(len(uniq), dtype=np.int64)
                 np.add.at(devs, inverse.reshape(-1), 1)
                 slots = pseudonym_slots(np.ascontiguousarray(uniq).tobytes(), rid, dkey)
-                for j in range(len(uniq)):
+                slot_ids = np.frombuffer(slots, np.uint8).reshape(-1, 16)
+                ok = (
+                    directory.registered(round_slot_keys(rid, slot_ids))
+                    if has_round
+                    else np.ones(len(uniq), dtype=bool)
+                )
+                unused[UNREGISTERED] += int((~ok).sum())
+                for j in np.flatnonzero(ok).tolist():
                     slot = slots[16 * j : 16 * j + 16]
-                    if registered is not None and slot not in registered:
-                        unused[UNREGISTERED] += 1
-                        continue
                     items.append(TrueItem(NEIGHBOURHOOD, rid, unit, slot, summed[j], int(devs[j])))
                 message_values.append(summed[:, 0])
             for j, r in enumerate(rpi[:: max(1, len(rpi) // 5)][:5]):

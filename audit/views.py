@@ -91,6 +91,8 @@ class ServerView:
     keys: dict[str, KeyPair]
     events: list[dict[str, Any]] = field(default_factory=list)
     unused: Counter[str] = field(default_factory=Counter)
+    #: what the checks derive from the records, each computed once (not copied by replace())
+    derived: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -346,23 +348,27 @@ def verify_elided(view: ServerView) -> tuple[int, list[str]]:
     checked, bad = 0, []
     registered: dict[int, list[bytes]] = {}
     done: set[tuple[int, bytes]] = set()
-    pending: dict[str, Message] = {}  # the device request being served, by peer
+    pending: dict[str, Message | None] = {}  # the device request being served, by peer
     current: Message | None = None
+    needed = ("RegisterRequest", "FetchRequest", "DirectoryRequest")
     for r in view.records:
         if r.peer not in ROLES and not r.elided:
-            try:
-                msg = decode(r.payload)
-            except SecureSumError:
-                continue
             if r.direction == "in":
+                # only the requests an elided record derives from are decoded (posts are not)
+                msg: Message | None = None
+                if r.kind in needed:
+                    try:
+                        msg = decode(r.payload)
+                    except SecureSumError:
+                        msg = None
                 pending[r.peer] = current = msg
                 continue
             req = pending.pop(r.peer, None)
-            key = (getattr(req, "round_id", -1), getattr(req, "device_id", b""))
-            answered = type(msg).__name__ == "RegisterResponse"
-            if isinstance(req, RegisterRequest) and answered and key not in done:
-                done.add(key)
-                registered.setdefault(req.round_id, []).append(req.slot_ids)
+            if isinstance(req, RegisterRequest) and r.kind == "RegisterResponse":
+                key = (req.round_id, req.device_id)
+                if key not in done:
+                    done.add(key)
+                    registered.setdefault(req.round_id, []).append(req.slot_ids)
             continue
         if not r.elided:
             continue
@@ -620,66 +626,106 @@ def _open_items(
     b.position += kept
 
 
-def registrations(
-    view: ServerView, deployment: str = NEIGHBOURHOOD
-) -> dict[int, dict[bytes, bytes]]:
-    """round → {slot id → registrant participant id}, from C's RegisterRequests (or A's
-    RelayRegisters)."""
-    out: dict[int, dict[bytes, bytes]] = {}
-    peer_is_device = view.role == "coordinator"
-    for r, msg in _decoded(view.records, "in", peer_is_device):
-        if r.deployment != deployment or not isinstance(msg, RegisterRequest | RelayRegister):
-            continue
-        slots = out.setdefault(msg.round_id, {})
-        for i in range(0, len(msg.slot_ids), SLOT_ID_BYTES):
-            slots.setdefault(msg.slot_ids[i : i + SLOT_ID_BYTES], msg.device_id)
-    return out
-
-
-def _key(round_id: int, ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
-    """``round (8 bytes, big endian) ‖ slot id`` of each row of an ``(n, 16)`` id matrix."""
-    rnd = np.broadcast_to(np.frombuffer(round_id.to_bytes(8, "big"), np.uint8), (len(ids), 8))
-    return np.ascontiguousarray(np.concatenate([rnd, ids], axis=1)).view("V24").ravel()
-
-
 @dataclass(frozen=True)
-class SlotGroups:
-    """Which registration group each registered slot is in: ``round ‖ slot`` keys (sorted) and,
-    aligned, the key of their group (``round ‖`` the group's first registered slot)."""
+class Registrations:
+    """Every pseudonym slot registered in a view, as arrays (millions of slots: no dicts).
+
+    ``keys`` are ``round ‖ slot`` (sorted, unique); aligned with them, ``owner`` indexes the
+    registrant in ``participants`` and ``groups`` is the key of the slot's group (``round ‖``
+    the first slot of its group: a registrant's slots, in the order it registered them, in
+    consecutive groups of ``group_slots``; the servers release only a group's total)."""
 
     keys: npt.NDArray[np.void]
+    owner: npt.NDArray[np.int32]
+    participants: npt.NDArray[np.uint8]
     groups: npt.NDArray[np.void]
+    group_slots: int = 1
 
-    def of(self, keys: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
-        """The group key of each ``round ‖ slot`` key; a slot nobody registered is its own."""
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rounds(self) -> set[int]:
+        """The rounds with a registration."""
+        raw = self.keys.view(np.uint8).reshape(-1, 24)[:, :8].copy().view(">i8").ravel()
+        return {int(r) for r in np.unique(raw)}
+
+    def registered(self, keys: npt.NDArray[np.void]) -> npt.NDArray[np.bool_]:
+        """Which ``round ‖ slot`` keys some participant registered."""
         if not len(self.keys):
+            return np.zeros(len(keys), dtype=bool)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return self.keys[pos] == keys
+
+    def owned_by(self, ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
+        """The ``round ‖ slot`` keys registered by any of the ``(m, 16)`` participant ids."""
+        if not len(ids) or not len(self.keys):
+            return np.zeros(0, dtype="V24")
+        known = np.ascontiguousarray(self.participants).view("V16").ravel()
+        wanted = np.ascontiguousarray(ids).view("V16").ravel()
+        return self.keys[np.isin(self.owner, np.flatnonzero(np.isin(known, wanted)))]
+
+    def group_of(self, keys: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
+        """The group key of each ``round ‖ slot`` key; a slot nobody registered is its own."""
+        if not len(self.keys) or self.group_slots == 1:
             return keys.copy()
         pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         return np.where(self.keys[pos] == keys, self.groups[pos], keys)
 
 
-def slot_groups(view: ServerView, group_slots: int, deployment: str = NEIGHBOURHOOD) -> SlotGroups:
-    """The slot groups of every registration in the view: a registrant's slots, in the order
-    it registered them, in consecutive groups of ``group_slots`` (the servers release only a
-    group's total)."""
-    keys, groups = [], []
+def registrations(
+    view: ServerView, group_slots: int = 1, deployment: str = NEIGHBOURHOOD
+) -> Registrations:
+    """Every slot registered in C's RegisterRequests (or A's RelayRegisters), its registrant and
+    its group of ``group_slots`` (a resent registration counts once). Computed once per view."""
+    cached = view.derived.get(("registrations", group_slots, deployment))
+    if cached is not None:
+        return cached
+    keys, groups, owners = [], [], []
+    participants: dict[bytes, int] = {}
     peer_is_device = view.role == "coordinator"
-    for r, msg in _decoded(view.records, "in", peer_is_device):
-        if r.deployment != deployment or not isinstance(msg, RegisterRequest | RelayRegister):
+    for r in view.records:
+        if r.direction != "in" or r.elided or r.deployment != deployment:
             continue
+        if r.kind not in ("RegisterRequest", "RelayRegister") or (r.peer not in ROLES) != (
+            peer_is_device
+        ):
+            continue
+        try:
+            msg = decode(r.payload)
+        except SecureSumError:
+            continue
+        assert isinstance(msg, RegisterRequest | RelayRegister)
         ids = np.frombuffer(msg.slot_ids, np.uint8).reshape(-1, SLOT_ID_BYTES)
-        first = ids[(np.arange(len(ids)) // group_slots) * group_slots]
-        keys.append(_key(msg.round_id, ids))
-        groups.append(_key(msg.round_id, first))
+        keys.append(round_slot_keys(msg.round_id, ids))
+        if group_slots > 1:
+            first = ids[(np.arange(len(ids)) // group_slots) * group_slots]
+            groups.append(round_slot_keys(msg.round_id, first))
+        number = participants.setdefault(msg.device_id, len(participants))
+        owners.append(np.full(len(ids), number, dtype=np.int32))
     if not keys:
-        return SlotGroups(np.zeros(0, "V24"), np.zeros(0, "V24"))
-    # a resent registration repeats the same slots in the same groups: keep one of each
-    all_keys, first_at = np.unique(np.concatenate(keys), return_index=True)
-    return SlotGroups(all_keys, np.concatenate(groups)[first_at])
+        empty = np.zeros(0, "V24")
+        out = Registrations(empty, np.zeros(0, np.int32), np.zeros((0, 16), np.uint8), empty)
+    else:
+        unique, first_at = np.unique(np.concatenate(keys), return_index=True)
+        out = Registrations(
+            unique,
+            np.concatenate(owners)[first_at],
+            np.frombuffer(b"".join(participants), np.uint8).reshape(-1, 16),
+            np.concatenate(groups)[first_at] if groups else unique,
+            group_slots,
+        )
+    view.derived[("registrations", group_slots, deployment)] = out
+    return out
+
+
+def round_slot_keys(round_id: int, ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
+    """``round (8 bytes, big endian) ‖ slot id`` of each row of an ``(n, 16)`` id matrix."""
+    rnd = np.broadcast_to(np.frombuffer(round_id.to_bytes(8, "big"), np.uint8), (len(ids), 8))
+    return np.ascontiguousarray(np.concatenate([rnd, ids], axis=1)).view("V24").ravel()
 
 
 def fetch_releases(
-    view: ServerView, groups: SlotGroups | None = None, deployment: str = NEIGHBOURHOOD
+    view: ServerView, groups: Registrations | None = None, deployment: str = NEIGHBOURHOOD
 ) -> tuple[list[tuple[int, bytes, bytes, npt.NDArray[np.int64]]], int]:
     """(round, participant, group ids, C's released share-sum rows) of every answered fetch at C
     (each request paired with the next reply to the same participant), and the number of
@@ -712,9 +758,9 @@ def fetch_releases(
             # a fetch naming no slot asks for every slot its registrant registered, in order
             raw = req.slot_ids or registered.get((req.round_id, req.device_id), b"")
             ids = np.frombuffer(raw, np.uint8).reshape(-1, SLOT_ID_BYTES)
-            named = _key(req.round_id, ids)
+            named = round_slot_keys(req.round_id, ids)
             if groups is not None:
-                named = groups.of(named)
+                named = groups.group_of(named)
             _, first = np.unique(named, return_index=True)
             group_ids = (
                 ids[np.sort(first)]

@@ -58,14 +58,14 @@ RPC_STEP = {
     "SubmitAggregates": OBSERVATIONS_STEP,
 }
 
-#: Largest |tangent| of one device's observation that the aggregates codec accepts.
+#: Largest |tangent| of one device's observation.
 OBSERVATION_MAX_ABS = float(2**10)
-#: Devices per aggregate slot the aggregates codec allows (2^10 · 2^32 · 2^20 = 2^62).
+#: Devices per secure-sum participant of a pool (bounds one post's size).
+UNIT_DEVICES = 1024
+#: Devices per aggregate slot (2^20: 2^10 · 2^32 · 2^20 = 2^62 below the ring's 2^63).
 MAX_DEVICES = 2**20
 #: Summands per pseudonym slot (real messages and dummies) the neighbourhood codec allows.
 MAX_SLOT_SUMMANDS = 2**24
-#: Devices per secure-sum participant of a pool (bounds one post's size).
-UNIT_DEVICES = 1024
 #: Width of every message and observation: a value and its tangents dvalue/dθ. A federation
 #: differentiates the epidemic's parameters (``BASE_PARAMS``: a run spec's model config keeps
 #: the default ``grad``); the behaviour table's alignment is fitted centrally.
@@ -95,8 +95,17 @@ def neighbourhood_codec() -> FixedPointCodec:
 
 
 def aggregates_codec() -> FixedPointCodec:
-    """Fixed point for observations: 0/1 values exact, tangents to 2^-32."""
-    return FixedPointCodec(EXACT_FRAC_BITS, OBSERVATION_MAX_ABS, MAX_DEVICES)
+    """Fixed point for observations: 0/1 values exact, tangents to 2^-32.
+
+    One item is one *participant's* total — up to ``UNIT_DEVICES`` devices' observations summed
+    — so an item may reach ``UNIT_DEVICES × OBSERVATION_MAX_ABS`` (2^20), and a slot takes
+    ``MAX_DEVICES / UNIT_DEVICES`` (2^10) participants: the same 2^62 bound on the total. (A
+    per-device bound on the item refused a 1,024-device participant whose summed tangent was
+    1,113 on Astoria, day 16, and stalled the round.) A run of single-device participants
+    (phones) is thus limited to 1,024 of them; more are refused, never wrapped."""
+    return FixedPointCodec(
+        EXACT_FRAC_BITS, OBSERVATION_MAX_ABS * UNIT_DEVICES, MAX_DEVICES // UNIT_DEVICES
+    )
 
 
 def codecs() -> dict[str, FixedPointCodec]:

@@ -298,7 +298,8 @@ class Transcript:
 
 
 def read_transcript(path: Path, auditor: KeyPair) -> Transcript:
-    """A transcript, opened with its auditor's key pair (the file is read once).
+    """A transcript, opened with its auditor's key pair (the file is streamed once: memory
+    holds the opened records, not the file).
 
     Raises:
         TranscriptError: wrong file, or sealed to another auditor's key (both keys named by
@@ -306,11 +307,7 @@ def read_transcript(path: Path, auditor: KeyPair) -> Transcript:
         TranscriptIntegrityError: a record fails to open (tampered, reordered or dropped) or to
             parse, naming its sequence number.
     """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TranscriptError(f"{path}: transcript not found") from None
-    role, public, spans, end = _scan(data, path)
+    role, public = read_header(path)
     if public != auditor.public:
         raise TranscriptError(
             f"{path}: the {role}'s transcript is sealed to auditor key {fingerprint(public)}, "
@@ -318,19 +315,28 @@ def read_transcript(path: Path, auditor: KeyPair) -> Transcript:
             "opens it"
         )
     records = []
-    for seq, (pos, size) in enumerate(spans):
-        try:
-            plain = open_envelope(auditor, data[pos : pos + size], INFO, _aad(role, seq))
-        except EnvelopeError as e:
-            raise TranscriptIntegrityError(
-                f"{path}: record {seq} does not open ({type(e).__name__}): tampered, "
-                "reordered or dropped records"
-            ) from None
-        try:
-            records.append(decode_record(seq, plain))
-        except TranscriptError as e:
-            raise TranscriptIntegrityError(f"{path}: {e}") from None
-    return Transcript(role, records, len(data) - end)
+    tail = 0
+    with path.open("rb") as fh:
+        fh.seek(len(_header(role, public)))
+        while head := fh.read(4):
+            (size,) = struct.unpack(">I", head) if len(head) == 4 else (-1,)
+            envelope = fh.read(size) if size >= 0 else b""
+            if size < 0 or len(envelope) < size:  # a record cut short by a crash
+                tail = len(head) + len(envelope)
+                break
+            seq = len(records)
+            try:
+                plain = open_envelope(auditor, envelope, INFO, _aad(role, seq))
+            except EnvelopeError as e:
+                raise TranscriptIntegrityError(
+                    f"{path}: record {seq} does not open ({type(e).__name__}): tampered, "
+                    "reordered or dropped records"
+                ) from None
+            try:
+                records.append(decode_record(seq, plain))
+            except TranscriptError as e:
+                raise TranscriptIntegrityError(f"{path}: {e}") from None
+    return Transcript(role, records, tail)
 
 
 def auditor_files(directory: Path, role: str) -> tuple[Path, Path]:
