@@ -631,14 +631,15 @@ class Registrations:
     """Every pseudonym slot registered in a view, as arrays (millions of slots: no dicts).
 
     ``keys`` are ``round ‖ slot`` (sorted, unique); aligned with them, ``owner`` indexes the
-    registrant in ``participants`` and ``groups`` is the key of the slot's group (``round ‖``
-    the first slot of its group: a registrant's slots, in the order it registered them, in
-    consecutive groups of ``group_slots``; the servers release only a group's total)."""
+    registrant in ``participants`` and ``group`` indexes (in ``keys``) the first slot of the
+    slot's group — a registrant's slots, in the order it registered them, in consecutive groups
+    of ``group_slots``; the servers release only a group's total. Indices, not 24-byte keys:
+    Astoria registers millions of slots."""
 
     keys: npt.NDArray[np.void]
     owner: npt.NDArray[np.int32]
     participants: npt.NDArray[np.uint8]
-    groups: npt.NDArray[np.void]
+    group: npt.NDArray[np.int32]
     group_slots: int = 1
 
     def __len__(self) -> int:
@@ -669,7 +670,7 @@ class Registrations:
         if not len(self.keys) or self.group_slots == 1:
             return keys.copy()
         pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        return np.where(self.keys[pos] == keys, self.groups[pos], keys)
+        return np.where(self.keys[pos] == keys, self.keys[self.group[pos]], keys)
 
 
 def registrations(
@@ -680,9 +681,13 @@ def registrations(
     cached = view.derived.get(("registrations", group_slots, deployment))
     if cached is not None:
         return cached
-    keys, groups, owners = [], [], []
-    participants: dict[bytes, int] = {}
+    # one pass finds the distinct registrations, a second fills preallocated arrays (Astoria
+    # registers millions of slots: no per-slot Python objects, no list of partial arrays)
     peer_is_device = view.role == "coordinator"
+    chosen: list[RegisterRequest | RelayRegister] = []
+    seen: set[tuple[int, bytes, bytes]] = set()
+    participants: dict[bytes, int] = {}
+    total = 0
     for r in view.records:
         if r.direction != "in" or r.elided or r.deployment != deployment:
             continue
@@ -695,25 +700,41 @@ def registrations(
         except SecureSumError:
             continue
         assert isinstance(msg, RegisterRequest | RelayRegister)
+        # a resent registration is identical: count it once
+        key = (msg.round_id, msg.device_id, hashlib.sha256(msg.slot_ids).digest())
+        if key in seen:
+            continue
+        seen.add(key)
+        chosen.append(msg)
+        participants.setdefault(msg.device_id, len(participants))
+        total += len(msg.slot_ids) // SLOT_ID_BYTES
+    raw_keys = np.empty(total, dtype="V24")
+    owner = np.empty(total, dtype=np.int32)
+    first = np.empty(total, dtype=np.int32)  # where each slot's group starts
+    at = 0
+    for msg in chosen:
         ids = np.frombuffer(msg.slot_ids, np.uint8).reshape(-1, SLOT_ID_BYTES)
-        keys.append(round_slot_keys(msg.round_id, ids))
-        if group_slots > 1:
-            first = ids[(np.arange(len(ids)) // group_slots) * group_slots]
-            groups.append(round_slot_keys(msg.round_id, first))
-        number = participants.setdefault(msg.device_id, len(participants))
-        owners.append(np.full(len(ids), number, dtype=np.int32))
-    if not keys:
-        empty = np.zeros(0, "V24")
-        out = Registrations(empty, np.zeros(0, np.int32), np.zeros((0, 16), np.uint8), empty)
-    else:
-        unique, first_at = np.unique(np.concatenate(keys), return_index=True)
-        out = Registrations(
-            unique,
-            np.concatenate(owners)[first_at],
-            np.frombuffer(b"".join(participants), np.uint8).reshape(-1, 16),
-            np.concatenate(groups)[first_at] if groups else unique,
-            group_slots,
-        )
+        n = len(ids)
+        raw_keys[at : at + n] = round_slot_keys(msg.round_id, ids)
+        owner[at : at + n] = participants[msg.device_id]
+        first[at : at + n] = at + (np.arange(n, dtype=np.int32) // group_slots) * group_slots
+        at += n
+    del chosen
+    order = np.argsort(raw_keys, kind="stable")
+    keys = raw_keys[order]
+    del raw_keys
+    rank = np.empty(total, dtype=np.int32)
+    rank[order] = np.arange(total, dtype=np.int32)
+    group = np.empty(total, dtype=np.int32)
+    group[rank] = rank[first]
+    del rank, first
+    out = Registrations(
+        keys,
+        owner[order],
+        np.frombuffer(b"".join(participants), np.uint8).reshape(-1, 16),
+        group,
+        group_slots,
+    )
     view.derived[("registrations", group_slots, deployment)] = out
     return out
 
