@@ -514,7 +514,7 @@ class DevicePool:
 
     def finish_day(self, spec: RoundSpec, day: int, theta: torch.Tensor) -> None:
         """Make sure the day's update ran, whatever steps the pool missed: prepare if the
-        messages step was missed, fetch the registered slots' sums, then ``f``. A no-op once
+        messages step was missed, fetch its devices' day totals, then ``f``. A no-op once
         updated.
 
         A participant that did not register this round (it was offline then) has no slots, so
