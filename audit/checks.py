@@ -396,16 +396,17 @@ class _Guesses:
         hit = np.zeros(len(t.edge), dtype=bool)
         if not len(t.edge):
             return hit
-        if self.edge:
-            keys, vals = np.concatenate(self.edge), np.concatenate(self.edge_val)
+        # one batch of guesses at a time: a target is hit if any guess equals it, so nothing
+        # needs the guesses concatenated (the aggregator's ± rows are millions of vectors)
+        for keys, vals in zip(self.edge, self.edge_val, strict=True):
             idx = np.minimum(np.searchsorted(t.edge, keys), len(t.edge) - 1)
             ok = t.edge[idx] == keys
             near = _near_rows(vals[ok], t.value[idx[ok]])
             hit[idx[ok][near]] = True
         if self.slot:
-            keys, vals = np.concatenate(self.slot), np.concatenate(self.slot_val)
             order = np.argsort(t.slot_key, kind="stable")
             sk = t.slot_key[order]
+        for keys, vals in zip(self.slot, self.slot_val, strict=True):
             lo, hi = np.searchsorted(sk, keys, "left"), np.searchsorted(sk, keys, "right")
             counts = hi - lo
             guess = np.repeat(np.arange(len(keys)), counts)
