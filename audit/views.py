@@ -337,17 +337,51 @@ def transcript_unused(view: ServerView, deployments: Iterable[str]) -> Counter[s
     return out
 
 
+def accepted_registrations(
+    view: ServerView, deployment: str = NEIGHBOURHOOD
+) -> dict[tuple[int, bytes], bytes]:
+    """(round, participant) → its slot list, for every registration the server accepted (a
+    request answered by a RegisterResponse), in the order accepted — the order of the round's
+    slot directory. Computed once per view.
+
+    A device request and its reply are consecutive for that device in the transcript (the
+    coordinator serves devices one at a time, its relay to the aggregator in between)."""
+    cached = view.derived.get(("accepted", deployment))
+    if cached is not None:
+        return cached
+    accepted: dict[tuple[int, bytes], bytes] = {}
+    asked: dict[str, RegisterRequest] = {}
+    for r in view.records:
+        if r.peer in ROLES or r.elided or r.deployment != deployment:
+            continue
+        if r.direction == "in":
+            asked.pop(r.peer, None)
+            if r.kind == "RegisterRequest":
+                try:
+                    msg = decode(r.payload)
+                except SecureSumError:
+                    continue
+                assert isinstance(msg, RegisterRequest)
+                asked[r.peer] = msg
+        elif r.kind == "RegisterResponse" and r.peer in asked:
+            req = asked.pop(r.peer)
+            accepted.setdefault((req.round_id, req.device_id), req.slot_ids)
+    view.derived[("accepted", deployment)] = accepted
+    return accepted
+
+
 def verify_elided(view: ServerView) -> tuple[int, list[str]]:
     """Rebuild every elided record of the view (``contract.views.ELIDED``) from the records it
     derives from, and compare digests: (records checked, what did not match).
 
     A device request and its reply are consecutive in the transcript (the coordinator serves
     devices one at a time, its relay to the aggregator in between), so each elided relay is the
-    copy of the device request before it, and each directory reply is the round's successful
-    registrations so far, in order."""
+    copy of the device request before it, and each directory reply (served once registration
+    closed) is the round's accepted registrations, in order."""
     checked, bad = 0, []
     registered: dict[int, list[bytes]] = {}
-    done: set[tuple[int, bytes]] = set()
+    for (round_id, _), slot_ids in accepted_registrations(view).items():
+        registered.setdefault(round_id, []).append(slot_ids)
     pending: dict[str, Message | None] = {}  # the device request being served, by peer
     current: Message | None = None
     needed = ("RegisterRequest", "FetchRequest", "DirectoryRequest")
@@ -363,12 +397,7 @@ def verify_elided(view: ServerView) -> tuple[int, list[str]]:
                         msg = None
                 pending[r.peer] = current = msg
                 continue
-            req = pending.pop(r.peer, None)
-            if isinstance(req, RegisterRequest) and r.kind == "RegisterResponse":
-                key = (req.round_id, req.device_id)
-                if key not in done:
-                    done.add(key)
-                    registered.setdefault(req.round_id, []).append(req.slot_ids)
+            pending.pop(r.peer, None)
             continue
         if not r.elided:
             continue
@@ -757,21 +786,17 @@ def fetch_releases(
     pending: dict[str, FetchRequest] = {}
     unanswered = 0
     out = []
-    asked: dict[str, RegisterRequest] = {}
-    registered: dict[tuple[int, bytes], bytes] = {}  # (round, participant) → its slot list
+    registered = accepted_registrations(view, deployment)
     for r in view.records:
         if r.deployment != deployment or r.peer in ROLES or r.elided:
+            continue
+        if r.kind not in ("FetchRequest", "FetchResponse"):
             continue
         try:
             msg: Message = decode(r.payload)
         except SecureSumError:
             continue
-        if r.direction == "in" and isinstance(msg, RegisterRequest):
-            asked[r.peer] = msg
-        elif r.direction == "out" and type(msg).__name__ == "RegisterResponse" and r.peer in asked:
-            reg = asked.pop(r.peer)
-            registered.setdefault((reg.round_id, reg.device_id), reg.slot_ids)
-        elif r.direction == "in" and isinstance(msg, FetchRequest):
+        if r.direction == "in" and isinstance(msg, FetchRequest):
             unanswered += int(r.peer in pending)  # a request superseded before its reply
             pending[r.peer] = msg
         elif r.direction == "out" and isinstance(msg, FetchResponse) and r.peer in pending:

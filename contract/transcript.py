@@ -42,8 +42,10 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from identity.secret_files import write_secret
 from protocols.secure_sum.envelope import KeyPair, key_id, open_envelope, seal
@@ -56,8 +58,6 @@ RECORD_VERSION = 1
 ELIDED_VERSION = 2
 INFO = b"decentsim/v1/audit-transcript"
 KEY_BYTES = 32
-#: largest record accepted when reading (a record holds one protocol message)
-MAX_RECORD_BYTES = 1 << 31
 DIRECTIONS = ("in", "out")
 
 
@@ -194,18 +194,18 @@ def _parse_header(data: bytes, path: Path) -> tuple[str, bytes, int]:
     return role, public, start + n + KEY_BYTES
 
 
-def _scan(data: bytes, path: Path) -> tuple[str, bytes, list[tuple[int, int]], int]:
-    """(role, auditor public key, (offset, size) of each whole record's envelope, byte offset
-    after the last whole record)."""
-    role, public, pos = _parse_header(data, path)
-    spans = []
-    while pos + 4 <= len(data):
-        (size,) = struct.unpack_from(">I", data, pos)
-        if pos + 4 + size > len(data):
-            break
-        spans.append((pos + 4, size))
-        pos += 4 + size
-    return role, public, spans, pos
+def _envelopes(fh: BinaryIO, start: int) -> Iterator[tuple[bytes, int]]:
+    """Each whole record's envelope from byte ``start`` of an open transcript, with the offset
+    just after it; streamed, and stopping before a record cut short by a crash."""
+    fh.seek(start)
+    end = start
+    while len(head := fh.read(4)) == 4:
+        (size,) = struct.unpack(">I", head)
+        envelope = fh.read(size)
+        if len(envelope) < size:
+            return
+        end += 4 + size
+        yield envelope, end
 
 
 def read_header(path: Path) -> tuple[str, bytes]:
@@ -251,13 +251,16 @@ class TranscriptWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._seq = 0
         if path.exists() and path.stat().st_size:
-            old_role, old_public, spans, end = _scan(path.read_bytes(), path)
-            self._seq = len(spans)
+            old_role, old_public = read_header(path)
             if old_role != role or old_public != auditor_public:
                 raise TranscriptError(
                     f"{path}: transcript of role {old_role!r} for another auditor key; "
                     "move it away before recording with this key"
                 )
+            end = len(_header(role, auditor_public))
+            with path.open("rb") as fh:
+                for _, after in _envelopes(fh, end):
+                    self._seq, end = self._seq + 1, after
             os.truncate(path, end)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         else:
@@ -315,16 +318,10 @@ def read_transcript(path: Path, auditor: KeyPair) -> Transcript:
             "opens it"
         )
     records = []
-    tail = 0
+    end = len(_header(role, public))
     with path.open("rb") as fh:
-        fh.seek(len(_header(role, public)))
-        while head := fh.read(4):
-            (size,) = struct.unpack(">I", head) if len(head) == 4 else (-1,)
-            envelope = fh.read(size) if size >= 0 else b""
-            if size < 0 or len(envelope) < size:  # a record cut short by a crash
-                tail = len(head) + len(envelope)
-                break
-            seq = len(records)
+        for seq, (envelope, after) in enumerate(_envelopes(fh, end)):
+            end = after
             try:
                 plain = open_envelope(auditor, envelope, INFO, _aad(role, seq))
             except EnvelopeError as e:
@@ -336,6 +333,7 @@ def read_transcript(path: Path, auditor: KeyPair) -> Transcript:
                 records.append(decode_record(seq, plain))
             except TranscriptError as e:
                 raise TranscriptIntegrityError(f"{path}: {e}") from None
+        tail = fh.seek(0, os.SEEK_END) - end  # a record cut short by a crash
     return Transcript(role, records, tail)
 
 

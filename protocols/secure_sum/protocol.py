@@ -396,11 +396,12 @@ class _Server:
         # int64 addition wraps modulo 2^64: exactly the ring's sum of shares
         totals = sums[order].reshape(-1, group_slots, sums.shape[1]).sum(axis=1)
         group_counts = counts[order].reshape(-1, group_slots).sum(axis=1)
-        if (group_counts > self.deployment.codec.max_summands).any():
+        over = group_counts > self.deployment.codec.max_summands
+        if over.any():
             raise OverflowBoundError(
-                f"{int((group_counts > self.deployment.codec.max_summands).sum())} group(s) "
-                f"hold more than max_summands={self.deployment.codec.max_summands} summands; "
-                "their totals are withheld"
+                f"{int(over.sum())} group(s) hold more than "
+                f"max_summands={self.deployment.codec.max_summands} summands; their totals are "
+                "withheld"
             )
         return totals, group_counts
 

@@ -268,9 +268,7 @@ class Registry:
         self.table = SlotTable()
         self._participants: dict[bytes, Registration] = {}
         self._owner: list[int] = []  # participant number per slot index
-        self._offset: list[int] = []  # position in its registrant's slot list, per slot index
         self._owner_array: npt.NDArray[np.int64] | None = None
-        self._offset_array: npt.NDArray[np.int64] | None = None
 
     def registration(self, device_id: bytes) -> Registration | None:
         """The participant's registration this round, if any."""
@@ -339,8 +337,7 @@ class Registry:
         )
         self._participants[device_id] = reg
         self._owner.extend([reg.number] * len(slot_ids))
-        self._offset.extend(range(len(slot_ids)))
-        self._owner_array = self._offset_array = None
+        self._owner_array = None
         return reg
 
     def authorize_fetch(
@@ -360,27 +357,26 @@ class Registry:
             NotRegistrant: a slot is registered by another participant.
             PartialGroup: the slots name part of a group (no total is released then).
         """
+        reg = self._participants.get(device_id)
         if not len(ids):  # every slot it registered, in its order
-            reg = self._participants.get(device_id)
             if reg is None:
                 raise NotRegistrant("the participant registered no slots this round")
-            ids = self.table.id_matrix()[reg.first : reg.first + reg.count]
-        idx, known = self.table.find(ids)
-        if not known.all():
-            bad = bytes(ids[int(np.argmin(known))])
-            raise UnknownSlot(f"slot {bad.hex()[:16]}… is not registered")
-        if len(np.unique(idx)) != len(idx):
-            raise MessageError("the fetch lists a slot more than once")
-        reg = self._participants.get(device_id)
-        if self._owner_array is None:
-            self._owner_array = np.asarray(self._owner, dtype=np.int64)
-        mine = self._owner_array[idx] == (reg.number if reg is not None else -1)
-        if reg is None or not mine.all():
-            bad = bytes(ids[int(np.argmin(mine))])
-            raise NotRegistrant(f"slot {bad.hex()[:16]}… is registered to another participant")
-        if self._offset_array is None:
-            self._offset_array = np.asarray(self._offset, dtype=np.int64)
-        group = self._offset_array[idx] // group_slots
+            idx = np.arange(reg.first, reg.first + reg.count, dtype=np.int64)
+        else:
+            idx, known = self.table.find(ids)
+            if not known.all():
+                bad = bytes(ids[int(np.argmin(known))])
+                raise UnknownSlot(f"slot {bad.hex()[:16]}… is not registered")
+            if len(np.unique(idx)) != len(idx):
+                raise MessageError("the fetch lists a slot more than once")
+            if self._owner_array is None:
+                self._owner_array = np.asarray(self._owner, dtype=np.int64)
+            mine = self._owner_array[idx] == (reg.number if reg is not None else -1)
+            if reg is None or not mine.all():
+                bad = bytes(ids[int(np.argmin(mine))])
+                raise NotRegistrant(f"slot {bad.hex()[:16]}… is registered to another participant")
+        # a registration is one block of the table: a slot's place in it is idx − first
+        group = (idx - reg.first) // group_slots
         named, first, row = np.unique(group, return_index=True, return_inverse=True)
         if len(idx) != group_slots * len(named):
             raise PartialGroup(
