@@ -36,12 +36,15 @@ from scipy import stats
 
 from audit.behaviour import behaviour_verdict
 from audit.views import (
+    EDGE_BYTES,
+    RP_BYTES,
+    RS_BYTES,
     UNANSWERED_FETCH,
     AuditInput,
     Registrations,
     Rows,
     Shares,
-    TrueItem,
+    Truth,
     fetch_releases,
     registrations,
     server_shares,
@@ -51,6 +54,7 @@ from audit.views import (
 from contract.schedule import AGGREGATES, NEIGHBOURHOOD
 from protocols.secure_sum import Mode
 from protocols.secure_sum.messages import decode
+from protocols.secure_sum.slots import DEVICE_ID_BYTES, SLOT_ID_BYTES
 
 #: probability budget of a false failure of any statistical check on an honest run
 FALSE_FAILURE = 1e-6
@@ -136,8 +140,8 @@ def _dims(inp: AuditInput) -> dict[str, int]:
         if r.kind == "MailboxPost" and r.deployment not in dims:
             dims[r.deployment] = int(getattr(decode(r.payload), "dim", 0))
     if inp.truth is not None:
-        for it in inp.truth.items:
-            dims.setdefault(it.deployment, int(it.value.size))
+        for dep, table in inp.truth.tables.items():
+            dims.setdefault(dep, int(table.value.shape[1]))
     return {k: v for k, v in dims.items() if v > 0}
 
 
@@ -255,7 +259,7 @@ def _plaintext_values(inp: AuditInput, shares: Shares) -> npt.NDArray[np.int64]:
         rows = shares.rows.get(dep)
         if rows is None or not len(rows):
             continue
-        table = _truth_table(inp.truth.items, dep)
+        table = _truth_table(inp.truth, dep)
         every = _targets(table, codec, np.isin(table.round_id, _view_rounds(rows)))
         words.append(_completed(rows, every).ravel())
     return np.concatenate(words) if words else np.zeros(0, np.int64)
@@ -276,9 +280,10 @@ def _be(x: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
     return np.ascontiguousarray(np.asarray(x, dtype=">i8")).view(np.uint8).reshape(-1, 8)
 
 
-def _ids(raw: list[bytes] | set[bytes]) -> npt.NDArray[np.uint8]:
-    """Concatenated 16-byte ids as an ``(n, 16)`` matrix."""
-    return np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(-1, 16)
+def _ids(raw: list[bytes] | set[bytes], width: int = DEVICE_ID_BYTES) -> npt.NDArray[np.uint8]:
+    """Concatenated ids of ``width`` bytes (participants by default) as an ``(n, width)``
+    matrix."""
+    return np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(-1, width)
 
 
 def _near_rows(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
@@ -317,16 +322,9 @@ class _Table:
         return _void(_be(self.round_id), self.slot)
 
 
-def _truth_table(items: list[TrueItem], dep: str) -> _Table:
-    sel = [it for it in items if it.deployment == dep]
-    dim = sel[0].value.size if sel else 1
-    return _Table(
-        np.asarray([it.round_id for it in sel], dtype=np.int64),
-        _ids([it.participant for it in sel]) if sel else np.zeros((0, 16), np.uint8),
-        _ids([it.slot for it in sel]) if sel else np.zeros((0, 16), np.uint8),
-        np.asarray([it.value for it in sel], dtype=np.float64).reshape(-1, dim),
-        np.asarray([it.devices for it in sel], dtype=np.int64),
-    )
+def _truth_table(truth: Truth, dep: str) -> _Table:
+    t = truth.table(dep)
+    return _Table(t.round_id, t.participant, t.slot, t.value, t.devices)
 
 
 @dataclass
@@ -358,8 +356,13 @@ def _targets(table: _Table, codec: Any, keep: npt.NDArray[np.bool_]) -> _Targets
         else np.zeros((0, t.value.shape[1]), np.int64)
     )
     edge, value = _group_sum(t.edge, ring)
-    raw = edge.view(np.uint8).reshape(-1, 40)
-    return _Targets(edge, _void(raw[:, :8], raw[:, 24:]), np.ascontiguousarray(raw[:, 8:24]), value)
+    raw = edge.view(np.uint8).reshape(-1, EDGE_BYTES)
+    return _Targets(
+        edge,
+        _void(raw[:, :8], raw[:, RP_BYTES:]),
+        np.ascontiguousarray(raw[:, 8:RP_BYTES]),
+        value,
+    )
 
 
 @dataclass
@@ -520,7 +523,7 @@ def _control(rows: Rows, every: _Targets, tally: _Control) -> None:
     for (rnd, _), (opened, received) in rows.sampled.items():
         m, n = sampled.get(rnd, (0, 0))
         sampled[rnd] = (m + opened, n + received)
-    rnd = units.view(np.uint8).reshape(-1, 24)[:, :8].copy().view(">i8").ravel()
+    rnd = units.view(np.uint8).reshape(-1, RS_BYTES)[:, :8].copy().view(">i8").ravel()
     m, n = (
         np.asarray([sampled.get(int(r), (0, 0))[i] for r in rnd], dtype=np.int64) for i in (0, 1)
     )
@@ -549,13 +552,13 @@ def check_reconstruction(inp: AuditInput, shares: Shares, colluders: int = 1) ->
     sample when a batch was sampled. The control combines the server's view with the ground
     truth only, never with the other server's view (that would be the C + A collusion).
     """
-    if inp.truth is None or not inp.truth.items:
+    if inp.truth is None or not len(inp.truth):
         return CheckResult(
             "reconstruction", "Reconstruction attacks", Status.SKIP, "no ground truth in the run"
         )
     role = inp.role
     colluding = {p for p, d in inp.truth.domains.items() if d < colluders}
-    coll_ids = _ids(sorted(colluding)) if colluding else np.zeros((0, 16), np.uint8)
+    coll_ids = _ids(sorted(colluding)) if colluding else np.zeros((0, DEVICE_ID_BYTES), np.uint8)
     regs = registrations(inp.view, inp.group_slots)
     groups = regs if inp.group_slots > 1 else None
     coll_name = f"{role} + {colluders} colluding pool(s)"
@@ -565,7 +568,7 @@ def check_reconstruction(inp: AuditInput, shares: Shares, colluders: int = 1) ->
     control = _Control()
     unused: Counter[str] = Counter()
     for dep, codec in inp.codecs.items():
-        table = _truth_table(inp.truth.items, dep)
+        table = _truth_table(inp.truth, dep)
         rows = shares.rows.get(dep)
         in_run = (
             np.isin(table.round_id, _view_rounds(rows))
@@ -712,7 +715,7 @@ def check_reconstruction(inp: AuditInput, shares: Shares, colluders: int = 1) ->
 
 
 def _rows_in(ids: npt.NDArray[np.uint8], members: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
-    """Which rows of ``ids`` (n, 16) are among ``members`` (m, 16)."""
+    """Which rows of ``ids`` (n, w) are among ``members`` (m, w)."""
     if not len(members) or not len(ids):
         return np.zeros(len(ids), dtype=bool)
     return np.isin(_void(ids), _void(members))
@@ -749,7 +752,7 @@ def _subtraction_attack(
         residual[np.searchsorted(slots, own_keys)] -= own
     eligible = np.ones(len(slots), dtype=bool)
     if dep == NEIGHBOURHOOD:
-        eligible = np.isin(slots, group_of(regs.owned_by(coll_ids)))
+        eligible = np.isin(slots, regs.owned_groups(coll_ids))
     slots, residual = slots[eligible], residual[eligible]
     documented = np.zeros(len(honest.edge), dtype=bool)
     if not len(slots):
@@ -762,15 +765,18 @@ def _subtraction_attack(
     if rows.known.any():
         k = rows.known & ~_rows_in(rows.participant, coll_ids)
         row_g = group_of(_void(_be(rows.round_id[k]), rows.slot[k]))
-        pairs = np.unique(_void(row_g.view(np.uint8).reshape(-1, 24), rows.participant[k]))
-        raw = pairs.view(np.uint8).reshape(-1, 40)
-        uniq, first, counts = np.unique(_void(raw[:, :24]), return_index=True, return_counts=True)
+        # group key ‖ poster, so each group's distinct posters are counted
+        pairs = np.unique(_void(row_g.view(np.uint8).reshape(-1, RS_BYTES), rows.participant[k]))
+        raw = pairs.view(np.uint8).reshape(-1, RS_BYTES + DEVICE_ID_BYTES)
+        uniq, first, counts = np.unique(
+            _void(raw[:, :RS_BYTES]), return_index=True, return_counts=True
+        )
         lone = uniq[counts == 1]
-        poster = raw[first[counts == 1], 24:]
+        poster = raw[first[counts == 1], RS_BYTES:]
         sel = at & np.isin(honest_g, lone)
         if sel.any():
             pos = np.searchsorted(lone, honest_g[sel])
-            s_raw = honest.slot_key[sel].view(np.uint8).reshape(-1, 24)
+            s_raw = honest.slot_key[sel].view(np.uint8).reshape(-1, RS_BYTES)
             guesses.edge.append(_void(s_raw[:, :8], poster[pos], s_raw[:, 8:]))
             guesses.edge_val.append(residual[idx[sel]])
     return documented
@@ -818,20 +824,20 @@ def _linkage(rows: Rows | None, edges: npt.NDArray[np.void]) -> dict[str, Any] |
         return None
     guess = _guess_senders(rows)
     asserted = np.unique(_void(_be(rows.round_id), guess, rows.slot))
-    raw = edges.view(np.uint8).reshape(-1, 40)
+    raw = edges.view(np.uint8).reshape(-1, EDGE_BYTES)
     e_round = raw[:, :8].copy().view(">i8").ravel().astype(np.int64)
     covered = edges[np.isin(e_round, np.unique(rows.round_id))]
     if not len(covered):
         return None
-    craw = covered.view(np.uint8).reshape(-1, 40)
+    craw = covered.view(np.uint8).reshape(-1, EDGE_BYTES)
     c_round = craw[:, :8].copy().view(">i8").ravel().astype(np.int64)
     found = np.isin(covered, asserted)
     # items per (round, slot) at this server, and each poster's item count per round
     sk, sk_counts = np.unique(_void(_be(rows.round_id), rows.slot), return_counts=True)
-    c_sk = _void(craw[:, :8], craw[:, 24:])
+    c_sk = _void(craw[:, :8], craw[:, RP_BYTES:])
     pos = np.minimum(np.searchsorted(sk, c_sk), len(sk) - 1)
     n_s = np.where(sk[pos] == c_sk, sk_counts[pos], 0)
-    sk_round = sk.view(np.uint8).reshape(-1, 24)[:, :8].copy().view(">i8").ravel()
+    sk_round = sk.view(np.uint8).reshape(-1, RS_BYTES)[:, :8].copy().view(">i8").ravel()
     slots_per_round = dict(zip(*np.unique(sk_round, return_counts=True), strict=True))
     poster_keys, poster_n, totals = [], [], {}
     n_candidates = 0
@@ -840,10 +846,11 @@ def _linkage(rows: Rows | None, edges: npt.NDArray[np.void]) -> dict[str, Any] |
         poster_keys += [int(rnd).to_bytes(8, "big", signed=True) + p for p, _ in posters]
         poster_n += [n for _, n in posters]
         n_candidates += len(posters) * int(slots_per_round.get(rnd, 0))
-    pk = np.frombuffer(b"".join(poster_keys), dtype="V24") if poster_keys else np.zeros(0, "V24")
+    rp = f"V{RP_BYTES}"
+    pk = np.frombuffer(b"".join(poster_keys), dtype=rp) if poster_keys else np.zeros(0, rp)
     order = np.argsort(pk)
     pk, pn = pk[order], np.asarray(poster_n, dtype=np.int64)[order]
-    c_pk = _void(craw[:, :24])
+    c_pk = _void(craw[:, :RP_BYTES])
     ppos = np.minimum(np.searchsorted(pk, c_pk), max(len(pk) - 1, 0))
     n_p = np.where((pk[ppos] == c_pk) if len(pk) else False, pn[ppos] if len(pk) else 0, 0)
     total = np.asarray([totals.get(int(r), 0) for r in c_round], dtype=np.int64)
@@ -877,7 +884,7 @@ def check_linkage(inp: AuditInput, shares: Shares) -> CheckResult:
         return CheckResult(
             "linkage", "Linkage attack", Status.SKIP, "no ground truth (contact graph)"
         )
-    table_t = _truth_table(inp.truth.items, NEIGHBOURHOOD)
+    table_t = _truth_table(inp.truth, NEIGHBOURHOOD)
     if not len(table_t.round_id):
         return CheckResult(
             "linkage", "Linkage attack", Status.SKIP, "no true contacts in the truth"
@@ -954,7 +961,7 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
     if inp.truth is None:
         return CheckResult("cohorts", "Small cohorts", Status.SKIP, "no ground truth")
     k = max(k, inp.min_cohort)
-    t = _truth_table(inp.truth.items, NEIGHBOURHOOD)
+    t = _truth_table(inp.truth, NEIGHBOURHOOD)
     if not len(t.round_id):
         return CheckResult(
             "cohorts", "Small cohorts", Status.SKIP, "no neighbourhood contributions"
@@ -968,7 +975,7 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
     inv = inv.reshape(-1)
     dev = np.bincount(inv, weights=t.devices, minlength=len(slot_keys)).astype(np.int64)
     mass = np.bincount(inv, weights=np.abs(t.value[:, 0]), minlength=len(slot_keys))
-    pairs = _void(target_keys.view(np.uint8).reshape(-1, 24), t.participant)
+    pairs = _void(target_keys.view(np.uint8).reshape(-1, RS_BYTES), t.participant)
     first = np.unique(pairs, return_index=True)[1]
     parts = np.bincount(inv[first], minlength=len(slot_keys))
     n_slots = len(slot_keys)
@@ -1017,7 +1024,7 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
                 held_keys if groups is None else groups.group_of(held_keys), return_counts=True
             )
         else:
-            held, held_n = np.zeros(0, "V24"), np.zeros(0, np.int64)
+            held, held_n = np.zeros(0, f"V{RS_BYTES}"), np.zeros(0, np.int64)
         rel_keys, rel_zero = [], []
         releases, unanswered = fetch_releases(inp.view, groups)
         if unanswered:
@@ -1025,10 +1032,13 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
         for rnd, _, slot_ids, rows in releases:
             n = rows.shape[0]
             rel_keys.append(
-                _void(_be(np.full(n, rnd)), np.frombuffer(slot_ids, np.uint8).reshape(n, 16))
+                _void(
+                    _be(np.full(n, rnd)),
+                    np.frombuffer(slot_ids, np.uint8).reshape(n, SLOT_ID_BYTES),
+                )
             )
             rel_zero.append(~np.any(rows != 0, axis=1))
-        keys = np.concatenate(rel_keys) if rel_keys else np.zeros(0, "V24")
+        keys = np.concatenate(rel_keys) if rel_keys else np.zeros(0, f"V{RS_BYTES}")
         zero = np.concatenate(rel_zero) if rel_zero else np.zeros(0, bool)
         pos = np.minimum(np.searchsorted(held, keys), max(len(held) - 1, 0))
         count = (
@@ -1162,9 +1172,10 @@ def _fidelity_vs_truth(inp: AuditInput, config: Any) -> dict[str, Any] | None:
         return None
     opened = _opened_days(inp.source)
     exact: dict[int, list[npt.NDArray[np.float64]]] = defaultdict(list)
-    for it in inp.truth.items:
-        if it.deployment == AGGREGATES and it.round_id in opened:
-            exact[it.round_id].append(it.value)
+    agg = inp.truth.table(AGGREGATES)
+    for rid, value in zip(agg.round_id.tolist(), agg.value, strict=True):
+        if rid in opened:
+            exact[rid].append(value)
     domains = len(set(inp.truth.domains.values()))
     rounds = sorted(r for r, vals in exact.items() if len(vals) == domains)
     not_compared = len(opened) - len(rounds)

@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from audit.views import ServerView, TrueItem, Truth, registrations, round_slot_keys
+from audit.views import ServerView, Truth, TruthBuilder, registrations, round_slot_keys
 from contract.schedule import AGGREGATES, NEIGHBOURHOOD
+from protocols.secure_sum.slots import SLOT_ID_BYTES
 
 if TYPE_CHECKING:
     from contract.runspec import RunSpec
@@ -155,7 +156,7 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
     directory = registrations(view, spec.advertising_intervals)
     registered_rounds = directory.rounds()
     unused: Counter[str] = Counter()
-    items: list[TrueItem] = []
+    builder = TruthBuilder()
     domains: dict[bytes, int] = {}
     needles: dict[str, list[bytes]] = {}
     notes: list[str] = []
@@ -204,15 +205,8 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
         for (epoch, day), y in _observed(db).items():
             rid = rounds[(epoch, day)]
             if len(units) == 1:
-                items.append(
-                    TrueItem(
-                        AGGREGATES,
-                        rid,
-                        units[0],
-                        aggregate_slot(day_slot(day)),
-                        y,
-                        int(ids.numel()),
-                    )
+                builder.add(
+                    AGGREGATES, rid, units[0], aggregate_slot(day_slot(day)), y, int(ids.numel())
                 )
             for j, v in enumerate(distinctive(y, public)[:10]):
                 needles[f"pool-{i} own daily total (epoch {epoch} day {day}) #{j}"] = float_needles(
@@ -252,16 +246,14 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
                 devs = np.zeros(len(uniq), dtype=np.int64)
                 np.add.at(devs, inverse.reshape(-1), 1)
                 slots = pseudonym_slots(np.ascontiguousarray(uniq).tobytes(), rid, dkey)
-                slot_ids = np.frombuffer(slots, np.uint8).reshape(-1, 16)
+                slot_ids = np.frombuffer(slots, np.uint8).reshape(-1, SLOT_ID_BYTES)
                 ok = (
                     directory.registered(round_slot_keys(rid, slot_ids))
                     if has_round
                     else np.ones(len(uniq), dtype=bool)
                 )
                 unused[UNREGISTERED] += int((~ok).sum())
-                for j in np.flatnonzero(ok).tolist():
-                    slot = slots[16 * j : 16 * j + 16]
-                    items.append(TrueItem(NEIGHBOURHOOD, rid, unit, slot, summed[j], int(devs[j])))
+                builder.add(NEIGHBOURHOOD, rid, unit, slot_ids[ok].tobytes(), summed[ok], devs[ok])
                 message_values.append(summed[:, 0])
             for j, r in enumerate(rpi[:: max(1, len(rpi) // 5)][:5]):
                 needles[f"pool-{i} heard RPI (day {day}) #{j}"] = bytes_needles(bytes(r))
@@ -279,7 +271,7 @@ def load_truth(run_dir: Path, spec: RunSpec, view: ServerView) -> Truth | None:
             f"message truth covers {len(kept)} of {spec.days} days (the contact log is kept for "
             "a limited number of days)"
         )
-    return Truth(items, domains, needles, notes, unused)
+    return Truth(builder.tables(), domains, needles, notes, unused)
 
 
 def _observed(db: Path) -> dict[tuple[int, int], np.ndarray]:

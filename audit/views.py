@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,13 @@ from protocols.secure_sum.protocol import (
     post_header,
 )
 from protocols.secure_sum.sharing import expand_seed_runs, expand_seeds
-from protocols.secure_sum.slots import SLOT_ID_BYTES
+from protocols.secure_sum.slots import DEVICE_ID_BYTES, SLOT_ID_BYTES
+
+#: bytes of a ``round ‖ slot`` key: the round (8 bytes, big endian), then the slot id
+RS_BYTES = 8 + SLOT_ID_BYTES
+#: bytes of an edge key ``round ‖ participant ‖ slot`` (participant at ``8 : RP_BYTES``)
+RP_BYTES = 8 + DEVICE_ID_BYTES
+EDGE_BYTES = RP_BYTES + SLOT_ID_BYTES
 
 #: the two servers, in report order
 ROLES = ("coordinator", "aggregator")
@@ -103,7 +109,7 @@ class TrueItem:
         deployment: ``"neighbourhood"`` (messages to pseudonym slots) or ``"aggregates"``.
         round_id: the round it was posted in.
         participant: the 16-byte participant id that posted it.
-        slot: the 16-byte slot id it was posted to.
+        slot: the 8-byte slot id it was posted to.
         value: the contributed vector (float64, the deployment's dim).
         devices: distinct devices whose values are summed in it (a pool pre-sums per slot).
     """
@@ -117,11 +123,79 @@ class TrueItem:
 
 
 @dataclass
+class TruthTable:
+    """The real contributions of one deployment as columns, one row per contribution (a
+    demo run has hundreds of thousands: one Python object each would take most of the audit's
+    memory)."""
+
+    round_id: npt.NDArray[np.int64]
+    participant: npt.NDArray[np.uint8]  # (n, 16)
+    slot: npt.NDArray[np.uint8]  # (n, 8)
+    value: npt.NDArray[np.float64]  # (n, dim)
+    devices: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.round_id)
+
+    @classmethod
+    def empty(cls, dim: int = 1) -> TruthTable:
+        """A table without rows."""
+        return cls(
+            np.zeros(0, np.int64),
+            np.zeros((0, DEVICE_ID_BYTES), np.uint8),
+            np.zeros((0, SLOT_ID_BYTES), np.uint8),
+            np.zeros((0, dim)),
+            np.zeros(0, np.int64),
+        )
+
+    @classmethod
+    def concat(cls, parts: list[TruthTable]) -> TruthTable:
+        """The rows of ``parts``, in order."""
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+
+class TruthBuilder:
+    """Collects contributions in chunks of rows, per deployment (see :class:`TruthTable`)."""
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[TruthTable]] = {}
+
+    def add(
+        self,
+        deployment: str,
+        round_id: int,
+        participant: bytes,
+        slots: bytes,
+        values: npt.NDArray[np.float64],
+        devices: npt.NDArray[np.int64] | int,
+    ) -> None:
+        """Contributions of one participant in one round: concatenated slot ids, one value row
+        and device count per slot."""
+        ids = np.frombuffer(slots, np.uint8).reshape(-1, SLOT_ID_BYTES)
+        n = len(ids)
+        self._parts.setdefault(deployment, []).append(
+            TruthTable(
+                np.full(n, round_id, np.int64),
+                np.broadcast_to(np.frombuffer(participant, np.uint8), (n, len(participant))),
+                ids,
+                np.asarray(values, np.float64).reshape(n, -1),
+                np.broadcast_to(np.asarray(devices, np.int64), (n,)),
+            )
+        )
+
+    def tables(self) -> dict[str, TruthTable]:
+        """One table per deployment."""
+        return {dep: TruthTable.concat(parts) for dep, parts in self._parts.items()}
+
+
+@dataclass
 class Truth:
     """What only the devices know, for the checks to score attacks against.
 
     Attributes:
-        items: every real contribution.
+        tables: every real contribution, per deployment (:class:`TruthTable`).
         domains: participant id → trust domain (pool) index; a pool's participants collude by
             construction (one process), so "t colluding devices" means t pools.
         needles: planted secrets by label, each in the encodings it could leak in (raw, hex,
@@ -131,11 +205,39 @@ class Truth:
             reason.
     """
 
-    items: list[TrueItem]
+    tables: dict[str, TruthTable]
     domains: dict[bytes, int]
     needles: dict[str, list[bytes]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     unused: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def from_items(cls, items: Iterable[TrueItem], domains: dict[bytes, int]) -> Truth:
+        """A truth of the given contributions (small hand-built truths: tests)."""
+        builder = TruthBuilder()
+        for it in items:
+            builder.add(it.deployment, it.round_id, it.participant, it.slot, it.value, it.devices)
+        return cls(builder.tables(), domains)
+
+    def table(self, deployment: str) -> TruthTable:
+        """The contributions to ``deployment`` (an empty table if none)."""
+        return self.tables.get(deployment, TruthTable.empty())
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self.tables.values())
+
+    def items(self) -> Iterator[TrueItem]:
+        """Every contribution as an object (one per row: for small truths)."""
+        for dep, t in self.tables.items():
+            for i in range(len(t)):
+                yield TrueItem(
+                    dep,
+                    int(t.round_id[i]),
+                    t.participant[i].tobytes(),
+                    t.slot[i].tobytes(),
+                    t.value[i].copy(),
+                    int(t.devices[i]),
+                )
 
 
 @dataclass
@@ -227,7 +329,7 @@ class Rows:
         round_id, phase: per row.
         participant: ``(n, 16)`` uint8 poster ids; all-zero where this server cannot tell
             (shuffled items) — ``known`` says which.
-        slot: ``(n, 16)`` uint8 slot ids.
+        slot: ``(n, 8)`` uint8 slot ids.
         share: ``(n, dim)`` int64 ring shares.
         cid: ``(n, 16)`` uint8 contribution ids (shuffled), zeros otherwise.
         position: index of the item in the batch the server received it in (arrival or relay
@@ -662,7 +764,7 @@ class Registrations:
     ``keys`` are ``round ‖ slot`` (sorted, unique); aligned with them, ``owner`` indexes the
     registrant in ``participants`` and ``group`` indexes (in ``keys``) the first slot of the
     slot's group — a registrant's slots, in the order it registered them, in consecutive groups
-    of ``group_slots``; the servers release only a group's total. Indices, not 24-byte keys:
+    of ``group_slots``; the servers release only a group's total. Indices, not 16-byte keys:
     Astoria registers millions of slots."""
 
     keys: npt.NDArray[np.void]
@@ -676,7 +778,7 @@ class Registrations:
 
     def rounds(self) -> set[int]:
         """The rounds with a registration."""
-        raw = self.keys.view(np.uint8).reshape(-1, 24)[:, :8].copy().view(">i8").ravel()
+        raw = self.keys.view(np.uint8).reshape(-1, RS_BYTES)[:, :8].copy().view(">i8").ravel()
         return {int(r) for r in np.unique(raw)}
 
     def registered(self, keys: npt.NDArray[np.void]) -> npt.NDArray[np.bool_]:
@@ -686,13 +788,16 @@ class Registrations:
         pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         return self.keys[pos] == keys
 
-    def owned_by(self, ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
-        """The ``round ‖ slot`` keys registered by any of the ``(m, 16)`` participant ids."""
+    def owned_groups(self, ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
+        """The group keys (sorted; the slot keys when a group is one slot) of the slots any of
+        the ``(m, 16)`` participant ids registered."""
         if not len(ids) or not len(self.keys):
-            return np.zeros(0, dtype="V24")
+            return np.zeros(0, dtype=f"V{RS_BYTES}")
         known = np.ascontiguousarray(self.participants).view("V16").ravel()
         wanted = np.ascontiguousarray(ids).view("V16").ravel()
-        return self.keys[np.isin(self.owner, np.flatnonzero(np.isin(known, wanted)))]
+        # a mask per participant, then one lookup per slot: no sort of millions of owners
+        mine = np.isin(known, wanted)[self.owner]
+        return self.keys[np.unique(self.group[mine])]
 
     def group_of(self, keys: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
         """The group key of each ``round ‖ slot`` key; a slot nobody registered is its own."""
@@ -737,7 +842,7 @@ def registrations(
         chosen.append(msg)
         participants.setdefault(msg.device_id, len(participants))
         total += len(msg.slot_ids) // SLOT_ID_BYTES
-    raw_keys = np.empty(total, dtype="V24")
+    raw_keys = np.empty(total, dtype=f"V{RS_BYTES}")
     owner = np.empty(total, dtype=np.int32)
     first = np.empty(total, dtype=np.int32)  # where each slot's group starts
     at = 0
@@ -769,9 +874,9 @@ def registrations(
 
 
 def round_slot_keys(round_id: int, ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
-    """``round (8 bytes, big endian) ‖ slot id`` of each row of an ``(n, 16)`` id matrix."""
+    """``round (8 bytes, big endian) ‖ slot id`` of each row of an ``(n, 8)`` id matrix."""
     rnd = np.broadcast_to(np.frombuffer(round_id.to_bytes(8, "big"), np.uint8), (len(ids), 8))
-    return np.ascontiguousarray(np.concatenate([rnd, ids], axis=1)).view("V24").ravel()
+    return np.ascontiguousarray(np.concatenate([rnd, ids], axis=1)).view(f"V{RS_BYTES}").ravel()
 
 
 def fetch_releases(
@@ -811,7 +916,7 @@ def fetch_releases(
             group_ids = (
                 ids[np.sort(first)]
                 if groups is None
-                else (named[np.sort(first)].view(np.uint8).reshape(-1, 24)[:, 8:])
+                else (named[np.sort(first)].view(np.uint8).reshape(-1, RS_BYTES)[:, 8:])
             )
             rows = np.frombuffer(msg.share_sum_c, dtype="<i8").astype(np.int64)
             out.append(

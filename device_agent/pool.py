@@ -53,6 +53,7 @@ from protocols.ble.sightings import Sightings
 from protocols.ble.simkeys import SimulatedKeyring
 from protocols.secure_sum import DeviceClient, RoundSpec, pseudonym_slots
 from protocols.secure_sum.errors import SecureSumError
+from protocols.secure_sum.slots import SLOT_ID_BYTES
 from sim import dual
 from sim.archetypes import labour_force, population_cells
 from sim.model import (
@@ -478,9 +479,10 @@ class DevicePool:
             # a beacon whose owner did not register this round (it dropped out) has no slot:
             # its message has no recipient, as a phone's would not
             _, registered = client.directory(spec.round_id).find(
-                np.frombuffer(joined, dtype=np.uint8).reshape(-1, 16)
+                np.frombuffer(joined, dtype=np.uint8).reshape(-1, SLOT_ID_BYTES)
             )
-            slots = [joined[16 * j : 16 * j + 16] for j in np.flatnonzero(registered).tolist()]
+            w = SLOT_ID_BYTES
+            slots = [joined[w * j : w * (j + 1)] for j in np.flatnonzero(registered).tolist()]
             client.post(spec, MESSAGES_PHASE, slots, summed[registered])
 
     def fetch_and_update(self, spec: RoundSpec, day: int) -> None:

@@ -9,9 +9,10 @@ request always fits and anything larger is refused by the transport with
 Sizes of one secure-sum post (``items`` items of ``dim`` int64 values; an envelope adds 57
 bytes: version, 8-byte key id, 32-byte ephemeral key, 16-byte tag):
 
-- mailbox: ``16 · items`` slot ids + ``8 · items · dim`` C-shares + one sealed 48-byte block;
-- shuffled: one outer envelope holding ``items`` sealed C-items of ``57 + 32 + 8 · dim`` bytes,
-  plus ``items`` sealed A-items of ``57 + 48`` bytes each (each with a 4-byte length prefix).
+- mailbox: ``8 · items`` slot ids + ``8 · items · dim`` C-shares + one sealed 48-byte block;
+- shuffled: one outer envelope holding ``items`` sealed C-items of ``57 + 24 + 8 · dim`` bytes
+  (16-byte contribution id, 8-byte slot, shares), plus ``items`` sealed A-items of ``57 + 40``
+  bytes each (each with a 4-byte length prefix).
 
 A post comes from one secure-sum participant: a phone (one device) or a share of a device pool
 (up to ``device_agent.pool.UNIT_DEVICES`` = 1,024 devices, padded to ``devices ×
@@ -44,7 +45,7 @@ MAX_PAYLOAD_BYTES = 40 * _MiB
 #: split larger batches; the byte limit below is the binding one for big posts.
 MAX_ENTRIES_PER_BATCH = 4096
 
-#: Most slot ids in one directory page: 262,144 × 16 bytes = 4 MiB per page.
+#: Most slot ids in one directory page: 262,144 × 8 bytes = 2 MiB per page.
 MAX_DIRECTORY_PAGE_SLOTS = 1 << 18
 
 #: Most bytes of one device → coordinator request (server receive, device send). 64 MiB holds
@@ -53,7 +54,7 @@ MAX_DIRECTORY_PAGE_SLOTS = 1 << 18
 DEVICE_MAX_REQUEST_BYTES = 64 * _MiB
 
 #: Most bytes of one coordinator → device reply (server send, device receive): a full directory
-#: page (4 MiB) or a batch of fetch results, with headroom.
+#: page (2 MiB) or a batch of fetch results, with headroom.
 DEVICE_MAX_RESPONSE_BYTES = 64 * _MiB
 
 #: Size of one fragment of a streamed coordinator ↔ aggregator payload (``common.Fragment``):
@@ -68,7 +69,7 @@ LINK_MAX_MESSAGE_BYTES = 64 * _MiB
 
 #: Most bytes of one reassembled link payload (a phase's relayed batch or key list). A whole
 #: phase travels as one secure-sum message; the Astoria population (37,518 devices) in shuffled
-#: mode with 64 items of dim 17 relays ≈ 37,518 × 64 × (57 + 32 + 136 + 109) B ≈ 0.8 GB.
+#: mode with 64 items of dim 17 relays ≈ 37,518 × 64 × (57 + 24 + 136 + 101) B ≈ 0.8 GB.
 #: 2 GiB is protobuf's hard ceiling for one message and a memory bound for the receiver.
 LINK_MAX_PAYLOAD_BYTES = 2 * 1024 * _MiB - 1
 

@@ -154,7 +154,7 @@ class RegisterRequest(Message):
     LAYOUT: ClassVar[tuple[str, ...]] = ("bytes", "u64", "bytes", "bytes")
     device_id: bytes
     round_id: int
-    slot_ids: bytes  # concatenated 16-byte ids
+    slot_ids: bytes  # concatenated 8-byte ids
     sealed_for_a: bytes
 
 
@@ -235,7 +235,7 @@ class PostReceipt(Message):
 class FetchRequest(Message):
     """Fetch the sums of ``n`` of the participant's registered slots in one phase.
 
-    ``slot_ids`` is ``n × 16`` bytes (``1 ≤ n ≤ MAX_SLOTS_PER_FETCH``); ``sealed_for_a`` carries
+    ``slot_ids`` is ``n × 8`` bytes (``1 ≤ n ≤ MAX_SLOTS_PER_FETCH``); ``sealed_for_a`` carries
     the proof of the fetch secret, bound to the whole list. One fetch per (participant, round,
     phase): the identical request is answered again, any other is refused.
     """
@@ -245,7 +245,7 @@ class FetchRequest(Message):
     device_id: bytes
     round_id: int
     phase: str
-    slot_ids: bytes  # concatenated 16-byte ids
+    slot_ids: bytes  # concatenated 8-byte ids
     sealed_for_a: bytes
 
 
@@ -418,7 +418,7 @@ class RelayFetch(Message):
     device_id: bytes
     round_id: int
     phase: str
-    slot_ids: bytes  # concatenated 16-byte ids
+    slot_ids: bytes  # concatenated 8-byte ids
     sealed_for_a: bytes
 
 

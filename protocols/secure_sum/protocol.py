@@ -237,7 +237,7 @@ def _check_whole_groups(spec: RoundSpec, n_slots: int) -> None:
 
 
 def fetch_slot_matrix(slot_ids: bytes) -> npt.NDArray[np.uint8]:
-    """The ``(n, 16)`` slot ids of a fetch, ``0 ≤ n ≤`` :data:`MAX_SLOTS_PER_FETCH`; none
+    """The ``(n, 8)`` slot ids of a fetch, ``0 ≤ n ≤`` :data:`MAX_SLOTS_PER_FETCH`; none
     (``n = 0``) asks for every slot the participant registered this round, in its order.
 
     Raises:
@@ -1437,7 +1437,7 @@ class DeviceClient:
     ) -> bytes:
         """The fetch request for the totals of this participant's slot groups (no sending):
         those of ``slot_ids``, or with ``None`` every slot it registered this round (the
-        request then names none: 16 bytes a slot fewer each way).
+        request then names none: 8 bytes a slot fewer each way).
 
         One fetch per (participant, round, phase) is answered: name every slot wanted in one
         request. Rebuilding it for the same slots gives the same bytes, which the servers answer
@@ -1450,7 +1450,7 @@ class DeviceClient:
         """
         if isinstance(slot_ids, (bytes, bytearray)):
             raise TypeError(
-                "slot_ids is a sequence of 16-byte slot ids, not one bytes object: "
+                "slot_ids is a sequence of 8-byte slot ids, not one bytes object: "
                 "wrap a single slot in a list"
             )
         raw_ids = (

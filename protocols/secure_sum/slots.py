@@ -1,21 +1,31 @@
 """Slots: where contributions are summed.
 
-Two kinds share one 16-byte identifier space (domain-separated hashes, so they never collide):
+Two kinds share one 8-byte identifier space (domain-separated derivations):
 
-* **pseudonym slots** — ``AES-128(K_round, RPI)`` with ``K_round = HMAC-SHA256(deployment_key,
-  label ‖ round)[:16]``: a keyed permutation, computed for a whole batch in one AES call. The
+* **pseudonym slots** — ``AES-128(K_round, RPI)[:8]`` with ``K_round =
+  HMAC-SHA256(deployment_key, label ‖ round)[:16]``: a keyed pseudorandom function of the RPI,
+  computed for a whole batch in one AES call. The
   beacon's owner and everyone who heard the beacon derive the same slot; a server sees only the
   slot. A key per round makes a day's slots unlinkable to another day's. The 32-byte deployment
   key is secret (enrolled devices and C hold it) and required: without it the derivation fails
   closed, since slots computed from a public constant would let anyone map a slot to a beacon.
-* **named aggregate slots** — ``SHA-256(label ‖ name)[:16]`` for canonical names matching one of
+* **named aggregate slots** — ``SHA-256(label ‖ name)[:8]`` for canonical names matching one of
   :data:`AGGREGATE_PATTERNS` (``global/day/17``, ``grad/epoch/3``, ``region/BK/day/17``).
 
-:class:`SlotTable` maps identifiers to dense indices with one vectorized ``searchsorted`` (on
-the first 8 bytes, then a full 16-byte comparison), so accumulation needs no Python loop over
-items. :class:`Registry` records which participant owns each pseudonym slot and enforces "register
-once per round" and "only the registrant fetches, once per phase per server" (an identical
-retry of either gets the stored reply again).
+Why 8 bytes: a registration holds one slot per beacon (144 a device-day), so slot ids are most
+of what devices send and what the servers record for their auditors; 16-byte ids doubled both.
+64 pseudorandom bits keep accidental collisions negligible — among the ``n`` slots of one round,
+a collision has probability below ``n² / 2^65`` (Astoria's 5.4 million slots a day: 8 × 10⁻⁷; a
+million devices: 6 × 10⁻⁴ a day) — and a collision fails closed: the second registration is
+refused (``SlotAlreadyRegistered``) and that participant sits the round out; nothing is summed
+into a wrong slot. Guessing a slot that another device will register needs its RPI, which is
+broadcast only after registration closes, or 2^64 tries.
+
+:class:`SlotTable` maps identifiers to dense indices with one vectorized ``searchsorted`` on
+the ids as 64-bit integers, so accumulation needs no Python loop over items. :class:`Registry`
+records which participant owns each pseudonym slot and enforces "register once per round" and
+"only the registrant fetches, once per phase per server" (an identical retry of either gets the
+stored reply again).
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ from .errors import (
     WrongLength,
 )
 
-SLOT_ID_BYTES = 16
+SLOT_ID_BYTES = 8
 RPI_BYTES = 16
 DEVICE_ID_BYTES = 16
 _PSEUDONYM_LABEL = b"decentsim/pseudonym-slot/v1"
@@ -79,12 +89,14 @@ def round_slot_key(round_id: int, deployment_key: bytes) -> bytes:
 
 
 def pseudonym_slots(rpis: bytes, round_id: int, deployment_key: bytes) -> bytes:
-    """The pseudonym slots of many RPIs (concatenated, n × 16 bytes) for one round.
+    """The pseudonym slots of many RPIs (concatenated 16-byte RPIs; n × 8 bytes out) for one
+    round.
 
-    ``slot = AES-128(round_slot_key(round), RPI)``: a keyed pseudorandom permutation of the
-    16-byte RPI, so distinct beacons get distinct slots and, without the deployment key (held
-    by enrolled devices only), a slot says nothing about the RPI. One AES-ECB call serves the
-    whole batch (a pool computes hundreds of thousands per day).
+    ``slot = AES-128(round_slot_key(round), RPI)[:8]``: a keyed pseudorandom function of the
+    16-byte RPI, so distinct beacons get distinct slots (but for a 2^-64 chance a pair, see the
+    module docstring) and, without the deployment key (held by enrolled devices only), a slot
+    says nothing about the RPI. One AES-ECB call serves the whole batch (a pool computes
+    hundreds of thousands per day).
 
     Raises:
         WrongLength: the input is not a whole number of 16-byte RPIs.
@@ -93,7 +105,8 @@ def pseudonym_slots(rpis: bytes, round_id: int, deployment_key: bytes) -> bytes:
     if len(rpis) % RPI_BYTES:
         raise WrongLength(f"RPI must be {RPI_BYTES} bytes, got {len(rpis)} bytes of RPIs")
     key = round_slot_key(round_id, deployment_key)
-    return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(rpis)
+    blocks = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(rpis)
+    return np.frombuffer(blocks, np.uint8).reshape(-1, RPI_BYTES)[:, :SLOT_ID_BYTES].tobytes()
 
 
 def pseudonym_slot(rpi: bytes, round_id: int, deployment_key: bytes) -> bytes:
@@ -127,7 +140,7 @@ def aggregate_slot(name: str) -> bytes:
 
 
 def as_id_matrix(slot_ids: bytes | Sequence[bytes], what: str = "slot id") -> npt.NDArray[np.uint8]:
-    """Slot ids as an ``(n, 16)`` uint8 matrix from concatenated bytes or a sequence."""
+    """Slot ids as an ``(n, 8)`` uint8 matrix from concatenated bytes or a sequence."""
     raw = slot_ids if isinstance(slot_ids, bytes) else b"".join(slot_ids)
     if not isinstance(slot_ids, bytes) and any(len(s) != SLOT_ID_BYTES for s in slot_ids):
         raise WrongLength(f"every {what} must be {SLOT_ID_BYTES} bytes")
@@ -136,8 +149,8 @@ def as_id_matrix(slot_ids: bytes | Sequence[bytes], what: str = "slot id") -> np
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, SLOT_ID_BYTES)
 
 
-def _prefix(ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
-    return np.ascontiguousarray(ids[:, :8]).view(">u8").ravel().astype(np.uint64)
+def _as_u64(ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
+    return np.ascontiguousarray(ids).view(">u8").ravel().astype(np.uint64)
 
 
 class SlotTable:
@@ -146,7 +159,6 @@ class SlotTable:
     def __init__(self, slot_ids: Iterable[bytes] = ()) -> None:
         self._ids: list[bytes] = []
         self._index: dict[bytes, int] = {}
-        self._prefixes: dict[bytes, int] = {}
         self._sorted: npt.NDArray[np.uint64] | None = None
         self._order: npt.NDArray[np.int64] | None = None
         self._matrix: npt.NDArray[np.uint8] | None = None
@@ -172,7 +184,7 @@ class SlotTable:
         try:
             return self._index[slot_id]
         except KeyError:
-            raise UnknownSlot(f"unknown slot {slot_id.hex()[:16]}…") from None
+            raise UnknownSlot(f"unknown slot {slot_id.hex()}") from None
 
     def check_new(self, slot_ids: Sequence[bytes]) -> None:
         """Raise unless every id is well-formed, new here, and unique within ``slot_ids``."""
@@ -181,10 +193,7 @@ class SlotTable:
             if len(s) != SLOT_ID_BYTES:
                 raise WrongLength(f"slot id must be {SLOT_ID_BYTES} bytes, got {len(s)}")
             if s in self._index or s in seen:
-                raise SlotAlreadyRegistered(f"slot {s.hex()[:16]}… is already registered")
-            if s[:8] in self._prefixes and self._ids[self._prefixes[s[:8]]] != s:
-                # 2^-64-probability event; refusing keeps the 8-byte index exact
-                raise SlotError(f"slot {s.hex()[:16]}… collides with another slot's prefix")
+                raise SlotAlreadyRegistered(f"slot {s.hex()} is already registered")
             seen.add(s)
 
     def add_many(self, slot_ids: Sequence[bytes]) -> None:
@@ -192,12 +201,11 @@ class SlotTable:
         self.check_new(slot_ids)
         for s in slot_ids:
             self._index[s] = len(self._ids)
-            self._prefixes[s[:8]] = len(self._ids)
             self._ids.append(s)
         self._sorted = None
 
     def lookup(self, ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
-        """Indices of an ``(n, 16)`` id matrix, vectorized.
+        """Indices of an ``(n, 8)`` id matrix, vectorized.
 
         Raises:
             UnknownSlot: some id is not in the table (the first one is named).
@@ -205,33 +213,33 @@ class SlotTable:
         idx, ok = self.find(ids)
         if not ok.all():
             bad = bytes(ids[int(np.argmin(ok))])
-            raise UnknownSlot(f"unknown slot {bad.hex()[:16]}… (not registered or declared)")
+            raise UnknownSlot(f"unknown slot {bad.hex()} (not registered or declared)")
         return idx
 
     def find(
         self, ids: npt.NDArray[np.uint8]
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
-        """Indices of an ``(n, 16)`` id matrix and a mask of ids present (vectorized)."""
+        """Indices of an ``(n, 8)`` id matrix and a mask of ids present (vectorized)."""
         if ids.shape[0] == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
         matrix = self.id_matrix()
         assert self._order is not None and self._sorted is not None
-        q = _prefix(ids)
+        q = _as_u64(ids)
         pos = np.minimum(np.searchsorted(self._sorted, q), max(len(self._ids) - 1, 0))
         ok = np.zeros(len(q), dtype=bool)
         idx = np.zeros(len(q), dtype=np.int64)
-        if len(self._ids):
+        if len(matrix):
             idx = self._order[pos]
-            ok = (self._sorted[pos] == q) & (matrix[idx] == ids).all(axis=1)
+            ok = self._sorted[pos] == q
         return idx, ok
 
     def id_matrix(self) -> npt.NDArray[np.uint8]:
-        """Every id as an ``(n, 16)`` uint8 matrix in index order (rebuilt only after a change)."""
+        """Every id as an ``(n, 8)`` uint8 matrix in index order (rebuilt only after a change)."""
         if self._sorted is None or self._matrix is None:
             self._matrix = as_id_matrix(b"".join(self._ids))
-            pre = _prefix(self._matrix)
-            self._order = np.argsort(pre, kind="stable").astype(np.int64)
-            self._sorted = pre[self._order]
+            ints = _as_u64(self._matrix)
+            self._order = np.argsort(ints, kind="stable").astype(np.int64)
+            self._sorted = ints[self._order]
         return self._matrix
 
 
@@ -343,7 +351,7 @@ class Registry:
     def authorize_fetch(
         self, device_id: bytes, ids: npt.NDArray[np.uint8], group_slots: int = 1
     ) -> tuple[Registration, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Check that ``device_id`` registered every slot of an ``(n, 16)`` id matrix (none:
+        """Check that ``device_id`` registered every slot of an ``(n, 8)`` id matrix (none:
         every slot it registered), and that they make whole groups of ``group_slots``
         (vectorized).
 
@@ -366,7 +374,7 @@ class Registry:
             idx, known = self.table.find(ids)
             if not known.all():
                 bad = bytes(ids[int(np.argmin(known))])
-                raise UnknownSlot(f"slot {bad.hex()[:16]}… is not registered")
+                raise UnknownSlot(f"slot {bad.hex()} is not registered")
             if len(np.unique(idx)) != len(idx):
                 raise MessageError("the fetch lists a slot more than once")
             if self._owner_array is None:
@@ -374,7 +382,7 @@ class Registry:
             mine = self._owner_array[idx] == (reg.number if reg is not None else -1)
             if reg is None or not mine.all():
                 bad = bytes(ids[int(np.argmin(mine))])
-                raise NotRegistrant(f"slot {bad.hex()[:16]}… is registered to another participant")
+                raise NotRegistrant(f"slot {bad.hex()} is registered to another participant")
         # a registration is one block of the table: a slot's place in it is idx − first
         group = (idx - reg.first) // group_slots
         named, first, row = np.unique(group, return_index=True, return_inverse=True)

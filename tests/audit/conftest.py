@@ -105,7 +105,7 @@ def _crafted(
         ]
     net.coordinator.close_phase(ROUND, "messages")
     fetched = [c.fetch(ROUND, "messages", s, group)[0] for c, s in zip(clients, slots, strict=True)]
-    truth = Truth(items, {pid: i for i, pid in enumerate(ids)})
+    truth = Truth.from_items(items, {pid: i for i, pid in enumerate(ids)})
     keys = {"coordinator": net.c_keys, "aggregator": net.a_keys}
     return {
         role: AuditInput(
@@ -153,7 +153,7 @@ def colluding_recovery(c: AuditInput, a: AuditInput) -> float:
             else:
                 at_slot.setdefault((rnd, slot), []).append(value)
         rounds = set(c_rows.round_id.tolist())
-        for it in c.truth.items:
+        for it in c.truth.items():
             if it.deployment != dep or it.round_id not in rounds:
                 continue
             total += 1

@@ -31,6 +31,7 @@ from audit.views import (
     OUTER_NOT_OPENED,
     REPLAYED,
     AuditInput,
+    Truth,
 )
 from contract.transcript import TranscriptRecord, decode_record, encode_record
 from protocols.secure_sum import Mode
@@ -102,10 +103,11 @@ def _wrong_slots(inp: AuditInput) -> AuditInput:
     """``inp`` with a ground truth whose slots are not the ones the devices posted to (e.g. a
     truth recomputed with the wrong deployment key): the control cannot pair it."""
     assert inp.truth is not None
-    wrong = [
-        dataclasses.replace(it, slot=bytes(b ^ 0x5A for b in it.slot)) for it in inp.truth.items
-    ]
-    return dataclasses.replace(inp, truth=dataclasses.replace(inp.truth, items=wrong))
+    wrong = {
+        dep: dataclasses.replace(t, slot=t.slot ^ np.uint8(0x5A))
+        for dep, t in inp.truth.tables.items()
+    }
+    return dataclasses.replace(inp, truth=dataclasses.replace(inp.truth, tables=wrong))
 
 
 def test_reconstruction_control_failure_fails_the_check(mailbox: dict[str, AuditInput]) -> None:
@@ -264,7 +266,7 @@ def _record(
 def test_profile_flags_a_message_outside_the_mode(shuffled: dict[str, AuditInput]) -> None:
     c = shuffled["coordinator"]
     assert check_profile(c).status is Status.PASS
-    post = MailboxPost(b"\x01" * 16, 7, "messages", 4, b"\x00" * 16, b"\x00" * 32, b"x")
+    post = MailboxPost(b"\x01" * 16, 7, "messages", 4, b"\x00" * 8, b"\x00" * 32, b"x")
     view = dataclasses.replace(
         c.view, records=[*c.view.records, _record("in", "01" * 16, post.to_bytes())]
     )
@@ -305,22 +307,24 @@ def test_records_the_audit_cannot_use_are_counted_and_reported(
     # a post whose share is cut short; a truth item of a round the servers never ran and one
     # whose value the codec cannot encode
     replay = next(r for r in c.view.records if r.kind == "MailboxPost")
-    short = MailboxPost(b"\xee" * 16, ROUND, "messages", DIM, b"\x07" * 16, b"\x00" * 8, b"x")
+    short = MailboxPost(b"\xee" * 16, ROUND, "messages", DIM, b"\x07" * 8, b"\x00" * 8, b"x")
     planted = [
         _record("in", "ee" * 16, b"not a protocol message"),
         _record("in", "ee" * 16, DirectoryRequest(ROUND).to_bytes(), deployment="elsewhere"),
         replay,
         _record("in", "ee" * 16, short.to_bytes()),
     ]
-    first = c.truth.items[0]
-    truth = dataclasses.replace(
-        c.truth,
-        items=[
-            *c.truth.items,
+    items = list(c.truth.items())
+    first = items[0]
+    planted_truth = Truth.from_items(
+        [
+            *items,
             dataclasses.replace(first, round_id=ROUND + 5),
             dataclasses.replace(first, value=np.full(DIM, np.nan)),
         ],
+        c.truth.domains,
     )
+    truth = dataclasses.replace(c.truth, tables=planted_truth.tables)
     inp = dataclasses.replace(
         c, view=dataclasses.replace(c.view, records=[*c.view.records, *planted]), truth=truth
     )

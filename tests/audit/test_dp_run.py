@@ -103,13 +103,13 @@ def _run_dir_with_noise(tmp_path: Path, noise_sigma: float) -> tuple[Path, Truth
     for rid in (4, 5, 6):
         vals = [rng.integers(0, 5, dim).astype(np.float64) for _ in range(2)]
         items += [
-            TrueItem("aggregates", rid, bytes([p]) * 16, b"s" * 16, v) for p, v in enumerate(vals)
+            TrueItem("aggregates", rid, bytes([p]) * 16, b"s" * 8, v) for p, v in enumerate(vals)
         ]
         opened = vals[0] + vals[1] + rng.normal(0.0, noise_sigma, dim)
         conn.execute("INSERT INTO days VALUES (?, ?)", (rid, opened.astype("<f8").tobytes()))
     conn.commit()
     conn.close()
-    return tmp_path, Truth(items, {bytes([0]) * 16: 0, bytes([1]) * 16: 1})
+    return tmp_path, Truth.from_items(items, {bytes([0]) * 16: 0, bytes([1]) * 16: 1})
 
 
 def test_the_dp_check_measures_the_noise_against_the_truth(

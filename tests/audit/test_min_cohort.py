@@ -13,6 +13,7 @@ from audit.views import AuditInput
 from contract.runspec import RunSpec, RunSpecError
 from protocols.secure_sum import Mode
 from protocols.secure_sum.messages import RegisterRequest
+from protocols.secure_sum.slots import SLOT_ID_BYTES
 
 from .conftest import DIM, crafted
 
@@ -22,7 +23,7 @@ K = 14
 def _registered(inp: AuditInput, group: int) -> list[list[bytes]]:
     """Each participant's slot group, in participant (fetch) order."""
     return [
-        [ids[i : i + 16] for i in range(0, len(ids), 16)]
+        [ids[i : i + SLOT_ID_BYTES] for i in range(0, len(ids), SLOT_ID_BYTES)]
         for ids in (
             RegisterRequest.from_bytes(r.payload).slot_ids
             for r in inp.view.records
@@ -48,7 +49,7 @@ def test_groups_below_the_minimum_are_released_as_zero(mode: Mode, group: int) -
         counts[rows.slot[i].tobytes()] += 1
     assert inp.truth is not None
     true_sum: dict[bytes, np.ndarray] = defaultdict(lambda: np.zeros(DIM))
-    for it in inp.truth.items:
+    for it in inp.truth.items():
         true_sum[it.slot] = true_sum[it.slot] + it.value
     suppressed = 0
     for slots, got in zip(_registered(inp, group), inp.config["fetched"], strict=True):

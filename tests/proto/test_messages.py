@@ -26,6 +26,7 @@ from protocols.secure_sum import messages as ssm
 from protocols.secure_sum import protocol
 from protocols.secure_sum.config import Mode, PhaseSpec, RoundSpec, SlotKind
 from protocols.secure_sum.protocol import AggregatorServer, InMemoryNetwork
+from protocols.secure_sum.slots import SLOT_ID_BYTES
 from sim.params import BASE_PARAMS
 
 MODULES = (common_pb2, device_pb2, aggregator_pb2)
@@ -210,7 +211,7 @@ def test_gRPC_options_mirror_the_named_limits() -> None:
 
 
 def test_limits_are_consistent() -> None:
-    page = limits.MAX_DIRECTORY_PAGE_SLOTS * 16
+    page = limits.MAX_DIRECTORY_PAGE_SLOTS * SLOT_ID_BYTES
     assert page + 1024 <= limits.DEVICE_MAX_REQUEST_BYTES
     assert page + 1024 <= limits.DEVICE_MAX_RESPONSE_BYTES
     # one payload at the per-message limit still fits a request with its routing fields
@@ -228,10 +229,10 @@ _ENVELOPE = 57
 def _documented_size(mode: Mode, items: int, dim: int) -> int:
     """A post's size by the layout ``proto.limits`` documents (fixed headers left out)."""
     if mode is Mode.MAILBOX:  # slot ids, C-shares, one sealed 48-byte seed + digest
-        return 16 * items + 8 * items * dim + _ENVELOPE + 48
+        return SLOT_ID_BYTES * items + 8 * items * dim + _ENVELOPE + 48
     # an outer envelope of sealed C-items (id, slot, share) + length-prefixed sealed A-items
-    c_items = items * (_ENVELOPE + 32 + 8 * dim)
-    return _ENVELOPE + c_items + items * (4 + _ENVELOPE + 48)
+    c_items = items * (_ENVELOPE + 16 + SLOT_ID_BYTES + 8 * dim)
+    return _ENVELOPE + c_items + items * (4 + _ENVELOPE + 32 + SLOT_ID_BYTES)
 
 
 def _batch_of(raw: bytes, posts: int, items: int, dim: int) -> device_pb2.PostSharesRequest:

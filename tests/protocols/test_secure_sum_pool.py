@@ -48,6 +48,7 @@ from protocols.secure_sum.messages import (
     decode,
 )
 from protocols.secure_sum.protocol import INFO_MAILBOX, post_header
+from protocols.secure_sum.slots import SLOT_ID_BYTES as S
 
 ROUND = 11
 K = 2  # items_per_device of the pseudonym phase
@@ -170,7 +171,7 @@ def test_pool_posts_of_different_sizes_sum_exactly(mode: Mode) -> None:
             assert len(msg.items_for_a) == m * K
         else:
             assert isinstance(msg, MailboxPost)
-            assert len(msg.slot_ids) == 16 * m * K and len(msg.share_c) == 8 * m * K * DIM
+            assert len(msg.slot_ids) == S * m * K and len(msg.share_c) == 8 * m * K * DIM
         assert w.clients[p].post(w.spec, "messages", [w.all_slots[i] for i in t], v)
         o = gen.uniform(-5.0, 5.0, (m, DIM))  # one observation per hosted device
         w.clients[p].post(w.spec, "obs", [AGG_SLOT] * m, o)
@@ -186,7 +187,7 @@ def test_pool_posts_of_different_sizes_sum_exactly(mode: Mode) -> None:
             for link, r, _ in w.net.log
             if link == "c->a" and isinstance(decode(r), RelayMailbox)
         )
-        assert sorted(len(s) // 16 for s in relay.slot_ids) == sorted(m * K for m in sizes)
+        assert sorted(len(s) // S for s in relay.slot_ids) == sorted(m * K for m in sizes)
     for server in (w.c, w.net.aggregator):
         assert len(server.share_rows(ROUND, "messages")[0]) == sum(sizes) * K
     expected = group_sum(
@@ -262,7 +263,7 @@ def test_item_counts_refused_with_the_numbers_state_unchanged(
             msg.round_id,
             msg.phase,
             msg.dim,
-            msg.slot_ids[:48],
+            msg.slot_ids[: 3 * S],
             msg.share_c[: 8 * 3 * DIM],
             msg.sealed_for_a,
         )
@@ -343,7 +344,7 @@ def test_ragged_relay_with_replays_and_a_malformed_post() -> None:
         if not isinstance(m, RelayMailbox):
             return raw
         slot_ids = tuple(
-            s[:-16] if d == victim else s for d, s in zip(m.device_ids, m.slot_ids, strict=True)
+            s[:-S] if d == victim else s for d, s in zip(m.device_ids, m.slot_ids, strict=True)
         )
         return RelayMailbox(
             m.round_id, m.phase, m.device_ids * 2, slot_ids * 2, m.sealed_for_a * 2
@@ -535,7 +536,7 @@ def test_batched_fetch_refusals_release_nothing(
     before = state(w.net)
     cases = [
         (NotRegistrant, "registered to another participant", [w.all_slots[0], w.all_slots[3]]),
-        (UnknownSlot, "not registered", [w.all_slots[0], os.urandom(16)]),
+        (UnknownSlot, "not registered", [w.all_slots[0], os.urandom(S)]),
         (MessageError, "more than once", [w.all_slots[0], w.all_slots[0]]),
         (WrongLength, "at least one slot \\(None: every registered slot\\)", []),
     ]
@@ -562,7 +563,7 @@ def test_batched_fetch_refusals_release_nothing(
         m = decode(raw)
         if isinstance(m, RelayFetch):
             return RelayFetch(
-                m.device_id, m.round_id, m.phase, m.slot_ids[:16], m.sealed_for_a
+                m.device_id, m.round_id, m.phase, m.slot_ids[:S], m.sealed_for_a
             ).to_bytes()
         return raw
 

@@ -69,7 +69,7 @@ from protocols.secure_sum.envelope import (
     seal_with_ephemeral,
 )
 from protocols.secure_sum.sharing import PRG_IV, aes_ctr_keystream
-from protocols.secure_sum.slots import as_id_matrix
+from protocols.secure_sum.slots import SLOT_ID_BYTES, as_id_matrix
 
 VECTORS = Path(__file__).parent / "vectors"
 
@@ -236,7 +236,7 @@ def test_slot_vectors_and_names() -> None:
         slot = pseudonym_slot(
             bytes.fromhex(case["rpi"]), case["round"], bytes.fromhex(case["deployment_key"])
         )
-        assert slot.hex() == case["slot"]
+        assert slot.hex() == case["slot"] == case["aes_block"][: 2 * SLOT_ID_BYTES]
     for case in v["aggregate"]:
         assert aggregate_slot(case["name"]).hex() == case["slot"]
     for name in v["invalid_names"]:
@@ -263,14 +263,16 @@ def test_pseudonym_slots_fail_closed_without_the_deployment_key() -> None:
 
 
 def test_slot_table_lookup_vectorized() -> None:
-    ids = [os.urandom(16) for _ in range(50)]
+    ids = [os.urandom(SLOT_ID_BYTES) for _ in range(50)]
     table = SlotTable(ids)
     q = [ids[i] for i in (3, 0, 49, 3)]
     assert table.lookup(as_id_matrix(q)).tolist() == [3, 0, 49, 3]
     with pytest.raises(UnknownSlot, match="unknown slot"):
-        table.lookup(as_id_matrix([ids[1], os.urandom(16)]))
+        table.lookup(as_id_matrix([ids[1], os.urandom(SLOT_ID_BYTES)]))
     with pytest.raises(SlotAlreadyRegistered):
-        table.add_many([os.urandom(16), ids[7]])
+        table.add_many([os.urandom(SLOT_ID_BYTES), ids[7]])
+    with pytest.raises(WrongLength, match="slot id must be 8 bytes, got 16"):
+        table.add_many([os.urandom(16)])
     assert len(table) == 50  # all-or-nothing
 
 

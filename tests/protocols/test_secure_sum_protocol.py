@@ -55,6 +55,8 @@ from protocols.secure_sum.messages import (
     ShuffledPost,
     decode,
 )
+from protocols.secure_sum.protocol import CID_BYTES
+from protocols.secure_sum.slots import SLOT_ID_BYTES
 
 ROUND = 7
 SECURE = [Mode.MAILBOX, Mode.SHUFFLED]
@@ -382,7 +384,7 @@ def test_bad_posts_rejected_state_unchanged(mode: Mode) -> None:
     with pytest.raises(WrongLength, match="exceed items_per_device=2"):
         dev.post(w.spec, "messages", [w.slots[0]] * 3, np.ones((3, 3)))
     with pytest.raises(UnknownSlot, match="unknown slot"):
-        dev.post(w.spec, "messages", [os.urandom(16)], np.ones((1, 3)))
+        dev.post(w.spec, "messages", [os.urandom(SLOT_ID_BYTES)], np.ones((1, 3)))
     with pytest.raises(InvalidSlotName, match="invalid aggregate slot name"):
         dev.post(w.spec, "obs", ["global/day/07"], np.ones((1, 3)))
     with pytest.raises(UnknownSlot):
@@ -427,7 +429,7 @@ def test_fetch_only_by_registrant_once_per_phase(mode: Mode) -> None:
     with pytest.raises(NotRegistrant, match="fetch proof does not match"):
         forged.fetch(ROUND, "messages", [w.slots[1]])
     with pytest.raises(UnknownSlot):
-        owner.fetch(ROUND, "messages", [os.urandom(16)])
+        owner.fetch(ROUND, "messages", [os.urandom(SLOT_ID_BYTES)])
     assert server_state(w.net) == before
     assert owner.fetch(ROUND, "messages", [w.slots[1]]).tolist() == [[1.0, 2.0, 3.0]]
     # the identical request again (a retry after a lost reply) gets the same answer, and
@@ -537,14 +539,14 @@ def _run_linkage(
     guess_a: dict[bytes, bytes] = {}
     if mode is Mode.MAILBOX:
         for m, _ in posts:  # C reads the slot list of every post
-            guess_c[m.slot_ids[:16]] = m.device_id
+            guess_c[m.slot_ids[:SLOT_ID_BYTES]] = m.device_id
         relay = next(
             decode(r)
             for link, r, _ in w.net.log
             if link == "c->a" and isinstance(decode(r), RelayMailbox)
         )
         for d, s in zip(relay.device_ids, relay.slot_ids, strict=True):
-            guess_a[s[:16]] = d
+            guess_a[s[:SLOT_ID_BYTES]] = d
     else:
         from protocols.secure_sum.envelope import open_envelope
         from protocols.secure_sum.protocol import (
@@ -577,11 +579,11 @@ def _run_linkage(
         }
         for pos, env in enumerate(back.items_for_c):
             plain = open_envelope(w.net.c_keys, env, INFO_ITEM_C, aad)
-            slot = plain[16:32]
+            slot = plain[CID_BYTES : CID_BYTES + SLOT_ID_BYTES]
             guess_c[slot] = _fragment_match(c_known, env + plain) or senders[pos % n]
         for pos, env in enumerate(relay.items_for_a):
             plain = open_envelope(w.net.a_keys, env, INFO_ITEM_A, aad)
-            slot = plain[16:32]
+            slot = plain[CID_BYTES : CID_BYTES + SLOT_ID_BYTES]
             guess_a[slot] = _fragment_match(a_known, env + plain) or relay.device_ids[pos % n]
     acc_c = np.mean([guess_c.get(s) == d for s, d in truth.items()])
     acc_a = np.mean([guess_a.get(s) == d for s, d in truth.items()])
@@ -650,7 +652,9 @@ def test_registration_tampering_refused_state_unchanged() -> None:
     def redirect(raw: bytes) -> bytes:  # C swaps the slot list it relays to A
         m = decode(raw)
         if isinstance(m, RelayRegister):
-            return RelayRegister(m.device_id, m.round_id, os.urandom(16), m.sealed_for_a).to_bytes()
+            return RelayRegister(
+                m.device_id, m.round_id, os.urandom(SLOT_ID_BYTES), m.sealed_for_a
+            ).to_bytes()
         return raw
 
     net.c_to_a_filter = redirect

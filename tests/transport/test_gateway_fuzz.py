@@ -57,6 +57,7 @@ from protocols.secure_sum.messages import (
     ShuffledPost,
     decode,
 )
+from protocols.secure_sum.slots import SLOT_ID_BYTES as S
 from transport.grpc.client import GatewayLink, RetryPolicy, Role
 
 DAYS = 2
@@ -279,7 +280,7 @@ def structured(rng: random.Random, kind: type[Message], pid: bytes, rid: int, ph
     and its routing fields agree with the request, so the protocol's own checks must refuse it."""
 
     def ids() -> bytes:
-        return rng.randbytes(16 * rng.choice([0, 1, 2, 4, 8, 33]) + rng.choice([0, 0, 0, 7]))
+        return rng.randbytes(S * rng.choice([0, 1, 2, 4, 8, 33]) + rng.choice([0, 0, 0, 7]))
 
     def blob() -> bytes:
         return rng.randbytes(rng.choice([0, 1, 16, 57, 105, 300]))
@@ -291,7 +292,7 @@ def structured(rng: random.Random, kind: type[Message], pid: bytes, rid: int, ph
     if kind is MailboxPost:
         slot_ids = ids()
         dim = rng.choice([0, 1, 3, 4, 5, 64, 48])
-        words = (len(slot_ids) // 16) * dim + rng.choice([0, 0, 1, -1])
+        words = (len(slot_ids) // S) * dim + rng.choice([0, 0, 1, -1])
         return MailboxPost(
             pid, rid, phase, dim, slot_ids, rng.randbytes(8 * max(words, 0)), blob()
         ).to_bytes()
@@ -301,7 +302,7 @@ def structured(rng: random.Random, kind: type[Message], pid: bytes, rid: int, ph
 
 def wrong_dim_post(post: MailboxPost, rng: random.Random) -> MailboxPost:
     """The same post with a dim that disagrees with the phase (shares resized to match)."""
-    items = len(post.slot_ids) // 16
+    items = len(post.slot_ids) // S
     dim = post.dim + rng.choice([-3, -1, 1, 5])
     return MailboxPost(
         post.device_id,
@@ -329,13 +330,13 @@ NOT_YOURS = {SC.PERMISSION_DENIED: r"names a device other than"}
 #: by A (envelopes it cannot open, slot lists that differ from the sealed one)
 STRUCTURED = {
     SC.INVALID_ARGUMENT: r"^(aggregator refused: (unsupported )?envelope|slot ids: \d+ bytes is "
-    r"not a multiple of 16|a fetch names \d+\.\.\d+ slots|phase '\w+' (has dim|takes m × "
+    r"not a multiple of 8|a fetch names \d+\.\.\d+ slots|phase '\w+' (has dim|takes m × "
     r"items_per_device)|share block is \d+ bytes|sealed A-part must be present in mailbox mode|"
     r"this deployment runs mailbox mode)",
-    SC.NOT_FOUND: r"^(unknown slot [0-9a-f]{16}… \(not registered|slot [0-9a-f]{16}… is not "
+    SC.NOT_FOUND: r"^(unknown slot [0-9a-f]{16} \(not registered|slot [0-9a-f]{16} is not "
     r"registered)",
     SC.PERMISSION_DENIED: r"^(aggregator refused: relayed slot list differs from the one the "
-    r"device sealed|slot [0-9a-f]{16}… is registered to another participant|round \d+: a "
+    r"device sealed|slot [0-9a-f]{16} is registered to another participant|round \d+: a "
     r"registration of \d+ slot\(s\) is not whole groups|the fetch names \d+ slot\(s\) of)",
 }
 #: a second, different post of the same participant in a round's phase
@@ -348,7 +349,7 @@ NO_PHASE = {SC.NOT_FOUND: r"^round \d+ has no phase '.*'$"}
 UNRELEASED = {SC.FAILED_PRECONDITION: r"^sums are released only after the surviving set is agreed"}
 #: a registration whose slot list is not the one sealed to A (A checks the digest)
 RESEALED = {
-    SC.INVALID_ARGUMENT: r"slot ids: \d+ bytes is not a multiple of 16",
+    SC.INVALID_ARGUMENT: r"slot ids: \d+ bytes is not a multiple of 8",
     SC.PERMISSION_DENIED: r"^(aggregator refused: relayed slot list differs from the one the "
     r"device sealed|round \d+: a registration of \d+ slot\(s\) is not whole groups of)",
 }
@@ -391,7 +392,7 @@ def _own_count(payload: bytes) -> int:
         return 1
     if isinstance(msg, ShuffledPost):
         return len(msg.items_for_a)
-    return len(getattr(msg, "slot_ids", b"")) // 16
+    return len(getattr(msg, "slot_ids", b"")) // S
 
 
 def send_registrations(
@@ -552,14 +553,14 @@ def fuzz_registration(
         for seal in forged_seals(rng, good.sealed_for_a)
     ]
     bad += [
-        Bad(m, replaced(good, slot_ids=rng.randbytes(16 * k + r)), RESEALED)
+        Bad(m, replaced(good, slot_ids=rng.randbytes(S * k + r)), RESEALED)
         for k, r in ((0, 0), (0, 5), (1, 0), (1, 1), (2, 15), (3, 0))
     ]
     bad.append(
         Bad(
             m,
-            replaced(good, slot_ids=slot_a + rng.randbytes(16)),
-            {SC.ALREADY_EXISTS: r"^slot [0-9a-f]{16}… is already registered$"},
+            replaced(good, slot_ids=slot_a + rng.randbytes(S)),
+            {SC.ALREADY_EXISTS: r"^slot [0-9a-f]{16} is already registered$"},
         )
     )
     bad += [
@@ -630,7 +631,7 @@ def fuzz_directory(
     ask = DirectoryRequest(rid).to_bytes()
     whole = stub.GetDirectory(pb.GetDirectoryRequest(round_id=rid, payload=ask), timeout=10)
     ids = DirectoryResponse.from_bytes(whole.payload).slot_ids
-    assert whole.total_slots == len(ids) // 16 == 4
+    assert whole.total_slots == len(ids) // S == 4
     assert whole.directory_digest == hashlib.sha256(ids).digest()
     for _ in range(20):
         start = rng.choice([0, 1, 3, 4, 5, 1 << 40, rng.randrange(1 << 64)])
@@ -643,7 +644,7 @@ def fuzz_directory(
         last = 4 if size == 0 else min(4, first + size)
         assert (page.start, page.total_slots) == (first, 4)
         assert page.directory_digest == whole.directory_digest
-        assert DirectoryResponse.from_bytes(page.payload).slot_ids == ids[16 * first : 16 * last]
+        assert DirectoryResponse.from_bytes(page.payload).slot_ids == ids[S * first : S * last]
 
 
 def send_posts(
@@ -714,7 +715,7 @@ def fuzz_posts(
     values = np.ones((len(slots), p.dim))
     good = MailboxPost.from_bytes(client_m.build_post(spec, phase, slots, values))
     raw = good.to_bytes()
-    n = len(good.slot_ids) // 16
+    n = len(good.slot_ids) // S
     bad: list[Bad] = []
     bad += [Bad(m, junk(rng), {SC.INVALID_ARGUMENT: MALFORMED}) for _ in range(600)]
     bad += [Bad(m, mutate(rng, raw), {SC.INVALID_ARGUMENT: MALFORMED}) for _ in range(400)]
@@ -749,7 +750,7 @@ def fuzz_posts(
     for extra in range(1, p.items_per_device, 2):  # (one item per device: any count is whole)
         ragged = replaced(
             good,
-            slot_ids=good.slot_ids + good.slot_ids[: 16 * extra],
+            slot_ids=good.slot_ids + good.slot_ids[: S * extra],
             share_c=good.share_c + good.share_c[: 8 * p.dim * extra],
         )
         bad.append(Bad(m, ragged, {SC.INVALID_ARGUMENT: r"takes m × items_per_device=\d+ items"}))
@@ -772,8 +773,8 @@ def fuzz_posts(
     ]
     # slots the round does not have
     for _ in range(5):
-        stray = replaced(good, slot_ids=rng.randbytes(16 * n))
-        bad.append(Bad(m, stray, {SC.NOT_FOUND: r"^unknown slot [0-9a-f]{16}… \(not registered"}))
+        stray = replaced(good, slot_ids=rng.randbytes(S * n))
+        bad.append(Bad(m, stray, {SC.NOT_FOUND: r"^unknown slot [0-9a-f]{16} \(not registered"}))
     send_posts(stub, rng, tally, spec, phase, bad, aggregates)
 
     # the other RPC does not carry this phase
@@ -896,12 +897,12 @@ def fuzz_fetches(
         for _ in range(150)
     ]
     bad += [
-        Bad(m, raw, {SC.INVALID_ARGUMENT: r"routing field slot_ids"}, slot_ids=rng.randbytes(16))
+        Bad(m, raw, {SC.INVALID_ARGUMENT: r"routing field slot_ids"}, slot_ids=rng.randbytes(S))
         for _ in range(10)
     ]
-    for slots in ([rng.randbytes(16)], [slots_m[0], rng.randbytes(16)]):
+    for slots in ([rng.randbytes(S)], [slots_m[0], rng.randbytes(S)]):
         stray = mallory.nbhd.build_fetch(rid, MESSAGES_PHASE, slots)
-        bad.append(Bad(m, stray, {SC.NOT_FOUND: r"^slot [0-9a-f]{16}… is not registered$"}))
+        bad.append(Bad(m, stray, {SC.NOT_FOUND: r"^slot [0-9a-f]{16} is not registered$"}))
     for slots in ([slot_a], [slots_m[0], slot_a]):
         theirs = mallory.nbhd.build_fetch(rid, MESSAGES_PHASE, slots)
         bad.append(Bad(m, theirs, {SC.PERMISSION_DENIED: r"registered to another participant"}))
@@ -913,7 +914,7 @@ def fuzz_fetches(
         Bad(
             m,
             replaced(good, slot_ids=ids),
-            {SC.INVALID_ARGUMENT: r"a fetch names \d+\.\.\d+ slots|is not a multiple of 16"},
+            {SC.INVALID_ARGUMENT: r"a fetch names \d+\.\.\d+ slots|is not a multiple of 8"},
         )
         for ids in (rng.randbytes(15), rng.randbytes(33))
     ]
@@ -1049,7 +1050,7 @@ def post_spoiled(
     spoiled = replaced(post, sealed_for_a=seal[:-1] + bytes([seal[-1] ^ 0x80]))
     entry = pb.SharePost(
         device=device(post.device_id),
-        item_count=len(post.slot_ids) // 16,
+        item_count=len(post.slot_ids) // S,
         dim=post.dim,
         payload=spoiled,
     )

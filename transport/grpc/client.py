@@ -46,9 +46,8 @@ from protocols.secure_sum.messages import (
     ShuffledPost,
     decode,
 )
-from protocols.secure_sum.slots import SlotTable
+from protocols.secure_sum.slots import SLOT_ID_BYTES, SlotTable
 
-_SLOT_BYTES = 16
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _T = TypeVar("_T")
 
@@ -197,7 +196,7 @@ class GatewayLink:
                 round_id=msg.round_id,
                 registrations=[
                     pb.SlotRegistration(
-                        device=device, slot_count=len(msg.slot_ids) // _SLOT_BYTES, payload=raw
+                        device=device, slot_count=len(msg.slot_ids) // SLOT_ID_BYTES, payload=raw
                     )
                 ],
             )
@@ -209,7 +208,7 @@ class GatewayLink:
             if isinstance(msg, MailboxPost):
                 post = pb.SharePost(
                     device=device,
-                    item_count=len(msg.slot_ids) // _SLOT_BYTES,
+                    item_count=len(msg.slot_ids) // SLOT_ID_BYTES,
                     dim=msg.dim,
                     payload=raw,
                 )
@@ -245,7 +244,7 @@ class GatewayLink:
             if not ids and have < total:
                 raise MessageError(f"directory page at slot {have} of {total} is empty")
             parts.append(ids)
-            have += len(ids) // _SLOT_BYTES
+            have += len(ids) // SLOT_ID_BYTES
         whole = b"".join(parts)
         if have != total or hashlib.sha256(whole).digest() != digest:
             raise MessageError("the assembled directory does not match its announced digest")

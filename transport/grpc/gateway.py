@@ -60,10 +60,10 @@ from protocols.secure_sum.messages import (
     ShuffledPost,
     decode,
 )
+from protocols.secure_sum.slots import SLOT_ID_BYTES
 from transport.grpc.channels import CREDENTIAL_METADATA
 from transport.grpc.link import LinkRefused, LinkUnavailable, abort, peer_common_name
 
-_SLOT_BYTES = 16
 _DEVICE_CN = re.compile(r"^[0-9a-f]{32}$")
 #: Longest ``ReportFailure`` detail (bytes of UTF-8) the gateway takes.
 MAX_FAILURE_DETAIL = 1024
@@ -401,10 +401,10 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
             context.set_trailing_metadata((("decentsim-error-bin", out.SerializeToString()),))
             abort(context, _status(out.code), f"{out.reason}: {out.detail}")
         ids = DirectoryResponse.from_bytes(out).slot_ids
-        total = len(ids) // _SLOT_BYTES
+        total = len(ids) // SLOT_ID_BYTES
         size = min(request.max_slots or MAX_DIRECTORY_PAGE_SLOTS, MAX_DIRECTORY_PAGE_SLOTS)
         start = min(request.start, total)
-        page = ids[start * _SLOT_BYTES : (start + size) * _SLOT_BYTES]
+        page = ids[start * SLOT_ID_BYTES : (start + size) * SLOT_ID_BYTES]
         return pb.DirectoryPage(
             round_id=request.round_id,
             start=start,
@@ -572,11 +572,11 @@ def _show(value: object) -> str:
 def _field(msg: Message, attr: str) -> object:
     """A payload field, or ``#name``: the number of 16-byte ids / items in it."""
     if attr == "#slot_ids":
-        return len(msg.slot_ids) // _SLOT_BYTES  # type: ignore[attr-defined]
+        return len(msg.slot_ids) // SLOT_ID_BYTES  # type: ignore[attr-defined]
     if attr == "#items":
         if isinstance(msg, ShuffledPost):
             return len(msg.items_for_a)
-        return len(msg.slot_ids) // _SLOT_BYTES  # type: ignore[attr-defined]
+        return len(msg.slot_ids) // SLOT_ID_BYTES  # type: ignore[attr-defined]
     return getattr(msg, attr, None)
 
 

@@ -34,6 +34,7 @@ from proto.decentsim.v1 import common_pb2
 from proto.framing import FramingError, Reassembler, fragments
 from proto.limits import LINK_MAX_PAYLOAD_BYTES
 from protocols.secure_sum import AggregatorServer, Mode, RoundSpec
+from protocols.secure_sum.accumulator import KEY_BYTES
 from protocols.secure_sum.errors import SecureSumError
 from protocols.secure_sum.messages import (
     AggregateRequest,
@@ -48,6 +49,7 @@ from protocols.secure_sum.messages import (
     SurvivingSet,
     decode,
 )
+from protocols.secure_sum.slots import SLOT_ID_BYTES
 
 #: The certificate commonName of the coordinator's client identity on the link.
 COORDINATOR_CN = "coordinator"
@@ -55,7 +57,6 @@ COORDINATOR_CN = "coordinator"
 AGGREGATOR_CN = "aggregator"
 #: Call metadata naming the secure-sum deployment a link call is for.
 DEPLOYMENT_METADATA = "decentsim-deployment"
-_SLOT_BYTES = 16
 
 MODE_TO_WIRE: dict[Mode, int] = {
     Mode.MAILBOX: common_pb2.MODE_MAILBOX,
@@ -255,7 +256,7 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
             msg = _decode(entry.payload, (RelayRegister,), context)
             _agree(context, "round_id", request.round_id, msg.round_id)
             _agree(context, "device", entry.device.value, msg.device_id)
-            _agree(context, "slot_count", entry.slot_count, len(msg.slot_ids) // _SLOT_BYTES)
+            _agree(context, "slot_count", entry.slot_count, len(msg.slot_ids) // SLOT_ID_BYTES)
         payloads = [self._handle(server, e.payload) for e in request.registrations]
         for reply in payloads:
             self._observe("register", context, request.round_id, reply)
@@ -303,7 +304,7 @@ class AggregatorLinkServicer(pb_grpc.AggregatorLinkServicer):
             keys = 0
         elif first.step == pb.AGREEMENT_STEP_FIX:
             msg = _decode(raw, (SurvivingSet,), context)
-            keys = len(msg.keys) // _SLOT_BYTES
+            keys = len(msg.keys) // KEY_BYTES
         else:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "agreement step is unspecified")
         _agree(context, "round_id", first.round.round_id, msg.round_id)
@@ -398,7 +399,7 @@ class AggregatorLinkClient:
         if isinstance(msg, RelayRegister):
             entry = pb.RelayedRegistration(
                 device=common_pb2.DeviceId(value=msg.device_id),
-                slot_count=len(msg.slot_ids) // _SLOT_BYTES,
+                slot_count=len(msg.slot_ids) // SLOT_ID_BYTES,
                 payload=raw,
             )
             req = pb.RelayRegistrationsRequest(round_id=msg.round_id, registrations=[entry])
@@ -428,7 +429,7 @@ class AggregatorLinkClient:
             ref = common_pb2.RoundRef(round_id=msg.round_id, phase=msg.phase)
             fix = isinstance(msg, SurvivingSet)
             step = pb.AGREEMENT_STEP_FIX if fix else pb.AGREEMENT_STEP_OFFER
-            keys = len(msg.keys) // _SLOT_BYTES if isinstance(msg, SurvivingSet) else 0
+            keys = len(msg.keys) // KEY_BYTES if isinstance(msg, SurvivingSet) else 0
             digests = (
                 pb.DigestChunk(
                     round=ref,
