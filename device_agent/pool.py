@@ -478,12 +478,9 @@ class DevicePool:
             joined = pseudonym_slots(np.ascontiguousarray(uniq).tobytes(), spec.round_id, key)
             # a beacon whose owner did not register this round (it dropped out) has no slot:
             # its message has no recipient, as a phone's would not
-            _, registered = client.directory(spec.round_id).find(
-                np.frombuffer(joined, dtype=np.uint8).reshape(-1, SLOT_ID_BYTES)
-            )
-            w = SLOT_ID_BYTES
-            slots = [joined[w * j : w * (j + 1)] for j in np.flatnonzero(registered).tolist()]
-            client.post(spec, MESSAGES_PHASE, slots, summed[registered])
+            ids = np.frombuffer(joined, dtype=np.uint8).reshape(-1, SLOT_ID_BYTES)
+            _, registered = client.directory(spec.round_id).find(ids)
+            client.post(spec, MESSAGES_PHASE, ids[registered].tobytes(), summed[registered])
 
     def fetch_and_update(self, spec: RoundSpec, day: int) -> None:
         """Each participant fetches its devices' day totals (their ``incoming``); then f.

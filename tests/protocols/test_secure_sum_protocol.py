@@ -124,7 +124,7 @@ def server_state(net: InMemoryNetwork) -> tuple:
     out = []
     for server in (net.coordinator, net.aggregator):
         for rid, rnd in sorted(server.rounds.items()):
-            out.append((rid, rnd.registration_open, tuple(rnd.registry.table.ids)))
+            out.append((rid, rnd.registration_open, rnd.registry.table.id_bytes()))
             out.append(
                 tuple(
                     sorted(
