@@ -36,6 +36,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "securesum": ("bench.securesum", "two-server slot sums"),
     "ble": ("bench.ble", "simulated radio + exposure scoring"),
     "federated": ("bench.federated", "federated run vs the central simulator"),
+    "cohorts": ("bench.cohorts", "contacts behind each device-day total"),
     "vs-secaggplus": ("bench.secaggplus", "two-server sum vs Flower's SecAgg+"),
     "behaviour": ("bench.behaviour", "behaviour-table overhead and backend calls"),
 }

@@ -50,6 +50,7 @@ CAL_EMP += ["--out", TMP + "/cal", "--epochs", "1"]
 B_SIM = ["bench", "sim", "--agents", "10", "--degree", "2", "--steps", "1"]
 B_SUM = ["bench", "securesum", "--devices", "4", "--dim", "2", "--items-per-device", "1"]
 B_BLE = ["bench", "ble", "--contacts", "10"]
+B_COH = ["bench", "cohorts", "--population", "synthetic:20", "--days", "1"]
 B_FED = ["bench", "federated", "--population", "synthetic:50", "--days", "1", "--pools", "1"]
 B_VS = ["bench", "vs-secaggplus", "--clients", "5", "--dim", "2"]
 C_TOK = ["coordinator", "tokens", "--state-dir", TMP + "/C"]
@@ -213,6 +214,10 @@ CASES = [
     case([*B_BLE, "--degree", "0"], "--degree"),
     case([*B_BLE, "--degree", "nan"], "--degree"),
     case([*B_BLE, "--seed", "-1"], "--seed"),
+    case([*B_COH, "--days", "0"], "--days"),
+    case([*B_COH, "--min-cohort", "0"], "--min-cohort"),
+    case([*B_COH, "--radio", "bluetooth"], "--radio"),
+    case(["bench", "cohorts", "--population", "synthetic:x"], "--population"),
     # bench federated: more pools than agents, counts, the population, the output
     case([*B_FED, "--population", "synthetic:3", "--pools", "5"], "--pools"),
     case([*B_FED, "--pools", "0"], "--pools"),

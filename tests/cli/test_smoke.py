@@ -42,6 +42,11 @@ COVERED: dict[str, tuple[str, ...]] = {
     "bench sim": ("tests/cli/test_smoke.py::test_bench_sim_smallest_run",),
     "bench securesum": ("tests/cli/test_smoke.py::test_bench_securesum_smallest_run",),
     "bench ble": ("tests/cli/test_smoke.py::test_bench_ble_smallest_run",),
+    "bench cohorts": (
+        "tests/cli/test_smoke.py::test_bench_cohorts_smallest_run",
+        "tests/bench/test_bench_cohorts.py::"
+        "test_an_ideal_radio_gives_every_group_its_central_contacts",
+    ),
     "bench federated": ("tests/cli/test_smoke.py::test_bench_federated_smallest_run",),
     "bench vs-secaggplus": ("tests/cli/test_smoke.py::test_bench_vs_secaggplus_smallest_run",),
     "bench behaviour": (
@@ -395,6 +400,15 @@ def test_bench_securesum_smallest_run(cli: Callable[..., Outcome]) -> None:
 def test_bench_ble_smallest_run(cli: Callable[..., Outcome]) -> None:
     result = _json_line(cli("bench", "ble", "--contacts", "1"))
     assert result["contacts"] == 1
+
+
+def test_bench_cohorts_smallest_run(cli: Callable[..., Outcome]) -> None:
+    result = _json_line(
+        cli("bench", "cohorts", "--population", "synthetic:50", "--days", "1", "--radio", "ideal")
+    )
+    assert result["device_days"] == 50 and result["min_cohort"] == 5
+    # an ideal radio hears every contact: each group sums exactly the agent's central contacts
+    assert result["groups_below_2_contacts"] == result["central_below_2_contacts"]
 
 
 @pytest.mark.slow
