@@ -37,6 +37,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "ble": ("bench.ble", "simulated radio + exposure scoring"),
     "federated": ("bench.federated", "federated run vs the central simulator"),
     "cohorts": ("bench.cohorts", "contacts behind each device-day total"),
+    "floor": ("bench.floor", "the mailbox protocol's own cost of a day, part by part"),
     "vs-secaggplus": ("bench.secaggplus", "two-server sum vs Flower's SecAgg+"),
     "behaviour": ("bench.behaviour", "behaviour-table overhead and backend calls"),
 }

@@ -211,18 +211,29 @@ class SimulatedWorld:
         return work_choices(self.everyone, theta, self.config, seed, day, row).numpy()
 
     def radio_day(self, day: int) -> RadioDay:
-        """Everyone's sightings of ``day`` (computed once per day and behaviour)."""
+        """Everyone's sightings of ``day`` (computed once per day and behaviour).
+
+        Around midnight an observer can hear the next (or previous) day's RPI of a contact:
+        a scan that started before midnight ends after it, or the owner's clock runs ahead
+        (behind). The day's round registers only the day's RPIs, so such beacons have no slot
+        this round and are dropped here, as a phone would find them unregistered (Astoria
+        under the simulated radio: about one beacon every few days). A beacon inside the day
+        but after the advertised intervals is a schedule that cannot work and is refused.
+        """
         key = (day, None if self._behaviour is None else tuple(self._behaviour[0].tolist()))
         if self._cached is None or self._cached[0] != key:
             rd = sightings_from_contacts(self.contacts(day, self._at_work(day)), self.radio)
             k = rd.beacon_enin - self.first_interval(day)
-            outside = (k < 0) | (k >= self.advertising_intervals)
-            if outside.any():
+            today = (k >= 0) & (k < gaen.TEK_ROLLING_PERIOD)
+            unadvertised = today & (k >= self.advertising_intervals)
+            if unadvertised.any():
                 raise BeaconScheduleError(
-                    f"day {day}: {int(outside.sum())} beacon(s) heard outside the "
+                    f"day {day}: {int(unadvertised.sum())} beacon(s) heard outside the "
                     f"{self.advertising_intervals} advertised intervals (latest interval "
-                    f"{int(k.max())}); raise advertising_intervals"
+                    f"{int(k[today].max())}); raise advertising_intervals"
                 )
+            if not today.all():
+                rd = _beacons_of(rd, today)
             self._cached = (key, rd)
         return self._cached[1]
 
@@ -242,6 +253,27 @@ class SimulatedWorld:
             scan=s.scan[mask],
             seconds=s.seconds[mask],
         )
+
+
+def _beacons_of(rd: RadioDay, keep: np.ndarray) -> RadioDay:
+    """``rd`` with only the beacons ``keep`` marks (and the sightings of them)."""
+    s = rd.sightings
+    rows = keep[s.beacon]
+    new_index = np.cumsum(keep) - 1
+    return RadioDay(
+        Sightings(
+            observer=s.observer[rows],
+            beacon=new_index[s.beacon[rows]].astype(np.int64),
+            rpis=s.rpis[keep],
+            rssi=s.rssi[rows],
+            tx_power=s.tx_power[rows],
+            time=s.time[rows],
+            scan=s.scan[rows],
+            seconds=s.seconds[rows],
+        ),
+        rd.beacon_owner[keep],
+        rd.beacon_enin[keep],
+    )
 
 
 class DevicePool:
@@ -311,7 +343,7 @@ class DevicePool:
         self._aggr = [b for _, b in links]
         self.state: State | None = None
         self._theta: torch.Tensor | None = None
-        self._slots: list[list[bytes] | None] = []
+        self._slots: list[bytes | None] = []
         self._beh: Behaviour | None = None
         self._y: torch.Tensor | None = None
         self._silent: dict[str, frozenset[int]] = {}
@@ -420,12 +452,10 @@ class DevicePool:
         k = self.world.advertising_intervals
         enins = self.world.first_interval(day) + np.arange(k, dtype=np.int64)
         raw = self.keyring.rpis(np.repeat(self._ids_np, k), np.tile(enins, self.n)).tobytes()
-        slots: list[list[bytes] | None] = []
+        slots: list[bytes | None] = []
         for u, client in enumerate(self._nbhd):
             lo, hi = int(self.unit_bounds[u]) * k, int(self.unit_bounds[u + 1]) * k
-            slots.append(
-                client.register(spec.round_id, [raw[16 * j : 16 * j + 16] for j in range(lo, hi)])
-            )
+            slots.append(client.register_ids(spec.round_id, raw[16 * lo : 16 * hi]))
         self._slots = slots
         if self.behaviour_row is not None:
             theta, _ = self._require_theta()

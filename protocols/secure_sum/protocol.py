@@ -1238,8 +1238,9 @@ class DeviceClient:
             secret = self._secrets[round_id] = choices.take(b"fetch-secret", SECRET_BYTES)
         return secret
 
-    def build_registration(self, round_id: int, rpis: Sequence[bytes]) -> bytes:
-        """The registration request for this participant's beacons (RPIs) in a round (no sending).
+    def build_registration(self, round_id: int, rpis: bytes | Sequence[bytes]) -> bytes:
+        """The registration request for this participant's beacons (RPIs, or their
+        concatenation) in a round (no sending).
 
         Rebuilding it for the same RPIs gives the same bytes (remembered here; re-derived by a
         participant with a secret).
@@ -1247,9 +1248,10 @@ class DeviceClient:
         Raises:
             WrongLength: an RPI is not 16 bytes.
         """
-        if any(len(r) != RPI_BYTES for r in rpis):
+        if not isinstance(rpis, bytes) and any(len(r) != RPI_BYTES for r in rpis):
             raise WrongLength(f"RPI must be {RPI_BYTES} bytes")
-        slot_ids = pseudonym_slots(b"".join(rpis), round_id, self.deployment.deployment_key)
+        joined = rpis if isinstance(rpis, bytes) else b"".join(rpis)
+        slot_ids = pseudonym_slots(joined, round_id, self.deployment.deployment_key)
         known = self._registrations.get((round_id, slot_ids))
         if known is not None:
             return known
@@ -1266,8 +1268,9 @@ class DeviceClient:
         self._registrations[(round_id, slot_ids)] = raw
         return raw
 
-    def register(self, round_id: int, rpis: Sequence[bytes]) -> list[bytes]:
-        """Register the pseudonym slots of this participant's beacons (RPIs) for a round.
+    def register(self, round_id: int, rpis: bytes | Sequence[bytes]) -> list[bytes]:
+        """Register the pseudonym slots of this participant's beacons (RPIs) for a round;
+        returns the slot ids (:meth:`register_ids` returns them as one ``bytes``).
 
         A participant registers once per round (all its devices' beacons together); calling
         this again with the same RPIs resends the identical request, which C answers again.
@@ -1276,6 +1279,11 @@ class DeviceClient:
             RegistrationError: A's acknowledgement does not verify (C cannot forge it), or
                 (:class:`AlreadyRegistered`) another slot list was registered this round.
         """
+        return [bytes(r) for r in as_id_matrix(self.register_ids(round_id, rpis))]
+
+    def register_ids(self, round_id: int, rpis: bytes | Sequence[bytes]) -> bytes:
+        """:meth:`register`, returning the slot ids concatenated (a pool registers thousands:
+        no Python object per slot)."""
         raw = self.build_registration(round_id, rpis)
         slot_ids = RegisterRequest.from_bytes(raw).slot_ids
         resp = RegisterResponse.from_bytes(self._send(raw))
@@ -1285,7 +1293,7 @@ class DeviceClient:
         if ack != b"registered" + hashlib.sha256(slot_ids).digest():
             raise RegistrationError("the aggregator acknowledged a different slot list")
         self._registered[round_id] = len(slot_ids) // SLOT_ID_BYTES
-        return [bytes(r) for r in as_id_matrix(slot_ids)]
+        return slot_ids
 
     def directory(self, round_id: int) -> SlotTable:
         """The round's registered pseudonym slots (cached after the first request)."""

@@ -218,6 +218,8 @@ CASES = [
     case([*B_COH, "--min-cohort", "0"], "--min-cohort"),
     case([*B_COH, "--radio", "bluetooth"], "--radio"),
     case(["bench", "cohorts", "--population", "synthetic:x"], "--population"),
+    case(["bench", "floor", "--devices", "0"], "--devices"),
+    case(["bench", "floor", "--dim", "-1"], "--dim"),
     # bench federated: more pools than agents, counts, the population, the output
     case([*B_FED, "--population", "synthetic:3", "--pools", "5"], "--pools"),
     case([*B_FED, "--pools", "0"], "--pools"),

@@ -47,6 +47,7 @@ COVERED: dict[str, tuple[str, ...]] = {
         "tests/bench/test_bench_cohorts.py::"
         "test_an_ideal_radio_gives_every_group_its_central_contacts",
     ),
+    "bench floor": ("tests/cli/test_smoke.py::test_bench_floor_smallest_run",),
     "bench federated": ("tests/cli/test_smoke.py::test_bench_federated_smallest_run",),
     "bench vs-secaggplus": ("tests/cli/test_smoke.py::test_bench_vs_secaggplus_smallest_run",),
     "bench behaviour": (
@@ -409,6 +410,19 @@ def test_bench_cohorts_smallest_run(cli: Callable[..., Outcome]) -> None:
     assert result["device_days"] == 50 and result["min_cohort"] == 5
     # an ideal radio hears every contact: each group sums exactly the agent's central contacts
     assert result["groups_below_2_contacts"] == result["central_below_2_contacts"]
+
+
+def test_bench_floor_smallest_run(cli: Callable[..., Outcome]) -> None:
+    result = _json_line(
+        cli("bench", "floor", "--devices", "20", "--participants", "3", "--repeats", "1")
+    )
+    assert result["items"] == 20 * 27 and result["participants"] == 3
+    # registration (4 slots) and padded posts (27 items of a slot id and 4 words), per device
+    assert result["day_bytes"] == 20 * (4 * 8 + 27 * (8 + 4 * 8))
+    parts = ("aes_ctr_expand_s", "slot_sums_s", "slot_lookup_s", "x25519_s", "loopback_s")
+    assert all(result[p] >= 0 for p in parts)
+    total = sum(result[p] for p in parts) + result["slot_sums_s"] + result["slot_lookup_s"]
+    assert result["floor_per_day_s"] == pytest.approx(total, abs=1e-3)
 
 
 @pytest.mark.slow

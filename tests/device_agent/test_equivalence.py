@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
@@ -29,7 +30,7 @@ from device_agent.pool import (
     SimulatedWorld,
     TraceOverflow,
 )
-from protocols.ble.radio import IdealRadio
+from protocols.ble.radio import IdealRadio, RadioModel, SimulatedRadio
 from protocols.ble.simkeys import SimulatedKeyring
 from protocols.secure_sum import DeviceClient, InMemoryNetwork, Mode, RoundSpec
 from sim import dual
@@ -274,6 +275,28 @@ def test_beacons_outside_the_advertised_intervals_are_refused(population: Popula
         world.radio_day(0)
     with pytest.raises(PoolInputError, match=r"advertising_intervals must be in 1\.\.144, got 145"):
         SimulatedWorld(population, CONFIG, IdealRadio(keyring), advertising_intervals=145)
+
+
+def test_beacons_of_the_neighbouring_day_are_dropped(population: Population) -> None:
+    """Clocks an hour off put beacons of the previous and next day's TEK into the day's
+    contacts: they have no slot in the day's round, so the world drops them (never refuses
+    the day), and keeps every sighting of the day's own beacons."""
+    keyring = SimulatedKeyring(bytes(16))
+    radio = SimulatedRadio(keyring, 5, RadioModel(max_clock_skew_s=3600.0))
+    world = SimulatedWorld(population, CONFIG, radio)
+    raw = radio.transmit(world.contacts(1))
+    k = raw.beacon_enin - world.first_interval(1)
+    spill = (k < 0) | (k >= 144)
+    assert spill.any() and not spill.all()
+    day = world.radio_day(1)
+    kept = day.beacon_enin - world.first_interval(1)
+    assert ((kept >= 0) & (kept < 144)).all()
+    assert len(day.sightings) == int((~spill[raw.sightings.beacon]).sum())
+    # the same beacons, and each sighting still names its own beacon's RPI
+    assert np.array_equal(
+        day.sightings.rpis[day.sightings.beacon],
+        raw.sightings.rpis[raw.sightings.beacon[~spill[raw.sightings.beacon]]],
+    )
 
 
 def test_pool_refuses_bad_input_and_calls_out_of_order(population: Population) -> None:
