@@ -187,6 +187,7 @@ class SlotTable:
         self._chunks: list[npt.NDArray[np.uint64]] = []
         self._n = 0
         self._values: npt.NDArray[np.uint64] | None = None
+        self._matrix: npt.NDArray[np.uint8] | None = None
         self._multiplier = np.uint64(int.from_bytes(os.urandom(8), "big") | 1)
         self._resize(16)
         self.add_many(slot_ids)
@@ -211,8 +212,11 @@ class SlotTable:
         return self.values().astype(">u8").tobytes()
 
     def id_matrix(self) -> npt.NDArray[np.uint8]:
-        """Every id as an ``(n, 8)`` uint8 matrix in index order."""
-        return np.frombuffer(self.id_bytes(), np.uint8).reshape(-1, SLOT_ID_BYTES)
+        """Every id as an ``(n, 8)`` uint8 matrix in index order (kept until the next add:
+        every post draws its padding from it)."""
+        if self._matrix is None or len(self._matrix) != self._n:
+            self._matrix = np.frombuffer(self.id_bytes(), np.uint8).reshape(-1, SLOT_ID_BYTES)
+        return self._matrix
 
     def check_new(self, slot_ids: bytes | Sequence[bytes]) -> npt.NDArray[np.uint64]:
         """The ids as integers; raises unless every one is well-formed, new here and unique
