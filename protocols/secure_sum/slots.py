@@ -386,13 +386,16 @@ class Registry:
             AlreadyRegistered: the participant registered already this round.
             SlotAlreadyRegistered: a slot is taken (or repeated in the request).
         """
+        self._check_participant(device_id)
+        self.table.check_new(slot_ids)
+
+    def _check_participant(self, device_id: bytes) -> None:
         if len(device_id) != DEVICE_ID_BYTES:
             raise WrongLength(f"device id must be {DEVICE_ID_BYTES} bytes, got {len(device_id)}")
         if device_id in self._participants:
             raise AlreadyRegistered(
                 f"participant {device_id.hex()[:8]}… already registered this round"
             )
-        self.table.check_new(slot_ids)
 
     def register(
         self,
@@ -409,9 +412,9 @@ class Registry:
             AlreadyRegistered: the participant registered already this round.
             SlotAlreadyRegistered: a slot is taken (or repeated in the request).
         """
-        self.check_new(device_id, slot_ids)
+        self._check_participant(device_id)
         first = len(self.table)
-        self.table.add_many(slot_ids)
+        self.table.add_many(slot_ids)  # checks the slots (all or nothing)
         count = len(self.table) - first
         reg = Registration(
             device_id,
