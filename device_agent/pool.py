@@ -243,34 +243,16 @@ class SimulatedWorld:
         mask = np.isin(s.observer, observers)
         # Only the RPIs these observers heard: not what other devices heard.
         used, beacon = np.unique(s.beacon[mask], return_inverse=True)
-        return Sightings(
-            observer=s.observer[mask],
-            beacon=beacon.astype(np.int64).reshape(-1),
-            rpis=s.rpis[used],
-            rssi=s.rssi[mask],
-            tx_power=s.tx_power[mask],
-            time=s.time[mask],
-            scan=s.scan[mask],
-            seconds=s.seconds[mask],
-        )
+        return s.subset(mask, beacon.astype(np.int64).reshape(-1), s.rpis[used])
 
 
 def _beacons_of(rd: RadioDay, keep: np.ndarray) -> RadioDay:
     """``rd`` with only the beacons ``keep`` marks (and the sightings of them)."""
     s = rd.sightings
     rows = keep[s.beacon]
-    new_index = np.cumsum(keep) - 1
+    new_index = (np.cumsum(keep) - 1).astype(np.int64)
     return RadioDay(
-        Sightings(
-            observer=s.observer[rows],
-            beacon=new_index[s.beacon[rows]].astype(np.int64),
-            rpis=s.rpis[keep],
-            rssi=s.rssi[rows],
-            tx_power=s.tx_power[rows],
-            time=s.time[rows],
-            scan=s.scan[rows],
-            seconds=s.seconds[rows],
-        ),
+        s.subset(rows, new_index[s.beacon[rows]], s.rpis[keep]),
         rd.beacon_owner[keep],
         rd.beacon_enin[keep],
     )

@@ -79,6 +79,15 @@ class Sightings:
         mask = self.observer == observer
         return Sightings(**{c: getattr(self, c)[mask] for c in _COLUMNS}, rpis=self.rpis)
 
+    def subset(self, rows: np.ndarray, beacon: np.ndarray, rpis: np.ndarray) -> Sightings:
+        """The sightings ``rows`` (a mask or indices), their beacons renumbered to ``beacon``
+        into the RPI table ``rpis``."""
+        return Sightings(
+            **{c: getattr(self, c)[rows] for c in _COLUMNS if c != "beacon"},
+            beacon=beacon,
+            rpis=rpis,
+        )
+
     @staticmethod
     def empty() -> Sightings:
         """No sightings."""
