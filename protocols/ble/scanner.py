@@ -41,6 +41,7 @@ from protocols.ble.advert import EN_SERVICE_UUID16, EN_SERVICE_UUID128, decode_s
 from protocols.ble.errors import AdvertError, MissingServiceData, ScannerConfigError
 from protocols.ble.radio import NOMINAL_TX_POWER_DBM
 from protocols.ble.sightings import Sightings
+from protocols.clock import REAL_TIME, RunClock
 
 #: BlueZ advertisement-monitor pattern for passive scans: service data (AD 0x16) of UUID 0xFD6F.
 EN_OR_PATTERN = OrPattern(
@@ -133,6 +134,13 @@ class ExposureScanner:
     published diagnosis keys): the metadata is then decrypted, its version checked (bad versions
     are counted as ``BadVersion``) and its TX power used instead of the nominal one. Without a
     key the version cannot be checked at all: it travels inside the encrypted AEM.
+
+    Two clocks (:mod:`protocols.clock`): the duty cycle (``scan_window_s``, ``scan_interval_s``,
+    ``op_timeout_s``) is infrastructure time, wall seconds of the machine; sighting timestamps,
+    the scan seconds credited to each sighting and the health report are protocol time, read
+    from ``clock``. Under a scaled clock a scan interval of ``scan_interval_s`` wall seconds
+    credits ``clock.to_protocol(scan_interval_s)`` protocol seconds, and the health report's
+    staleness bound is scaled the same way.
     """
 
     def __init__(
@@ -144,7 +152,7 @@ class ExposureScanner:
         op_timeout_s: float = 10.0,
         backend: type[BaseBleakScanner] | None = None,
         backend_kwargs: dict[str, Any] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: RunClock = REAL_TIME,
         nominal_tx_power_dbm: int = NOMINAL_TX_POWER_DBM,
         aemk_for_rpi: Callable[[bytes], bytes | None] | None = None,
         scanning_mode: Literal["passive", "active"] = "passive",
@@ -173,9 +181,9 @@ class ExposureScanner:
         self._scan_id = 0
 
     def health(self) -> dict[str, Any]:
-        """The "last scan" health report; stale after two missed duty cycles."""
+        """The "last scan" health report (protocol time); stale after two missed duty cycles."""
         stale_after = 2 * self.scan_interval_s + self.scan_window_s + 2 * self.op_timeout_s
-        return self._health.report(self._clock(), stale_after)
+        return self._health.report(self._clock.now(), self._clock.to_protocol(stale_after))
 
     def _scanner_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(self._backend_kwargs)
@@ -209,14 +217,15 @@ class ExposureScanner:
             return
         h.accepted += 1
         h.last_scan_packets += 1
-        self.log.add(beacon.rpi, adv.rssi, tx, self._clock(), self._scan_id, self.scan_interval_s)
+        credited = self._clock.to_protocol(self.scan_interval_s)
+        self.log.add(beacon.rpi, adv.rssi, tx, self._clock.now(), self._scan_id, credited)
 
     async def scan_once(self) -> None:
         """One scan window; the scanner is stopped in ``finally`` whatever happens."""
         h = self._health
         self._scan_id += 1
         h.scans_started += 1
-        h.last_scan_started = self._clock()
+        h.last_scan_started = self._clock.now()
         h.last_scan_packets = 0
         h.last_scan_ok = False
         scanner = BleakScanner(
@@ -230,7 +239,7 @@ class ExposureScanner:
             await asyncio.sleep(self.scan_window_s)
         finally:
             await asyncio.wait_for(scanner.stop(), self.op_timeout_s)
-            h.last_scan_ended = self._clock()
+            h.last_scan_ended = self._clock.now()
         h.scans_completed += 1
         h.last_scan_ok = True
         h.last_success = h.last_scan_ended
@@ -246,13 +255,13 @@ class ExposureScanner:
         """
         deadline = self.scan_window_s + 2 * self.op_timeout_s
         while not stop.is_set() and (max_scans is None or self._health.scans_started < max_scans):
-            began = time.monotonic()
+            began = time.monotonic()  # infrastructure time: the duty cycle
             try:
                 await asyncio.wait_for(self.scan_once(), deadline)
             except (BleakError, OSError, asyncio.TimeoutError) as err:
                 self._health.restarts += 1
                 self._health.last_error = f"{type(err).__name__}: {err}"
-            rest = self.scan_interval_s - (time.monotonic() - began)
+            rest = self.scan_interval_s - (time.monotonic() - began)  # infrastructure time
             if rest > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), rest)

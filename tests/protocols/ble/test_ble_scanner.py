@@ -18,6 +18,7 @@ from protocols.ble.advert import EN_SERVICE_UUID128
 from protocols.ble.errors import ScannerConfigError
 from protocols.ble.scanner import EN_OR_PATTERN, ExposureScanner
 from protocols.ble.scoring import score
+from protocols.clock import ClockError, RunClock
 
 RPI = bytes(range(16))
 KEY = bytes(16)
@@ -74,14 +75,17 @@ def reset() -> None:
     FakeBackend.created = []
 
 
-def make(now: list[float] | None = None, **kw: Any) -> ExposureScanner:
+def make(
+    now: list[float] | None = None, clock: RunClock | None = None, **kw: Any
+) -> ExposureScanner:
     times = iter(range(10_000))
+    wall = (lambda: now[0]) if now else (lambda: 1_600_000_000.0 + next(times))
     return ExposureScanner(
         scan_window_s=0.01,
         scan_interval_s=0.02,
         op_timeout_s=0.2,
         backend=FakeBackend,
-        clock=(lambda: now[0]) if now else (lambda: 1_600_000_000.0 + next(times)),
+        clock=clock or RunClock(wall=wall),
         **kw,
     )
 
@@ -125,6 +129,45 @@ def test_health_turns_unhealthy_when_scans_keep_failing() -> None:
     assert scanner.health()["healthy"] is True
     now[0] += 0.1  # 0.5 s > 0.45 s
     assert scanner.health()["healthy"] is False
+
+
+def test_a_scaled_clock_stamps_credits_and_ages_in_protocol_time() -> None:
+    """A day a minute (scale 1440): sightings carry protocol timestamps and 1440× the wall
+    scan interval as credited seconds, and health ages in protocol time, so a scanner that
+    just scanned is healthy (with the duty cycle's wall seconds compared against protocol
+    time it never was)."""
+    wall = [1_000.0]
+    clock = RunClock(
+        sim_epoch=1_600_000_000.0, scale=1440.0, wall_epoch=1_000.0, wall=lambda: wall[0]
+    )
+    scanner = make(clock=clock)
+    wall[0] += 0.01
+    asyncio.run(scanner.run(asyncio.Event(), max_scans=1))
+    s = scanner.log.to_sightings()
+    assert s.seconds.tolist() == [0.02 * 1440.0] * 2
+    assert s.time.tolist() == [1_600_000_000.0 + 0.01 * 1440.0] * 2
+    h = scanner.health()
+    assert h["healthy"] is True and h["last_success"] == 1_600_000_000.0 + 0.01 * 1440.0
+    wall[0] += 0.44  # stale after 0.45 wall seconds, i.e. 648 protocol seconds
+    assert scanner.health()["healthy"] is True
+    wall[0] += 0.02
+    assert scanner.health()["healthy"] is False
+    # the trace credits protocol seconds: 2 scans' worth of packets in 900-second windows
+    trace = score(s)
+    assert trace.weight[0] > 0 and trace.interval[0] == gaen.en_interval_number(s.time[0])
+
+
+def test_run_clock_refuses_bad_settings() -> None:
+    for kw, field in (
+        ({"scale": 0.0}, "scale"),
+        ({"scale": float("nan")}, "scale"),
+        ({"sim_epoch": -1.0}, "sim_epoch"),
+        ({"wall_epoch": float("inf")}, "wall_epoch"),
+    ):
+        with pytest.raises(ClockError, match=field):
+            RunClock(**kw)
+    clock = RunClock(scale=60.0)
+    assert clock.to_protocol(2.0) == 120.0 and clock.to_wall(120.0) == 2.0
 
 
 def test_scanning_mode_sets_bleak_filters() -> None:
