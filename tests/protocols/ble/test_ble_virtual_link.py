@@ -20,6 +20,7 @@ from protocols.ble.advert import EN_SERVICE_UUID128, encode_advert
 from protocols.ble.scanner import ExposureScanner
 from protocols.ble.scoring import match_keys, score
 from protocols.ble.virtual_link import BumbleScannerBackend, VirtualAdvertiser, VirtualLink
+from protocols.clock import RunClock
 
 DAY0 = 2642976  # the published test vectors' day (rolling start)
 T0 = (DAY0 + 142) * gaen.EN_INTERVAL_SECONDS + 5.0  # interval 142: two rotations to the next day
@@ -80,7 +81,7 @@ async def scenario() -> Outcome:
             scan_interval_s=240.0,
             backend=BumbleScannerBackend,
             backend_kwargs={"bumble_device": devs[f"scan-{i}"]},
-            clock=lambda: now[0],
+            clock=RunClock(wall=lambda: now[0]),
             aemk_for_rpi=aemk_for_rpi if i == 0 else None,
         )
         for i in range(2)
