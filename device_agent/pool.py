@@ -325,7 +325,7 @@ class DevicePool:
         self._aggr = [b for _, b in links]
         self.state: State | None = None
         self._theta: torch.Tensor | None = None
-        self._slots: list[bytes | None] = []
+        self._slots: list[bytes] = []
         self._beh: Behaviour | None = None
         self._y: torch.Tensor | None = None
         self._silent: dict[str, frozenset[int]] = {}
@@ -434,7 +434,7 @@ class DevicePool:
         k = self.world.advertising_intervals
         enins = self.world.first_interval(day) + np.arange(k, dtype=np.int64)
         raw = self.keyring.rpis(np.repeat(self._ids_np, k), np.tile(enins, self.n)).tobytes()
-        slots: list[bytes | None] = []
+        slots: list[bytes] = []
         for u, client in enumerate(self._nbhd):
             lo, hi = int(self.unit_bounds[u]) * k, int(self.unit_bounds[u + 1]) * k
             slots.append(client.register_ids(spec.round_id, raw[16 * lo : 16 * hi]))

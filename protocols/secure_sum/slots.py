@@ -21,8 +21,8 @@ refused (``SlotAlreadyRegistered``) and that participant sits the round out; not
 into a wrong slot. Guessing a slot that another device will register needs its RPI, which is
 broadcast only after registration closes, or 2^64 tries.
 
-:class:`SlotTable` maps identifiers to dense indices with one vectorized ``searchsorted`` on
-the ids as 64-bit integers, so accumulation needs no Python loop over items. :class:`Registry`
+:class:`SlotTable` maps identifiers to dense indices through a vectorized hash table of the ids
+as 64-bit integers, so accumulation needs no Python loop over items. :class:`Registry`
 records which participant owns each pseudonym slot and enforces "register once per round" and
 "only the registrant fetches, once per phase per server" (an identical retry of either gets the
 stored reply again).
@@ -143,8 +143,10 @@ def aggregate_slot(name: str) -> bytes:
 def as_id_matrix(slot_ids: bytes | Sequence[bytes], what: str = "slot id") -> npt.NDArray[np.uint8]:
     """Slot ids as an ``(n, 8)`` uint8 matrix from concatenated bytes or a sequence."""
     raw = slot_ids if isinstance(slot_ids, bytes) else b"".join(slot_ids)
-    if not isinstance(slot_ids, bytes) and any(len(s) != SLOT_ID_BYTES for s in slot_ids):
-        raise WrongLength(f"every {what} must be {SLOT_ID_BYTES} bytes")
+    if not isinstance(slot_ids, bytes):
+        bad = next((s for s in slot_ids if len(s) != SLOT_ID_BYTES), None)
+        if bad is not None:
+            raise WrongLength(f"every {what} must be {SLOT_ID_BYTES} bytes, got {len(bad)}")
     if len(raw) % SLOT_ID_BYTES:
         raise WrongLength(f"{what}s: {len(raw)} bytes is not a multiple of {SLOT_ID_BYTES}")
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, SLOT_ID_BYTES)
@@ -160,10 +162,6 @@ def slot_ints(slot_ids: bytes | Sequence[bytes]) -> npt.NDArray[np.uint64]:
     Raises:
         WrongLength: an id of another length, or bytes that are not whole ids.
     """
-    if not isinstance(slot_ids, bytes):
-        for s in slot_ids:
-            if len(s) != SLOT_ID_BYTES:
-                raise WrongLength(f"slot id must be {SLOT_ID_BYTES} bytes, got {len(s)}")
     return _as_u64(as_id_matrix(slot_ids))
 
 
@@ -194,11 +192,6 @@ class SlotTable:
 
     def __len__(self) -> int:
         return self._n
-
-    def __contains__(self, slot_id: object) -> bool:
-        if not isinstance(slot_id, bytes) or len(slot_id) != SLOT_ID_BYTES:
-            return False
-        return bool(self._find(slot_ints(slot_id))[1][0])
 
     def values(self) -> npt.NDArray[np.uint64]:
         """Every id as an integer, in index order."""

@@ -124,3 +124,19 @@ def test_simulated_keyring_matches_spec() -> None:
     assert SimulatedKeyring(bytes(16)).key(5, START).key != ring.key(5, START).key
     with pytest.raises(CryptoInputError, match="multiples of 144"):
         ring.teks(np.array([1]), np.array([START + 1]))
+
+
+def test_simulated_keyring_remembers_a_day_without_changing_an_rpi() -> None:
+    """A pool asks for its own beacons, then its radio for overlapping ones, then a new day:
+    every answer equals a fresh keyring's, and the overlap is not derived again."""
+    ring, fresh = SimulatedKeyring(bytes(range(16))), SimulatedKeyring(bytes(range(16)))
+    own = np.array([3, 3, 7], dtype=np.int64), np.array([START, START + 1, START], np.int64)
+    heard = np.array([7, 3, 11, 3], dtype=np.int64), np.array([START] * 3 + [START + 1], np.int64)
+    assert np.array_equal(ring.rpis(*own), fresh.rpis(*own))
+    derived = []
+    original = ring._compute
+    ring._compute = lambda d, e: derived.append(len(d)) or original(d, e)  # type: ignore[method-assign]
+    assert np.array_equal(ring.rpis(*heard), fresh.rpis(*heard))
+    assert derived == [1]  # only device 11's beacon was new
+    next_day = np.array([3], np.int64), np.array([START + 144], np.int64)
+    assert np.array_equal(ring.rpis(*next_day), fresh.rpis(*next_day))
