@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "aggregator": ("decentsim.commands.servers:aggregator", "the aggregator server process"),
     "device-agent": ("decentsim.commands.device_agent:agent", "a device (pool) process"),
     "federated": ("decentsim.commands.federated:federated", "a simulated federation"),
+    "radio-hub": ("decentsim.commands.radio_hub", "virtual Bluetooth controllers for pilot tests"),
     "audit": ("decentsim.commands.audit", "audit a federated run's recorded views"),
 }
 

@@ -1,17 +1,27 @@
-"""``decentsim device-agent run``: one device-pool process (a phone is a pool of one)."""
+"""``decentsim device-agent``: one device-pool process (a phone is a pool of one), and a pilot
+device's radio (``radio``: advertise and scan on a Bluetooth controller; ``trace``: the
+device's own contact trace of a day, printed on the device)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
+import signal
 from pathlib import Path
 
 from contract.runspec import RunSpecError
 from contract.schedule import ScheduleError, parse_slice
-from decentsim.usage import CommandFailed, UsageError, nonnegative_int
+from decentsim.commands.clock import add_clock_arguments, clock_from_args
+from decentsim.usage import CommandFailed, UsageError, int_in, nonnegative_int, positive_float
 from device_agent.agent import AgentConfig, AgentError
 from device_agent.agent import run_agent as run_pool
+from device_agent.radio import RadioConfig, RadioStore, day_trace, run_radio
+from protocols.ble import gaen
+from protocols.ble.errors import BleError
 from sim.populations import PopulationError
+from storage.sqlite import StoreError
 from transport.grpc.channels import InsecureAddressError, warn_insecure
 
 
@@ -56,6 +66,52 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="file with the simulated world's beacon secret (simulated radio)",
     )
+    _add_radio_arguments(sub)
+
+
+def _add_radio_arguments(sub: argparse._SubParsersAction) -> None:
+    radio = sub.add_parser(
+        "radio", help="advertise and scan Exposure Notification beacons on a Bluetooth controller"
+    )
+    radio.add_argument(
+        "--hci",
+        required=True,
+        help="bumble transport of the controller: usb:0 (a USB dongle), hci-socket:0, "
+        "tcp-client:HOST:PORT (a radio hub's virtual controller)",
+    )
+    radio.add_argument("--state-dir", type=Path, required=True, help="the device's private store")
+    radio.add_argument(
+        "--stop-at-s",
+        type=positive_float,
+        help="stop at this protocol second since --sim-epoch (default: run until stopped)",
+    )
+    radio.add_argument(
+        "--tx-power-dbm", type=int_in(-127, 20), default=-8, help="advertised TX power (dBm)"
+    )
+    radio.add_argument(
+        "--advertising-interval-ms",
+        type=positive_float,
+        default=250.0,
+        help="advertising interval (wall ms, 20..10240; GAEN: 200-270)",
+    )
+    radio.add_argument(
+        "--scan-window-s", type=positive_float, default=4.0, help="scan length (wall seconds)"
+    )
+    radio.add_argument(
+        "--scan-interval-s",
+        type=positive_float,
+        default=240.0,
+        help="one scan every this many wall seconds",
+    )
+    add_clock_arguments(radio)
+    trace = sub.add_parser("trace", help="this device's contact trace of a day (on the device)")
+    trace.add_argument("--state-dir", type=Path, required=True, help="the device's private store")
+    trace.add_argument(
+        "--day",
+        type=nonnegative_int,
+        required=True,
+        help="the protocol day (days since 1970-01-01 UTC, as the TEK's rolling start / 144)",
+    )
 
 
 def _read(flag: str, path: Path) -> bytes:
@@ -67,6 +123,75 @@ def _read(flag: str, path: Path) -> bytes:
 
 
 def run_agent(args: argparse.Namespace) -> int:
+    """Run the chosen action."""
+    if args.action == "radio":
+        return _radio(args)
+    if args.action == "trace":
+        return _trace(args)
+    return _run(args)
+
+
+def _state_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--state-dir {str(path)!r}: cannot create it ({e.strerror})") from None
+
+
+def _radio(args: argparse.Namespace) -> int:
+    """Advertise and scan until stopped (SIGTERM/SIGINT) or ``--stop-at-s``; print the health."""
+    clock = clock_from_args(args)
+    _state_dir(args.state_dir)
+    logging.basicConfig(
+        filename=args.state_dir / "radio.log",
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = RadioConfig(
+        hci=args.hci,
+        state_dir=args.state_dir,
+        clock=clock,
+        stop_at_s=args.stop_at_s,
+        tx_power_dbm=args.tx_power_dbm,
+        advertising_interval_ms=args.advertising_interval_ms,
+        scan_window_s=args.scan_window_s,
+        scan_interval_s=args.scan_interval_s,
+    )
+
+    async def main() -> dict[str, object]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_radio(config, stop)
+
+    try:
+        health = asyncio.run(main())
+    except BleError as e:  # a radio setting out of range: names it
+        raise UsageError(str(e)) from None
+    except (OSError, StoreError) as e:  # the controller cannot be opened, or the store
+        raise CommandFailed(f"--hci {args.hci}: {e}") from None
+    print(json.dumps(health, sort_keys=True))
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    """Print the device's own trace of a day: one JSON line per heard RPI, then a total."""
+    if not (args.state_dir / "radio.sqlite3").is_file():
+        raise UsageError(f"--state-dir {str(args.state_dir)!r}: no radio store there")
+    store = RadioStore(args.state_dir)
+    day_start = args.day * gaen.TEK_ROLLING_PERIOD * gaen.EN_INTERVAL_SECONDS
+    trace = day_trace(store, float(day_start))
+    for rpi, interval, weight in zip(
+        trace.rpi, trace.interval.tolist(), trace.weight.tolist(), strict=True
+    ):
+        print(json.dumps({"rpi": bytes(rpi).hex(), "interval": interval, "weight": weight}))
+    total = float(trace.weight.sum())
+    print(json.dumps({"day": args.day, "contacts": len(trace), "weight": total}))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     """Run the agent to the end of the run."""
     token = args.token
     if args.token_file is not None:
@@ -78,12 +203,7 @@ def run_agent(args: argparse.Namespace) -> int:
             ) from None
     world = _read("--world-secret", args.world_secret) if args.world_secret is not None else None
     _read("--ca", args.ca)  # the agent reads it once enrolled; a wrong path is bad input now
-    try:
-        args.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(
-            f"--state-dir {str(args.state_dir)!r}: cannot create it ({e.strerror})"
-        ) from None
+    _state_dir(args.state_dir)
     logging.basicConfig(
         filename=args.state_dir / "agent.log",
         level=logging.INFO,

@@ -67,6 +67,12 @@ class SightingLog:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def drain(self) -> Sightings:
+        """The sightings logged so far, which the log then forgets (a caller persists them)."""
+        out = self.to_sightings()
+        self._index, self._rows = {}, []
+        return out
+
     def to_sightings(self) -> Sightings:
         """The log as :class:`~protocols.ble.sightings.Sightings` (the scoring input)."""
         if not self._rows:
@@ -156,6 +162,7 @@ class ExposureScanner:
         nominal_tx_power_dbm: int = NOMINAL_TX_POWER_DBM,
         aemk_for_rpi: Callable[[bytes], bytes | None] | None = None,
         scanning_mode: Literal["passive", "active"] = "passive",
+        log: SightingLog | None = None,
     ) -> None:
         if scanning_mode not in ("passive", "active"):
             raise ScannerConfigError(
@@ -176,7 +183,8 @@ class ExposureScanner:
         self._tx = nominal_tx_power_dbm
         self._aemk_for_rpi = aemk_for_rpi
         self._mode = scanning_mode
-        self.log = SightingLog(observer)
+        #: where sightings go (a caller may hand in a log that outlives this scanner)
+        self.log = log if log is not None else SightingLog(observer)
         self._health = ScanHealth()
         self._scan_id = 0
 

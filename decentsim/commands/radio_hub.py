@@ -1,0 +1,95 @@
+"""``decentsim radio-hub``: virtual Bluetooth controllers on loopback TCP, one per pilot, with
+RSSI and range from a scripted proximity schedule (tests and demos without hardware).
+
+Once listening it prints one JSON line ``{"ports": {"AGENT": PORT, ...}}`` on stdout; each pilot
+then runs ``decentsim device-agent radio --hci tcp-client:127.0.0.1:PORT``. It stops on SIGTERM
+or SIGINT (writing ``--sniff``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+from decentsim.commands.clock import add_clock_arguments, clock_from_args
+from decentsim.usage import CommandFailed, UsageError, nonnegative_int
+from protocols.ble.hub import HubError, HubLink, RadioHub
+from protocols.ble.proximity import ProximitySchedule, ScheduleError
+
+
+def _agents(text: str) -> list[int]:
+    try:
+        agents = [int(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated agent ids, got {text!r}"
+        ) from None
+    if not agents or min(agents) < 0 or len(set(agents)) != len(agents):
+        raise argparse.ArgumentTypeError(f"need distinct agent ids >= 0, got {text!r}")
+    return agents
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``radio-hub``."""
+    p.add_argument("--schedule", type=Path, required=True, help="proximity schedule (CSV)")
+    p.add_argument(
+        "--agents",
+        type=_agents,
+        help="pilot agent ids, comma-separated (default: every device the schedule names)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument(
+        "--base-port",
+        type=nonnegative_int,
+        default=0,
+        help="pilot i listens on BASE+i (default 0: any free ports, printed)",
+    )
+    p.add_argument("--noise-db", type=float, default=0.0, help="RSSI noise per packet (σ, dB)")
+    p.add_argument("--loss", type=float, default=0.0, help="packet loss probability per pair")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of noise and loss")
+    p.add_argument("--sniff", type=Path, help="write which address carried which RPI here")
+    add_clock_arguments(p)
+
+
+async def _serve(args: argparse.Namespace, hub: RadioHub) -> None:
+    ports = None if args.base_port == 0 else [args.base_port + i for i in range(len(hub.agents))]
+    bound = await hub.start(ports)
+    print(json.dumps({"ports": {str(a): p for a, p in bound.items()}}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await hub.close()
+        if args.sniff is not None:
+            hub.write_sniff(args.sniff)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until stopped."""
+    clock = clock_from_args(args)
+    try:
+        schedule = ProximitySchedule.read(args.schedule)
+    except ScheduleError as e:
+        raise UsageError(f"--schedule: {e}") from None
+    agents = args.agents if args.agents is not None else schedule.devices
+    try:
+        hub = RadioHub(
+            HubLink(schedule, clock, noise_db=args.noise_db, loss=args.loss, seed=args.seed),
+            agents,
+            host=args.host,
+        )
+    except HubError as e:
+        raise UsageError(str(e)) from None
+    try:
+        asyncio.run(_serve(args, hub))
+    except HubError as e:
+        raise CommandFailed(str(e)) from None
+    sys.stdout.flush()
+    return 0

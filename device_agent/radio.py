@@ -1,0 +1,210 @@
+"""A pilot device's radio process (``decentsim device-agent radio``) and its private store.
+
+The radio advertises the device's Exposure Notification beacons and scans for everyone else's
+(:class:`protocols.ble.pilot_radio.BumbleRadio` on a USB dongle, the kernel's HCI socket, or a
+radio hub's virtual controller in tests). What it must not lose lives in ``radio.sqlite3`` in
+the device's state dir (SQLite, WAL, ``0600``), beside the pool's store and like it never sent
+anywhere:
+
+* ``teks``: the device's Temporary Exposure Keys, one per day, drawn with ``os.urandom`` and
+  written *before* the first beacon of the day goes on the air (a restarted radio advertises
+  the same RPIs, and the device can register the day's slots from them);
+* ``broadcasts``: which intervals went on the air;
+* ``sightings``: every packet heard (RPI, RSSI, TX power, protocol time, scan, credited
+  seconds), flushed every ``flush_s`` wall seconds and on exit.
+
+Everything older than :data:`~device_agent.store.TRACE_RETENTION_DAYS` protocol days is
+deleted as the radio runs, as Exposure Notification does. The day's contact trace is scored
+from the sightings on the device (:func:`day_trace`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from device_agent.store import TRACE_RETENTION_DAYS
+from protocols.ble import gaen
+from protocols.ble.pilot_radio import BumbleRadio
+from protocols.ble.radio import NOMINAL_TX_POWER_DBM
+from protocols.ble.scoring import Trace, score
+from protocols.ble.sightings import Sightings
+from protocols.clock import RunClock
+from storage.sqlite import open_db, transaction
+
+log = logging.getLogger(__name__)
+
+_MIGRATIONS = (
+    """
+    CREATE TABLE teks (rolling_start INTEGER PRIMARY KEY, tek BLOB NOT NULL);
+    CREATE TABLE broadcasts (enin INTEGER PRIMARY KEY);
+    CREATE TABLE sightings (rpi BLOB NOT NULL, rssi REAL NOT NULL, tx_power REAL NOT NULL,
+                            t REAL NOT NULL, scan INTEGER NOT NULL, seconds REAL NOT NULL);
+    CREATE INDEX sightings_t ON sightings (t);
+    """,
+)
+
+_DAY_S = gaen.TEK_ROLLING_PERIOD * gaen.EN_INTERVAL_SECONDS
+
+
+class RadioStore:
+    """The radio's private SQLite store (see the module docstring)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.db = open_db(state_dir / "radio.sqlite3", migrations=_MIGRATIONS)
+        row = self.db.execute("SELECT MAX(scan) FROM sightings").fetchone()
+        #: scan numbers of this session start after the stored ones (scans de-duplicate packets)
+        self.scan_base = 0 if row[0] is None else int(row[0])
+
+    def tek(self, rolling_start: int) -> bytes:
+        """The TEK of the day starting at ``rolling_start``: the stored one, or a new one
+        stored before it is returned (so it is never broadcast unsaved)."""
+        row = self.db.execute(
+            "SELECT tek FROM teks WHERE rolling_start = ?", (rolling_start,)
+        ).fetchone()
+        if row is not None:
+            return bytes(row[0])
+        tek = gaen.new_tek()
+        with transaction(self.db) as conn:
+            conn.execute("INSERT INTO teks VALUES (?, ?)", (rolling_start, tek))
+        return tek
+
+    def teks(self) -> list[gaen.TemporaryExposureKey]:
+        """The retained TEKs, oldest first."""
+        rows = self.db.execute("SELECT rolling_start, tek FROM teks ORDER BY rolling_start")
+        return [gaen.TemporaryExposureKey(bytes(tek), int(start)) for start, tek in rows]
+
+    def add_broadcast(self, enin: int) -> None:
+        """Note that interval ``enin`` went on the air."""
+        with transaction(self.db) as conn:
+            conn.execute("INSERT OR IGNORE INTO broadcasts VALUES (?)", (enin,))
+
+    def broadcasts(self, first: int, last: int) -> np.ndarray:
+        """The intervals in ``[first, last)`` that went on the air."""
+        rows = self.db.execute(
+            "SELECT enin FROM broadcasts WHERE enin >= ? AND enin < ? ORDER BY enin", (first, last)
+        ).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def add_sightings(self, s: Sightings) -> None:
+        """Append sightings (their scan numbers shifted past earlier sessions')."""
+        if not len(s):
+            return
+        rpis = [bytes(r) for r in s.rpis]
+        rows = zip(
+            (rpis[b] for b in s.beacon.tolist()),
+            s.rssi.tolist(),
+            s.tx_power.tolist(),
+            s.time.tolist(),
+            (self.scan_base + s.scan).tolist(),
+            s.seconds.tolist(),
+            strict=True,
+        )
+        with transaction(self.db) as conn:
+            conn.executemany("INSERT INTO sightings VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def sightings(self, start: float, end: float, observer: int = 0) -> Sightings:
+        """The packets heard in protocol time ``[start, end)``."""
+        rows = self.db.execute(
+            "SELECT rpi, rssi, tx_power, t, scan, seconds FROM sightings "
+            "WHERE t >= ? AND t < ? ORDER BY rowid",
+            (start, end),
+        ).fetchall()
+        if not rows:
+            return Sightings.empty()
+        index: dict[bytes, int] = {}
+        beacon = np.array([index.setdefault(bytes(r[0]), len(index)) for r in rows], np.int64)
+        cols = list(zip(*rows, strict=True))
+        return Sightings(
+            observer=np.full(len(rows), observer, dtype=np.int64),
+            beacon=beacon,
+            rpis=np.frombuffer(b"".join(index), np.uint8).reshape(-1, gaen.RPI_LEN).copy(),
+            rssi=np.array(cols[1], np.float64),
+            tx_power=np.array(cols[2], np.float64),
+            time=np.array(cols[3], np.float64),
+            scan=np.array(cols[4], np.int64),
+            seconds=np.array(cols[5], np.float64),
+        )
+
+    def prune(self, now: float) -> None:
+        """Forget keys, broadcasts and sightings older than the retention (protocol time)."""
+        oldest = now - TRACE_RETENTION_DAYS * _DAY_S
+        oldest_enin = int(oldest // gaen.EN_INTERVAL_SECONDS)
+        with transaction(self.db) as conn:
+            conn.execute("DELETE FROM sightings WHERE t < ?", (oldest,))
+            conn.execute("DELETE FROM broadcasts WHERE enin < ?", (oldest_enin,))
+            conn.execute(
+                "DELETE FROM teks WHERE rolling_start + ? <= ?",
+                (gaen.TEK_ROLLING_PERIOD, oldest_enin),
+            )
+
+
+def day_trace(store: RadioStore, day_start: float) -> Trace:
+    """The device's contact trace of the protocol day starting at ``day_start`` (unix s)."""
+    return score(store.sightings(day_start, day_start + _DAY_S))
+
+
+@dataclass(frozen=True)
+class RadioConfig:
+    """How to run a pilot's radio (wall-clock settings are radio timing: infrastructure time)."""
+
+    hci: str
+    state_dir: Path
+    clock: RunClock
+    #: protocol seconds since the clock's ``sim_epoch`` at which to stop (None: until stopped)
+    stop_at_s: float | None = None
+    tx_power_dbm: int = NOMINAL_TX_POWER_DBM
+    advertising_interval_ms: float = 250.0
+    scan_window_s: float = 4.0
+    scan_interval_s: float = 240.0
+    #: wall seconds between flushes of the sightings to the store
+    flush_s: float = 5.0
+
+
+async def run_radio(config: RadioConfig, stop: asyncio.Event) -> dict[str, object]:
+    """Advertise and scan until ``stop`` is set or ``stop_at_s``; returns the radio's health.
+
+    Sightings are flushed to the store every ``flush_s`` and once more on the way out, so a
+    crash loses at most the last ``flush_s`` seconds of packets.
+    """
+    store = RadioStore(config.state_dir)
+    radio = BumbleRadio(
+        config.hci,
+        gaen.KeyRoller(store.tek),
+        config.clock,
+        tx_power_dbm=config.tx_power_dbm,
+        advertising_interval_ms=config.advertising_interval_ms,
+        scan_window_s=config.scan_window_s,
+        scan_interval_s=config.scan_interval_s,
+        on_broadcast=lambda enin, _rpi: store.add_broadcast(enin),
+    )
+
+    async def flush_until_stopped() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), config.flush_s)
+            store.add_sightings(radio.log.drain())
+            store.prune(config.clock.now())
+
+    async def stop_at() -> None:
+        if config.stop_at_s is None:
+            return
+        left = config.clock.sim_epoch + config.stop_at_s - config.clock.now()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, config.clock.to_wall(left)))
+        stop.set()
+
+    try:
+        await asyncio.gather(radio.run(stop), flush_until_stopped(), stop_at())
+    finally:
+        store.add_sightings(radio.log.drain())
+        store.db.close()
+    health = radio.health()
+    log.info("radio stopped: %s", health)
+    return health
