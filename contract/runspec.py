@@ -18,6 +18,9 @@ import torch
 
 from behaviour.openai_http import OpenAIClient
 from contract.schedule import observations_dp
+from protocols.ble.gaen import TEK_ROLLING_PERIOD
+from protocols.ble.radio import DEFAULT_EPOCH
+from protocols.clock import RunClock
 from protocols.secure_sum.dp import DPError
 from sim.archetypes import ArchetypeError, ArchetypeGrid
 from sim.calibration import ObservedSeries, series_loss
@@ -34,6 +37,10 @@ BEHAVIOURS = ("heuristic", "table", "llm")
 RADIOS = ("ideal", "simulated")
 #: the fields of ``RunSpec.dp``
 DP_FIELDS = ("sigma", "delta", "l2_sensitivity")
+
+
+#: slots a device registers a day for its physical radio in a run with pilots (one per interval)
+PHYSICAL_INTERVALS = TEK_ROLLING_PERIOD
 
 
 class RunSpecError(ValueError):
@@ -84,6 +91,14 @@ class RunSpec:
             request, and retries of a 5xx/429 answer or a timeout (with back-off).
         llm_gguf: an ``llm`` run without a server: the GGUF model file the coordinator runs
             in process (``decentsim[llm-local]``), instead of ``llm_url``/``llm_model``.
+        pilots: the pilot agents of a hybrid run (agent ids, each bound to one enrolled
+            physical device running ``device-agent run --pilot-agent ID``). Contacts between
+            two pilots come from their real radios; every other contact from the population's
+            graph as in a simulated run. Empty: every agent is simulated.
+        clock_scale, clock_wall_epoch: the run clock of a hybrid run (:meth:`clock`):
+            protocol time is ``sim day 0 + clock_scale × (wall − clock_wall_epoch)``, 1 for a
+            pilot in real time (a test runs e.g. 1440: a day a minute). Day ``d``'s round opens
+            once protocol day ``d`` is over on that clock.
     """
 
     population: str
@@ -118,6 +133,9 @@ class RunSpec:
     llm_timeout_s: float = 60.0
     llm_retries: int = 3
     llm_gguf: str | None = None
+    pilots: tuple[int, ...] = ()
+    clock_scale: float = 1.0
+    clock_wall_epoch: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.theta) - set(PARAM_NAMES))
@@ -151,6 +169,7 @@ class RunSpec:
             if not ok:
                 raise RunSpecError(f"run spec: {message}")
         self._check_behaviour()
+        self._check_pilots()
         if self.target is not None and len(self.target) * self.target_period_days > self.days:
             raise RunSpecError(
                 f"run spec: target covers {len(self.target) * self.target_period_days} days, "
@@ -159,6 +178,44 @@ class RunSpec:
         self.theta_object()
         self.model_config()
         self.dp_config()
+
+    def _check_pilots(self) -> None:
+        pilots = self.pilots
+        if any(isinstance(a, bool) or not isinstance(a, int) or a < 0 for a in pilots):
+            raise RunSpecError(f"run spec: pilots must be agent ids (ints >= 0), got {pilots}")
+        if len(set(pilots)) != len(pilots):
+            raise RunSpecError(f"run spec: pilots names an agent twice: {pilots}")
+        if not (math.isfinite(self.clock_scale) and self.clock_scale > 0):
+            raise RunSpecError(f"run spec: clock_scale must be > 0, got {self.clock_scale}")
+        if not (math.isfinite(self.clock_wall_epoch) and self.clock_wall_epoch >= 0):
+            raise RunSpecError(
+                f"run spec: clock_wall_epoch must be unix seconds >= 0, got {self.clock_wall_epoch}"
+            )
+        if pilots:
+            if self.epochs != 1:
+                raise RunSpecError(
+                    "run spec: a run with pilots has one epoch (real contacts happen once)"
+                )
+            if self.clock_wall_epoch == 0:
+                raise RunSpecError("run spec: a run with pilots needs clock_wall_epoch")
+            if self.advertising_intervals != 144:
+                raise RunSpecError(
+                    "run spec: a run with pilots advertises all day (advertising_intervals=144)"
+                )
+
+    @property
+    def beacons_per_day(self) -> int:
+        """Slots each device registers a day (one group): its simulated beacons, plus in a run
+        with pilots one slot per 10-minute interval of its physical radio (the beacons it put
+        on the air; a simulated device, or a pilot whose radio was off, registers padding
+        instead), so a pilot registers exactly as many slots as a simulated device."""
+        return self.advertising_intervals + (PHYSICAL_INTERVALS if self.pilots else 0)
+
+    def clock(self) -> RunClock:
+        """The run clock (simulated day 0 starts at protocol time ``DEFAULT_EPOCH``)."""
+        return RunClock(
+            sim_epoch=float(DEFAULT_EPOCH), scale=self.clock_scale, wall_epoch=self.clock_wall_epoch
+        )
 
     def theta_object(self) -> Theta:
         """θ as a validated ``Theta`` (raises ``ParameterError`` naming a bad value)."""
@@ -287,7 +344,7 @@ class RunSpec:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise RunSpecError(f"{source}: unknown field(s) {unknown}")
-        for name in ("lockdowns", "vaccinations", "fit", "stimuli"):
+        for name in ("lockdowns", "vaccinations", "fit", "stimuli", "pilots"):
             if name in raw:
                 raw[name] = tuple(raw[name])
         try:

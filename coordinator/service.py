@@ -77,6 +77,7 @@ from proto.decentsim.v1 import common_pb2
 from proto.decentsim.v1 import device_pb2 as pb
 from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
 from proto.limits import Channel, channel_options, server_options
+from protocols.ble.radio import DAY_SECONDS
 from protocols.secure_sum import CoordinatorServer, Deployment, KeyPair, Mode, PhaseReport
 from protocols.secure_sum.errors import RoundLost, SecureSumError
 from sim.archetypes import MONTH_DAYS, ArchetypeError, BehaviourTable, public_numbers
@@ -633,7 +634,7 @@ class CoordinatorService:
             round_id,
             day,
             self.spec.items_per_device,
-            self.spec.advertising_intervals,
+            self.spec.beacons_per_day,
             self.spec.dp_config(),
         )
         self._attempt = (round_id, epoch, day)
@@ -712,6 +713,8 @@ class CoordinatorService:
             day = self.committed_days(epoch)
             voided = 0  # attempts of this day that devices voided
             while day < self.spec.days and not self._stop.is_set():
+                if not self._await_day_end(day):
+                    return
                 rid = self._new_round(epoch, day)
                 try:
                     self._run_day(rid, epoch, day)
@@ -744,6 +747,21 @@ class CoordinatorService:
             conn.execute("UPDATE run SET finished_unix = ? WHERE id = 1", (time.time(),))
         self._publish(step=FINISHED, deadline=0.0)
         self.finished.set()
+
+    def _await_day_end(self, day: int) -> bool:
+        """A run with pilots opens day ``day``'s round once that protocol day is over on the
+        run clock (the pilots' radios have heard all of it); False if stopped meanwhile. A
+        simulated run does not wait: its days are contact graphs, not hours."""
+        if not self.spec.pilots:
+            return True
+        clock = self.spec.clock()
+        end = clock.sim_epoch + (day + 1) * DAY_SECONDS
+        while not self._stop.is_set():
+            left = clock.to_wall(end - clock.now())
+            if left <= 0:
+                return True
+            self._stop.wait(min(left, 1.0))
+        return False
 
     def _fail(self, reason: str) -> None:
         """Stop the run for good: persist and publish why."""

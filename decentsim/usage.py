@@ -73,6 +73,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+def agent_ids(text: str) -> tuple[int, ...]:
+    """An argparse type: distinct agent ids >= 0, comma-separated (``0,3,17``)."""
+    try:
+        ids = tuple(int(a) for a in text.split(",") if a.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated agent ids, got {text!r}"
+        ) from None
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(f"need distinct agent ids >= 0, got {text!r}")
+    return ids
+
+
 def fail(prog: str, error: BaseException, status: int) -> int:
     """Print ``PROG: MESSAGE`` on stderr; return ``status``."""
     sys.stderr.write(f"{prog}: {error}\n")

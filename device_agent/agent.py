@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,7 +50,9 @@ from contract.schedule import (
     units_of,
 )
 from contract.wire import deployment_from_pb
+from device_agent.pilot import PilotWorld
 from device_agent.pool import DevicePool, FetchFailed, SimulatedWorld
+from device_agent.radio import RadioConfig, RadioStore, RadioThread
 from device_agent.store import PoolStore
 from identity.enrolment import build_enrolment_csr
 from identity.pki import generate_private_key
@@ -109,6 +111,13 @@ class AgentConfig:
     token: str | None = None
     enrol_address: str | None = None
     world_secret: bytes | None = None
+    #: a run with pilots: the pilot agents, which no simulated pool hosts (its slice is of the
+    #: other agents); they must be the run spec's ``pilots``
+    pilots: tuple[int, ...] = ()
+    #: this process is a pilot device: that agent alone, with a physical radio
+    pilot_agent: int | None = None
+    #: the pilot's physical radio (its clock is replaced by the run's when the run is known)
+    radio: RadioConfig | None = None
     #: DEBUGGING ONLY: plaintext gRPC to loopback; the credential is named in call metadata
     insecure: bool = False
     policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=8, timeout_s=120.0))
@@ -171,11 +180,23 @@ def pem_of_der(der: bytes) -> bytes:
 
 
 def load_slice(config: AgentConfig) -> tuple[Population, torch.Tensor]:
-    """The population and this pool's agent ids (its slice); the pool loads its own agents."""
+    """The population and this pool's agent ids; the pool loads its own agents.
+
+    A simulated pool takes its slice of the agents that are not pilots; a pilot device takes
+    its own agent alone."""
     population = from_spec(config.population, seed=config.population_seed)
-    ids = slice_ids(population.n_agents, *config.slice)
+    n = population.n_agents
+    outside = [a for a in (*config.pilots, config.pilot_agent) if a is not None and a >= n]
+    if outside:
+        raise AgentError(f"pilot agent(s) {outside} are not agents of the population (0..{n - 1})")
+    if config.pilot_agent is not None:
+        return population, torch.tensor([config.pilot_agent], dtype=torch.int64)
+    simulated = torch.ones(n, dtype=torch.bool)
+    simulated[list(config.pilots)] = False
+    candidates = torch.nonzero(simulated).flatten()
+    ids = candidates[slice_ids(candidates.numel(), *config.slice)]
     if ids.numel() == 0:
-        raise AgentError(f"slice {config.slice} of {population.n_agents} agents is empty")
+        raise AgentError(f"slice {config.slice} of {candidates.numel()} agents is empty")
     return population, ids
 
 
@@ -219,6 +240,8 @@ class PoolRunner:
         self.spec: RunSpec | None = None
         self._day_key: tuple[int, int, int] | None = None  # (epoch, day, round id) in work
         self._done: set[str] = set()
+        #: a pilot's physical radio (started when the run, and so its clock, is known)
+        self.radio: RadioThread | None = None
 
     def _connect(self, unit: int, devices: int) -> tuple[DeviceClient, DeviceClient]:
         pid = self.units[unit]
@@ -233,6 +256,29 @@ class PoolRunner:
             DeviceClient(pid, self.aggregates, aggr, devices=1, secret=secret),
         )
 
+    def _check_pilots(self, spec: RunSpec) -> None:
+        """This process's place in the run matches the run's pilots."""
+        pilot = self.config.pilot_agent
+        if pilot is not None and pilot not in spec.pilots:
+            raise AgentError(
+                f"--pilot-agent {pilot}: not one of the run's pilots {list(spec.pilots)}"
+            )
+        if pilot is None and sorted(self.config.pilots) != sorted(spec.pilots):
+            raise AgentError(
+                f"this pool leaves out pilots {sorted(self.config.pilots)} but the run's pilots "
+                f"are {sorted(spec.pilots)} (pass --pilots)"
+            )
+        if pilot is not None and self.config.radio is None:
+            raise AgentError(f"pilot agent {pilot} needs a physical radio (--radio bumble)")
+
+    def start_radio(self, spec: RunSpec) -> None:
+        """A pilot's radio starts advertising and scanning on the run's clock."""
+        if self.config.radio is None or self.radio is not None:
+            return
+        config = replace(self.config.radio, clock=spec.clock(), state_dir=self.config.state_dir)
+        self.radio = RadioThread(config)
+        self.radio.start()
+
     def _build_pool(self, spec: RunSpec) -> DevicePool:
         world_secret = self.config.world_secret
         if world_secret is None:
@@ -242,9 +288,28 @@ class PoolRunner:
             IdealRadio(keyring) if spec.radio == "ideal" else SimulatedRadio(keyring, spec.seed)
         )
         config = spec.model_config()
-        world = SimulatedWorld(
-            self.population, config, radio, spec.advertising_intervals, self.ids.numpy()
-        )
+        pilots = np.array(spec.pilots, dtype=np.int64)
+        world: SimulatedWorld
+        if self.config.pilot_agent is not None:
+            assert self.radio is not None
+            world = PilotWorld(
+                self.population,
+                config,
+                radio,
+                self.config.pilot_agent,
+                pilots,
+                RadioStore(self.config.state_dir),
+                self.radio.flush,
+            )
+        else:
+            world = SimulatedWorld(
+                self.population,
+                config,
+                radio,
+                spec.advertising_intervals,
+                self.ids.numpy(),
+                pilots=pilots,
+            )
         return DevicePool.of_population(
             self.ids, self.population, config, spec.seed, keyring, world, self._connect
         )
@@ -258,10 +323,15 @@ class PoolRunner:
         """
         if sched.step == FAILED:
             raise RunFailed(f"the coordinator stopped the run: {sched.failure}")
+        if self.spec is None and sched.run_json:
+            self.spec = RunSpec.from_json(sched.run_json, "the coordinator's run_json")
+            self._check_pilots(self.spec)
+            self.start_radio(self.spec)
         if sched.step not in STEPS:
             return True
         if self.pool is None:
-            self.spec = RunSpec.from_json(sched.run_json, "the coordinator's run_json")
+            if self.spec is None:
+                raise AgentError("the coordinator's schedule carries no run_json")
             self.pool = self._build_pool(self.spec)
         key = (sched.epoch, sched.day, sched.round_id)
         if key != self._day_key:
@@ -316,7 +386,7 @@ class PoolRunner:
         pool = self.pool
         assert pool is not None and self.spec is not None
         specs = round_specs(
-            sched.round_id, sched.day, self.spec.items_per_device, self.spec.advertising_intervals
+            sched.round_id, sched.day, self.spec.items_per_device, self.spec.beacons_per_day
         )
         theta = self._theta(sched)
         step, day = sched.step, sched.day
@@ -446,4 +516,6 @@ def run_agent(config: AgentConfig) -> None:
     try:
         agent.run()
     finally:
+        if agent.runner.radio is not None:
+            agent.runner.radio.stop()
         agent.channel.close()

@@ -57,6 +57,7 @@ from protocols.secure_sum.slots import SLOT_ID_BYTES
 from sim import dual
 from sim.archetypes import labour_force, population_cells
 from sim.model import (
+    W_BITS,
     Agents,
     Behaviour,
     ModelConfig,
@@ -67,6 +68,7 @@ from sim.model import (
     initial_state,
     make_agents,
     message,
+    quantize,
     theta_dual,
     update,
     work_choices,
@@ -142,6 +144,7 @@ class SimulatedWorld:
         radio: Radio,
         advertising_intervals: int = gaen.TEK_ROLLING_PERIOD,
         observers: np.ndarray | None = None,
+        pilots: np.ndarray | None = None,
     ) -> None:
         if not 1 <= advertising_intervals <= gaen.TEK_ROLLING_PERIOD:
             raise PoolInputError(
@@ -154,6 +157,10 @@ class SimulatedWorld:
         self.advertising_intervals = advertising_intervals
         #: only these devices' radios are simulated (a pool's own), or everyone's
         self.observers = None if observers is None else np.unique(np.asarray(observers))
+        #: a run with pilots: their contacts with each other happen on the air, not here; and
+        #: every device registers one slot per interval of a physical radio besides
+        self.pilots = np.zeros(0, np.int64) if pilots is None else np.unique(np.asarray(pilots))
+        self.physical_intervals = gaen.TEK_ROLLING_PERIOD if self.pilots.size else 0
         self._cached: tuple[tuple[int, tuple[float, ...] | None], RadioDay] | None = None
         self._behaviour: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self.everyone: Agents | None = None
@@ -187,6 +194,10 @@ class SimulatedWorld:
                 # the radio's draws are keyed per contact, so simulating only the pool's own
                 # observers gives exactly their sightings of the whole world's run
                 keep &= np.isin(layer.src.numpy(), self.observers)
+            if self.pilots.size:
+                # two pilots meet (or not) in the physical world: their radios say so
+                src_pilot = np.isin(layer.src.numpy(), self.pilots)
+                keep &= ~(src_pilot & np.isin(layer.dst.numpy(), self.pilots))
             src.append(layer.src.numpy()[keep])
             dst.append(layer.dst.numpy()[keep])
             w.append(weight[keep])
@@ -236,6 +247,14 @@ class SimulatedWorld:
                 rd = _beacons_of(rd, today)
             self._cached = (key, rd)
         return self._cached[1]
+
+    def physical_beacons(self, day: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The RPIs that devices ``ids`` put on the air with a physical radio on ``day``, one
+        per interval, (len(ids), physical_intervals, 16), and which intervals were on the air
+        (bool, same shape without the last axis). A simulated device has no physical radio:
+        none (the pilot's world, :class:`device_agent.pilot.PilotWorld`, has one)."""
+        shape = (len(ids), self.physical_intervals)
+        return np.zeros((*shape, gaen.RPI_LEN), np.uint8), np.zeros(shape, bool)
 
     def sightings(self, day: int, observers: np.ndarray) -> Sightings:
         """The sightings recorded by ``observers`` only (what their own scanners heard)."""
@@ -431,13 +450,25 @@ class DevicePool:
         A new round starts here: the clients forget older rounds' requests."""
         for client in (*self._nbhd, *self._aggr):
             client.forget_before(spec.round_id)
-        k = self.world.advertising_intervals
+        k, extra = self.world.advertising_intervals, self.world.physical_intervals
         enins = self.world.first_interval(day) + np.arange(k, dtype=np.int64)
-        raw = self.keyring.rpis(np.repeat(self._ids_np, k), np.tile(enins, self.n)).tobytes()
+        simulated = self.keyring.rpis(np.repeat(self._ids_np, k), np.tile(enins, self.n))
+        beacons = simulated.reshape(self.n, k, gaen.RPI_LEN)
+        if extra:
+            # one group per device: its simulated beacons, then one per physical interval (the
+            # RPI it put on the air, else padding), so every device registers k + extra slots
+            on_air, aired = self.world.physical_beacons(day, self._ids_np)
+            beacons = np.concatenate([beacons, on_air], axis=1)
         slots: list[bytes] = []
         for u, client in enumerate(self._nbhd):
-            lo, hi = int(self.unit_bounds[u]) * k, int(self.unit_bounds[u + 1]) * k
-            slots.append(client.register_ids(spec.round_id, raw[16 * lo : 16 * hi]))
+            lo, hi = int(self.unit_bounds[u]), int(self.unit_bounds[u + 1])
+            if extra:
+                pad = np.frombuffer(
+                    client.padding_beacons(spec.round_id, (hi - lo) * extra), np.uint8
+                ).reshape(hi - lo, extra, gaen.RPI_LEN)
+                physical = beacons[lo:hi, k:]
+                physical[~aired[lo:hi]] = pad[~aired[lo:hi]]
+            slots.append(client.register_ids(spec.round_id, beacons[lo:hi].tobytes()))
         self._slots = slots
         if self.behaviour_row is not None:
             theta, _ = self._require_theta()
@@ -467,7 +498,10 @@ class DevicePool:
         #: the day's private contact trace (heard RPI, weight per device); kept by the device
         self.last_trace = trace
         local = self.local_index(trace.observer)
-        values = message(q[torch.from_numpy(local)], torch.from_numpy(trace.weight)).numpy()
+        # a measured weight goes on the model's weight grid (sim.model.W_BITS), as the central
+        # simulator's day weights do: then every message, and every sum of them, is exact
+        weight = quantize(torch.from_numpy(trace.weight), W_BITS)
+        values = message(q[torch.from_numpy(local)], weight).numpy()
         keep = self._speaking(MESSAGES_PHASE)[local]
         local, values, rpis = local[keep], values[keep], trace.rpi[keep]
         phase = spec.phase(MESSAGES_PHASE)
@@ -504,12 +538,12 @@ class DevicePool:
         if self._beh is None:
             raise PoolStateError(f"day {day}: register and post messages before updating")
         width = theta.shape[-1]
-        k = self.world.advertising_intervals
+        k = self.world.advertising_intervals + self.world.physical_intervals
         group = spec.phase(MESSAGES_PHASE).group_slots
         if group != k:
             raise PoolStateError(
                 f"day {day}: the round groups {group} slot(s) per device, but the devices "
-                f"advertise {k} beacons a day"
+                f"register {k} beacons a day"
             )
         # The servers release each device's day total (its k slots' group) as exact ring sums.
         ring = np.zeros((self.n, width), dtype=np.int64)

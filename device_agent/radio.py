@@ -23,14 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from device_agent.store import TRACE_RETENTION_DAYS
 from protocols.ble import gaen
-from protocols.ble.pilot_radio import BumbleRadio
+from protocols.ble.pilot_radio import BumbleRadio, RadioUnavailable
 from protocols.ble.radio import NOMINAL_TX_POWER_DBM
 from protocols.ble.scoring import Trace, score
 from protocols.ble.sightings import Sightings
@@ -174,23 +176,13 @@ async def run_radio(config: RadioConfig, stop: asyncio.Event) -> dict[str, objec
     crash loses at most the last ``flush_s`` seconds of packets.
     """
     store = RadioStore(config.state_dir)
-    radio = BumbleRadio(
-        config.hci,
-        gaen.KeyRoller(store.tek),
-        config.clock,
-        tx_power_dbm=config.tx_power_dbm,
-        advertising_interval_ms=config.advertising_interval_ms,
-        scan_window_s=config.scan_window_s,
-        scan_interval_s=config.scan_interval_s,
-        on_broadcast=lambda enin, _rpi: store.add_broadcast(enin),
-    )
+    radio = pilot_radio(config, store)
 
     async def flush_until_stopped() -> None:
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), config.flush_s)
-            store.add_sightings(radio.log.drain())
-            store.prune(config.clock.now())
+            flush(radio, store, config.clock)
 
     async def stop_at() -> None:
         if config.stop_at_s is None:
@@ -208,3 +200,95 @@ async def run_radio(config: RadioConfig, stop: asyncio.Event) -> dict[str, objec
     health = radio.health()
     log.info("radio stopped: %s", health)
     return health
+
+
+def pilot_radio(config: RadioConfig, store: RadioStore) -> BumbleRadio:
+    """The radio ``config`` describes, keeping its TEKs and broadcasts in ``store``."""
+    return BumbleRadio(
+        config.hci,
+        gaen.KeyRoller(store.tek),
+        config.clock,
+        tx_power_dbm=config.tx_power_dbm,
+        advertising_interval_ms=config.advertising_interval_ms,
+        scan_window_s=config.scan_window_s,
+        scan_interval_s=config.scan_interval_s,
+        on_broadcast=lambda enin, _rpi: store.add_broadcast(enin),
+    )
+
+
+def flush(radio: BumbleRadio, store: RadioStore, clock: RunClock) -> None:
+    """Persist the packets heard since the last flush; forget what is past retention."""
+    store.add_sightings(radio.log.drain())
+    store.prune(clock.now())
+
+
+class RadioThread:
+    """A pilot's radio beside its round loop: its own thread and event loop, its own store
+    connection. When the controller goes away (a dongle unplugged, the hub restarting) it
+    reopens it after ``retry_s`` wall seconds; :meth:`flush` makes every packet heard so far
+    readable from the store (the round loop calls it before reading a day)."""
+
+    def __init__(self, config: RadioConfig, retry_s: float = 1.0) -> None:
+        self.config = config
+        self.retry_s = retry_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._radio: BumbleRadio | None = None
+        self._store: RadioStore | None = None
+        self.failures = 0
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._main, name="pilot-radio", daemon=True)
+
+    def start(self) -> None:
+        """Start the radio (returns once its loop runs)."""
+        self._thread.start()
+        self._ready.wait()
+
+    def _main(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._store = store = RadioStore(self.config.state_dir)
+        self._radio = radio = pilot_radio(self.config, store)
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                try:
+                    await radio.run(self._stop)
+                except RadioUnavailable as err:
+                    self.failures += 1
+                    self.last_error = str(err)
+                    log.warning("radio unavailable, retrying in %.1f s: %s", self.retry_s, err)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), self.retry_s)
+        finally:
+            flush(radio, store, self.config.clock)
+            store.db.close()
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Persist every packet heard so far (called from another thread)."""
+        loop, radio, store = self._loop, self._radio, self._store
+        if loop is None or radio is None or store is None or not self._thread.is_alive():
+            raise RadioUnavailable("the pilot radio is not running")
+        clock = self.config.clock
+
+        async def flush_now() -> None:
+            flush(radio, store, clock)
+
+        # the store's connection belongs to the radio's thread: flush there, wait here
+        asyncio.run_coroutine_threadsafe(flush_now(), loop).result(timeout_s)
+
+    def health(self) -> dict[str, Any]:
+        """The radio's health (counts and protocol times only)."""
+        report: dict[str, Any] = {} if self._radio is None else dict(self._radio.health())
+        report["reopened"] = self.failures
+        return report
+
+    def stop(self) -> None:
+        """Stop advertising and scanning; flush; wait for the thread."""
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30.0)

@@ -121,20 +121,32 @@ def make_spec(
         RunSpecError: a bad field, or more pools than agents (every pool needs an agent).
     """
     pop = loaded if loaded is not None else from_spec(population, seed=population_seed)
-    if not 1 <= pools <= pop.n_agents:
+    pilots = tuple(options.pop("pilots", ()))
+    if not 1 <= pools <= pop.n_agents - len(pilots):
         raise RunSpecError(
-            f"pools must be in 1..{pop.n_agents} (the population's agents), got {pools}"
+            f"pools must be in 1..{pop.n_agents - len(pilots)} (the population's simulated "
+            f"agents), got {pools}"
         )
+    outside = [a for a in pilots if not 0 <= a < pop.n_agents]
+    if outside:
+        raise RunSpecError(f"pilots {outside} are not agents of the population")
     if options.get("behaviour", "heuristic") != "heuristic" and "grid" not in options:
         # the archetype grid is public: the attributes' levels, never who has which
         options["grid"] = population_cells(pop)[0].to_json()
+    # a pilot may hear every other pilot's beacon of every interval of the day: the budget
+    # (every device's, so a pilot's posts look like anyone's) makes room for that
+    physical = gaen.TEK_ROLLING_PERIOD * max(len(pilots) - 1, 0)
     return RunSpec(
         population=population,
         days=days,
-        pools=pools,
+        # the coordinator waits for every participant: the simulated pools and the pilots
+        pools=pools + len(pilots),
         radio=radio,
-        items_per_device=items_budget(pop, pools),
-        advertising_intervals=IDEAL_INTERVALS if radio == "ideal" else gaen.TEK_ROLLING_PERIOD,
+        items_per_device=items_budget(pop, pools) + physical,
+        advertising_intervals=(
+            IDEAL_INTERVALS if radio == "ideal" and not pilots else gaen.TEK_ROLLING_PERIOD
+        ),
+        pilots=pilots,
         **options,
     )
 
@@ -160,6 +172,7 @@ class Federation:
         population_seed: int = 0,
         insecure: bool = False,
         record_views: bool = False,
+        pilot_radios: dict[int, list[str]] | None = None,
     ) -> None:
         self.root = root
         self.spec = spec
@@ -169,7 +182,15 @@ class Federation:
         self.insecure = insecure
         self.c_dir = root / "coordinator"
         self.a_dir = root / "aggregator"
-        self.pool_dirs = [root / f"pool-{i}" for i in range(spec.pools)]
+        #: simulated pools: every participant the run waits for but its pilots
+        self.simulated_pools = spec.pools - len(spec.pilots)
+        self.pool_dirs = [root / f"pool-{i}" for i in range(self.simulated_pools)]
+        #: pilot agent → the radio options of the pilot process this launcher starts for it
+        #: (``--hci`` …); pilots not listed join from their own devices
+        self.pilot_radios = dict(pilot_radios or {})
+        unknown = sorted(set(self.pilot_radios) - set(spec.pilots))
+        if unknown:
+            raise FederationError(f"pilot radios for agents {unknown}, not pilots of the run")
         #: the two servers' auditors' key pairs (the launcher of a one-machine simulation
         #: holds both, as it holds every process's state; each server gets only its own
         #: auditor's public key, so no key opens both transcripts)
@@ -222,8 +243,10 @@ class Federation:
     def start(self) -> None:
         """Create identities, mint tokens and start every process."""
         self.start_servers()
-        for i in range(self.spec.pools):
+        for i in range(self.simulated_pools):
             self.start_pool(i)
+        for agent in self.pilot_radios:
+            self.start_pilot(agent)
 
     def start_servers(self) -> None:
         """Create identities, mint one enrolment token per pool, start both servers."""
@@ -310,15 +333,43 @@ class Federation:
             "--ca", str(self.c_dir / "export" / "ca.pem"), "--state-dir", str(d),
             "--population", self.spec.population,
             "--population-seed", str(self.population_seed),
-            "--slice", f"{i}/{self.spec.pools}",
+            "--slice", f"{i}/{self.simulated_pools}",
             "--world-secret", str(self.world_secret),
         ]  # fmt: skip
+        if self.spec.pilots:
+            args += ["--pilots", ",".join(map(str, self.spec.pilots))]
         if not (d / "pool.sqlite3").exists():
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             token = d / "token"
             write_secret(token, self._tokens[i].encode())
             args += ["--token-file", str(token), "--enrol", f"127.0.0.1:{self.enrol_port}"]
         self._spawn(f"pool-{i}", args, d)
+
+    def pilot_dir(self, agent: int) -> Path:
+        """The state dir of pilot ``agent``'s process (its private stores)."""
+        return self.root / f"pilot-{agent}"
+
+    def start_pilot(self, agent: int) -> None:
+        """Start (or restart) the pilot device process of ``agent`` with its radio options.
+
+        Its token is the one after the simulated pools'; on a real pilot the operator hands
+        it over in the enrolment URI instead."""
+        d = self.pilot_dir(agent)
+        args = [
+            "device-agent", "run", "--coordinator", f"127.0.0.1:{self.c_port}",
+            "--ca", str(self.c_dir / "export" / "ca.pem"), "--state-dir", str(d),
+            "--population", self.spec.population,
+            "--population-seed", str(self.population_seed),
+            "--world-secret", str(self.world_secret),
+            "--pilot-agent", str(agent), "--radio", "bumble", *self.pilot_radios[agent],
+        ]  # fmt: skip
+        if not (d / "pool.sqlite3").exists():
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            token = d / "token"
+            index = self.simulated_pools + self.spec.pilots.index(agent)
+            write_secret(token, self._tokens[index].encode())
+            args += ["--token-file", str(token), "--enrol", f"127.0.0.1:{self.enrol_port}"]
+        self._spawn(f"pilot-{agent}", args, d)
 
     def kill(self, name: str) -> None:
         """SIGKILL a process (``coordinator``, ``aggregator`` or ``pool-<i>``) and reap it."""

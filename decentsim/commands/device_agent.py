@@ -14,12 +14,20 @@ from pathlib import Path
 from contract.runspec import RunSpecError
 from contract.schedule import ScheduleError, parse_slice
 from decentsim.commands.clock import add_clock_arguments, clock_from_args
-from decentsim.usage import CommandFailed, UsageError, int_in, nonnegative_int, positive_float
+from decentsim.usage import (
+    CommandFailed,
+    UsageError,
+    agent_ids,
+    int_in,
+    nonnegative_int,
+    positive_float,
+)
 from device_agent.agent import AgentConfig, AgentError
 from device_agent.agent import run_agent as run_pool
 from device_agent.radio import RadioConfig, RadioStore, day_trace, run_radio
 from protocols.ble import gaen
 from protocols.ble.errors import BleError
+from protocols.clock import RunClock
 from sim.populations import PopulationError
 from storage.sqlite import StoreError
 from transport.grpc.channels import InsecureAddressError, warn_insecure
@@ -66,44 +74,66 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="file with the simulated world's beacon secret (simulated radio)",
     )
-    _add_radio_arguments(sub)
-
-
-def _add_radio_arguments(sub: argparse._SubParsersAction) -> None:
+    run.add_argument(
+        "--pilots",
+        type=agent_ids,
+        default=(),
+        help="a run with pilots: the pilot agents (comma-separated), which this simulated "
+        "pool's slice leaves out",
+    )
+    run.add_argument(
+        "--pilot-agent",
+        type=nonnegative_int,
+        help="this device is that pilot agent, with a physical radio (needs --radio bumble)",
+    )
+    run.add_argument(
+        "--radio",
+        choices=("bumble",),
+        help="a pilot's physical radio: bumble on the controller --hci names",
+    )
+    _add_radio_options(run, hci_required=False)
     radio = sub.add_parser(
         "radio", help="advertise and scan Exposure Notification beacons on a Bluetooth controller"
     )
-    radio.add_argument(
-        "--hci",
-        required=True,
-        help="bumble transport of the controller: usb:0 (a USB dongle), hci-socket:0, "
-        "tcp-client:HOST:PORT (a radio hub's virtual controller)",
-    )
-    radio.add_argument("--state-dir", type=Path, required=True, help="the device's private store")
+    _add_radio_options(radio, hci_required=True)
     radio.add_argument(
         "--stop-at-s",
         type=positive_float,
         help="stop at this protocol second since --sim-epoch (default: run until stopped)",
     )
-    radio.add_argument(
+    add_clock_arguments(radio)
+    _add_trace_arguments(sub)
+
+
+def _add_radio_options(p: argparse.ArgumentParser, hci_required: bool) -> None:
+    """The physical radio's controller and timing (wall-clock: radio timing)."""
+    p.add_argument(
+        "--hci",
+        required=hci_required,
+        help="bumble transport of the controller: usb:0 (a USB dongle), hci-socket:0, "
+        "tcp-client:HOST:PORT (a radio hub's virtual controller)",
+    )
+    p.add_argument(
         "--tx-power-dbm", type=int_in(-127, 20), default=-8, help="advertised TX power (dBm)"
     )
-    radio.add_argument(
+    p.add_argument(
         "--advertising-interval-ms",
         type=positive_float,
         default=250.0,
         help="advertising interval (wall ms, 20..10240; GAEN: 200-270)",
     )
-    radio.add_argument(
+    p.add_argument(
         "--scan-window-s", type=positive_float, default=4.0, help="scan length (wall seconds)"
     )
-    radio.add_argument(
+    p.add_argument(
         "--scan-interval-s",
         type=positive_float,
         default=240.0,
         help="one scan every this many wall seconds",
     )
-    add_clock_arguments(radio)
+
+
+def _add_trace_arguments(sub: argparse._SubParsersAction) -> None:
     trace = sub.add_parser("trace", help="this device's contact trace of a day (on the device)")
     trace.add_argument("--state-dir", type=Path, required=True, help="the device's private store")
     trace.add_argument(
@@ -138,6 +168,21 @@ def _state_dir(path: Path) -> None:
         raise UsageError(f"--state-dir {str(path)!r}: cannot create it ({e.strerror})") from None
 
 
+def _radio_config(
+    args: argparse.Namespace, clock: RunClock, stop_at_s: float | None = None
+) -> RadioConfig:
+    return RadioConfig(
+        hci=args.hci,
+        state_dir=args.state_dir,
+        clock=clock,
+        stop_at_s=stop_at_s,
+        tx_power_dbm=args.tx_power_dbm,
+        advertising_interval_ms=args.advertising_interval_ms,
+        scan_window_s=args.scan_window_s,
+        scan_interval_s=args.scan_interval_s,
+    )
+
+
 def _radio(args: argparse.Namespace) -> int:
     """Advertise and scan until stopped (SIGTERM/SIGINT) or ``--stop-at-s``; print the health."""
     clock = clock_from_args(args)
@@ -147,16 +192,7 @@ def _radio(args: argparse.Namespace) -> int:
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    config = RadioConfig(
-        hci=args.hci,
-        state_dir=args.state_dir,
-        clock=clock,
-        stop_at_s=args.stop_at_s,
-        tx_power_dbm=args.tx_power_dbm,
-        advertising_interval_ms=args.advertising_interval_ms,
-        scan_window_s=args.scan_window_s,
-        scan_interval_s=args.scan_interval_s,
-    )
+    config = _radio_config(args, clock, args.stop_at_s)
 
     async def main() -> dict[str, object]:
         stop = asyncio.Event()
@@ -211,6 +247,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.insecure:
         warn_insecure("device-agent")
+    if args.pilot_agent is not None and args.radio is None:
+        raise UsageError("--pilot-agent needs --radio bumble --hci SPEC (a pilot's own radio)")
+    if args.radio is not None and (args.pilot_agent is None or args.hci is None):
+        raise UsageError("--radio bumble is a pilot's: give --pilot-agent ID and --hci SPEC")
+    if args.pilot_agent is not None and args.pilots:
+        raise UsageError("--pilots is for simulated pools; a pilot gives --pilot-agent only")
     config = AgentConfig(
         coordinator=args.coordinator,
         state_dir=args.state_dir,
@@ -221,6 +263,10 @@ def _run(args: argparse.Namespace) -> int:
         token=token,
         enrol_address=args.enrol,
         world_secret=world,
+        pilots=args.pilots,
+        pilot_agent=args.pilot_agent,
+        # the run's clock replaces this one once the coordinator says which run it is
+        radio=None if args.radio is None else _radio_config(args, RunClock()),
         insecure=args.insecure,
     )
     try:

@@ -16,21 +16,9 @@ import sys
 from pathlib import Path
 
 from decentsim.commands.clock import add_clock_arguments, clock_from_args
-from decentsim.usage import CommandFailed, UsageError, nonnegative_int
+from decentsim.usage import CommandFailed, UsageError, agent_ids, nonnegative_int
 from protocols.ble.hub import HubError, HubLink, RadioHub
 from protocols.ble.proximity import ProximitySchedule, ScheduleError
-
-
-def _agents(text: str) -> list[int]:
-    try:
-        agents = [int(a) for a in text.split(",") if a.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated agent ids, got {text!r}"
-        ) from None
-    if not agents or min(agents) < 0 or len(set(agents)) != len(agents):
-        raise argparse.ArgumentTypeError(f"need distinct agent ids >= 0, got {text!r}")
-    return agents
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", type=Path, required=True, help="proximity schedule (CSV)")
     p.add_argument(
         "--agents",
-        type=_agents,
+        type=agent_ids,
         help="pilot agent ids, comma-separated (default: every device the schedule names)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
@@ -82,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         hub = RadioHub(
             HubLink(schedule, clock, noise_db=args.noise_db, loss=args.loss, seed=args.seed),
-            agents,
+            list(agents),
             host=args.host,
         )
     except HubError as e:

@@ -89,6 +89,21 @@ class Sightings:
         )
 
     @staticmethod
+    def concat(parts: list[Sightings]) -> Sightings:
+        """Several sightings as one (their RPI tables appended; one RPI heard in two parts
+        appears twice in the table, which scoring treats as two beacons)."""
+        if not parts:
+            return Sightings.empty()
+        offsets = np.cumsum([0] + [p.rpis.shape[0] for p in parts[:-1]])
+        return Sightings(
+            **{
+                c: np.concatenate([getattr(p, c) for p in parts]) for c in _COLUMNS if c != "beacon"
+            },
+            beacon=np.concatenate([p.beacon + o for p, o in zip(parts, offsets, strict=True)]),
+            rpis=np.concatenate([p.rpis for p in parts]),
+        )
+
+    @staticmethod
     def empty() -> Sightings:
         """No sightings."""
         i, f = np.zeros(0, np.int64), np.zeros(0, np.float64)

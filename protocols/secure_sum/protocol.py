@@ -1268,6 +1268,17 @@ class DeviceClient:
         self._registrations[(round_id, slot_ids)] = raw
         return raw
 
+    def padding_beacons(self, round_id: int, count: int) -> bytes:
+        """``count`` dummy beacons (16 random-looking bytes each, concatenated) to register
+        beside real ones, so that every device registers the same number of slots (in a run
+        with pilots, a simulated device pads the intervals of a physical radio it does not
+        have). Nobody hears a dummy, so its slot sums to zero. Derived from the participant's
+        secret like every choice of a request: a restarted participant registers the same."""
+        if count < 0:
+            raise SecureSumError(f"count must be >= 0, got {count}")
+        choices = self._choices(round_id, "", b"padding-beacons", count.to_bytes(8, "big"))
+        return choices.take(b"beacons", RPI_BYTES * count)
+
     def register(self, round_id: int, rpis: bytes | Sequence[bytes]) -> list[bytes]:
         """Register the pseudonym slots of this participant's beacons (RPIs) for a round;
         returns the slot ids (:meth:`register_ids` returns them as one ``bytes``).
