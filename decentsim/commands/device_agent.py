@@ -95,6 +95,7 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     radio = sub.add_parser(
         "radio", help="advertise and scan Exposure Notification beacons on a Bluetooth controller"
     )
+    radio.add_argument("--state-dir", type=Path, required=True, help="the device's private store")
     _add_radio_options(radio, hci_required=True)
     radio.add_argument(
         "--stop-at-s",
