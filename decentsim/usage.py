@@ -73,6 +73,21 @@ def positive_float(text: str) -> float:
     return value
 
 
+def float_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number in ``[low, high]``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}], got {text}")
+        return value
+
+    return parse
+
+
 def agent_ids(text: str) -> tuple[int, ...]:
     """An argparse type: distinct agent ids >= 0, comma-separated (``0,3,17``)."""
     try:

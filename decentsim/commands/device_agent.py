@@ -18,6 +18,7 @@ from decentsim.usage import (
     CommandFailed,
     UsageError,
     agent_ids,
+    float_in,
     int_in,
     nonnegative_int,
     positive_float,
@@ -27,6 +28,7 @@ from device_agent.agent import run_agent as run_pool
 from device_agent.radio import RadioConfig, RadioStore, day_trace, run_radio
 from protocols.ble import gaen
 from protocols.ble.errors import BleError
+from protocols.ble.pilot_radio import RadioUnavailable
 from protocols.clock import RunClock
 from sim.populations import PopulationError
 from storage.sqlite import StoreError
@@ -119,7 +121,7 @@ def _add_radio_options(p: argparse.ArgumentParser, hci_required: bool) -> None:
     )
     p.add_argument(
         "--advertising-interval-ms",
-        type=positive_float,
+        type=float_in(20.0, 10_240.0),
         default=250.0,
         help="advertising interval (wall ms, 20..10240; GAEN: 200-270)",
     )
@@ -204,10 +206,12 @@ def _radio(args: argparse.Namespace) -> int:
 
     try:
         health = asyncio.run(main())
-    except BleError as e:  # a radio setting out of range: names it
-        raise UsageError(str(e)) from None
-    except (OSError, StoreError) as e:  # the controller cannot be opened, or the store
-        raise CommandFailed(f"--hci {args.hci}: {e}") from None
+    except BleError as e:  # the transport spec is not one bumble knows
+        raise UsageError(f"--hci: {e}") from None
+    except RadioUnavailable as e:  # nothing answers there, or it went away
+        raise CommandFailed(f"--hci: {e}") from None
+    except (OSError, StoreError) as e:  # the device's store
+        raise CommandFailed(f"--state-dir {str(args.state_dir)!r}: {e}") from None
     print(json.dumps(health, sort_keys=True))
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -62,6 +63,10 @@ async def _serve(args: argparse.Namespace, hub: RadioHub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Serve until stopped."""
     clock = clock_from_args(args)
+    if not (math.isfinite(args.noise_db) and args.noise_db >= 0):
+        raise UsageError(f"--noise-db must be a number >= 0 (dB), got {args.noise_db}")
+    if not 0 <= args.loss < 1:
+        raise UsageError(f"--loss must be a probability in [0, 1), got {args.loss}")
     try:
         schedule = ProximitySchedule.read(args.schedule)
     except ScheduleError as e:
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             host=args.host,
         )
     except HubError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"--agents: {e}") from None
     try:
         asyncio.run(_serve(args, hub))
     except HubError as e:

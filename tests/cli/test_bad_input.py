@@ -35,6 +35,9 @@ TABLE = "{table}"  # a good weekly behaviour table (JSON) of synthetic:50's arch
 BAD_TABLE = "{bad_table}"  # that table as CSV, line 3's work probability 1.5
 LABOUR = "{labour}"  # a good monthly labour-force CSV, 2020-01 to 2020-04
 BAD_LABOUR = "{bad_labour}"  # a labour-force CSV whose line 3 has a non-numeric count
+SCHEDULE = "{schedule}"  # a good proximity schedule
+BAD_SCHEDULE = "{bad_schedule}"  # a proximity schedule whose line 3 has distance "far"
+OVERLAP = "{overlap}"  # a proximity schedule with two overlapping rows of one pair
 
 #: where CUDA is present, --device cuda is good input
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -59,6 +62,8 @@ C_SERVE += ["--aggregator-export", TMP + "/A/export"]
 A_SERVE = ["aggregator", "serve", "--state-dir", TMP + "/A", "--coordinator-export", TMP]
 AGENT = ["device-agent", "run", "--coordinator", "127.0.0.1:1", "--ca", TARGET]
 AGENT += ["--state-dir", TMP + "/P0", "--population", "synthetic:10"]
+HUB = ["radio-hub", "--schedule", SCHEDULE]
+RADIO = ["device-agent", "radio", "--hci", "tcp-client:127.0.0.1:1", "--state-dir", TMP + "/R"]
 
 
 def case(argv: list[str], names: str, *marks: pytest.MarkDecorator) -> object:
@@ -266,6 +271,28 @@ CASES = [
     case(["device-agent", "run", "--ca", TARGET], "--coordinator"),
     # a radio that only refused is not offered (pilot radios come with the pilot deployment)
     case([*AGENT, "--radio", "bleak"], "--radio"),
+    # pilots: the pilot's own options, its radio, the radio hub's schedule and clock
+    case([*AGENT, "--pilot-agent", "3"], "--pilot-agent"),
+    case([*AGENT, "--radio", "bumble", "--hci", "usb:0"], "--radio"),
+    case([*AGENT, "--pilots", "1,1"], "--pilots"),
+    case([*AGENT, "--pilots", "-1"], "--pilots"),
+    case([*RADIO, "--hci", "carrier-pigeon:1"], "--hci"),
+    case([*RADIO, "--advertising-interval-ms", "5"], "--advertising-interval-ms"),
+    case([*RADIO, "--scan-window-s", "0"], "--scan-window-s"),
+    case([*RADIO, "--clock-scale", "1440"], "--clock-scale"),
+    case([*RADIO, "--sim-epoch", "0"], "--wall-epoch"),
+    case([*RADIO, "--state-dir", UNDER_A_FILE], "--state-dir"),
+    case(["device-agent", "trace", "--state-dir", NO_FILE, "--day", "1"], "--state-dir"),
+    case(["device-agent", "trace", "--state-dir", TMP, "--day", "-1"], "--day"),
+    case(["radio-hub", "--schedule", NO_FILE], NO_FILE),
+    case(["radio-hub", "--schedule", BAD_SCHEDULE], "bad_schedule.csv:3: field distance_m"),
+    case(["radio-hub", "--schedule", TARGET], "header must be"),
+    case(["radio-hub", "--schedule", OVERLAP], "overlapping rows"),
+    case([*HUB, "--agents", "a,b"], "--agents"),
+    case([*HUB, "--loss", "1.5"], "--loss"),
+    case([*HUB, "--noise-db", "-1"], "--noise-db"),
+    case([*HUB, "--clock-scale", "0"], "--clock-scale"),
+    case([*HUB, "--clock-scale", "60"], "--clock-scale"),
     # audit: a missing run dir, a missing or unknown role
     case(["audit", NO_FILE, "--role", "coordinator"], NO_FILE),
     case(["audit", NO_FILE], "--role"),
@@ -294,7 +321,14 @@ def files(tmp_path: Path, tiny_target: Path) -> dict[str, str]:
     labour.write_text(header + "".join(f"2020,{m},100,{90 + m},{10 - m},1\n" for m in range(1, 5)))
     bad_labour = tmp_path / "bad_labour.csv"
     bad_labour.write_text(header + "2020,1,100,90,10,10\n2020,2,100,n/a,10,10\n")
+    head = "start_s,end_s,a,b,distance_m\n"
+    (tmp_path / "schedule.csv").write_text(head + "0,600,0,1,1.0\n")
+    (tmp_path / "bad_schedule.csv").write_text(head + "0,600,0,1,1.0\n0,600,1,2,far\n")
+    (tmp_path / "overlap.csv").write_text(head + "0,600,0,1,1.0\n300,900,1,0,2.0\n")
     return {
+        SCHEDULE: str(tmp_path / "schedule.csv"),
+        BAD_SCHEDULE: str(tmp_path / "bad_schedule.csv"),
+        OVERLAP: str(tmp_path / "overlap.csv"),
         TARGET: str(tiny_target),
         BAD_FIELD: str(bad),
         NO_FILE: str(tmp_path / "no-such-file"),

@@ -75,7 +75,22 @@ COVERED: dict[str, tuple[str, ...]] = {
     # launcher.federation.Federation starts these as `python -m decentsim …` processes
     "coordinator serve": ("tests/launcher/test_federation.py::test_federated_run_equals_central",),
     "aggregator serve": ("tests/launcher/test_federation.py::test_federated_run_equals_central",),
-    "device-agent run": ("tests/launcher/test_federation.py::test_federated_run_equals_central",),
+    "device-agent run": (
+        "tests/launcher/test_federation.py::test_federated_run_equals_central",
+        "tests/launcher/test_hybrid_run.py::"
+        "test_hybrid_run_equals_the_central_simulator_on_the_realised_contacts",
+    ),
+    # pilots: the radio hub and pilot radios as real processes, and a hybrid run's pilots
+    "radio-hub": (
+        "tests/device_agent/test_pilot_radio.py::test_pilots_hear_the_schedule_through_the_hub",
+        "tests/launcher/test_hybrid_run.py::test_pilot_contacts_follow_the_schedule",
+    ),
+    "device-agent radio": (
+        "tests/device_agent/test_pilot_radio.py::test_pilots_hear_the_schedule_through_the_hub",
+    ),
+    "device-agent trace": (
+        "tests/device_agent/test_pilot_radio.py::test_the_device_prints_its_own_trace",
+    ),
     # runs the audit command's run() on real federations
     "audit": ("tests/audit/test_audit_runs.py::test_audit_of_the_three_modes",),
 }

@@ -201,3 +201,28 @@ def test_keys_roll_at_midnight_and_stay_on_the_device(pilot_run: dict[str, objec
     np.testing.assert_allclose(
         before.weight.sum() + after.weight.sum(), score(store.sightings(0, 1e12)).weight.sum()
     )
+
+
+def test_the_device_prints_its_own_trace(pilot_run: dict[str, object]) -> None:
+    """``device-agent trace`` on the device: one line per heard RPI, then the day's total."""
+    tmp = pilot_run["tmp"]
+    assert isinstance(tmp, Path)
+    done = subprocess.run(
+        [sys.executable, "-m", "decentsim", "device-agent", "trace",
+         "--state-dir", str(tmp / "pilot-1"), "--day", str(DAY0)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    total = lines[-1]
+    expected = day_trace(RadioStore(tmp / "pilot-1"), SIM_EPOCH + 3600.0)
+    assert total == {"day": DAY0, "contacts": len(expected), "weight": float(expected.weight.sum())}
+    assert [bytes.fromhex(e["rpi"]) for e in lines[:-1]] == [bytes(r) for r in expected.rpi]
+    # a state dir without a radio store is bad input, named
+    empty = subprocess.run(
+        [sys.executable, "-m", "decentsim", "device-agent", "trace",
+         "--state-dir", str(tmp / "nowhere"), "--day", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert empty.returncode == 2 and "no radio store there" in empty.stderr
+    assert "Traceback" not in empty.stderr

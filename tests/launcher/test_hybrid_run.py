@@ -30,7 +30,6 @@ import torch
 
 from device_agent.radio import RadioStore
 from launcher.federation import Federation, make_spec
-from protocols.ble import gaen
 from protocols.ble.proximity import ProximitySchedule
 from protocols.ble.radio import DAY_SECONDS, DEFAULT_EPOCH
 from protocols.ble.scoring import match_keys, score
@@ -215,6 +214,6 @@ def test_pilot_contacts_follow_the_schedule(hybrid: dict[str, Any]) -> None:
 
 def test_every_address_carries_one_rpi(hybrid: dict[str, Any]) -> None:
     address_rpis = hybrid["sniff"]["address_rpis"]
-    assert len(address_rpis) >= 4 * 2 * 144 // 2  # every pilot, every interval of both days
+    # four pilots, each a new address every interval of two days (most of them heard)
+    assert len(address_rpis) >= 4 * 2 * 144 // 2
     assert all(len(rpis) == 1 for rpis in address_rpis.values())
-    assert gaen.TEK_ROLLING_PERIOD == 144
