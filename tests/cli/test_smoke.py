@@ -466,3 +466,19 @@ def test_bench_vs_secaggplus_smallest_run(process: Callable[..., Outcome]) -> No
     assert result["clients"] == 3 and result["rounds"] == 1
     assert result["secaggplus_max_abs_error"] <= result["secaggplus_error_bound"]
     assert result["decentsim_max_abs_error"] <= result["decentsim_error_bound"]
+
+
+def test_the_pilot_systemd_unit_runs_a_command_that_parses() -> None:
+    """deploy/pilot's unit starts `decentsim device-agent run` as a pilot, with options that
+    still parse (its ${VARIABLES} filled in as /etc/decentsim/pilot.env would)."""
+    unit = (ROOT / "deploy" / "pilot" / "decentsim-pilot.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.*?)(?<!\\)$", unit, re.MULTILINE | re.DOTALL)
+    assert exec_start is not None
+    line = re.sub(r"\\\n\s*", "", exec_start.group(1))
+    env = {"COORDINATOR": "h:7000", "ENROL": "h:7002", "AGENT": "7", "HCI": "usb:0"}
+    env |= {"POPULATION": "synthetic:20", "WORLD_SECRET": "/etc/decentsim/world-secret"}
+    line = re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], line)
+    words = line.split()[1:]  # after the decentsim executable
+    assert command_of(words) == "device-agent run"
+    args = build_parser(words).parse_args(words)
+    assert (args.pilot_agent, args.radio, args.hci) == (7, "bumble", "usb:0")
