@@ -124,7 +124,20 @@ _MIGRATIONS = (
                                  row BLOB NOT NULL, source TEXT NOT NULL,
                                  PRIMARY KEY (epoch, period));
     """,
+    # a run with pilots: which credential is which pilot agent (from its enrolment token's
+    # label), and each credential's last heartbeat (`decentsim pilot status`)
+    """
+    ALTER TABLE credentials ADD COLUMN pilot_agent INTEGER;
+    CREATE UNIQUE INDEX credentials_pilot ON credentials (pilot_agent)
+        WHERE pilot_agent IS NOT NULL;
+    CREATE TABLE heartbeats (credential TEXT PRIMARY KEY, received_unix REAL NOT NULL,
+                             skew_ms INTEGER NOT NULL, progress_round INTEGER NOT NULL,
+                             health BLOB);
+    """,
 )
+
+#: an enrolment token minted for pilot agent A is labelled ``pilot:A`` (``decentsim pilot enrol``)
+PILOT_LABEL = "pilot:"
 
 
 class ServiceError(Exception):
@@ -374,12 +387,14 @@ class CoordinatorService:
         except ValueError as e:
             raise ValueError(f"csr_der is not a DER certificate signing request: {e}") from None
         pem = csr.public_bytes(serialization.Encoding.PEM)
+        pilot = self._pilot_of(self.registry.label_of(request.token), request.device_count)
         enrolment = self.registry.redeem(request.token, pem)
         units = [os.urandom(16) for _ in range(request.device_count)]
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO credentials (credential, units, enrolled_unix) VALUES (?, ?, ?)",
-                (enrolment.device_id, b"".join(units), time.time()),
+                "INSERT INTO credentials (credential, units, enrolled_unix, pilot_agent) "
+                "VALUES (?, ?, ?, ?)",
+                (enrolment.device_id, b"".join(units), time.time(), pilot),
             )
         with self._cond:
             self._units[enrolment.device_id] = frozenset(units)
@@ -397,6 +412,34 @@ class CoordinatorService:
             issued_unix_ms=int(time.time() * 1000),
             expires_unix_ms=int(enrolment.not_after.timestamp() * 1000),
         )
+
+    def _pilot_of(self, label: str | None, device_count: int) -> int | None:
+        """The pilot agent a token was minted for (checked before the token is burnt)."""
+        if label is None or not label.startswith(PILOT_LABEL):
+            return None
+        agent = int(label[len(PILOT_LABEL) :])
+        if agent not in self.spec.pilots:
+            raise ValueError(f"this token is for pilot agent {agent}, not a pilot of this run")
+        if device_count != 1:
+            raise ValueError(f"a pilot device enrols one participant, not {device_count}")
+        taken = self._read("SELECT 1 FROM credentials WHERE pilot_agent = ?", (agent,))
+        if taken:
+            raise ValueError(
+                f"pilot agent {agent} is enrolled already (one device per pilot agent)"
+            )
+        return agent
+
+    def heartbeat(self, credential: str, request: pb.HeartbeatRequest, now: float) -> None:
+        """Keep a credential's last heartbeat: when, its clock skew, the last round it
+        completed, and a pilot's health (no count of anything it heard)."""
+        self.seen(credential)
+        skew = int(request.client_time_unix_ms - now * 1000) if request.client_time_unix_ms else 0
+        health = request.health.SerializeToString() if request.HasField("health") else None
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO heartbeats VALUES (?, ?, ?, ?, ?)",
+                (credential, now, skew, request.progress.round_id, health),
+            )
 
     def owns(self, credential: str, participant: bytes) -> bool:
         """Whether ``participant`` is one of ``credential``'s participant ids."""

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "device-agent": ("decentsim.commands.device_agent:agent", "a device (pool) process"),
     "federated": ("decentsim.commands.federated:federated", "a simulated federation"),
     "radio-hub": ("decentsim.commands.radio_hub", "virtual Bluetooth controllers for pilot tests"),
+    "pilot": ("decentsim.commands.pilot", "a run with pilot devices: init, enrol, status"),
     "audit": ("decentsim.commands.audit", "audit a federated run's recorded views"),
 }
 

@@ -21,9 +21,11 @@ attempt and runs the day again; the devices never update on made-up exposure.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,6 +58,7 @@ from device_agent.radio import RadioConfig, RadioStore, RadioThread
 from device_agent.store import PoolStore
 from identity.enrolment import build_enrolment_csr
 from identity.pki import generate_private_key
+from proto.decentsim.v1 import common_pb2
 from proto.decentsim.v1 import device_pb2 as pb
 from proto.decentsim.v1 import device_pb2_grpc as pb_grpc
 from protocols.ble.radio import IdealRadio, Radio, SimulatedRadio
@@ -78,6 +81,38 @@ from transport.grpc.client import (
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+
+#: seconds between an agent's heartbeats
+HEARTBEAT_S = 10.0
+
+
+def device_health(radio: RadioThread, state_dir: Path) -> pb.DeviceHealth:
+    """A pilot's health for the operator: software, radio, battery and disk in buckets."""
+    try:
+        version = metadata.version("decentsim")
+    except metadata.PackageNotFoundError:  # a source checkout that was never installed
+        version = "unknown"
+    free = shutil.disk_usage(state_dir).free
+    disk = sum(free >= limit for limit in (100e6, 1e9, 10e9))
+    return pb.DeviceHealth(
+        agent_version=version,
+        battery_bucket=battery_bucket(),
+        free_disk_bucket=disk,
+        **radio.operator_health(),
+    )
+
+
+def battery_bucket(power_supply: Path = Path("/sys/class/power_supply")) -> int:
+    """The battery's charge in quarters (1..4), 0 when the device has none (a board on mains)
+    or does not say."""
+    for capacity in sorted(power_supply.glob("BAT*/capacity")):
+        try:
+            percent = int(capacity.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        return 1 + min(3, max(0, (percent - 1) // 25))
+    return 0
 
 
 class AgentError(Exception):
@@ -239,6 +274,8 @@ class PoolRunner:
         self.pool: DevicePool | None = None
         self.spec: RunSpec | None = None
         self._day_key: tuple[int, int, int] | None = None  # (epoch, day, round id) in work
+        #: the newest round whose observations this pool posted (heartbeats report it)
+        self.last_round = 0
         self._done: set[str] = set()
         #: a pilot's physical radio (started when the run, and so its clock, is known)
         self.radio: RadioThread | None = None
@@ -412,6 +449,7 @@ class PoolRunner:
             if step == OBSERVATIONS_STEP:
                 assert pool.last_y is not None
                 self.store.save_observed(sched.epoch, day, sched.round_id, pool.last_y)
+                self.last_round = sched.round_id
         except FetchFailed as err:
             return self._report(sched, err)
         except SecureSumError as err:
@@ -488,14 +526,34 @@ class Agent:
         """The device pool (built at the first round)."""
         return self.runner.pool
 
+    def heartbeat(self) -> None:
+        """Tell the coordinator this credential is alive: its clock, the last round it
+        completed and, on a pilot, the device's health (``decentsim pilot status``)."""
+        runner = self.runner
+        request = pb.HeartbeatRequest(
+            progress=common_pb2.RoundRef(round_id=runner.last_round),
+            client_time_unix_ms=int(time.time() * 1000),  # infrastructure time: clock skew
+        )
+        if runner.radio is not None:
+            request.health.CopyFrom(device_health(runner.radio, self.config.state_dir))
+        try:
+            self.stub.Heartbeat(request, timeout=10)
+        except grpc.RpcError as err:  # a missed heartbeat is retried at the next interval
+            log.info("heartbeat failed: %s", err.code().name)
+
     def run(self, on_step: Callable[[pb.RoundSchedule], None] | None = None) -> None:
-        """Follow the rounds until the run is finished.
+        """Follow the rounds until the run is finished; a heartbeat every
+        :data:`HEARTBEAT_S` seconds.
 
         Raises:
             RunFailed: the coordinator stopped the run (names why).
         """
         version = 0
+        last_beat = 0.0
         while True:
+            if time.monotonic() - last_beat >= HEARTBEAT_S:  # infrastructure time
+                self.heartbeat()
+                last_beat = time.monotonic()
             sched = _retry(
                 lambda v=version: self.stub.GetRound(
                     pb.GetRoundRequest(newer_than=v, wait_ms=2000), timeout=30

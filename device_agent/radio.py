@@ -287,6 +287,24 @@ class RadioThread:
         report["reopened"] = self.failures
         return report
 
+    def operator_health(self) -> dict[str, Any]:
+        """What the operator may see (``pilot status``): whether the radio works and how long
+        ago (wall seconds), never a count of what it heard."""
+        clock = self.config.clock
+        report = self.health()
+
+        def age(protocol_time: float | None) -> float:
+            return -1.0 if protocol_time is None else clock.to_wall(clock.now() - protocol_time)
+
+        return {
+            "scanner_healthy": bool(report.get("healthy", False)),
+            "scanner_last_success_age_s": age(report.get("last_success")),
+            "advertiser_last_rotation_age_s": age(report.get("last_broadcast")),
+            # bumble owns the controller: no OS stack can make it connectable or discoverable
+            "privacy_alarm": False,
+            "radio_reopened": self.failures,
+        }
+
     def stop(self) -> None:
         """Stop advertising and scanning; flush; wait for the thread."""
         if self._loop is not None and self._stop is not None and self._thread.is_alive():

@@ -114,6 +114,12 @@ _MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX devices_revoked ON devices (revoked_at) WHERE revoked_at IS NOT NULL;
     """,
+    # a token may be minted for one role (e.g. "pilot:7", a pilot agent); the device that
+    # redeems it holds that role
+    """
+    ALTER TABLE enrolment_tokens ADD COLUMN label TEXT;
+    ALTER TABLE devices ADD COLUMN label TEXT;
+    """,
 )
 
 
@@ -177,6 +183,8 @@ class Enrolment:
     certificate_pem: bytes
     ca_certificate_pem: bytes
     not_after: dt.datetime
+    #: the role the token was minted for (``mint_tokens(label=…)``), or None
+    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -320,8 +328,9 @@ class EnrolmentRegistry:
             raise EnrolmentError("clock must return timezone-aware datetimes")
         return now
 
-    def mint_tokens(self, count: int, ttl: dt.timedelta) -> list[str]:
-        """Create ``count`` fresh single-use tokens valid for ``ttl``; return them.
+    def mint_tokens(self, count: int, ttl: dt.timedelta, label: str | None = None) -> list[str]:
+        """Create ``count`` fresh single-use tokens valid for ``ttl``; return them. With
+        ``label`` (at most 64 characters), the device that redeems one holds that role.
 
         The returned strings are the only copy of the tokens: only their hashes are stored.
 
@@ -335,18 +344,34 @@ class EnrolmentRegistry:
             raise EnrolmentError(f"count must be in 1..{MAX_TOKENS_PER_MINT}, got {count}")
         if not isinstance(ttl, dt.timedelta) or ttl <= dt.timedelta(0):
             raise EnrolmentError(f"ttl must be a positive timedelta, got {ttl!r}")
+        if label is not None and not (isinstance(label, str) and 0 < len(label) <= 64):
+            raise EnrolmentError(f"label must be a string of 1..64 characters, got {label!r}")
         now = self._now()
         created, expires = now.timestamp(), (now + ttl).timestamp()
         tokens = [secrets.token_urlsafe(_TOKEN_BYTES) for _ in range(count)]
-        rows = [(hash_token(token), created, expires) for token in tokens]
+        rows = [(hash_token(token), created, expires, label) for token in tokens]
         with self._lock, transaction(self._conn):
             self._conn.executemany(
-                "INSERT INTO enrolment_tokens (token_hash, created_at, expires_at) "
-                "VALUES (?, ?, ?)",
+                "INSERT INTO enrolment_tokens (token_hash, created_at, expires_at, label) "
+                "VALUES (?, ?, ?, ?)",
                 rows,
             )
         log.info("minted %d enrolment tokens valid until %s", count, (now + ttl).isoformat())
         return tokens
+
+    def label_of(self, token: str) -> str | None:
+        """The label of an unused ``token`` (None: unlabelled, or not a usable token, which
+        :meth:`redeem` then refuses), so a caller can check the role before the token burns."""
+        try:
+            token_hash = hash_token(_check_token(token))
+        except TokenError:
+            return None
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT label FROM enrolment_tokens WHERE token_hash = ? AND used_at IS NULL",
+                (token_hash,),
+            ).fetchone()
+        return None if row is None else row[0]
 
     def redeem(self, token: str, key_request: bytes | str) -> Enrolment:
         """Burn ``token`` and enrol a new device holding the key in ``key_request``.
@@ -378,12 +403,12 @@ class EnrolmentRegistry:
         with self._lock, transaction(self._conn):
             now = self._now()
             row = self._conn.execute(
-                "SELECT expires_at, used_at FROM enrolment_tokens WHERE token_hash = ?",
+                "SELECT expires_at, used_at, label FROM enrolment_tokens WHERE token_hash = ?",
                 (token_hash,),
             ).fetchone()
             if row is None:
                 raise TokenUnknown("enrolment token is not known to this coordinator")
-            expires_at, used_at = row
+            expires_at, used_at, label = row
             if used_at is not None:
                 raise TokenReused("enrolment token has already been used")
             if now.timestamp() >= expires_at:
@@ -396,13 +421,14 @@ class EnrolmentRegistry:
             certificate = credential.certificate
             self._conn.execute(
                 "INSERT INTO devices (device_id, cert_serial, cert_sha256, enrolled_at, "
-                "not_after) VALUES (?, ?, ?, ?, ?)",
+                "not_after, label) VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     device_id,
                     format(certificate.serial_number, "x"),
                     certificate_fingerprint(certificate),
                     now.timestamp(),
                     certificate.not_valid_after_utc.timestamp(),
+                    label,
                 ),
             )
             burnt = self._conn.execute(
@@ -418,6 +444,7 @@ class EnrolmentRegistry:
             certificate_pem=credential.cert_pem,
             ca_certificate_pem=credential.ca_pem,
             not_after=certificate.not_valid_after_utc,
+            label=label,
         )
 
     def revoke(self, device_id: str) -> bool:

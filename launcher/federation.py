@@ -249,16 +249,29 @@ class Federation:
             self.start_pilot(agent)
 
     def start_servers(self) -> None:
-        """Create identities, mint one enrolment token per pool, start both servers."""
+        """Create identities, mint one enrolment token per simulated pool, start both servers;
+        then, in a run with pilots, one enrolment URI per pilot (``pilot enrol``)."""
         self.prepare()
         token_file = self.c_dir / "tokens.txt"
         self._run_cli(
             "coordinator", "tokens", "--state-dir", str(self.c_dir),
-            "--count", str(self.spec.pools), "--out", str(token_file),
+            "--count", str(self.simulated_pools), "--out", str(token_file),
         )  # fmt: skip
         self._tokens = token_file.read_text().split()
         self.start_aggregator()
         self.start_coordinator()
+        if self.spec.pilots:
+            self._run_cli(
+                "pilot", "enrol", "--state-dir", str(self.c_dir),
+                "--run", str(self.root / "run.json"),
+                "--coordinator", f"127.0.0.1:{self.c_port}",
+                "--enrol", f"127.0.0.1:{self.enrol_port}", "--out", str(self.enrolment_dir),
+            )  # fmt: skip
+
+    @property
+    def enrolment_dir(self) -> Path:
+        """Where ``pilot enrol`` wrote each pilot's enrolment URI and QR code."""
+        return self.root / "enrolment"
 
     def prepare(self) -> None:
         """Both servers' identities, the simulated world's beacon secret and the run file."""
@@ -350,25 +363,17 @@ class Federation:
         return self.root / f"pilot-{agent}"
 
     def start_pilot(self, agent: int) -> None:
-        """Start (or restart) the pilot device process of ``agent`` with its radio options.
-
-        Its token is the one after the simulated pools'; on a real pilot the operator hands
-        it over in the enrolment URI instead."""
+        """Start (or restart) the pilot device process of ``agent`` with its radio options,
+        from its enrolment URI, as a pilot device starts."""
         d = self.pilot_dir(agent)
         args = [
-            "device-agent", "run", "--coordinator", f"127.0.0.1:{self.c_port}",
-            "--ca", str(self.c_dir / "export" / "ca.pem"), "--state-dir", str(d),
-            "--population", self.spec.population,
+            "device-agent", "run",
+            "--enrolment-uri", str(self.enrolment_dir / f"pilot-{agent}.uri"),
+            "--state-dir", str(d), "--population", self.spec.population,
             "--population-seed", str(self.population_seed),
             "--world-secret", str(self.world_secret),
-            "--pilot-agent", str(agent), "--radio", "bumble", *self.pilot_radios[agent],
+            "--radio", "bumble", *self.pilot_radios[agent],
         ]  # fmt: skip
-        if not (d / "pool.sqlite3").exists():
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            token = d / "token"
-            index = self.simulated_pools + self.spec.pilots.index(agent)
-            write_secret(token, self._tokens[index].encode())
-            args += ["--token-file", str(token), "--enrol", f"127.0.0.1:{self.enrol_port}"]
         self._spawn(f"pilot-{agent}", args, d)
 
     def kill(self, name: str) -> None:

@@ -26,6 +26,7 @@ from decentsim.usage import (
 from device_agent.agent import AgentConfig, AgentError
 from device_agent.agent import run_agent as run_pool
 from device_agent.radio import RadioConfig, RadioStore, day_trace, run_radio
+from identity.enrolment_uri import EnrolmentURI, EnrolmentURIError
 from protocols.ble import gaen
 from protocols.ble.errors import BleError
 from protocols.ble.pilot_radio import RadioUnavailable
@@ -47,8 +48,14 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     """``device-agent run``."""
     sub = p.add_subparsers(dest="action", required=True)
     run = sub.add_parser("run", help="enrol (first time), then follow the coordinator's rounds")
-    run.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
-    run.add_argument("--ca", type=Path, required=True, help="the coordinator's CA certificate")
+    run.add_argument(
+        "--enrolment-uri",
+        type=Path,
+        help="a pilot: the file holding its enrolment URI (decentsim pilot enrol), which gives "
+        "the coordinator, the enrolment endpoint, the token, the pilot agent and the pinned CA",
+    )
+    run.add_argument("--coordinator", help="HOST:PORT of the coordinator")
+    run.add_argument("--ca", type=Path, help="the coordinator's CA certificate")
     run.add_argument("--state-dir", type=Path, required=True, help="the pool's private store")
     run.add_argument("--enrol", help="HOST:PORT of the coordinator's enrolment endpoint")
     run.add_argument("--token", help="single-use enrolment token (first start only)")
@@ -232,8 +239,42 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _from_enrolment_uri(args: argparse.Namespace) -> None:
+    """Fill the options an enrolment URI gives (it must be the only source of them); its CA
+    is kept in the state dir as the pinned trust anchor."""
+    given = [
+        flag
+        for flag, value in (
+            ("--coordinator", args.coordinator),
+            ("--enrol", args.enrol),
+            ("--ca", args.ca),
+            ("--token", args.token),
+            ("--token-file", args.token_file),
+            ("--pilot-agent", args.pilot_agent),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UsageError(f"--enrolment-uri gives {', '.join(given)}: pass one or the other")
+    try:
+        text = _read("--enrolment-uri", args.enrolment_uri).decode("ascii")
+        uri = EnrolmentURI.parse(text)
+    except (UnicodeDecodeError, EnrolmentURIError) as e:
+        raise UsageError(f"--enrolment-uri {str(args.enrolment_uri)!r}: {e}") from None
+    _state_dir(args.state_dir)
+    ca = args.state_dir / "ca.pem"
+    ca.write_bytes(uri.ca_pem())
+    args.coordinator, args.enrol, args.ca = uri.coordinator, uri.enrol, ca
+    args.token, args.pilot_agent = uri.token, uri.agent
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run the agent to the end of the run."""
+    if args.enrolment_uri is not None:
+        _from_enrolment_uri(args)
+    for flag, value in (("--coordinator", args.coordinator), ("--ca", args.ca)):
+        if value is None:
+            raise UsageError(f"{flag} is required (or --enrolment-uri)")
     token = args.token
     if args.token_file is not None:
         try:

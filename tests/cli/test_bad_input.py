@@ -8,6 +8,7 @@ start a federation or Ray: :func:`nothing_runs` makes those fail loudly instead.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from bench import federated as bench_federated
 from bench import secaggplus as bench_secaggplus
 from decentsim.commands import device_agent as device_agent_command
 from decentsim.commands import federated as federated_command
+from identity.enrolment_uri import EnrolmentURI
+from identity.pki import LocalCA
 from sim.archetypes import BehaviourTable, population_cells
 from sim.populations import from_spec
 
@@ -38,6 +41,8 @@ BAD_LABOUR = "{bad_labour}"  # a labour-force CSV whose line 3 has a non-numeric
 SCHEDULE = "{schedule}"  # a good proximity schedule
 BAD_SCHEDULE = "{bad_schedule}"  # a proximity schedule whose line 3 has distance "far"
 OVERLAP = "{overlap}"  # a proximity schedule with two overlapping rows of one pair
+URI = "{uri}"  # a good enrolment URI (pilot agent 3)
+BAD_URI = "{bad_uri}"  # that URI with another CA fingerprint
 
 #: where CUDA is present, --device cuda is good input
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -268,7 +273,12 @@ CASES = [
     case([*AGENT, "--token-file", BINARY], "--token-file"),
     case([*AGENT, "--world-secret", NO_FILE], "--world-secret"),
     case([*AGENT, "--state-dir", UNDER_A_FILE], "--state-dir"),
-    case(["device-agent", "run", "--ca", TARGET], "--coordinator"),
+    case(["device-agent", "run", "--ca", TARGET], "--population"),
+    case(AGENT[:2] + AGENT[4:], "--coordinator"),
+    case([*AGENT, "--enrolment-uri", NO_FILE], "--enrolment-uri"),
+    case([*AGENT, "--enrolment-uri", TARGET], "--enrolment-uri"),
+    case(["device-agent", "run", "--enrolment-uri", URI, *AGENT[4:]], "--enrolment-uri"),
+    case(["device-agent", "run", "--enrolment-uri", BAD_URI, *AGENT[6:]], "ca_sha256"),
     # a radio that only refused is not offered (pilot radios come with the pilot deployment)
     case([*AGENT, "--radio", "bleak"], "--radio"),
     # pilots: the pilot's own options, its radio, the radio hub's schedule and clock
@@ -325,7 +335,13 @@ def files(tmp_path: Path, tiny_target: Path) -> dict[str, str]:
     (tmp_path / "schedule.csv").write_text(head + "0,600,0,1,1.0\n")
     (tmp_path / "bad_schedule.csv").write_text(head + "0,600,0,1,1.0\n0,600,1,2,far\n")
     (tmp_path / "overlap.csv").write_text(head + "0,600,0,1,1.0\n300,900,1,0,2.0\n")
+    ca = LocalCA.load_or_create(tmp_path / "pki", "test CA")
+    uri = EnrolmentURI.make("127.0.0.1:1", "127.0.0.1:2", 3, "t" * 43, ca.cert_pem).to_uri()
+    (tmp_path / "uri").write_text(uri)
+    (tmp_path / "bad_uri").write_text(re.sub(r"ca_sha256=[0-9a-f]{4}", "ca_sha256=0000", uri))
     return {
+        URI: str(tmp_path / "uri"),
+        BAD_URI: str(tmp_path / "bad_uri"),
         SCHEDULE: str(tmp_path / "schedule.csv"),
         BAD_SCHEDULE: str(tmp_path / "bad_schedule.csv"),
         OVERLAP: str(tmp_path / "overlap.csv"),

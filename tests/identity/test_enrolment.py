@@ -132,8 +132,9 @@ def test_redeem_with_csr_issues_a_device_certificate(
     (device,) = devices
     assert device[0] == enrolment.device_id
     assert device[1] == format(cert.serial_number, "x")
-    # The token row carries no device id: tokens cannot be joined to devices.
-    assert len(tokens[0]) == 4
+    # The token row carries no device id: tokens cannot be joined to devices (an unlabelled
+    # token has no label either; a labelled one names a role, which its device then holds).
+    assert len(tokens[0]) == 5 and tokens[0][4] is None and device[-1] is None
     assert enrolment.device_id.encode() not in b"".join(str(value).encode() for value in tokens[0])
 
 
@@ -414,3 +415,13 @@ def test_error_classes_carry_grpc_status_names() -> None:
     assert InvalidKeyRequest.grpc_status == "INVALID_ARGUMENT"
     assert UnknownDevice.grpc_status == CredentialMismatch.grpc_status == "UNAUTHENTICATED"
     assert DeviceRevoked.grpc_status == "PERMISSION_DENIED"
+
+
+def test_a_labelled_token_gives_its_device_the_role(registry: EnrolmentRegistry) -> None:
+    (pilot,) = registry.mint_tokens(1, dt.timedelta(hours=1), label="pilot:7")
+    (plain,) = registry.mint_tokens(1, dt.timedelta(hours=1))
+    csr = build_enrolment_csr(_device_key())
+    assert registry.redeem(pilot, csr).label == "pilot:7"
+    assert registry.redeem(plain, csr).label is None
+    with pytest.raises(EnrolmentError, match="label"):
+        registry.mint_tokens(1, dt.timedelta(hours=1), label="x" * 65)

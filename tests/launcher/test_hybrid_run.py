@@ -149,6 +149,11 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         fed.start()
         fed.wait(timeout_s=240.0)
         results = fed.results()
+        status = subprocess.run(
+            [sys.executable, "-m", "decentsim", "pilot", "status", "--state-dir",
+             str(fed.c_dir), "--json"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
     finally:
         if fed is not None:
             fed.stop()
@@ -160,6 +165,7 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "results": results,
         "schedule": ProximitySchedule.read(schedule),
         "sniff": json.loads((tmp / "sniff.json").read_text()),
+        "status": json.loads(status),
     }
 
 
@@ -217,3 +223,27 @@ def test_every_address_carries_one_rpi(hybrid: dict[str, Any]) -> None:
     # four pilots, each a new address every interval of two days (most of them heard)
     assert len(address_rpis) >= 4 * 2 * 144 // 2
     assert all(len(rpis) == 1 for rpis in address_rpis.values())
+
+
+def test_the_operator_sees_the_fleet_and_no_contact_counts(hybrid: dict[str, Any]) -> None:
+    """``pilot status``: every pilot enrolled through its URI (its token bound to its agent),
+    heard from, with a working radio; and nothing that counts what a device heard."""
+    status, fed = hybrid["status"], hybrid["fed"]
+    assert status["fleet"] == {
+        "pilots": 4, "enrolled": 4, "online": 4, "days_committed": DAYS, "days": DAYS,
+    }  # fmt: skip
+    assert [p["agent"] for p in status["pilots"]] == list(PILOTS)
+    allowed = {
+        "agent", "enrolled", "last_seen_s", "online", "clock_skew_s", "last_round", "version",
+        "scanner_healthy", "scanner_last_success_age_s", "advertiser_last_rotation_age_s",
+        "privacy_alarm", "radio_reopened", "battery_bucket", "free_disk_bucket",
+    }  # fmt: skip
+    for pilot in status["pilots"]:
+        assert set(pilot) == allowed, set(pilot) ^ allowed
+        assert pilot["scanner_healthy"] and not pilot["privacy_alarm"]
+        assert 0 <= pilot["advertiser_last_rotation_age_s"] < 30
+        assert abs(pilot["clock_skew_s"]) < 5 and pilot["last_round"] >= 1
+    # each pilot enrolled with the URI pilot enrol wrote for it: 0600, and the PNG too
+    for agent in PILOTS:
+        for name in (f"pilot-{agent}.uri", f"pilot-{agent}.png"):
+            assert (fed.enrolment_dir / name).stat().st_mode & 0o077 == 0

@@ -511,8 +511,11 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatResponse:
-        """Server clock, the newest open round, and which named devices are not the caller's."""
+        """Server clock, the newest open round, and which named devices are not the caller's;
+        a pilot's health goes to the service (``decentsim pilot status``)."""
         peer = self._peer(context)
+        if self._service is not None:
+            self._service.heartbeat(peer.hex(), request, self._clock())
         with self.lock:
             rounds = set(self.neighbourhood.rounds) | set(self.aggregates.rounds)
         return pb.HeartbeatResponse(
@@ -556,6 +559,10 @@ class Service(Protocol):
         self, credential: str, round_id: int, step: str, reason: str, detail: str
     ) -> bool:
         """A credential's devices cannot complete ``step``; True if that round is current."""
+        ...
+
+    def heartbeat(self, credential: str, request: pb.HeartbeatRequest, now: float) -> None:
+        """A credential's heartbeat arrived at ``now`` (its progress, clock and health)."""
         ...
 
 

@@ -264,14 +264,36 @@ class FetchSumsResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[FetchResult, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("devices", "progress", "client_time_unix_ms")
+    __slots__ = ("devices", "progress", "client_time_unix_ms", "health")
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[_common_pb2.DeviceId]
     progress: _common_pb2.RoundRef
     client_time_unix_ms: int
-    def __init__(self, devices: _Optional[_Iterable[_Union[_common_pb2.DeviceId, _Mapping]]] = ..., progress: _Optional[_Union[_common_pb2.RoundRef, _Mapping]] = ..., client_time_unix_ms: _Optional[int] = ...) -> None: ...
+    health: DeviceHealth
+    def __init__(self, devices: _Optional[_Iterable[_Union[_common_pb2.DeviceId, _Mapping]]] = ..., progress: _Optional[_Union[_common_pb2.RoundRef, _Mapping]] = ..., client_time_unix_ms: _Optional[int] = ..., health: _Optional[_Union[DeviceHealth, _Mapping]] = ...) -> None: ...
+
+class DeviceHealth(_message.Message):
+    __slots__ = ("agent_version", "scanner_healthy", "scanner_last_success_age_s", "advertiser_last_rotation_age_s", "privacy_alarm", "radio_reopened", "battery_bucket", "free_disk_bucket")
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCANNER_HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    SCANNER_LAST_SUCCESS_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISER_LAST_ROTATION_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_ALARM_FIELD_NUMBER: _ClassVar[int]
+    RADIO_REOPENED_FIELD_NUMBER: _ClassVar[int]
+    BATTERY_BUCKET_FIELD_NUMBER: _ClassVar[int]
+    FREE_DISK_BUCKET_FIELD_NUMBER: _ClassVar[int]
+    agent_version: str
+    scanner_healthy: bool
+    scanner_last_success_age_s: float
+    advertiser_last_rotation_age_s: float
+    privacy_alarm: bool
+    radio_reopened: int
+    battery_bucket: int
+    free_disk_bucket: int
+    def __init__(self, agent_version: _Optional[str] = ..., scanner_healthy: _Optional[bool] = ..., scanner_last_success_age_s: _Optional[float] = ..., advertiser_last_rotation_age_s: _Optional[float] = ..., privacy_alarm: _Optional[bool] = ..., radio_reopened: _Optional[int] = ..., battery_bucket: _Optional[int] = ..., free_disk_bucket: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("server_time_unix_ms", "current", "phase_deadline_unix_ms", "next_heartbeat_ms", "max_wait_ms", "unknown_devices", "draining")
