@@ -100,16 +100,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _start(text: str) -> float:
     try:
-        return float(text)
+        start = float(text)
     except ValueError:
-        pass
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"--start {text!r}: not ISO 8601 or unix seconds") from None
-    if when.tzinfo is None:
-        raise UsageError(f"--start {text!r}: give a time zone (e.g. Z)")
-    return when.timestamp()
+        try:
+            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise UsageError(f"--start {text!r}: not ISO 8601 or unix seconds") from None
+        if when.tzinfo is None:
+            raise UsageError(f"--start {text!r}: give a time zone (e.g. Z)")
+        start = when.timestamp()
+    if not start > 0:
+        raise UsageError(f"--start {text!r}: must be after 1970-01-01T00:00Z")
+    return start
 
 
 def _init(args: argparse.Namespace) -> int:

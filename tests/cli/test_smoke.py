@@ -88,6 +88,17 @@ COVERED: dict[str, tuple[str, ...]] = {
     "device-agent radio": (
         "tests/device_agent/test_pilot_radio.py::test_pilots_hear_the_schedule_through_the_hub",
     ),
+    "pilot init": (
+        "tests/cli/test_pilot.py::test_pilot_init_writes_the_run_with_its_pilots_and_clock",
+    ),
+    "pilot enrol": (
+        "tests/cli/test_pilot.py::test_pilot_enrol_writes_a_bound_uri_and_its_qr_code",
+        "tests/launcher/test_hybrid_run.py::test_the_operator_sees_the_fleet_and_no_contact_counts",
+    ),
+    "pilot status": (
+        "tests/cli/test_pilot.py::test_pilot_status_needs_a_coordinator_database",
+        "tests/launcher/test_hybrid_run.py::test_the_operator_sees_the_fleet_and_no_contact_counts",
+    ),
     "device-agent trace": (
         "tests/device_agent/test_pilot_radio.py::test_the_device_prints_its_own_trace",
     ),
@@ -475,10 +486,10 @@ def test_the_pilot_systemd_unit_runs_a_command_that_parses() -> None:
     exec_start = re.search(r"^ExecStart=(.*?)(?<!\\)$", unit, re.MULTILINE | re.DOTALL)
     assert exec_start is not None
     line = re.sub(r"\\\n\s*", "", exec_start.group(1))
-    env = {"COORDINATOR": "h:7000", "ENROL": "h:7002", "AGENT": "7", "HCI": "usb:0"}
-    env |= {"POPULATION": "synthetic:20", "WORLD_SECRET": "/etc/decentsim/world-secret"}
+    env = {"HCI": "usb:0", "POPULATION": "synthetic:20", "WORLD_SECRET": "/etc/ws"}
     line = re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], line)
     words = line.split()[1:]  # after the decentsim executable
     assert command_of(words) == "device-agent run"
     args = build_parser(words).parse_args(words)
-    assert (args.pilot_agent, args.radio, args.hci) == (7, "bumble", "usb:0")
+    assert (args.radio, args.hci) == ("bumble", "usb:0")
+    assert str(args.enrolment_uri) == "/etc/decentsim/pilot.uri"
