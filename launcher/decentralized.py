@@ -11,16 +11,23 @@
 
 ``deploy`` starts the aggregator, the coordinator and ``pools`` device-pool processes on
 loopback with TLS (a :class:`~launcher.federation.Federation`); the pools load their own
-agents from the population's spec. The coordinator drives the rounds with its deadlines; ``sync``
-returns the next round it commits (its opened aggregates) and, at the end of an epoch, the
-epoch's loss, gradient and θ update.
+agents from the population's spec. The coordinator drives the rounds with its deadlines;
+``sync`` returns the next round it commits (its opened aggregates) and, at the end of an epoch,
+the epoch's loss, gradient and θ update.
+
+With ``pilots=K`` (or a list of agent ids) the run is a hybrid run (``docs/pilot.md``): K agents
+are pilot devices with real radios. ``deploy`` then writes one enrolment URI and QR code per
+pilot (:attr:`Decentralized.enrolment_dir`) and waits until all K have enrolled; day 0 starts
+at ``start`` (unix seconds) on a run clock of ``clock_scale``.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +90,19 @@ class Decentralized:
         population: str | None,
         epochs: int,
         step_timeout_s: float,
+        pilots: int | Sequence[int] = 0,
+        start: float | None = None,
+        clock_scale: float = 1.0,
+        pilot_radios: dict[int, list[str]] | None = None,
     ) -> None:
         spec_text, pop_seed = _population_spec(simulation, population)
         locks, vacs = _interventions(simulation)
+        chosen = _pilots(pilots, simulation.population.n_agents, simulation.seed)
+        hybrid: dict[str, Any] = {}
+        if chosen:
+            # day 0 starts at `start` (default: in ten minutes, time to hand out the URIs)
+            wall_epoch = time.time() + 600.0 if start is None else start
+            hybrid = {"pilots": chosen, "clock_scale": clock_scale, "clock_wall_epoch": wall_epoch}
         self.spec = make_spec(
             spec_text,
             simulation.days,
@@ -101,23 +118,51 @@ class Decentralized:
             vaccinations=vacs,
             estimator=simulation.config.estimator.kind,
             population_seeds=simulation.config.use_population_seeds,
+            loaded=simulation.population,
+            **hybrid,
         )
         self._tmp = tempfile.TemporaryDirectory(prefix="decentsim-") if root is None else None
         self.root = Path(self._tmp.name) if self._tmp is not None else Path(root)  # type: ignore[arg-type]
-        self.federation = Federation(self.root / "state", self.spec, pop_seed)
+        self.federation = Federation(
+            self.root / "state", self.spec, pop_seed, pilot_radios=pilot_radios
+        )
         self._synced = 0
         self._deployed = False
         #: perf_counter() when deploy() started the processes (what ``wall_s`` counts from)
         self._started: float | None = None
 
-    def deploy(self) -> None:
+    @property
+    def enrolment_dir(self) -> Path:
+        """A hybrid run's enrolment URIs and QR codes (``pilot-A.uri``, ``pilot-A.png``),
+        written by :meth:`deploy`: hand each to its pilot device."""
+        return self.federation.enrolment_dir
+
+    def deploy(self, timeout_s: float = 3600.0) -> None:
         """Start the servers and the simulated device pools (they enrol with single-use
-        tokens, then follow the coordinator's rounds)."""
+        tokens, then follow the coordinator's rounds); in a hybrid run, wait until every
+        pilot has enrolled.
+
+        Raises:
+            SyncTimeout: not every pilot enrolled within ``timeout_s`` (names how many did).
+        """
         if self._deployed:
             raise DecentralizeError("already deployed")
         self._started = time.perf_counter()
         self.federation.start()
         self._deployed = True
+        pilots = len(self.spec.pilots)
+        if not pilots:
+            return
+        print(
+            f"decentsim: enrolment URIs and QR codes of {pilots} pilots in {self.enrolment_dir}",
+            file=sys.stderr,
+        )
+        deadline = time.monotonic() + timeout_s
+        while (enrolled := self.federation.pilots_enrolled()) < pilots:
+            if time.monotonic() > deadline:
+                raise SyncTimeout(f"{enrolled} of {pilots} pilots enrolled within {timeout_s:g} s")
+            self.federation.check_alive()
+            time.sleep(0.2)
 
     def sync(self, timeout_s: float = 3600.0) -> dict[str, Any]:
         """Wait for the next round the coordinator commits; returns its day, opened daily
@@ -198,6 +243,10 @@ def decentralize(
     population: str | None = None,
     epochs: int = 1,
     step_timeout_s: float = 120.0,
+    pilots: int | Sequence[int] = 0,
+    start: float | None = None,
+    clock_scale: float = 1.0,
+    pilot_radios: dict[int, list[str]] | None = None,
 ) -> Decentralized:
     """The simulation as a federation of devices (see the module docstring).
 
@@ -212,10 +261,27 @@ def decentralize(
         population: the spec pools load (default: derived from a synthetic population).
         epochs: calibration epochs (θ steps between them).
         step_timeout_s: deadline of each step of a round.
+        pilots: a hybrid run: that many pilot agents (drawn with the simulation's seed), or
+            their ids; each is a physical device with a real radio (``docs/pilot.md``).
+        start: a hybrid run's day 0, unix seconds on the wall clock (default: in 10 minutes).
+        clock_scale: a hybrid run's protocol seconds per wall second (1: real time).
+        pilot_radios: start these pilots' device processes here too, each with its radio
+            options (``--hci tcp-client:…`` of a radio hub, in tests); the others join from
+            their own devices.
     """
     if protocol not in PROTOCOLS:
         raise DecentralizeError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     return Decentralized(
         simulation, mode, pools, radio, None if root is None else Path(root), population,
-        epochs, step_timeout_s,
+        epochs, step_timeout_s, pilots, start, clock_scale, pilot_radios,
     )  # fmt: skip
+
+
+def _pilots(pilots: int | Sequence[int], n_agents: int, seed: int) -> tuple[int, ...]:
+    """The pilot agents: the ids given, or ``pilots`` of them drawn with the run's seed."""
+    if isinstance(pilots, int):
+        if not 0 <= pilots < n_agents:
+            raise DecentralizeError(f"pilots must be in 0..{n_agents - 1}, got {pilots}")
+        drawn = np.random.default_rng(seed).choice(n_agents, size=pilots, replace=False)
+        return tuple(sorted(int(a) for a in drawn))
+    return tuple(int(a) for a in pilots)

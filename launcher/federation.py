@@ -376,6 +376,21 @@ class Federation:
         ]  # fmt: skip
         self._spawn(f"pilot-{agent}", args, d)
 
+    def pilots_enrolled(self) -> int:
+        """How many pilot agents have enrolled a device (from the coordinator's database)."""
+        conn = self._db()
+        if conn is None:
+            return 0
+        try:
+            (n,) = conn.execute(
+                "SELECT COUNT(*) FROM credentials WHERE pilot_agent IS NOT NULL"
+            ).fetchone()
+        except sqlite3.OperationalError:  # the coordinator has not migrated its database yet
+            return 0
+        finally:
+            conn.close()
+        return int(n)
+
     def kill(self, name: str) -> None:
         """SIGKILL a process (``coordinator``, ``aggregator`` or ``pool-<i>``) and reap it."""
         proc = self.procs[name]

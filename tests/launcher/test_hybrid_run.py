@@ -28,14 +28,15 @@ import numpy as np
 import pytest
 import torch
 
+from decentsim import decentralize
 from device_agent.radio import RadioStore
-from launcher.federation import Federation, make_spec
+from launcher.federation import Federation
 from protocols.ble.proximity import ProximitySchedule
 from protocols.ble.radio import DAY_SECONDS, DEFAULT_EPOCH
 from protocols.ble.scoring import match_keys, score
-from sim import dual
+from sim import dual, env, models, populations
 from sim.model import W_BITS, message, quantize
-from sim.params import BASE_PARAMS
+from sim.params import BASE_PARAMS, Theta
 from sim.populations import ContactLayer, Population, from_spec
 from sim.runner import CentralSimulator, total_infections
 
@@ -131,23 +132,25 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
          "--agents", ",".join(map(str, PILOTS)), "--sniff", str(tmp / "sniff.json"), *clock],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    fed = None
+    real = None
     try:
         assert hub.stdout is not None
         ports = {int(a): p for a, p in json.loads(hub.stdout.readline())["ports"].items()}
-        spec = make_spec(
-            POPULATION, DAYS, pools=2, radio="ideal", pilots=PILOTS, theta=dict(THETA),
-            clock_scale=SCALE, clock_wall_epoch=wall_epoch, step_timeout_s=30.0,
+        simulation = env.create_from_template(
+            models.epidemiology, populations.synthetic(80, seed=0), theta=Theta(**THETA),
+            seed=0, days=DAYS,
         )  # fmt: skip
         radio = ["--advertising-interval-ms", "20", "--scan-window-s", "0.06",
                  "--scan-interval-s", str(240.0 / SCALE)]  # fmt: skip
-        fed = Federation(
-            tmp / "run",
-            spec,
+        real = decentralize(
+            simulation, root=tmp / "run", pools=2, radio="ideal", step_timeout_s=30.0,
+            pilots=PILOTS, start=wall_epoch, clock_scale=SCALE,
             pilot_radios={a: ["--hci", f"tcp-client:127.0.0.1:{ports[a]}", *radio] for a in PILOTS},
-        )
-        fed.start()
-        fed.wait(timeout_s=240.0)
+        )  # fmt: skip
+        real.deploy(timeout_s=120.0)  # returns once the four pilots have enrolled
+        enrolled_before_day_0 = time.time() < wall_epoch
+        days = [real.sync(timeout_s=120.0) for _ in range(DAYS)]
+        fed, spec = real.federation, real.spec
         results = fed.results()
         status = subprocess.run(
             [sys.executable, "-m", "decentsim", "pilot", "status", "--state-dir",
@@ -155,8 +158,8 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
         ).stdout  # fmt: skip
     finally:
-        if fed is not None:
-            fed.stop()
+        if real is not None:
+            real.close()
         hub.send_signal(signal.SIGTERM)
         hub.communicate(timeout=30)
     return {
@@ -166,6 +169,8 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "schedule": ProximitySchedule.read(schedule),
         "sniff": json.loads((tmp / "sniff.json").read_text()),
         "status": json.loads(status),
+        "days": days,
+        "enrolled_before_day_0": enrolled_before_day_0,
     }
 
 
@@ -182,6 +187,10 @@ def test_hybrid_run_equals_the_central_simulator_on_the_realised_contacts(
     ref = dual.value(central.y).detach().numpy()
     assert ref[:, 0].sum() > 0
     np.testing.assert_array_equal(results["y"][..., 0], ref)
+    # decentralize(..., pilots=…): deploy() waited for the pilots, sync() gave each day
+    assert hybrid["enrolled_before_day_0"]
+    assert [d["day"] for d in hybrid["days"]] == list(range(DAYS))
+    assert [d["new_infections"] for d in hybrid["days"]] == ref[:, 0].sum(-1).tolist()
     _, grad = central.loss_and_grad(total_infections)
     assert grad is not None
     got = np.array([results["grad"][n] for n in BASE_PARAMS])
