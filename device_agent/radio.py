@@ -147,6 +147,38 @@ class RadioStore:
             )
 
 
+#: fewest packets a calibration takes a median of
+MIN_CALIBRATION_PACKETS = 20
+
+
+class CalibrationError(ValueError):
+    """Too little to calibrate from; the message says what is missing."""
+
+
+def calibration(
+    store: RadioStore, rssi_correction_db: float = 0.0, reference_attenuation_db: float = 41.0
+) -> dict[str, float]:
+    """The RSSI correction that makes this receiver read ``reference_attenuation_db`` from a
+    reference device 1 m away (GAEN's calibration: the median of the readings), from every
+    packet in the store of a calibration session.
+
+    ``rssi_correction_db`` is the correction the session ran with (already in the stored
+    RSSI); the result is the new total correction.
+    """
+    s = store.sightings(0.0, float("inf"))
+    if len(s) < MIN_CALIBRATION_PACKETS:
+        raise CalibrationError(
+            f"{len(s)} packet(s) in the store; a calibration needs at least "
+            f"{MIN_CALIBRATION_PACKETS} from the reference device 1 m away"
+        )
+    median = float(np.median(s.tx_power - s.rssi))
+    return {
+        "packets": len(s),
+        "median_attenuation_db": median,
+        "rssi_correction_db": rssi_correction_db + median - reference_attenuation_db,
+    }
+
+
 def day_trace(store: RadioStore, day_start: float) -> Trace:
     """The device's contact trace of the protocol day starting at ``day_start`` (unix s)."""
     return score(store.sightings(day_start, day_start + _DAY_S))
@@ -161,7 +193,9 @@ class RadioConfig:
     clock: RunClock
     #: protocol seconds since the clock's ``sim_epoch`` at which to stop (None: until stopped)
     stop_at_s: float | None = None
+    #: the device's calibration profile (from its enrolment, or measured: ``calibration``)
     tx_power_dbm: int = NOMINAL_TX_POWER_DBM
+    rssi_correction_db: float = 0.0
     advertising_interval_ms: float = 250.0
     scan_window_s: float = 4.0
     scan_interval_s: float = 240.0
@@ -209,6 +243,7 @@ def pilot_radio(config: RadioConfig, store: RadioStore) -> BumbleRadio:
         gaen.KeyRoller(store.tek),
         config.clock,
         tx_power_dbm=config.tx_power_dbm,
+        rssi_correction_db=config.rssi_correction_db,
         advertising_interval_ms=config.advertising_interval_ms,
         scan_window_s=config.scan_window_s,
         scan_interval_s=config.scan_interval_s,

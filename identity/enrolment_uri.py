@@ -7,6 +7,8 @@
   endpoint (server TLS);
 * ``agent``: the pilot agent the device will be;
 * ``token``: the single-use enrolment token, minted for that agent (its label ``pilot:A``);
+* ``tx_power_dbm``, ``rssi_correction_db`` (optional): the device's calibration profile, the
+  TX power it advertises and the correction it adds to every RSSI it measures;
 * ``ca``: the coordinator's CA certificate (DER), and ``ca_sha256`` its SHA-256. The URI *is*
   the trust anchor: the device pins that CA for every TLS connection, so there is no separate CA
   file to copy, and nothing learnt from the network is trusted on first use. The fingerprint
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -31,6 +34,7 @@ SCHEME = "decentsim"
 VERSION = "1"
 _ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 _FIELDS = ("v", "coordinator", "enrol", "agent", "token", "ca_sha256", "ca")
+_CALIBRATION = ("tx_power_dbm", "rssi_correction_db")
 
 
 class EnrolmentURIError(ValueError):
@@ -46,6 +50,9 @@ class EnrolmentURI:
     agent: int
     token: str
     ca_der: bytes
+    #: the device's calibration profile (None: the nominal radio)
+    tx_power_dbm: int | None = None
+    rssi_correction_db: float | None = None
 
     @property
     def ca_sha256(self) -> str:
@@ -58,26 +65,36 @@ class EnrolmentURI:
 
     def to_uri(self) -> str:
         """The URI string."""
-        query = urlencode(
-            {
-                "v": VERSION,
-                "coordinator": self.coordinator,
-                "enrol": self.enrol,
-                "agent": str(self.agent),
-                "token": self.token,
-                "ca_sha256": self.ca_sha256,
-                "ca": base64.urlsafe_b64encode(self.ca_der).rstrip(b"=").decode(),
-            }
-        )
+        fields = {
+            "v": VERSION,
+            "coordinator": self.coordinator,
+            "enrol": self.enrol,
+            "agent": str(self.agent),
+            "token": self.token,
+        }
+        if self.tx_power_dbm is not None:
+            fields["tx_power_dbm"] = str(self.tx_power_dbm)
+        if self.rssi_correction_db is not None:
+            fields["rssi_correction_db"] = repr(self.rssi_correction_db)
+        fields["ca_sha256"] = self.ca_sha256
+        fields["ca"] = base64.urlsafe_b64encode(self.ca_der).rstrip(b"=").decode()
+        query = urlencode(fields)
         return f"{SCHEME}://enrol?{query}"
 
     @classmethod
     def make(
-        cls, coordinator: str, enrol: str, agent: int, token: str, ca_pem: bytes
+        cls,
+        coordinator: str,
+        enrol: str,
+        agent: int,
+        token: str,
+        ca_pem: bytes,
+        tx_power_dbm: int | None = None,
+        rssi_correction_db: float | None = None,
     ) -> EnrolmentURI:
         """The URI of one pilot (the CA as PEM, as the coordinator exports it)."""
         der = x509.load_pem_x509_certificate(ca_pem).public_bytes(serialization.Encoding.DER)
-        uri = cls(coordinator, enrol, agent, token, der)
+        uri = cls(coordinator, enrol, agent, token, der, tx_power_dbm, rssi_correction_db)
         return cls.parse(uri.to_uri())  # the same checks as a device's
 
     @classmethod
@@ -90,10 +107,10 @@ class EnrolmentURI:
         missing = [f for f in _FIELDS if f not in query]
         if missing:
             raise EnrolmentURIError(f"enrolment URI lacks field(s) {missing}")
-        extra = sorted(set(query) - set(_FIELDS))
+        extra = sorted(set(query) - set(_FIELDS) - set(_CALIBRATION))
         if extra:
             raise EnrolmentURIError(f"enrolment URI has unknown field(s) {extra}")
-        repeated = [f for f in _FIELDS if len(query[f]) != 1]
+        repeated = [f for f in query if len(query[f]) != 1]
         if repeated:
             raise EnrolmentURIError(f"enrolment URI repeats field(s) {repeated}")
         q = {f: query[f][0] for f in _FIELDS}
@@ -122,4 +139,28 @@ class EnrolmentURI:
             raise EnrolmentURIError("enrolment URI field ca: not a CA certificate") from None
         if not is_ca:
             raise EnrolmentURIError("enrolment URI field ca: not a CA certificate")
-        return cls(q["coordinator"], q["enrol"], int(q["agent"]), q["token"], der)
+        tx, rssi = _calibration({f: query[f][0] for f in _CALIBRATION if f in query})
+        return cls(q["coordinator"], q["enrol"], int(q["agent"]), q["token"], der, tx, rssi)
+
+
+def _calibration(fields: dict[str, str]) -> tuple[int | None, float | None]:
+    """The calibration profile's optional fields, checked."""
+    tx: int | None = None
+    rssi: float | None = None
+    if "tx_power_dbm" in fields:
+        try:
+            tx = int(fields["tx_power_dbm"])
+        except ValueError:
+            raise EnrolmentURIError("enrolment URI field tx_power_dbm: not an integer") from None
+        if not -127 <= tx <= 20:
+            raise EnrolmentURIError("enrolment URI field tx_power_dbm: not in -127..20 dBm")
+    if "rssi_correction_db" in fields:
+        try:
+            rssi = float(fields["rssi_correction_db"])
+        except ValueError:
+            raise EnrolmentURIError(
+                "enrolment URI field rssi_correction_db: not a number"
+            ) from None
+        if not (math.isfinite(rssi) and abs(rssi) <= 40):
+            raise EnrolmentURIError("enrolment URI field rssi_correction_db: not in -40..40 dB")
+    return tx, rssi

@@ -25,11 +25,19 @@ from decentsim.usage import (
 )
 from device_agent.agent import AgentConfig, AgentError
 from device_agent.agent import run_agent as run_pool
-from device_agent.radio import RadioConfig, RadioStore, day_trace, run_radio
+from device_agent.radio import (
+    CalibrationError,
+    RadioConfig,
+    RadioStore,
+    calibration,
+    day_trace,
+    run_radio,
+)
 from identity.enrolment_uri import EnrolmentURI, EnrolmentURIError
 from protocols.ble import gaen
 from protocols.ble.errors import BleError
 from protocols.ble.pilot_radio import RadioUnavailable
+from protocols.ble.radio import NOMINAL_TX_POWER_DBM
 from protocols.clock import RunClock
 from sim.populations import PopulationError
 from storage.sqlite import StoreError
@@ -113,6 +121,23 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_clock_arguments(radio)
     _add_trace_arguments(sub)
+    cal = sub.add_parser(
+        "calibration",
+        help="the RSSI correction of this device, from a session 1 m from a reference device",
+    )
+    cal.add_argument("--state-dir", type=Path, required=True, help="the session's radio store")
+    cal.add_argument(
+        "--rssi-correction-db",
+        type=float_in(-40.0, 40.0),
+        default=0.0,
+        help="the correction the session's radio ran with (default 0)",
+    )
+    cal.add_argument(
+        "--reference-attenuation-db",
+        type=positive_float,
+        default=41.0,
+        help="the attenuation a calibrated pair reads at 1 m (default 41, the radios' model)",
+    )
 
 
 def _add_radio_options(p: argparse.ArgumentParser, hci_required: bool) -> None:
@@ -124,7 +149,16 @@ def _add_radio_options(p: argparse.ArgumentParser, hci_required: bool) -> None:
         "tcp-client:HOST:PORT (a radio hub's virtual controller)",
     )
     p.add_argument(
-        "--tx-power-dbm", type=int_in(-127, 20), default=-8, help="advertised TX power (dBm)"
+        "--tx-power-dbm",
+        type=int_in(-127, 20),
+        help="calibration: the TX power the device advertises (dBm; default: its enrolment "
+        "URI's, else the nominal -8)",
+    )
+    p.add_argument(
+        "--rssi-correction-db",
+        type=float_in(-40.0, 40.0),
+        help="calibration: dB added to every RSSI measured (default: the enrolment URI's, else "
+        "0; `device-agent calibration` measures it)",
     )
     p.add_argument(
         "--advertising-interval-ms",
@@ -168,6 +202,8 @@ def run_agent(args: argparse.Namespace) -> int:
         return _radio(args)
     if args.action == "trace":
         return _trace(args)
+    if args.action == "calibration":
+        return _calibration(args)
     return _run(args)
 
 
@@ -181,12 +217,17 @@ def _state_dir(path: Path) -> None:
 def _radio_config(
     args: argparse.Namespace, clock: RunClock, stop_at_s: float | None = None
 ) -> RadioConfig:
+    # the calibration profile: an option given here, else the enrolment URI's, else nominal
+    profile = getattr(args, "profile", (None, None))
+    tx = next((v for v in (args.tx_power_dbm, profile[0]) if v is not None), NOMINAL_TX_POWER_DBM)
+    rssi = next((v for v in (args.rssi_correction_db, profile[1]) if v is not None), 0.0)
     return RadioConfig(
         hci=args.hci,
         state_dir=args.state_dir,
         clock=clock,
         stop_at_s=stop_at_s,
-        tx_power_dbm=args.tx_power_dbm,
+        tx_power_dbm=tx,
+        rssi_correction_db=rssi,
         advertising_interval_ms=args.advertising_interval_ms,
         scan_window_s=args.scan_window_s,
         scan_interval_s=args.scan_interval_s,
@@ -266,6 +307,21 @@ def _from_enrolment_uri(args: argparse.Namespace) -> None:
     ca.write_bytes(uri.ca_pem())
     args.coordinator, args.enrol, args.ca = uri.coordinator, uri.enrol, ca
     args.token, args.pilot_agent = uri.token, uri.agent
+    args.profile = (uri.tx_power_dbm, uri.rssi_correction_db)
+
+
+def _calibration(args: argparse.Namespace) -> int:
+    """Print the correction that makes the median attenuation at 1 m the reference."""
+    if not (args.state_dir / "radio.sqlite3").is_file():
+        raise UsageError(f"--state-dir {str(args.state_dir)!r}: no radio store there")
+    try:
+        result = calibration(
+            RadioStore(args.state_dir), args.rssi_correction_db, args.reference_attenuation_db
+        )
+    except CalibrationError as e:
+        raise CommandFailed(str(e)) from None
+    print(json.dumps(result))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import io
 import json
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -91,6 +92,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     enrol.add_argument("--enrol", required=True, help="HOST:PORT of the enrolment endpoint")
     enrol.add_argument("--agents", type=agent_ids, help="only these pilots (default: all)")
     enrol.add_argument("--ttl-days", type=positive_float, default=7.0, help="token validity")
+    enrol.add_argument(
+        "--calibration",
+        type=Path,
+        help="CSV agent,tx_power_dbm,rssi_correction_db: each pilot device's calibration "
+        "profile, handed over in its URI (docs/pilot.md, Calibration)",
+    )
     enrol.add_argument("--out", type=Path, required=True, help="directory for URIs and PNGs")
 
     status = sub.add_parser("status", help="the pilot fleet: enrolled, online, health")
@@ -98,17 +105,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     status.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
+def _iso_time(text: str) -> float:
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--start {text!r}: not ISO 8601 or unix seconds") from None
+    if when.tzinfo is None:
+        raise UsageError(f"--start {text!r}: give a time zone (e.g. Z)")
+    return when.timestamp()
+
+
 def _start(text: str) -> float:
     try:
         start = float(text)
     except ValueError:
-        try:
-            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise UsageError(f"--start {text!r}: not ISO 8601 or unix seconds") from None
-        if when.tzinfo is None:
-            raise UsageError(f"--start {text!r}: give a time zone (e.g. Z)")
-        start = when.timestamp()
+        start = _iso_time(text)
     if not start > 0:
         raise UsageError(f"--start {text!r}: must be after 1970-01-01T00:00Z")
     return start
@@ -163,6 +174,45 @@ def _read_run(path: Path) -> RunSpec:
         raise UsageError(f"--run: {e}") from None
 
 
+def _read_calibration(path: Path, pilots: set[int]) -> dict[int, tuple[int, float]]:
+    """Each pilot's (TX power, RSSI correction) from ``--calibration`` (errors name the line
+    and field)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"--calibration {str(path)!r}: cannot read it ({e.strerror})") from None
+    header = "agent,tx_power_dbm,rssi_correction_db"
+    if not lines or lines[0].replace(" ", "") != header:
+        raise UsageError(f"--calibration {path}:1: the header must be {header}")
+    out: dict[int, tuple[int, float]] = {}
+    for no, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) != 3:
+            raise UsageError(f"--calibration {path}:{no}: need 3 fields, got {len(cells)}")
+        for name, cell in zip(header.split(","), cells, strict=True):
+            try:
+                value = int(cell) if name != "rssi_correction_db" else float(cell)
+            except ValueError:
+                raise UsageError(
+                    f"--calibration {path}:{no}: field {name}: not a number: {cell!r}"
+                ) from None
+            bounds = {"agent": (0, 2**31), "tx_power_dbm": (-127, 20)}.get(name, (-40, 40))
+            if not (math.isfinite(value) and bounds[0] <= value <= bounds[1]):
+                raise UsageError(
+                    f"--calibration {path}:{no}: field {name}: {cell} is not in {bounds}"
+                )
+        agent = int(cells[0])
+        if agent not in pilots or agent in out:
+            raise UsageError(
+                f"--calibration {path}:{no}: field agent: {agent} is not a pilot of the run "
+                "or is listed twice"
+            )
+        out[agent] = (int(cells[1]), float(cells[2]))
+    return out
+
+
 def _enrol(args: argparse.Namespace) -> int:
     spec = _read_run(args.run)
     if not spec.pilots:
@@ -180,6 +230,7 @@ def _enrol(args: argparse.Namespace) -> int:
         args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out {str(args.out)!r}: cannot create it ({e.strerror})") from None
+    profiles = _read_calibration(args.calibration, set(spec.pilots)) if args.calibration else {}
     ca = LocalCA.load_or_create(args.state_dir / "pki", "decentsim coordinator CA")
     ttl = dt.timedelta(days=args.ttl_days)
     written = []
@@ -188,7 +239,12 @@ def _enrol(args: argparse.Namespace) -> int:
             for agent in agents:
                 (token,) = registry.mint_tokens(1, ttl, label=f"{PILOT_LABEL}{agent}")
                 uri = EnrolmentURI.make(
-                    args.coordinator, args.enrol, agent, token, ca_path.read_bytes()
+                    args.coordinator,
+                    args.enrol,
+                    agent,
+                    token,
+                    ca_path.read_bytes(),
+                    *profiles.get(agent, (None, None)),
                 ).to_uri()
                 uri_file, png = args.out / f"pilot-{agent}.uri", args.out / f"pilot-{agent}.png"
                 write_secret(uri_file, uri.encode())

@@ -40,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-db", type=float, default=0.0, help="RSSI noise per packet (σ, dB)")
     p.add_argument("--loss", type=float, default=0.0, help="packet loss probability per pair")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of noise and loss")
+    p.add_argument(
+        "--rx-offset",
+        action="append",
+        default=[],
+        metavar="AGENT=DB",
+        help="that pilot's radio reads RSSI DB dB off (a device to calibrate); repeatable",
+    )
     p.add_argument("--sniff", type=Path, help="write which address carried which RPI here")
     add_clock_arguments(p)
 
@@ -72,9 +79,25 @@ def run(args: argparse.Namespace) -> int:
     except ScheduleError as e:
         raise UsageError(f"--schedule: {e}") from None
     agents = args.agents if args.agents is not None else schedule.devices
+    offsets: dict[int, float] = {}
+    for item in args.rx_offset:
+        agent, _, db = item.partition("=")
+        try:
+            offsets[int(agent)] = float(db)
+        except ValueError:
+            raise UsageError(f"--rx-offset {item!r}: expected AGENT=DB, e.g. 3=-6") from None
+        if not math.isfinite(offsets[int(agent)]) or int(agent) not in agents:
+            raise UsageError(f"--rx-offset {item!r}: not a finite offset of one of the pilots")
     try:
         hub = RadioHub(
-            HubLink(schedule, clock, noise_db=args.noise_db, loss=args.loss, seed=args.seed),
+            HubLink(
+                schedule,
+                clock,
+                noise_db=args.noise_db,
+                loss=args.loss,
+                seed=args.seed,
+                rx_offset_db=offsets,
+            ),
             list(agents),
             host=args.host,
         )

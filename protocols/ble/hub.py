@@ -11,6 +11,8 @@ What the hub adds to bumble's link is physics, from a scripted
 * every advertising PDU is delivered only to the pilots within range of its sender at that
   moment of protocol time (the run clock), with the RSSI of the schedule's distance through the
   ideal radio's path loss, optional Gaussian noise per packet, and optional packet loss;
+* a receiver may read its RSSI off by a fixed offset (``rx_offset_db``), as real radios do by
+  several dB: what a device's calibration corrects;
 * bumble's virtual controller reports RSSI -50 dBm whatever happens and reports every extended
   advert twice (once as connectable advertising, once as a scan response that a
   non-scannable advert cannot have): the hub rewrites the RSSI and drops the fabricated scan
@@ -95,6 +97,7 @@ class HubLink(LocalLink):
         loss: float = 0.0,
         seed: int = 0,
         tx_power_dbm: float = NOMINAL_TX_POWER_DBM,
+        rx_offset_db: dict[int, float] | None = None,
     ) -> None:
         super().__init__()
         if not (math.isfinite(noise_db) and noise_db >= 0):
@@ -106,6 +109,8 @@ class HubLink(LocalLink):
         self.noise_db = noise_db
         self.loss = loss
         self.tx_power_dbm = tx_power_dbm
+        #: receiver agent → dB its radio reads above (or below) the true RSSI
+        self.rx_offset_db = dict(rx_offset_db or {})
         self._rng = np.random.default_rng(seed)
         self.delivered = 0
         #: sniffer: advertiser address → the RPIs it carried
@@ -135,6 +140,7 @@ class HubLink(LocalLink):
             rssi = self.schedule.rssi(sender_controller.agent, receiver.agent, t, self.tx_power_dbm)
             if math.isnan(rssi):
                 continue
+            rssi += self.rx_offset_db.get(receiver.agent, 0.0)
             if self.noise_db:
                 rssi += float(self._rng.normal(0.0, self.noise_db))
             if rssi < SENSITIVITY_DBM or (self.loss and self._rng.random() < self.loss):

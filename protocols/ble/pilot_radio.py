@@ -58,6 +58,7 @@ class BumbleRadio:
         *,
         observer: int = 0,
         tx_power_dbm: int = NOMINAL_TX_POWER_DBM,
+        rssi_correction_db: float = 0.0,
         advertising_interval_ms: float = 250.0,
         scan_window_s: float = 4.0,
         scan_interval_s: float = 240.0,
@@ -78,6 +79,7 @@ class BumbleRadio:
             "scan_window_s": scan_window_s,
             "scan_interval_s": scan_interval_s,
             "op_timeout_s": op_timeout_s,
+            "rssi_correction_db": rssi_correction_db,
         }
         # a scanner needs the host, which exists only once the transport is open (run())
         ExposureScanner(**self._scan)  # type: ignore[arg-type]  # validates the duty cycle now

@@ -163,6 +163,7 @@ class ExposureScanner:
         aemk_for_rpi: Callable[[bytes], bytes | None] | None = None,
         scanning_mode: Literal["passive", "active"] = "passive",
         log: SightingLog | None = None,
+        rssi_correction_db: float = 0.0,
     ) -> None:
         if scanning_mode not in ("passive", "active"):
             raise ScannerConfigError(
@@ -183,6 +184,8 @@ class ExposureScanner:
         self._tx = nominal_tx_power_dbm
         self._aemk_for_rpi = aemk_for_rpi
         self._mode = scanning_mode
+        #: this receiver's calibration: added to every measured RSSI (GAEN's RSSI correction)
+        self.rssi_correction_db = float(rssi_correction_db)
         #: where sightings go (a caller may hand in a log that outlives this scanner)
         self.log = log if log is not None else SightingLog(observer)
         self._health = ScanHealth()
@@ -226,7 +229,8 @@ class ExposureScanner:
         h.accepted += 1
         h.last_scan_packets += 1
         credited = self._clock.to_protocol(self.scan_interval_s)
-        self.log.add(beacon.rpi, adv.rssi, tx, self._clock.now(), self._scan_id, credited)
+        rssi = adv.rssi + self.rssi_correction_db
+        self.log.add(beacon.rpi, rssi, tx, self._clock.now(), self._scan_id, credited)
 
     async def scan_once(self) -> None:
         """One scan window; the scanner is stopped in ``finally`` whatever happens."""

@@ -12,10 +12,13 @@ import numpy as np
 import segno
 
 from contract.runspec import RunSpec
+from decentsim.cli import build_parser
+from decentsim.commands import device_agent as device_agent_command
 from identity.enrolment import EnrolmentRegistry
 from identity.enrolment_uri import EnrolmentURI
 from identity.pki import LocalCA
 from protocols.ble.radio import DEFAULT_EPOCH
+from protocols.clock import RunClock
 
 from .conftest import Outcome
 
@@ -102,3 +105,42 @@ def test_pilot_status_needs_a_coordinator_database(
 ) -> None:
     done = cli("pilot", "status", "--state-dir", str(tmp_path))
     assert done.status == 2 and "no coordinator database" in done.error_line()
+
+
+def test_a_calibration_profile_travels_in_the_uri_to_the_radio(
+    cli: Callable[..., Outcome], tmp_path: Path
+) -> None:
+    """``pilot enrol --calibration``: each pilot's TX power and RSSI correction go into its
+    URI; the device's radio runs with them unless an option overrides one."""
+    c, run, out = tmp_path / "C", tmp_path / "run.json", tmp_path / "enrol"
+    assert cli("coordinator", "init", "--state-dir", str(c)).status == 0
+    init = ["pilot", "init", "--population", "synthetic:50", "--pilots", "3,17", "--days", "1"]
+    assert cli(*init, "--start", "1799049600", "--out", str(run)).status == 0
+    cal = tmp_path / "cal.csv"
+    cal.write_text("agent,tx_power_dbm,rssi_correction_db\n3,-4,6.5\n")
+    enrol = ["pilot", "enrol", "--state-dir", str(c), "--run", str(run), "--coordinator", "h:1"]
+    done = cli(*enrol, "--enrol", "h:2", "--calibration", str(cal), "--out", str(out))
+    assert done.status == 0, done.err
+    three = EnrolmentURI.parse((out / "pilot-3.uri").read_text())
+    seventeen = EnrolmentURI.parse((out / "pilot-17.uri").read_text())
+    assert (three.tx_power_dbm, three.rssi_correction_db) == (-4, 6.5)
+    assert (seventeen.tx_power_dbm, seventeen.rssi_correction_db) == (None, None)
+
+    def radio_of(*extra: str) -> tuple[int, float]:
+        words = ["device-agent", "run", "--enrolment-uri", str(out / "pilot-3.uri")]
+        words += ["--state-dir", str(tmp_path / "dev"), "--population", "synthetic:50"]
+        words += ["--radio", "bumble", "--hci", "usb:0", *extra]
+        args = build_parser(words).parse_args(words)
+        device_agent_command._from_enrolment_uri(args)
+        config = device_agent_command._radio_config(args, RunClock())
+        return config.tx_power_dbm, config.rssi_correction_db
+
+    assert radio_of() == (-4, 6.5)
+    assert radio_of("--rssi-correction-db", "2") == (-4, 2.0)
+    # a bad profile names its line and field
+    cal.write_text("agent,tx_power_dbm,rssi_correction_db\n3,-4,6.5\n17,loud,0\n")
+    bad = cli(*enrol, "--enrol", "h:2", "--calibration", str(cal), "--out", str(out))
+    assert bad.status == 2 and "cal.csv:3: field tx_power_dbm" in bad.error_line()
+    cal.write_text("agent,tx_power_dbm,rssi_correction_db\n4,-4,6.5\n")
+    bad = cli(*enrol, "--enrol", "h:2", "--calibration", str(cal), "--out", str(out))
+    assert bad.status == 2 and "4 is not a pilot of the run" in bad.error_line()

@@ -99,6 +99,9 @@ COVERED: dict[str, tuple[str, ...]] = {
         "tests/cli/test_pilot.py::test_pilot_status_needs_a_coordinator_database",
         "tests/launcher/test_hybrid_run.py::test_the_operator_sees_the_fleet_and_no_contact_counts",
     ),
+    "device-agent calibration": (
+        "tests/device_agent/test_calibration.py::test_a_session_measures_the_correction_a_radio_needs",
+    ),
     "device-agent trace": (
         "tests/device_agent/test_pilot_radio.py::test_the_device_prints_its_own_trace",
     ),
