@@ -32,6 +32,7 @@ import numpy as np
 
 from device_agent.store import TRACE_RETENTION_DAYS
 from protocols.ble import gaen
+from protocols.ble.bluez_radio import BlueZRadio
 from protocols.ble.pilot_radio import BumbleRadio, RadioUnavailable
 from protocols.ble.radio import NOMINAL_TX_POWER_DBM
 from protocols.ble.scoring import Trace, score
@@ -186,11 +187,17 @@ def day_trace(store: RadioStore, day_start: float) -> Trace:
 
 @dataclass(frozen=True)
 class RadioConfig:
-    """How to run a pilot's radio (wall-clock settings are radio timing: infrastructure time)."""
+    """How to run a pilot's radio (wall-clock settings are radio timing: infrastructure time).
+
+    ``radio`` is ``bumble`` (a bumble host on the HCI transport ``hci``) or ``bluez`` (BlueZ's
+    adapter ``adapter`` over D-Bus: the system bus, or ``dbus_address``)."""
 
     hci: str
     state_dir: Path
     clock: RunClock
+    radio: str = "bumble"
+    adapter: str = "hci0"
+    dbus_address: str | None = None
     #: protocol seconds since the clock's ``sim_epoch`` at which to stop (None: until stopped)
     stop_at_s: float | None = None
     #: the device's calibration profile (from its enrolment, or measured: ``calibration``)
@@ -236,8 +243,20 @@ async def run_radio(config: RadioConfig, stop: asyncio.Event) -> dict[str, objec
     return health
 
 
-def pilot_radio(config: RadioConfig, store: RadioStore) -> BumbleRadio:
+def pilot_radio(config: RadioConfig, store: RadioStore) -> BumbleRadio | BlueZRadio:
     """The radio ``config`` describes, keeping its TEKs and broadcasts in ``store``."""
+    if config.radio == "bluez":
+        return BlueZRadio(
+            config.adapter,
+            gaen.KeyRoller(store.tek),
+            config.clock,
+            dbus_address=config.dbus_address,
+            tx_power_dbm=config.tx_power_dbm,
+            rssi_correction_db=config.rssi_correction_db,
+            scan_window_s=config.scan_window_s,
+            scan_interval_s=config.scan_interval_s,
+            on_broadcast=lambda enin, _rpi: store.add_broadcast(enin),
+        )
     return BumbleRadio(
         config.hci,
         gaen.KeyRoller(store.tek),
@@ -251,7 +270,7 @@ def pilot_radio(config: RadioConfig, store: RadioStore) -> BumbleRadio:
     )
 
 
-def flush(radio: BumbleRadio, store: RadioStore, clock: RunClock) -> None:
+def flush(radio: BumbleRadio | BlueZRadio, store: RadioStore, clock: RunClock) -> None:
     """Persist the packets heard since the last flush; forget what is past retention."""
     store.add_sightings(radio.log.drain())
     store.prune(clock.now())
@@ -269,7 +288,7 @@ class RadioThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
-        self._radio: BumbleRadio | None = None
+        self._radio: BumbleRadio | BlueZRadio | None = None
         self._store: RadioStore | None = None
         self.failures = 0
         self.last_error: str | None = None
@@ -335,8 +354,8 @@ class RadioThread:
             "scanner_healthy": bool(report.get("healthy", False)),
             "scanner_last_success_age_s": age(report.get("last_success")),
             "advertiser_last_rotation_age_s": age(report.get("last_broadcast")),
-            # bumble owns the controller: no OS stack can make it connectable or discoverable
-            "privacy_alarm": False,
+            # BlueZ's adapter may turn discoverable/connectable; bumble owns its controller
+            "privacy_alarm": bool(report.get("privacy_alarm", False)),
             "radio_reopened": self.failures,
         }
 

@@ -43,6 +43,9 @@ from sim.populations import PopulationError
 from storage.sqlite import StoreError
 from transport.grpc.channels import InsecureAddressError, warn_insecure
 
+#: the physical radios a pilot may run
+RADIOS = ("bumble", "bluez")
+
 
 def pool_slice(text: str) -> tuple[int, int]:
     """An argparse type: ``I/P``, this pool's share of the agents."""
@@ -105,15 +108,17 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--radio",
-        choices=("bumble",),
-        help="a pilot's physical radio: bumble on the controller --hci names",
+        choices=RADIOS,
+        help="a pilot's physical radio: bumble on the controller --hci names, or BlueZ's "
+        "adapter --adapter over D-Bus",
     )
-    _add_radio_options(run, hci_required=False)
+    _add_radio_options(run)
     radio = sub.add_parser(
         "radio", help="advertise and scan Exposure Notification beacons on a Bluetooth controller"
     )
     radio.add_argument("--state-dir", type=Path, required=True, help="the device's private store")
-    _add_radio_options(radio, hci_required=True)
+    radio.add_argument("--radio", choices=RADIOS, default="bumble", help="bumble or bluez")
+    _add_radio_options(radio)
     radio.add_argument(
         "--stop-at-s",
         type=positive_float,
@@ -140,13 +145,19 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_radio_options(p: argparse.ArgumentParser, hci_required: bool) -> None:
+def _add_radio_options(p: argparse.ArgumentParser) -> None:
     """The physical radio's controller and timing (wall-clock: radio timing)."""
     p.add_argument(
         "--hci",
-        required=hci_required,
-        help="bumble transport of the controller: usb:0 (a USB dongle), hci-socket:0, "
-        "tcp-client:HOST:PORT (a radio hub's virtual controller)",
+        help="--radio bumble: the controller's bumble transport: usb:0 (a USB dongle), "
+        "hci-socket:0, tcp-client:HOST:PORT (a radio hub's virtual controller)",
+    )
+    p.add_argument(
+        "--adapter", default="hci0", help="--radio bluez: BlueZ's adapter (default hci0)"
+    )
+    p.add_argument(
+        "--dbus-address",
+        help="--radio bluez: the D-Bus bus of BlueZ (default: the system bus)",
     )
     p.add_argument(
         "--tx-power-dbm",
@@ -221,8 +232,15 @@ def _radio_config(
     profile = getattr(args, "profile", (None, None))
     tx = next((v for v in (args.tx_power_dbm, profile[0]) if v is not None), NOMINAL_TX_POWER_DBM)
     rssi = next((v for v in (args.rssi_correction_db, profile[1]) if v is not None), 0.0)
+    if args.radio == "bumble" and args.hci is None:
+        raise UsageError("--radio bumble needs --hci SPEC (the controller's bumble transport)")
+    if args.radio == "bluez" and args.hci is not None:
+        raise UsageError("--hci is bumble's; --radio bluez takes --adapter NAME")
     return RadioConfig(
-        hci=args.hci,
+        hci=args.hci or "",
+        radio=args.radio,
+        adapter=args.adapter,
+        dbus_address=args.dbus_address,
         state_dir=args.state_dir,
         clock=clock,
         stop_at_s=stop_at_s,
@@ -257,7 +275,8 @@ def _radio(args: argparse.Namespace) -> int:
     except BleError as e:  # the transport spec is not one bumble knows
         raise UsageError(f"--hci: {e}") from None
     except RadioUnavailable as e:  # nothing answers there, or it went away
-        raise CommandFailed(f"--hci: {e}") from None
+        flag = "--hci" if args.radio == "bumble" else "--adapter"
+        raise CommandFailed(f"{flag}: {e}") from None
     except (OSError, StoreError) as e:  # the device's store
         raise CommandFailed(f"--state-dir {str(args.state_dir)!r}: {e}") from None
     print(json.dumps(health, sort_keys=True))
@@ -350,9 +369,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.insecure:
         warn_insecure("device-agent")
     if args.pilot_agent is not None and args.radio is None:
-        raise UsageError("--pilot-agent needs --radio bumble --hci SPEC (a pilot's own radio)")
-    if args.radio is not None and (args.pilot_agent is None or args.hci is None):
-        raise UsageError("--radio bumble is a pilot's: give --pilot-agent ID and --hci SPEC")
+        raise UsageError("--pilot-agent needs --radio bumble|bluez (a pilot's own radio)")
+    if args.radio is not None and args.pilot_agent is None:
+        raise UsageError("--radio is a pilot's: give --pilot-agent ID (or --enrolment-uri)")
     if args.pilot_agent is not None and args.pilots:
         raise UsageError("--pilots is for simulated pools; a pilot gives --pilot-agent only")
     config = AgentConfig(

@@ -87,6 +87,7 @@ COVERED: dict[str, tuple[str, ...]] = {
     ),
     "device-agent radio": (
         "tests/device_agent/test_pilot_radio.py::test_pilots_hear_the_schedule_through_the_hub",
+        "tests/protocols/ble/test_ble_bluez.py::test_device_agent_radio_advertises_through_bluez",
     ),
     "pilot init": (
         "tests/cli/test_pilot.py::test_pilot_init_writes_the_run_with_its_pilots_and_clock",
