@@ -275,7 +275,7 @@ class PoolRunner:
         self.spec: RunSpec | None = None
         self._day_key: tuple[int, int, int] | None = None  # (epoch, day, round id) in work
         #: the newest round whose observations this pool posted (heartbeats report it)
-        self.last_round = 0
+        self.last_round = store.last_round()
         self._done: set[str] = set()
         #: a pilot's physical radio (started when the run, and so its clock, is known)
         self.radio: RadioThread | None = None
@@ -549,11 +549,13 @@ class Agent:
             RunFailed: the coordinator stopped the run (names why).
         """
         version = 0
-        last_beat = 0.0
+        last_beat, reported = 0.0, -1
         while True:
-            if time.monotonic() - last_beat >= HEARTBEAT_S:  # infrastructure time
+            # every HEARTBEAT_S, and as soon as a round is done (the operator sees progress)
+            due = time.monotonic() - last_beat >= HEARTBEAT_S  # infrastructure time
+            if due or self.runner.last_round != reported:
                 self.heartbeat()
-                last_beat = time.monotonic()
+                last_beat, reported = time.monotonic(), self.runner.last_round
             sched = _retry(
                 lambda v=version: self.stub.GetRound(
                     pb.GetRoundRequest(newer_than=v, wait_ms=2000), timeout=30

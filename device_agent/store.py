@@ -150,6 +150,11 @@ class PoolStore:
             ).fetchall()
         ]
 
+    def last_round(self) -> int:
+        """The newest round whose observations the pool posted (0: none yet)."""
+        (row,) = self.db.execute("SELECT COALESCE(MAX(round_id), 0) FROM observed").fetchall()
+        return int(row[0])
+
     def observed(self, epoch: int) -> dict[int, np.ndarray]:
         """The pool's own observation totals of an epoch, by day."""
         rows = self.db.execute(

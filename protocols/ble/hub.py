@@ -16,7 +16,8 @@ What the hub adds to bumble's link is physics, from a scripted
 * bumble's virtual controller reports RSSI -50 dBm whatever happens and reports every extended
   advert twice (once as connectable advertising, once as a scan response that a
   non-scannable advert cannot have): the hub rewrites the RSSI and drops the fabricated scan
-  response, so one packet on the air is one report.
+  response, so one packet on the air is one report;
+* bumble's ``HCI_Reset`` leaves advertising on; the hub's stops it, as a real controller's does.
 
 The hub also sniffs the air as a passive observer would: which advertiser address carried which
 RPI (``--sniff FILE``), so a test can check that addresses rotate with RPIs. Everything it sees
@@ -65,6 +66,20 @@ class HubController(Controller):
         self.agent = agent
         #: the RSSI of the packet being delivered (set by the hub around delivery)
         self.delivering_rssi: int | None = None
+
+    def on_hci_reset_command(
+        self, command: hci.HCI_Reset_Command
+    ) -> hci.HCI_StatusReturnParameters:
+        """Reset as a real controller does (Core spec Vol 4, Part E, 7.3.2): advertising and
+        scanning stop. bumble's leaves them on, so a pilot restarted after ``kill -9`` would
+        find its dead predecessor's advert (old address, old RPI) still on the air and reuse
+        that advertising set: for a moment one address would carry two RPIs."""
+        self.le_legacy_advertiser.stop()
+        for advertising_set in self.advertising_sets.values():
+            advertising_set.stop()
+        self.advertising_sets.clear()
+        self.le_scan_enable = False
+        return super().on_hci_reset_command(command)
 
     def send_hci_packet(self, packet: hci.HCI_Packet) -> None:
         """Rewrite advertising reports (RSSI, no fabricated scan responses); pass the rest."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,8 +29,10 @@ import numpy as np
 import pytest
 import torch
 
+from audit.truth import bytes_needles, distinctive, float_needles
 from decentsim import decentralize
 from device_agent.radio import RadioStore
+from device_agent.store import state_from_bytes
 from launcher.federation import Federation
 from protocols.ble.proximity import ProximitySchedule
 from protocols.ble.radio import DAY_SECONDS, DEFAULT_EPOCH
@@ -149,8 +152,14 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         )  # fmt: skip
         real.deploy(timeout_s=120.0)  # returns once the four pilots have enrolled
         enrolled_before_day_0 = time.time() < wall_epoch
-        days = [real.sync(timeout_s=120.0) for _ in range(DAYS)]
         fed, spec = real.federation, real.spec
+        days = [real.sync(timeout_s=120.0)]
+        # kill -9 a pilot in the middle of protocol day 1, then start it again from its store
+        fed.kill("pilot-3")
+        killed_at = spec.clock().now()
+        time.sleep(1.0)
+        fed.start_pilot(3)
+        days += [real.sync(timeout_s=120.0) for _ in range(DAYS - 1)]
         results = fed.results()
         status = subprocess.run(
             [sys.executable, "-m", "decentsim", "pilot", "status", "--state-dir",
@@ -171,6 +180,8 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "status": json.loads(status),
         "days": days,
         "enrolled_before_day_0": enrolled_before_day_0,
+        "killed_at": killed_at,
+        "status_text": status,
     }
 
 
@@ -256,3 +267,95 @@ def test_the_operator_sees_the_fleet_and_no_contact_counts(hybrid: dict[str, Any
     for agent in PILOTS:
         for name in (f"pilot-{agent}.uri", f"pilot-{agent}.png"):
             assert (fed.enrolment_dir / name).stat().st_mode & 0o077 == 0
+
+
+def test_a_pilot_killed_mid_day_restarts_from_its_store_and_counts_once(
+    hybrid: dict[str, Any],
+) -> None:
+    """Pilot 3 was SIGKILLed during protocol day 1 and started again: its radio went off the
+    air for a while, came back with the same day's key, and its round counted it once."""
+    fed, killed_at = hybrid["fed"], hybrid["killed_at"]
+    store = RadioStore(fed.pilot_dir(3))
+    first = (DEFAULT_EPOCH // 600) + 144  # day 1's first interval
+    assert first * 600 < killed_at < (first + 144) * 600  # it was killed during day 1
+    starts = [k.rolling_start_interval_number for k in store.teks()]
+    assert starts.count(first) == 1  # one key for the day, across the restart
+    aired = store.broadcasts(first, first + 144)
+    gap = np.setdiff1d(np.arange(aired.min(), aired.max() + 1), aired)
+    assert gap.size >= 3 and gap.min() * 600 >= killed_at - 600  # off the air while dead
+    # every participant (2 pools, 4 pilots) counted once in each day's observations
+    conn = sqlite3.connect(fed.c_dir / "coordinator.sqlite3")
+    try:
+        rows = conn.execute("SELECT day, surviving_observations FROM days ORDER BY day").fetchall()
+    finally:
+        conn.close()
+    assert rows == [(d, 2 + len(PILOTS)) for d in range(DAYS)]
+
+
+def pilot_needles(fed: Federation, sniff: dict[str, Any]) -> dict[str, list[bytes]]:
+    """What no server may hold, by label: each pilot's TEKs, the RPIs it broadcast and heard,
+    the addresses it advertised from, and its state's values."""
+    needles: dict[str, list[bytes]] = {}
+    for a in PILOTS:
+        store = RadioStore(fed.pilot_dir(a))
+        for k in store.teks():
+            needles[f"pilot-{a} TEK {k.rolling_start_interval_number}"] = bytes_needles(k.key)
+            for j, rpi in enumerate(k.all_rpis()[::12]):
+                needles[f"pilot-{a} RPI {k.rolling_start_interval_number}#{j}"] = bytes_needles(
+                    bytes(rpi)
+                )
+        heard = store.sightings(0.0, 1e12)
+        for j, rpi in enumerate(heard.rpis[:10]):
+            needles[f"pilot-{a} heard RPI #{j}"] = bytes_needles(bytes(rpi))
+        states = query_states(fed.pilot_dir(a))
+        for j, v in enumerate(distinctive(states, set())[:10]):
+            needles[f"pilot-{a} state #{j}"] = float_needles(v)
+    for j, address in enumerate(sorted(sniff["address_rpis"])[::25]):
+        needles[f"advertiser address #{j}"] = [address.encode(), address.lower().encode()]
+    return needles
+
+
+def query_states(pilot_dir: Path) -> np.ndarray:
+    """Every value of a pilot's stored start-of-day states (its private dual state)."""
+    conn = sqlite3.connect(pilot_dir / "pool.sqlite3")
+    try:
+        blobs = conn.execute("SELECT state FROM states").fetchall()
+    finally:
+        conn.close()
+    return np.concatenate([state_from_bytes(bytes(b)).x.numpy().ravel() for (b,) in blobs])
+
+
+def test_no_server_file_or_status_holds_a_pilots_keys_beacons_or_state(
+    hybrid: dict[str, Any], tmp_path: Path
+) -> None:
+    fed = hybrid["fed"]
+    needles = pilot_needles(fed, hybrid["sniff"])
+    assert len(needles) > 4 * 10
+    server_files = [p for d in (fed.c_dir, fed.a_dir) for p in sorted(d.rglob("*")) if p.is_file()]
+    assert {"coordinator.sqlite3", "aggregator.sqlite3"} <= {p.name for p in server_files}
+    status = tmp_path / "status.json"
+    status.write_text(hybrid["status_text"])
+    assert scan([*server_files, status], needles) == []
+    # the scan can fail: each pilot's own stores hold its keys, beacons and state
+    with_state = 0
+    for a in PILOTS:
+        found = {label for label, _ in scan(sorted(fed.pilot_dir(a).glob("*.sqlite3*")), needles)}
+        assert any(label.startswith(f"pilot-{a} TEK") for label in found)
+        # a pilot whose state moved (its tangents are not all 0 or 1) has state needles
+        state = [label for label in needles if label.startswith(f"pilot-{a} state")]
+        if state:
+            with_state += 1
+            assert set(state) <= found
+    assert with_state >= 1  # pilot 5, exposed by 9 and 28: its tangents moved
+    canary = tmp_path / "leak.jsonl"
+    canary.write_bytes(b'{"rpi": "' + needles[next(iter(needles))][1] + b'"}')
+    assert [label for label, _ in scan([canary], needles)] == [next(iter(needles))]
+
+
+def scan(files: list[Path], needles: dict[str, list[bytes]]) -> list[tuple[str, str]]:
+    """(label, file) for every needle found in a file's bytes."""
+    hits = []
+    for f in files:
+        data = f.read_bytes()
+        hits += [(label, str(f)) for label, ns in needles.items() if any(n in data for n in ns)]
+    return hits
