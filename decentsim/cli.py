@@ -40,6 +40,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "federated": ("bench.federated", "federated run vs the central simulator"),
     "cohorts": ("bench.cohorts", "contacts behind each device-day total"),
     "floor": ("bench.floor", "the mailbox protocol's own cost of a day, part by part"),
+    "pilot": ("bench.pilot", "a hybrid run of pilot processes over the radio hub"),
     "vs-secaggplus": ("bench.secaggplus", "two-server sum vs Flower's SecAgg+"),
     "behaviour": ("bench.behaviour", "behaviour-table overhead and backend calls"),
 }

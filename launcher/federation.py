@@ -133,9 +133,10 @@ def make_spec(
     if options.get("behaviour", "heuristic") != "heuristic" and "grid" not in options:
         # the archetype grid is public: the attributes' levels, never who has which
         options["grid"] = population_cells(pop)[0].to_json()
-    # a pilot may hear every other pilot's beacon of every interval of the day: the budget
-    # (every device's, so a pilot's posts look like anyone's) makes room for that
-    physical = gaen.TEK_ROLLING_PERIOD * max(len(pilots) - 1, 0)
+    # room for 144 beacons a day heard on the air (a day's worth of intervals: one pilot near
+    # all day, or several for less) in every device's budget, so a pilot's posts look like
+    # anyone's; a pilot that hears more distinct RPIs fails closed (TraceOverflow)
+    physical = gaen.TEK_ROLLING_PERIOD if pilots else 0
     return RunSpec(
         population=population,
         days=days,

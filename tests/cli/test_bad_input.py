@@ -302,6 +302,8 @@ CASES = [
     case(["radio-hub", "--schedule", TARGET], "header must be"),
     case(["radio-hub", "--schedule", OVERLAP], "overlapping rows"),
     case([*HUB, "--agents", "a,b"], "--agents"),
+    case(["bench", "pilot", "--pilots", "20", "--agents", "10"], "--pilots"),
+    case(["bench", "pilot", "--scale", "0"], "--scale"),
     case([*HUB, "--loss", "1.5"], "--loss"),
     case([*HUB, "--noise-db", "-1"], "--noise-db"),
     case([*HUB, "--clock-scale", "0"], "--clock-scale"),

@@ -48,6 +48,7 @@ COVERED: dict[str, tuple[str, ...]] = {
         "test_an_ideal_radio_gives_every_group_its_central_contacts",
     ),
     "bench floor": ("tests/cli/test_smoke.py::test_bench_floor_smallest_run",),
+    "bench pilot": ("tests/cli/test_smoke.py::test_bench_pilot_smallest_run",),
     "bench federated": ("tests/cli/test_smoke.py::test_bench_federated_smallest_run",),
     "bench vs-secaggplus": ("tests/cli/test_smoke.py::test_bench_vs_secaggplus_smallest_run",),
     "bench behaviour": (
@@ -497,3 +498,22 @@ def test_the_pilot_systemd_unit_runs_a_command_that_parses() -> None:
     args = build_parser(words).parse_args(words)
     assert (args.radio, args.hci) == ("bumble", "usb:0")
     assert str(args.enrolment_uri) == "/etc/decentsim/pilot.uri"
+
+
+def test_bench_pilot_smallest_run(process: Callable[..., Outcome]) -> None:
+    """Two pilot processes over the radio hub for one protocol day at 8640× (10 s)."""
+    done = process(
+        "bench", "pilot", "--pilots", "2", "--days", "1", "--scale", "8640", "--agents", "30",
+        timeout=300,
+    )  # fmt: skip
+    assert done.status == 0, done.err
+    out = json.loads(done.out)
+    assert set(out) == {
+        "pilots", "days", "scale", "contacts_scheduled", "contacts_recovered",
+        "weight_rel_error_median", "cpu_s_per_pilot_day", "rss_mb_per_pilot",
+        "rss_mb_torch_import", "wall_s",
+    }  # fmt: skip
+    assert out["pilots"] == 2 and out["contacts_scheduled"] >= 2
+    assert 0 <= out["contacts_recovered"] <= out["contacts_scheduled"]
+    assert out["rss_mb_per_pilot"] > out["rss_mb_torch_import"] > 0
+    assert out["cpu_s_per_pilot_day"] > 0

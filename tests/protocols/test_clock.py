@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from protocols.clock import RunClock
+
 ROOT = Path(__file__).resolve().parents[2]
 #: protocol time lives here: the BLE and secure-sum protocols, the day's round schedule
 PROTOCOL_CODE = sorted(
@@ -75,3 +77,16 @@ def test_the_rule_catches_each_kind_of_clock_read() -> None:
     assert clock_reads("from time import monotonic\n") == [1]
     assert clock_reads("import datetime\nd = datetime.now()\n") == [2]
     assert clock_reads("x = clock.now()\n") == []
+
+
+def test_the_run_clock_maths() -> None:
+    """now = sim_epoch + scale × (wall − wall_epoch); durations convert by the scale."""
+    wall = [1_000.0]
+    clock = RunClock(sim_epoch=5_000_000.0, scale=1440.0, wall_epoch=990.0, wall=lambda: wall[0])
+    assert clock.now() == 5_000_000.0 + 1440.0 * 10.0
+    wall[0] = 990.0 + 60.0  # a wall minute is a protocol day
+    assert clock.now() - clock.sim_epoch == 86_400.0
+    assert clock.to_protocol(0.5) == 720.0 and clock.to_wall(600.0) == 600.0 / 1440.0
+    assert clock.to_wall(clock.to_protocol(3.25)) == 3.25
+    real = RunClock(wall=lambda: 1234.5)  # scale 1, both epochs 0: the machine's clock
+    assert real.now() == 1234.5 and real.to_wall(600.0) == 600.0
