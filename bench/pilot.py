@@ -165,10 +165,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     interval = 240.0 / args.scale
     radio = ["--advertising-interval-ms", "40", "--scan-window-s", f"{0.6 * interval:.4f}",
              "--scan-interval-s", f"{interval:.4f}"]  # fmt: skip
+    hci = {a: ["--hci", f"tcp-client:127.0.0.1:{ports[str(a)]}", *radio] for a in pilots}
     real = decentralize(
         simulation, root=root / "run", pools=1, radio="ideal", step_timeout_s=120.0,
-        pilots=pilots, start=wall_epoch, clock_scale=args.scale,
-        pilot_radios={a: ["--hci", f"tcp-client:127.0.0.1:{ports[str(a)]}", *radio] for a in pilots},
+        pilots=pilots, start=wall_epoch, clock_scale=args.scale, pilot_radios=hci,
     )  # fmt: skip
     samples: dict[int, tuple[float, float]] = {}
     started = time.perf_counter()

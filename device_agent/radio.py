@@ -33,6 +33,7 @@ import numpy as np
 from device_agent.store import TRACE_RETENTION_DAYS
 from protocols.ble import gaen
 from protocols.ble.bluez_radio import BlueZRadio
+from protocols.ble.errors import BleError
 from protocols.ble.pilot_radio import BumbleRadio, RadioUnavailable
 from protocols.ble.radio import NOMINAL_TX_POWER_DBM
 from protocols.ble.scoring import Trace, score
@@ -300,7 +301,12 @@ class RadioThread:
         self._ready.wait()
 
     def _main(self) -> None:
-        asyncio.run(self._serve())
+        try:
+            asyncio.run(self._serve())
+        except BleError as err:  # a setting no retry can fix (an --hci bumble cannot parse)
+            self.last_error = str(err)
+            log.error("the pilot radio stopped: %s", err)
+            self._ready.set()
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -326,7 +332,7 @@ class RadioThread:
         """Persist every packet heard so far (called from another thread)."""
         loop, radio, store = self._loop, self._radio, self._store
         if loop is None or radio is None or store is None or not self._thread.is_alive():
-            raise RadioUnavailable("the pilot radio is not running")
+            raise RadioUnavailable(f"the pilot radio is not running: {self.last_error}")
         clock = self.config.clock
 
         async def flush_now() -> None:

@@ -399,4 +399,6 @@ def _run(args: argparse.Namespace) -> int:
     # the enrolment, the coordinator or the run failed (each names why), or the pool's store
     except (AgentError, RunSpecError, ScheduleError, OSError) as e:
         raise CommandFailed(str(e)) from None
+    except RadioUnavailable as e:  # a pilot's radio stopped for good (names why)
+        raise CommandFailed(f"--{'hci' if args.radio == 'bumble' else 'adapter'}: {e}") from None
     return 0

@@ -101,3 +101,17 @@ def test_a_schedule_names_distances_and_expected_weights(tmp_path: Path) -> None
     bad.write_text("start_s,end_s,a,b,distance_m\n0,900,1,1,1.0\n")
     with pytest.raises(ScheduleError, match=r"bad.csv:2: field b"):
         ProximitySchedule.read(bad)
+
+
+def test_a_radio_thread_that_cannot_start_says_why(tmp_path: Path) -> None:
+    """A transport bumble cannot parse stops the pilot's radio thread for good; the round loop
+    learns why at its next flush instead of reading a day the radio never heard."""
+    from device_agent.radio import RadioConfig, RadioThread
+    from protocols.ble.pilot_radio import RadioUnavailable
+    from protocols.clock import RunClock
+
+    thread = RadioThread(RadioConfig("carrier-pigeon:1", tmp_path, RunClock()))
+    thread.start()
+    thread.stop()
+    with pytest.raises(RadioUnavailable, match="carrier-pigeon"):
+        thread.flush()
