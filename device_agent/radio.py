@@ -246,28 +246,24 @@ async def run_radio(config: RadioConfig, stop: asyncio.Event) -> dict[str, objec
 
 def pilot_radio(config: RadioConfig, store: RadioStore) -> BumbleRadio | BlueZRadio:
     """The radio ``config`` describes, keeping its TEKs and broadcasts in ``store``."""
+    common: dict[str, Any] = {
+        "tx_power_dbm": config.tx_power_dbm,
+        "rssi_correction_db": config.rssi_correction_db,
+        "scan_window_s": config.scan_window_s,
+        "scan_interval_s": config.scan_interval_s,
+        "on_broadcast": lambda enin, _rpi: store.add_broadcast(enin),
+    }
+    roller = gaen.KeyRoller(store.tek)
     if config.radio == "bluez":
         return BlueZRadio(
-            config.adapter,
-            gaen.KeyRoller(store.tek),
-            config.clock,
-            dbus_address=config.dbus_address,
-            tx_power_dbm=config.tx_power_dbm,
-            rssi_correction_db=config.rssi_correction_db,
-            scan_window_s=config.scan_window_s,
-            scan_interval_s=config.scan_interval_s,
-            on_broadcast=lambda enin, _rpi: store.add_broadcast(enin),
+            config.adapter, roller, config.clock, dbus_address=config.dbus_address, **common
         )
     return BumbleRadio(
         config.hci,
-        gaen.KeyRoller(store.tek),
+        roller,
         config.clock,
-        tx_power_dbm=config.tx_power_dbm,
-        rssi_correction_db=config.rssi_correction_db,
         advertising_interval_ms=config.advertising_interval_ms,
-        scan_window_s=config.scan_window_s,
-        scan_interval_s=config.scan_interval_s,
-        on_broadcast=lambda enin, _rpi: store.add_broadcast(enin),
+        **common,
     )
 
 
