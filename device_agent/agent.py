@@ -410,14 +410,35 @@ class PoolRunner:
         if stored is not None:
             pool.restore(theta, stored)
             return
-        if sched.day != 0:
-            raise AgentError(
-                f"no stored state for epoch {sched.epoch} day {sched.day}: this pool missed "
-                "earlier days and cannot rejoin the run"
-            )
-        pool.begin(theta)
-        assert pool.state is not None
-        self.store.save_state(sched.epoch, 0, pool.state)
+        last = self.store.latest_state_day(sched.epoch, sched.day)
+        if last is None:
+            pool.begin(theta)
+            assert pool.state is not None
+            self.store.save_state(sched.epoch, 0, pool.state)
+            last = 0
+        else:
+            stored = self.store.state(sched.epoch, last)
+            assert stored is not None
+            pool.restore(theta, stored)
+        if last < sched.day:
+            self._sit_out(sched, last, theta)
+
+    def _sit_out(self, sched: pb.RoundSchedule, first: int, theta: torch.Tensor) -> None:
+        """Days ``first .. sched.day - 1`` went by while this process was down (their rounds
+        are committed without it): its devices update on zero exposure, day by day, sending
+        nothing, and rejoin at ``sched.day`` (a phone that was off for a day)."""
+        pool, spec = self.pool, self.spec
+        assert pool is not None and spec is not None
+        for day in range(first, sched.day):
+            specs = round_specs(0, day, spec.items_per_device, spec.beacons_per_day)
+            pool.sit_out(specs[0], day, theta)
+            assert pool.state is not None
+            self.store.save_state(sched.epoch, day + 1, pool.state)
+        log.warning(
+            "days %d..%d went by without this pool: updated on zero exposure, nothing sent",
+            first,
+            sched.day - 1,
+        )
 
     def _act(self, sched: pb.RoundSchedule, done: set[str]) -> bool:
         pool = self.pool

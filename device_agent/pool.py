@@ -582,6 +582,14 @@ class DevicePool:
                 f"{err}); the day's update is not made"
             ) from err
 
+    def sit_out(self, spec: RoundSpec, day: int, theta: torch.Tensor) -> None:
+        """A day the devices missed entirely (offline through its whole round): nobody could
+        address them, so they update on zero exposure, and their observations are never sent
+        (the day's aggregates were opened without them)."""
+        self._beh, self._y, self._slots = None, None, []
+        self.finish_day(spec, day, theta)
+        self._y = None
+
     def act(
         self, step: str, specs: tuple[RoundSpec, RoundSpec], day: int, theta: torch.Tensor
     ) -> None:

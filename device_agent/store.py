@@ -105,6 +105,13 @@ class PoolStore:
         ).fetchone()
         return None if row is None else state_from_bytes(bytes(row[0]))
 
+    def latest_state_day(self, epoch: int, before: int) -> int | None:
+        """The newest day before ``before`` whose start-of-day state is stored, if any."""
+        (row,) = self.db.execute(
+            "SELECT MAX(day) FROM states WHERE epoch = ? AND day < ?", (epoch, before)
+        ).fetchall()
+        return None if row[0] is None else int(row[0])
+
     def save_state(self, epoch: int, day: int, state: State) -> None:
         """Keep the start-of-day state of (epoch, day)."""
         with transaction(self.db) as conn:
