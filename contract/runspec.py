@@ -97,8 +97,9 @@ class RunSpec:
             graph as in a simulated run. Empty: every agent is simulated.
         clock_scale, clock_wall_epoch: the run clock of a hybrid run (:meth:`clock`):
             protocol time is ``sim day 0 + clock_scale × (wall − clock_wall_epoch)``, 1 for a
-            pilot in real time (a test runs e.g. 1440: a day a minute). Day ``d``'s round opens
-            once protocol day ``d`` is over on that clock.
+            pilot in real time (a test runs e.g. 1440: a day a minute).
+        round_at_s: a run with pilots opens day ``d``'s round this many protocol seconds after
+            protocol day ``d`` is over (0: at midnight; 7200: at 02:00, when phones charge).
     """
 
     population: str
@@ -136,6 +137,7 @@ class RunSpec:
     pilots: tuple[int, ...] = ()
     clock_scale: float = 1.0
     clock_wall_epoch: float = 0.0
+    round_at_s: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.theta) - set(PARAM_NAMES))
@@ -191,6 +193,8 @@ class RunSpec:
             raise RunSpecError(
                 f"run spec: clock_wall_epoch must be unix seconds >= 0, got {self.clock_wall_epoch}"
             )
+        if not (math.isfinite(self.round_at_s) and 0 <= self.round_at_s < 86400):
+            raise RunSpecError(f"run spec: round_at_s must be in [0, 86400), got {self.round_at_s}")
         if pilots:
             if self.epochs != 1:
                 raise RunSpecError(

@@ -793,12 +793,13 @@ class CoordinatorService:
 
     def _await_day_end(self, day: int) -> bool:
         """A run with pilots opens day ``day``'s round once that protocol day is over on the
-        run clock (the pilots' radios have heard all of it); False if stopped meanwhile. A
-        simulated run does not wait: its days are contact graphs, not hours."""
+        run clock (the pilots' radios have heard all of it), at the spec's ``round_at_s`` past
+        midnight; False if stopped meanwhile. A simulated run does not wait: its days are
+        contact graphs, not hours."""
         if not self.spec.pilots:
             return True
         clock = self.spec.clock()
-        end = clock.sim_epoch + (day + 1) * DAY_SECONDS
+        end = clock.sim_epoch + (day + 1) * DAY_SECONDS + self.spec.round_at_s
         while not self._stop.is_set():
             left = clock.to_wall(end - clock.now())
             if left <= 0:

@@ -73,6 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="protocol seconds per wall second (1 for pilots carried by people)",
     )
+    init.add_argument(
+        "--round-at",
+        default="00:00",
+        help="when each day's round opens, HH:MM after the day's midnight (default 00:00)",
+    )
     init.add_argument("--pools", type=positive_int, default=2, help="simulated device pools")
     init.add_argument("--mode", default="mailbox", choices=("mailbox", "shuffled"))
     init.add_argument("--radio", default="ideal", choices=("ideal", "simulated"))
@@ -115,6 +120,13 @@ def _iso_time(text: str) -> float:
     return when.timestamp()
 
 
+def _round_at(text: str) -> float:
+    hours, _, minutes = text.partition(":")
+    if not (hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60):
+        raise UsageError(f"--round-at {text!r}: expected HH:MM, e.g. 02:00")
+    return 3600.0 * int(hours) + 60.0 * int(minutes)
+
+
 def _start(text: str) -> float:
     try:
         start = float(text)
@@ -140,6 +152,7 @@ def _init(args: argparse.Namespace) -> int:
             seed=args.seed,
             clock_scale=args.clock_scale,
             clock_wall_epoch=_start(args.start),
+            round_at_s=_round_at(args.round_at),
             step_timeout_s=args.step_timeout_s,
         )
     except PopulationError as e:

@@ -31,11 +31,12 @@ def test_pilot_init_writes_the_run_with_its_pilots_and_clock(
     run = tmp_path / "run.json"
     done = cli(
         "pilot", "init", "--population", "synthetic:50", "--pilots", "3,17", "--days", "14",
-        "--start", "2027-01-04T08:00Z", "--out", str(run),
+        "--start", "2027-01-04T08:00Z", "--round-at", "02:30", "--out", str(run),
     )  # fmt: skip
     assert done.status == 0, done.err
     spec = RunSpec.from_json(run.read_text())
     assert spec.pilots == (3, 17) and spec.days == 14 and spec.epochs == 1
+    assert spec.round_at_s == 2.5 * 3600  # each day's round opens at 02:30 the next night
     assert spec.clock_scale == 1.0 and spec.clock_wall_epoch == 1799049600.0
     assert spec.clock().now() < DEFAULT_EPOCH  # before its start, the run is before day 0
     assert spec.advertising_intervals == 144 and spec.beacons_per_day == 288
