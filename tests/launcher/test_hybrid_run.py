@@ -53,12 +53,12 @@ SCALE = 2880.0  # a protocol day per 30 wall seconds
 THETA = {"beta": 0.6, "mortality": 0.5, "init_frac": 0.1}
 SCHEDULE = """\
 start_s,end_s,a,b,distance_m
-# day 0: 45 min at 1 m; 30 min at 8 m (the 0.5 bucket)
-3600,6300,9,5,1.0
-7200,9000,5,28,8.0
+# day 0 (from 08:00, so a loaded machine has every radio up): 45 min at 1 m; 30 min at 8 m
+28800,31500,9,5,1.0
+36000,37800,5,28,8.0
 # day 1: 30 min at 1 m; 45 min at 1 m again
-90000,91800,9,28,1.0
-93600,96300,9,5,1.0
+115200,117000,9,28,1.0
+118800,121500,9,5,1.0
 # pilot 3 is never near anyone
 """
 Edges = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -193,7 +193,7 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         # kill -9 a pilot in the middle of protocol day 0; it stays down through day 0's
         # round (which closes without it once registration's 15 s deadline passes, half-way
         # through protocol day 1), then starts again from its store in time for day 1's round
-        while spec.clock().now() < DEFAULT_EPOCH + 8 * 3600:
+        while spec.clock().now() < DEFAULT_EPOCH + 12 * 3600:
             time.sleep(0.05)
         fed.kill("pilot-3")
         killed_at = spec.clock().now()
