@@ -412,11 +412,13 @@ class CentralSimulator:
         q = infectiousness(self.agents, state, beh, theta, self.config, day)
         incoming = self.neighbourhood_sums(q, day, beh.at_work)
         out = update(self.agents, state, incoming, beh, theta, self.config, self.seed, day)
-        # Y_t[k, g] = Σ_{i in age group g} y_i,k — a (G × N) @ (N × 2·width) product.
-        y = out.y
+        return out.state, self.observe(out.y, day)
+
+    def observe(self, y: torch.Tensor, day: int) -> torch.Tensor:
+        """The day's aggregates Y_t (channels, G, width) of every agent's ``y_i`` (N, …):
+        Y_t[k, g] = Σ_{i in age group g} y_i,k, a (G × N) @ (N × 2·width) product."""
         n, k, w = y.shape
-        agg = (self.age_onehot.T @ y.reshape(n, k * w)).reshape(-1, k, w).permute(1, 0, 2)
-        return out.state, agg
+        return (self.age_onehot.T @ y.reshape(n, k * w)).reshape(-1, k, w).permute(1, 0, 2)
 
     @staticmethod
     def _counts(state: State) -> torch.Tensor:

@@ -36,7 +36,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("calibration")
     (tmp / "schedule.csv").write_text(SCHEDULE)
     clock = ["--clock-scale", str(SCALE), "--sim-epoch", str(DEFAULT_EPOCH),
-             "--wall-epoch", str(time.time() + 6.0)]  # fmt: skip
+             "--wall-epoch", str(time.time() + 12.0)]  # fmt: skip
     # pilots 1 and 2 read 6 dB low; pilot 2 already runs with the +6 dB correction
     hub = decentsim(
         "radio-hub", "--schedule", str(tmp / "schedule.csv"), "--rx-offset", "1=-6",

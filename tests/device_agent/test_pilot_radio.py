@@ -73,7 +73,8 @@ def pilot_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     device_site = tmp / "device-site"
     device_site.mkdir()
     (device_site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    wall_epoch = time.time() + 8.0  # after every process has started
+    # after every process has started, on a loaded 2-core machine too
+    wall_epoch = time.time() + 15.0
     clock = [
         "--clock-scale",
         str(SCALE),
@@ -191,7 +192,7 @@ def test_keys_roll_at_midnight_and_stay_on_the_device(pilot_run: dict[str, objec
         starts = [k.rolling_start_interval_number for k in store.teks()]
         assert starts == [(DAY0 - 1) * 144, DAY0 * 144]  # one TEK per day, both kept
         on_air = store.broadcasts((DAY0 - 1) * 144, (DAY0 + 1) * 144)
-        assert on_air.min() <= DAY0 * 144 - 6 and on_air.max() >= DAY0 * 144 + 5
+        assert on_air.min() < DAY0 * 144 and on_air.max() >= DAY0 * 144 + 5  # both days
         assert health[a]["healthy"] and health[a]["broadcasts"] >= 12
         assert os.stat(tmp / f"pilot-{a}" / "radio.sqlite3").st_mode & 0o077 == 0
     # the device's own trace of each day, as `device-agent trace` prints it

@@ -38,7 +38,7 @@ from protocols.ble.proximity import ProximitySchedule
 from protocols.ble.radio import DAY_SECONDS, DEFAULT_EPOCH
 from protocols.ble.scoring import match_keys, score
 from sim import dual, env, models, populations
-from sim.model import W_BITS, State, behaviour, infectiousness, message, quantize, update
+from sim.model import W_BITS, message, quantize
 from sim.params import BASE_PARAMS, Theta
 from sim.populations import ContactLayer, Population, from_spec
 from sim.runner import CentralSimulator, total_infections
@@ -128,22 +128,9 @@ class RealisedCentral(CentralSimulator):
         src, dst, w = self.realised[day]
         return total.index_add(0, dst, message(q[src], w)) * present
 
-    def step(
-        self,
-        state: State,
-        theta: torch.Tensor,
-        day: int,
-        probabilities: torch.Tensor | None = None,
-    ) -> tuple[State, torch.Tensor]:
-        """``CentralSimulator.step``, with the absent agents' observations left out."""
-        beh = behaviour(self.agents, state, theta, self.config, self.seed, day, probabilities)
-        q = infectiousness(self.agents, state, beh, theta, self.config, day)
-        incoming = self.neighbourhood_sums(q, day, beh.at_work)
-        out = update(self.agents, state, incoming, beh, theta, self.config, self.seed, day)
-        y = out.y * self._present(day, out.y).unsqueeze(-1)
-        n, k, w = y.shape
-        agg = (self.age_onehot.T @ y.reshape(n, k * w)).reshape(-1, k, w).permute(1, 0, 2)
-        return out.state, agg
+    def observe(self, y: torch.Tensor, day: int) -> torch.Tensor:
+        """The day's aggregates without the absent agents' observations."""
+        return super().observe(y * self._present(day, y).unsqueeze(-1), day)
 
 
 def without_pilot_pairs(pop: Population) -> Population:
