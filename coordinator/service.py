@@ -71,6 +71,7 @@ from contract.schedule import (
 from contract.views import ViewLog, open_transcript
 from contract.wire import deployment_to_pb, mode_to_pb
 from identity.enrolment import EnrolmentRegistry
+from identity.enrolment_uri import pilot_of_label
 from identity.pki import LocalCA, Purpose
 from identity.secret_files import load_noise_secret, load_or_create_keys, read_public_keys
 from proto.decentsim.v1 import common_pb2
@@ -135,9 +136,6 @@ _MIGRATIONS = (
                              health BLOB);
     """,
 )
-
-#: an enrolment token minted for pilot agent A is labelled ``pilot:A`` (``decentsim pilot enrol``)
-PILOT_LABEL = "pilot:"
 
 
 class ServiceError(Exception):
@@ -415,9 +413,9 @@ class CoordinatorService:
 
     def _pilot_of(self, label: str | None, device_count: int) -> int | None:
         """The pilot agent a token was minted for (checked before the token is burnt)."""
-        if label is None or not label.startswith(PILOT_LABEL):
+        agent = pilot_of_label(label)
+        if agent is None:
             return None
-        agent = int(label[len(PILOT_LABEL) :])
         if agent not in self.spec.pilots:
             raise ValueError(f"this token is for pilot agent {agent}, not a pilot of this run")
         if device_count != 1:

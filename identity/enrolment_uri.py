@@ -37,6 +37,23 @@ _FIELDS = ("v", "coordinator", "enrol", "agent", "token", "ca_sha256", "ca")
 _CALIBRATION = ("tx_power_dbm", "rssi_correction_db")
 
 
+#: the label of an enrolment token minted for pilot agent A is ``pilot:A``: the device that
+#: redeems it is that agent (``decentsim pilot enrol`` mints it, the coordinator reads it)
+PILOT_LABEL = "pilot:"
+
+
+def pilot_label(agent: int) -> str:
+    """The token label of pilot agent ``agent``."""
+    return f"{PILOT_LABEL}{agent}"
+
+
+def pilot_of_label(label: str | None) -> int | None:
+    """The pilot agent a token label names, or None (not a pilot's token)."""
+    if label is None or not label.startswith(PILOT_LABEL):
+        return None
+    return int(label[len(PILOT_LABEL) :])
+
+
 class EnrolmentURIError(ValueError):
     """An enrolment URI is malformed; the message names the field (never the token)."""
 

@@ -113,12 +113,14 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         "adapter --adapter over D-Bus",
     )
     _add_radio_options(run)
+    run.set_defaults(profile=(None, None))  # an enrolment URI may carry one
     radio = sub.add_parser(
         "radio", help="advertise and scan Exposure Notification beacons on a Bluetooth controller"
     )
     radio.add_argument("--state-dir", type=Path, required=True, help="the device's private store")
     radio.add_argument("--radio", choices=RADIOS, default="bumble", help="bumble or bluez")
     _add_radio_options(radio)
+    radio.set_defaults(profile=(None, None))
     radio.add_argument(
         "--stop-at-s",
         type=positive_float,
@@ -229,7 +231,7 @@ def _radio_config(
     args: argparse.Namespace, clock: RunClock, stop_at_s: float | None = None
 ) -> RadioConfig:
     # the calibration profile: an option given here, else the enrolment URI's, else nominal
-    profile = getattr(args, "profile", (None, None))
+    profile = args.profile
     tx = next((v for v in (args.tx_power_dbm, profile[0]) if v is not None), NOMINAL_TX_POWER_DBM)
     rssi = next((v for v in (args.rssi_correction_db, profile[1]) if v is not None), 0.0)
     if args.radio == "bumble" and args.hci is None:

@@ -40,7 +40,7 @@ from decentsim.usage import (
     positive_int,
 )
 from identity.enrolment import EnrolmentError, EnrolmentRegistry
-from identity.enrolment_uri import EnrolmentURI, EnrolmentURIError
+from identity.enrolment_uri import EnrolmentURI, EnrolmentURIError, pilot_label
 from identity.pki import LocalCA
 from identity.secret_files import write_secret
 from launcher.federation import make_spec
@@ -49,7 +49,6 @@ from sim.populations import PopulationError, from_spec
 
 #: a pilot heard from within this many seconds is online
 ONLINE_S = 60.0
-PILOT_LABEL = "pilot:"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -250,7 +249,7 @@ def _enrol(args: argparse.Namespace) -> int:
     try:
         with EnrolmentRegistry(args.state_dir / "enrolment.sqlite3", ca) as registry:
             for agent in agents:
-                (token,) = registry.mint_tokens(1, ttl, label=f"{PILOT_LABEL}{agent}")
+                (token,) = registry.mint_tokens(1, ttl, label=pilot_label(agent))
                 uri = EnrolmentURI.make(
                     args.coordinator,
                     args.enrol,
