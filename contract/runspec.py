@@ -32,7 +32,7 @@ from sim.sampling import Estimator
 if TYPE_CHECKING:
     from protocols.secure_sum.dp import DPConfig
 
-MODES = ("mailbox", "shuffled", "plaintext")
+MODES = ("mailbox", "shuffled", "dense", "plaintext")
 BEHAVIOURS = ("heuristic", "table", "llm")
 RADIOS = ("ideal", "simulated")
 #: the fields of ``RunSpec.dp``
@@ -54,7 +54,7 @@ class RunSpec:
     Attributes:
         population: how devices load their agents (``synthetic:N`` or a directory path).
         days, seed: length of one epoch and the seed of every counter-based draw.
-        mode: secure-sum posting mode (``mailbox``, ``shuffled``, ``plaintext``).
+        mode: secure-sum posting mode (``mailbox``, ``shuffled``, ``dense``, ``plaintext``).
         theta: initial θ by name; parameters not named keep their defaults.
         epochs: calibration epochs (1 = a plain run); θ steps between epochs.
         lr: step size of the θ update on log θ (Adam, ``sim.calibration.ThetaOptimizer``).
@@ -161,6 +161,11 @@ class RunSpec:
             (math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.target_period_days >= 1, "target_period_days must be >= 1"),
             (self.min_cohort >= 0, f"min_cohort must be >= 0, got {self.min_cohort}"),
+            (
+                self.mode != "dense" or self.min_cohort <= 1,
+                f"min_cohort={self.min_cohort} needs per-slot summand counts, which dense mode "
+                "hides from both servers: use mailbox or shuffled mode for a minimum cohort",
+            ),
             (
                 bool(self.fit) and set(self.fit) <= set(BASE_PARAMS),
                 f"fit must name some of {BASE_PARAMS} (a federation differentiates those), "

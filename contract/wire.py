@@ -15,6 +15,7 @@ _MODE = {
     Mode.MAILBOX: common_pb2.MODE_MAILBOX,
     Mode.SHUFFLED: common_pb2.MODE_SHUFFLED,
     Mode.PLAINTEXT: common_pb2.MODE_PLAINTEXT,
+    Mode.DENSE: common_pb2.MODE_DENSE,
 }
 _KIND = {
     SlotKind.PSEUDONYM: common_pb2.SLOT_KIND_PSEUDONYM,
@@ -32,7 +33,7 @@ def mode_from_pb(value: int) -> Mode:
     for mode, wire in _MODE.items():
         if wire == value:
             return mode
-    raise MessageError(f"posting mode {value} is not one of mailbox, shuffled, plaintext")
+    raise MessageError(f"posting mode {value} is not one of mailbox, shuffled, dense, plaintext")
 
 
 def phase_to_pb(phase: PhaseSpec) -> common_pb2.PhaseSpec:

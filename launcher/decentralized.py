@@ -254,7 +254,7 @@ def decentralize(
         simulation: a ``sim.env.Simulation`` (its population, θ, seed, days and model options).
         protocol: how contacts are measured: ``ble_contact_tracing`` (Exposure Notification
             beacons over the ideal or simulated radio).
-        mode: secure-sum posting mode (``mailbox``, ``shuffled``, ``plaintext``).
+        mode: secure-sum posting mode (``mailbox``, ``shuffled``, ``dense``, ``plaintext``).
         pools: device-pool processes.
         radio: ``ideal`` (the decentralized run equals the central one) or ``simulated``.
         root: where the processes keep their state (default: a temporary directory).

@@ -52,7 +52,7 @@ def add_federation_arguments(p: argparse.ArgumentParser, days: int, step_timeout
         default=2,
         help="device-pool processes (at most one per agent)",
     )
-    p.add_argument("--mode", default="mailbox", choices=("mailbox", "shuffled", "plaintext"))
+    p.add_argument("--mode", default="mailbox", choices=("mailbox", "shuffled", "dense", "plaintext"))
     p.add_argument("--radio", default="ideal", choices=("ideal", "simulated"))
     p.add_argument(
         "--step-timeout", type=positive_float, default=step_timeout_s, help="seconds per step"

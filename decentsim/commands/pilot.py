@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="when each day's round opens, HH:MM after the day's midnight (default 00:00)",
     )
     init.add_argument("--pools", type=positive_int, default=2, help="simulated device pools")
-    init.add_argument("--mode", default="mailbox", choices=("mailbox", "shuffled"))
+    init.add_argument("--mode", default="mailbox", choices=("mailbox", "shuffled", "dense"))
     init.add_argument("--radio", default="ideal", choices=("ideal", "simulated"))
     init.add_argument("--seed", type=nonnegative_int, default=0, help="the run's seed")
     init.add_argument(

@@ -416,6 +416,17 @@ def group_sum(
     slot_idx: npt.NDArray[np.int64], rows: npt.NDArray[np.int64], n_slots: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Sum rows by slot (int64 wrap-around): ``(n_slots, dim)`` sums and per-slot counts."""
+    n = len(slot_idx)
+    if (
+        n
+        and n_slots
+        and n % n_slots == 0
+        and (slot_idx.reshape(-1, n_slots) == np.arange(n_slots)).all()
+    ):
+        # dense posts (every slot of the table, in order): a plain sum over the posts
+        return rows.reshape(-1, n_slots, rows.shape[1]).sum(axis=0), np.full(
+            n_slots, n // n_slots, dtype=np.int64
+        )
     # one unbuffered scatter-add per coordinate, no sort: a million items of a day take
     # milliseconds (a stable argsort of them took 0.17 s); int64 additions wrap modulo 2^64
     columns = np.zeros((rows.shape[1], n_slots), dtype=np.int64)

@@ -17,6 +17,9 @@ class Mode(enum.Enum):
 
     MAILBOX = "mailbox"
     SHUFFLED = "shuffled"
+    #: every participant posts a share of every slot of the phase, in the slot table's order:
+    #: no server sees which slots a participant posted to (``LEAKAGE.md``, *Dense mode*)
+    DENSE = "dense"
     #: insecure baseline: servers see raw values; never a default, warns when used
     PLAINTEXT = "plaintext"
 

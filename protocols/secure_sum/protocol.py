@@ -118,6 +118,9 @@ CID_BYTES = 16
 _DIGEST = 32
 #: most items in one post (a participant hosting m devices posts m × items_per_device)
 MAX_ITEMS_PER_POST = 2**22
+#: Most ring words (slots × dim) of one dense post: 32 MiB of C-shares, inside the transport's
+#: payload limit (``proto.limits.MAX_PAYLOAD_BYTES``, 40 MiB)
+MAX_DENSE_WORDS = 2**22
 #: most slots in one fetch request
 MAX_SLOTS_PER_FETCH = 2**22
 _DERIVE_LABEL = b"decentsim/participant-derive/v1"
@@ -363,14 +366,27 @@ class _Server:
         self.rounds: dict[int, _Round] = {}
         #: told of every message in and out (the audit transcript); ``None``: nothing recorded
         self.observer: Observer | None = None
-        #: minimum cohort: a pseudonym slot holding fewer summands is released as zeros (0: off)
-        self.min_cohort = 0
+        self._min_cohort = 0
         #: this server's own noise secret for DP phases: never sent, never logged. A fresh one
         #: per process by default; a service sets its persisted one so that a restarted server
         #: re-adds the same noise to a re-opened release.
         self.noise_secret = os.urandom(NOISE_SECRET_BYTES)
         if deployment.mode is Mode.PLAINTEXT:
             _warn_plaintext(self.role)
+
+    @property
+    def min_cohort(self) -> int:
+        """Minimum cohort: a slot group holding fewer summands is released as zeros (0: off)."""
+        return self._min_cohort
+
+    @min_cohort.setter
+    def min_cohort(self, k: int) -> None:
+        if k > 1 and self.deployment.mode is Mode.DENSE:
+            raise ValueError(
+                f"min_cohort={k} needs per-slot summand counts, which dense mode hides from both "
+                "servers: use mailbox or shuffled mode for a minimum cohort"
+            )
+        self._min_cohort = k
 
     def _group_totals(
         self,
@@ -396,8 +412,11 @@ class _Server:
         # int64 addition wraps modulo 2^64: exactly the ring's sum of shares
         totals = sums[order].reshape(-1, group_slots, sums.shape[1]).sum(axis=1)
         group_counts = counts[order].reshape(-1, group_slots).sum(axis=1)
+        # dense mode: a count is the number of participants' posts, which all cover every slot;
+        # the servers never see how many contributions a group holds, and the registrant's bound
+        # check (max_summands) is the overflow check
         over = group_counts > self.deployment.codec.max_summands
-        if over.any():
+        if self.deployment.mode is not Mode.DENSE and over.any():
             raise OverflowBoundError(
                 f"{int(over.sum())} group(s) hold more than "
                 f"max_summands={self.deployment.codec.max_summands} summands; their totals are "
@@ -572,6 +591,7 @@ class AggregatorServer(_Server):
         if not len(m.device_ids) == len(m.slot_ids) == len(m.sealed_for_a):
             raise MessageError("relay lists have different lengths")
         k, plaintext = p.items_per_device, self.deployment.mode is Mode.PLAINTEXT
+        dense = self.deployment.mode is Mode.DENSE
         # one public-key open per post is inherent; everything after it is batched over items
         n_posts = len(m.device_ids)
         ok = np.zeros(n_posts, dtype=bool)
@@ -580,8 +600,12 @@ class AggregatorServer(_Server):
         for i, (device, slot_ids, sealed) in enumerate(
             zip(m.device_ids, m.slot_ids, m.sealed_for_a, strict=True)
         ):
-            n_items, rest = divmod(len(slot_ids), SLOT_ID_BYTES)
-            if len(device) != DEVICE_ID_BYTES or rest or not valid_item_count(n_items, k):
+            if dense:  # every slot of the table, by position
+                n_items, rest = (0, 1) if slot_ids else (len(table), 0)
+            else:
+                n_items, rest = divmod(len(slot_ids), SLOT_ID_BYTES)
+            valid = n_items > 0 if dense else valid_item_count(n_items, k)
+            if len(device) != DEVICE_ID_BYTES or rest or not valid:
                 continue
             sizes[i] = n_items
             if plaintext:
@@ -601,12 +625,16 @@ class AggregatorServer(_Server):
                 seeds.append(inner[:SEED_BYTES])
         good = np.flatnonzero(ok)
         good_sizes = sizes[good]
-        ids = as_id_matrix(b"".join([m.slot_ids[i] for i in good.tolist()]))
-        slot_idx, known = table.find(ids)
+        if dense:
+            slot_idx = np.tile(np.arange(len(table), dtype=np.int64), len(good))
+            known = np.ones(len(slot_idx), dtype=bool)
+        else:
+            ids = as_id_matrix(b"".join([m.slot_ids[i] for i in good.tolist()]))
+            slot_idx, known = table.find(ids)
         row_post = np.repeat(np.arange(len(good)), good_sizes)
         post_known = np.bincount(row_post, weights=~known, minlength=len(good)) == 0
         if plaintext:
-            shares = np.zeros((len(ids), p.dim), dtype=np.int64)
+            shares = np.zeros((len(slot_idx), p.dim), dtype=np.int64)
         else:
             # each post's seed expands to its own length; one buffer for the whole relay
             runs = (good_sizes * p.dim).tolist()
@@ -937,6 +965,10 @@ class CoordinatorServer(_Server):
         a_counts = np.frombuffer(a.counts, dtype="<i8").astype(np.int64)
         if not np.array_equal(a_counts, counts):
             raise AgreementError("per-slot summand counts differ between the servers")
+        if self.deployment.mode is Mode.DENSE:
+            # a dense count is a number of participants, each summing any number of devices:
+            # the bound is the devices' own (max_summands)
+            counts = np.full_like(counts, self.codec.max_summands)
         # a sum outside count × max_encoded (+ the noise bound) means an out-of-range
         # contribution or a wrap
         both = (sums.view(np.uint64) + a_sums.view(np.uint64)).view(np.int64)
@@ -1018,9 +1050,19 @@ class CoordinatorServer(_Server):
         p = rnd.phase(m.phase)
         if m.dim != p.dim:
             raise WrongLength(f"phase {m.phase!r} has dim {p.dim}, post has {m.dim}")
-        ids = as_id_matrix(m.slot_ids)
-        n_items = len(ids)
-        check_item_count(n_items, p.items_per_device, m.phase)
+        dense = self.deployment.mode is Mode.DENSE
+        if dense and m.slot_ids:
+            raise MessageError(
+                "this deployment runs dense mode: a post names no slots (it covers the whole "
+                "slot table)"
+            )
+        table = rnd.table(m.phase)
+        if dense:
+            n_items = len(table)
+        else:
+            ids = as_id_matrix(m.slot_ids)
+            n_items = len(ids)
+            check_item_count(n_items, p.items_per_device, m.phase)
         if len(m.share_c) != 8 * n_items * p.dim:
             raise WrongLength(
                 f"share block is {len(m.share_c)} bytes; expected {n_items} × {p.dim} int64"
@@ -1028,7 +1070,7 @@ class CoordinatorServer(_Server):
         plaintext = self.deployment.mode is Mode.PLAINTEXT
         if plaintext == bool(m.sealed_for_a):
             raise MessageError("sealed A-part must be present in mailbox mode, absent in plaintext")
-        slot_idx = rnd.table(m.phase).lookup(ids)
+        slot_idx = np.arange(n_items, dtype=np.int64) if dense else table.lookup(ids)
         shares = np.frombuffer(m.share_c, dtype="<i8").astype(np.int64).reshape(-1, p.dim)
         key = unit_key(m.device_id, m.round_id, m.phase)
         fresh = self._accumulator(rnd, m.phase).submit(key, slot_idx, shares)
@@ -1363,8 +1405,10 @@ class DeviceClient:
         pool = self._slot_pool(spec, p)
         # checked here too: in shuffled mode C cannot see slots, and a bad item would only be
         # dropped silently by the receiving server at close
-        pool.lookup(real)
+        real_idx = pool.lookup(real)
         encoded_real = self.codec.encode(x).astype(np.int64)
+        if self.deployment.mode is Mode.DENSE:
+            return self._dense_post(spec.round_id, p, len(pool), real_idx, encoded_real).to_bytes()
         n_dummy = n_items - len(real)
         if n_dummy and not pool:
             raise WrongLength(f"phase {phase!r} has no slots to pad with dummies")
@@ -1396,6 +1440,39 @@ class DeviceClient:
         return MailboxPost(
             self.device_id, rid, phase, p.dim, slot_ids, share_c.astype("<i8").tobytes(), sealed
         ).to_bytes()
+
+    def _dense_post(
+        self,
+        round_id: int,
+        p: PhaseSpec,
+        n_slots: int,
+        idx: npt.NDArray[np.int64],
+        encoded: npt.NDArray[np.int64],
+    ) -> MailboxPost:
+        """One C-share of every slot of the phase, in the slot table's order (no slot ids): the
+        participant's contributions summed per slot, zeros elsewhere, masked by one PRG seed
+        sealed to A. Every participant's post covers every slot, so neither server learns
+        which slots it contributed to, nor how many."""
+        words = n_slots * p.dim
+        if words > MAX_DENSE_WORDS:
+            raise WrongLength(
+                f"a dense post of phase {p.name!r} holds {n_slots} slots × dim {p.dim} = {words} "
+                f"words, more than MAX_DENSE_WORDS={MAX_DENSE_WORDS}: use mailbox or shuffled "
+                "mode for this many slots"
+            )
+        dense = np.zeros((n_slots, p.dim), dtype=np.int64)
+        np.add.at(dense, idx, encoded)  # int64 additions wrap modulo 2^64: the ring's sum
+        # derived from everything posted, as a mailbox post's seed is: a resend is identical
+        content = b"".join((b"dense", idx.astype("<i8").tobytes(), encoded.astype("<i8").tobytes()))
+        choices = self._choices(round_id, p.name, b"post", content)
+        seed = choices.take(b"mailbox-seed", SEED_BYTES)
+        header = post_header(self.device_id, round_id, p.name)
+        # the A-part binds an empty slot list: the slots are the agreed table's, by position
+        digest = hashlib.sha256(header).digest()
+        a_pub = self.deployment.aggregator_public
+        sealed = choices.seal(b"mailbox", 0, a_pub, seed + digest, INFO_MAILBOX, header)
+        share_c = split_with_seed(dense, seed).astype("<i8").tobytes()
+        return MailboxPost(self.device_id, round_id, p.name, p.dim, b"", share_c, sealed)
 
     def _shuffled_post(
         self,

@@ -140,8 +140,13 @@ def central_per_agent_y(population: Population) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("mode", "unit_devices", "participants"),
-    [(Mode.MAILBOX, UNIT_DEVICES, 2), (Mode.SHUFFLED, UNIT_DEVICES, 2), (Mode.MAILBOX, 64, 6)],
-    ids=["mailbox", "shuffled", "mailbox-units-of-64"],
+    [
+        (Mode.MAILBOX, UNIT_DEVICES, 2),
+        (Mode.SHUFFLED, UNIT_DEVICES, 2),
+        (Mode.MAILBOX, 64, 6),
+        (Mode.DENSE, 64, 6),
+    ],
+    ids=["mailbox", "shuffled", "mailbox-units-of-64", "dense-units-of-64"],
 )
 def test_pools_reproduce_the_central_run_exactly(
     population: Population, central: RunResult, mode: Mode, unit_devices: int, participants: int
@@ -159,7 +164,7 @@ def test_pools_reproduce_the_central_run_exactly(
         assert torch.equal(dual.value(result.y), dual.value(central.y[day])), f"day {day}"
         assert torch.equal(sum(p.stage_counts() for p in pools), central.stage_counts[day + 1])
         # shuffled mode counts unlinkable items (devices × ITEMS per participant, dummies
-        # included), mailbox mode whole posts (one per participant)
+        # included), mailbox and dense modes whole posts (one per participant)
         expected = N * ITEMS if mode is Mode.SHUFFLED else participants
         assert result.messages.surviving == expected
         # one observation item per participant (its devices' y summed)

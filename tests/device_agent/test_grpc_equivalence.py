@@ -261,6 +261,18 @@ def test_shuffled_run_over_grpc_equals_the_central_run(
         stack.close()
 
 
+def test_dense_run_over_grpc_equals_the_central_run(
+    tmp_path: Path, population: Population, central: RunResult
+) -> None:
+    stack = Stack(tmp_path, Mode.DENSE)
+    try:
+        run, participants = _run(stack, population, unit_devices=32)
+        assert participants == 4
+        _check_equivalence(run, central, Mode.DENSE, participants)
+    finally:
+        stack.close()
+
+
 def _open_probe_round(stack: Stack, round_id: int) -> RoundSpec:
     width = 1 + len(BASE_PARAMS)
     spec = RoundSpec(round_id, (PhaseSpec(MESSAGES_PHASE, width, SlotKind.PSEUDONYM, 1),))

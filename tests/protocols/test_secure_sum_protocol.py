@@ -59,7 +59,7 @@ from protocols.secure_sum.protocol import CID_BYTES
 from protocols.secure_sum.slots import SLOT_ID_BYTES
 
 ROUND = 7
-SECURE = [Mode.MAILBOX, Mode.SHUFFLED]
+SECURE = [Mode.MAILBOX, Mode.SHUFFLED, Mode.DENSE]
 
 
 def make_net(mode: Mode, **kw) -> InMemoryNetwork:
@@ -198,6 +198,12 @@ def test_shuffled_sums_exact(sc) -> None:
     _check_exact(Mode.SHUFFLED, sc)
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario(6))
+def test_dense_sums_exact(sc) -> None:
+    _check_exact(Mode.DENSE, sc)
+
+
 def test_plaintext_sums_exact_and_warns() -> None:
     with pytest.warns(InsecurePlaintextWarning, match="INSECURE"):
         InMemoryNetwork(Mode.PLAINTEXT)
@@ -277,7 +283,7 @@ def test_dropouts_at_every_phase(mode: Mode) -> None:
     report = w.c.close_phase(ROUND, "messages")
     w.net.c_to_a_filter = None
     surviving = [(i, targets[i], vals[i]) for i in (3, 4, 5)]
-    assert report.surviving == (3 if mode is Mode.MAILBOX else 3 * 2)
+    assert report.surviving == (3 * 2 if mode is Mode.SHUFFLED else 3)
     expected = w.ring_sums(surviving)
     fetchers = [0, 1, 2, 4, 5]
     np.testing.assert_array_equal(w.fetch_all(fetchers), expected[fetchers])
@@ -487,7 +493,8 @@ def test_each_server_view_of_shares_is_uniform_unless_plaintext(mode: Mode, secr
     w.c.close_phase(ROUND, "messages")
     c_view = w.c.share_rows(ROUND, "messages")[1]
     a_view = w.net.aggregator.share_rows(ROUND, "messages")[1]
-    assert c_view.size == a_view.size == 40 * 4 * 16  # 10 240 words, 1 280 per byte lane
+    # 10 240 words, 1 280 per byte lane; dense: each of the 40 posts covers all 40 slots
+    assert c_view.size == a_view.size == 40 * (40 if mode is Mode.DENSE else 4) * 16
     if mode is Mode.PLAINTEXT:
         # the control: C holds the raw values, A all-zero "shares"
         assert _min_chi2_p(c_view) < 1e-12 and _min_chi2_p(a_view) < 1e-12
@@ -709,7 +716,7 @@ def test_close_phase_resumes_after_a_lost_reply(mode: Mode, lost: type) -> None:
     with pytest.raises(PhaseNotReleased):
         w.devices[1].fetch(ROUND, "messages", [w.slots[1]])
     report = w.c.close_phase(ROUND, "messages")
-    assert report.surviving == (4 if mode is Mode.MAILBOX else 8)
+    assert report.surviving == (8 if mode is Mode.SHUFFLED else 4)
     np.testing.assert_array_equal(w.fetch_all(), w.ring_sums(posts))
     with pytest.raises(PhaseClosed, match="already closed and agreed"):
         w.c.close_phase(ROUND, "messages")
@@ -859,7 +866,18 @@ def test_a_registration_must_hold_whole_groups() -> None:
     assert len(device.register(ROUND, [os.urandom(16) for _ in range(6)])) == 6  # two groups
 
 
-@pytest.mark.parametrize("mode", SECURE)
+def test_dense_mode_refuses_a_minimum_cohort() -> None:
+    """Dense servers hold no per-slot counts to enforce a cohort with: asking for one fails at
+    configuration, never silently unenforced."""
+    net = make_net(Mode.DENSE)
+    for server in (net.coordinator, net.aggregator):
+        with pytest.raises(ValueError, match="dense mode hides"):
+            server.min_cohort = 2
+        server.min_cohort = 1  # 0 and 1: off
+        assert server.min_cohort == 1
+
+
+@pytest.mark.parametrize("mode", [Mode.MAILBOX, Mode.SHUFFLED])
 def test_the_minimum_cohort_counts_a_group(mode: Mode) -> None:
     """Three contacts spread over a group's three slots: no slot reaches a cohort of 2, the
     group does, so its total is released; a group of one contact is suppressed (one item per

@@ -62,6 +62,7 @@ MODE_TO_WIRE: dict[Mode, int] = {
     Mode.MAILBOX: common_pb2.MODE_MAILBOX,
     Mode.SHUFFLED: common_pb2.MODE_SHUFFLED,
     Mode.PLAINTEXT: common_pb2.MODE_PLAINTEXT,
+    Mode.DENSE: common_pb2.MODE_DENSE,
 }
 
 

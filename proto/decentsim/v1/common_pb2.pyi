@@ -13,6 +13,7 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODE_MAILBOX: _ClassVar[Mode]
     MODE_SHUFFLED: _ClassVar[Mode]
     MODE_PLAINTEXT: _ClassVar[Mode]
+    MODE_DENSE: _ClassVar[Mode]
 
 class SlotKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -23,6 +24,7 @@ MODE_UNSPECIFIED: Mode
 MODE_MAILBOX: Mode
 MODE_SHUFFLED: Mode
 MODE_PLAINTEXT: Mode
+MODE_DENSE: Mode
 SLOT_KIND_UNSPECIFIED: SlotKind
 SLOT_KIND_PSEUDONYM: SlotKind
 SLOT_KIND_AGGREGATE: SlotKind
