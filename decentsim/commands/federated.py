@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from behaviour import OpenAIClient, TableSource
-from contract.runspec import RunSpec, RunSpecError
+from contract.runspec import MODES, RunSpec, RunSpecError
 from decentsim.commands.common import (
     LLM_RETRIES,
     LLM_TIMEOUT_S,
@@ -52,7 +52,7 @@ def add_federation_arguments(p: argparse.ArgumentParser, days: int, step_timeout
         default=2,
         help="device-pool processes (at most one per agent)",
     )
-    p.add_argument("--mode", default="mailbox", choices=("mailbox", "shuffled", "dense", "plaintext"))
+    p.add_argument("--mode", default="mailbox", choices=MODES)
     p.add_argument("--radio", default="ideal", choices=("ideal", "simulated"))
     p.add_argument(
         "--step-timeout", type=positive_float, default=step_timeout_s, help="seconds per step"

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from contract.runspec import RunSpec, RunSpecError
+from contract.runspec import MODES, RunSpec, RunSpecError
 from contract.transcript import TranscriptError
 from decentsim.commands.common import add_dp_arguments
 from decentsim.usage import CommandFailed, UsageError, int_in, nonnegative_int
@@ -194,7 +194,7 @@ def add_aggregator_arguments(p: argparse.ArgumentParser) -> None:
     serve = sub.add_parser("serve", help="serve the coordinator's mutual-TLS link")
     _common(serve)
     serve.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT of the link")
-    serve.add_argument("--mode", default="mailbox", choices=("mailbox", "shuffled", "dense", "plaintext"))
+    serve.add_argument("--mode", default="mailbox", choices=MODES)
     serve.add_argument(
         "--coordinator-export",
         type=Path,
