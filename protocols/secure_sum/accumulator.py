@@ -416,17 +416,6 @@ def group_sum(
     slot_idx: npt.NDArray[np.int64], rows: npt.NDArray[np.int64], n_slots: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Sum rows by slot (int64 wrap-around): ``(n_slots, dim)`` sums and per-slot counts."""
-    n = len(slot_idx)
-    if (
-        n
-        and n_slots
-        and n % n_slots == 0
-        and (slot_idx.reshape(-1, n_slots) == np.arange(n_slots)).all()
-    ):
-        # dense posts (every slot of the table, in order): a plain sum over the posts
-        return rows.reshape(-1, n_slots, rows.shape[1]).sum(axis=0), np.full(
-            n_slots, n // n_slots, dtype=np.int64
-        )
     # one unbuffered scatter-add per coordinate, no sort: a million items of a day take
     # milliseconds (a stable argsort of them took 0.17 s); int64 additions wrap modulo 2^64
     columns = np.zeros((rows.shape[1], n_slots), dtype=np.int64)
@@ -435,3 +424,144 @@ def group_sum(
     return np.ascontiguousarray(columns.T), np.bincount(slot_idx, minlength=n_slots).astype(
         np.int64
     )
+
+
+class DenseAccumulator(ShareAccumulator):
+    """One server's shares of a dense-mode phase: every unit (a participant's post) is one share
+    of *every* slot, in the slot table's order, kept as one ``(n_slots, dim)`` block.
+
+    Nothing is stored per row or per slot index: a block is kept as it arrived, and the sums at
+    agreement add the surviving blocks (a few dozen passes over ``n_slots × dim`` words). Per-slot
+    counts are the number of surviving units: all of them cover every slot.
+    """
+
+    def __init__(self, n_slots: int, dim: int, codec: FixedPointCodec) -> None:
+        super().__init__(n_slots, dim, codec)
+        self._blocks: dict[bytes, npt.NDArray[np.int64]] = {}
+
+    def _check_blocks(self, blocks: npt.NDArray[np.int64]) -> None:
+        if blocks.shape[1:] != (self.n_slots, self.dim):
+            raise WrongLength(
+                f"dense blocks of shape {blocks.shape[1:]} do not cover the {self.n_slots} slots "
+                f"× dim {self.dim}"
+            )
+        if self.state is not PhaseState.OPEN:
+            raise PhaseClosed(f"phase is {self.state.value}; submissions are closed")
+
+    def submit(
+        self, key: bytes, slot_idx: npt.NDArray[np.int64], shares: npt.NDArray[np.int64]
+    ) -> bool:
+        """Refused: a dense phase takes whole blocks (:meth:`submit_block`)."""
+        raise PhaseError("a dense phase takes whole blocks (submit_block), not slot rows")
+
+    def submit_many(
+        self,
+        keys: bytes,
+        slot_idx: npt.NDArray[np.int64],
+        shares: npt.NDArray[np.int64],
+        sizes: npt.ArrayLike | None = None,
+    ) -> BatchResult:
+        """Refused: a dense phase takes whole blocks (:meth:`submit_blocks`)."""
+        raise PhaseError("a dense phase takes whole blocks (submit_blocks), not slot rows")
+
+    def submit_block(self, key: bytes, block: npt.NDArray[np.int64]) -> bool:
+        """Add one unit's block; False for an identical replay.
+
+        Raises:
+            WrongLength: a block not of ``(n_slots, dim)``, or a malformed key.
+            PhaseClosed: the phase no longer accepts submissions.
+            ConflictingSubmission: the key was used with a different block.
+            OverflowBoundError: one unit more would exceed ``max_summands`` per slot.
+        """
+        self._check_blocks(block[None])
+        if len(key) != KEY_BYTES:
+            raise WrongLength(f"unit key must be {KEY_BYTES} bytes, got {len(key)}")
+        stored = self._blocks.get(key)
+        if stored is not None:
+            if np.array_equal(stored, block):
+                return False
+            raise ConflictingSubmission(
+                "a submission with this (device, round, phase) key and different content was "
+                "already accepted"
+            )
+        if len(self._blocks) + 1 > self._max:
+            raise OverflowBoundError(
+                f"one more post would exceed max_summands={self.codec.max_summands} per slot"
+            )
+        self._blocks[key] = block
+        return True
+
+    def submit_blocks(self, keys: bytes, blocks: npt.NDArray[np.int64]) -> BatchResult:
+        """Add a relayed batch of blocks (``(units, n_slots, dim)``); bad units are counted,
+        as in :meth:`ShareAccumulator.submit_many`: a key seen with two different blocks in the
+        batch, or with a block other than the stored one, is refused everywhere it appears.
+
+        The loop is over units (participants' posts), each a vectorized block comparison.
+        """
+        k = keys_from_bytes(keys)
+        if len(k) != len(blocks):
+            raise WrongLength(f"{len(k)} unit keys for {len(blocks)} blocks")
+        if not len(k):
+            return BatchResult(0, 0, 0, 0)
+        self._check_blocks(blocks)
+        first: dict[bytes, int] = {}
+        conflict: set[bytes] = set()
+        for i, key in enumerate(k.tolist()):
+            j = first.setdefault(key, i)
+            stored = self._blocks.get(key)
+            other = blocks[j] if j != i else stored
+            if other is not None and not np.array_equal(other, blocks[i]):
+                conflict.add(key)
+        accepted = replayed = conflicting = over = 0
+        for i, key in enumerate(k.tolist()):
+            if key in conflict:
+                conflicting += 1
+            elif first[key] != i or key in self._blocks:
+                replayed += 1
+            elif len(self._blocks) + 1 > self._max:
+                over += 1
+            else:
+                self._blocks[key] = blocks[i]
+                accepted += 1
+        return BatchResult(accepted, replayed, conflicting, over)
+
+    @property
+    def unit_count(self) -> int:
+        """Number of accepted units."""
+        return len(self._blocks)
+
+    def sorted_keys(self) -> npt.NDArray[np.void]:
+        """This server's accepted unit keys, sorted (to send to the other server)."""
+        if self.state is PhaseState.OPEN:
+            raise PhaseError("close the phase before exchanging key sets")
+        return np.sort(np.frombuffer(b"".join(self._blocks), dtype=KEY_DTYPE))
+
+    def rows(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Every stored (slot index, share) row: each block covers every slot, in order."""
+        blocks = list(self._blocks.values())
+        slots = np.tile(np.arange(self.n_slots, dtype=np.int64), len(blocks))
+        if not blocks:
+            return slots, np.zeros((0, self.dim), dtype=np.int64)
+        return slots, np.concatenate(blocks)
+
+    def agree(self, surviving: npt.NDArray[np.void], expected: bytes | None = None) -> bytes:
+        """Fix the surviving set to ``own keys ∩ surviving``; add its blocks; return its digest
+        (see :meth:`ShareAccumulator.agree`)."""
+        common = np.intersect1d(self.sorted_keys(), surviving)
+        digest = key_set_digest(common)
+        if expected is not None and digest != expected:
+            raise AgreementError(
+                "surviving-set digests differ: the servers hold different contributions"
+            )
+        if self.state is PhaseState.AGREED:
+            if digest != self._surviving_digest:
+                raise PhaseError("surviving set already agreed; a different set is refused")
+            return digest
+        total = np.zeros((self.n_slots, self.dim), dtype=np.int64)
+        for key in common.tolist():
+            total += self._blocks[key]  # int64 additions wrap modulo 2^64: the ring's sum
+        self._sums = total
+        self._surviving_counts = np.full(self.n_slots, len(common), dtype=np.int64)
+        self._surviving_digest = digest
+        self.state = PhaseState.AGREED
+        return digest

@@ -31,7 +31,13 @@ import numpy as np
 import numpy.typing as npt
 
 from . import errors
-from .accumulator import KEY_BYTES, ShareAccumulator, key_set_digest, keys_from_bytes
+from .accumulator import (
+    KEY_BYTES,
+    DenseAccumulator,
+    ShareAccumulator,
+    key_set_digest,
+    keys_from_bytes,
+)
 from .config import Deployment, Mode, PhaseSpec, RoundSpec, SlotKind
 from .dp import DPConfig, NoiseRng, check_headroom, check_noisy_sum, noisy_share_sums
 from .envelope import OVERHEAD, KeyPair, box_open, box_seal, hkdf_sha256, open_envelope, seal
@@ -471,7 +477,8 @@ class _Server:
         acc = rnd.accumulators.get(phase)
         if acc is None:
             p = rnd.phase(phase)
-            acc = ShareAccumulator(len(rnd.table(phase)), p.dim, self.codec)
+            kind = DenseAccumulator if self.deployment.mode is Mode.DENSE else ShareAccumulator
+            acc = kind(len(rnd.table(phase)), p.dim, self.codec)
             rnd.accumulators[phase] = acc
         return acc
 
@@ -625,12 +632,14 @@ class AggregatorServer(_Server):
                 seeds.append(inner[:SEED_BYTES])
         good = np.flatnonzero(ok)
         good_sizes = sizes[good]
-        if dense:
-            slot_idx = np.tile(np.arange(len(table), dtype=np.int64), len(good))
-            known = np.ones(len(slot_idx), dtype=bool)
-        else:
-            ids = as_id_matrix(b"".join([m.slot_ids[i] for i in good.tolist()]))
-            slot_idx, known = table.find(ids)
+        if isinstance(acc, DenseAccumulator):
+            blocks = expand_seed_runs(seeds, (good_sizes * p.dim).tolist())
+            keys = b"".join([unit_key(m.device_ids[i], m.round_id, m.phase) for i in good.tolist()])
+            res = acc.submit_blocks(keys, blocks.reshape(len(good), len(table), p.dim))
+            rejected = n_posts - len(good) + res.conflicting + res.over_bound
+            return RelayReceipt(res.accepted, res.replayed, rejected)
+        ids = as_id_matrix(b"".join([m.slot_ids[i] for i in good.tolist()]))
+        slot_idx, known = table.find(ids)
         row_post = np.repeat(np.arange(len(good)), good_sizes)
         post_known = np.bincount(row_post, weights=~known, minlength=len(good)) == 0
         if plaintext:
@@ -1070,10 +1079,13 @@ class CoordinatorServer(_Server):
         plaintext = self.deployment.mode is Mode.PLAINTEXT
         if plaintext == bool(m.sealed_for_a):
             raise MessageError("sealed A-part must be present in mailbox mode, absent in plaintext")
-        slot_idx = np.arange(n_items, dtype=np.int64) if dense else table.lookup(ids)
         shares = np.frombuffer(m.share_c, dtype="<i8").astype(np.int64).reshape(-1, p.dim)
         key = unit_key(m.device_id, m.round_id, m.phase)
-        fresh = self._accumulator(rnd, m.phase).submit(key, slot_idx, shares)
+        acc = self._accumulator(rnd, m.phase)
+        if isinstance(acc, DenseAccumulator):
+            fresh = acc.submit_block(key, shares)
+        else:
+            fresh = acc.submit(key, table.lookup(ids), shares)
         if fresh:
             rnd.outbox.setdefault(m.phase, {})[key] = (m.device_id, m.slot_ids, m.sealed_for_a)
         return PostReceipt(int(fresh))

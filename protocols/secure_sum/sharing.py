@@ -42,23 +42,14 @@ def _check_seed(seed: bytes) -> None:
         raise WrongLength(f"PRG seed must be {SEED_BYTES} bytes, got {len(seed)}")
 
 
-#: counter-block runs up to this many blocks (64 KiB) are cached; longer ones are rebuilt
+#: keystreams up to this many blocks (64 KiB) come from cached counter blocks (an ECB context
+#: is cheaper to set up than a CTR one: one per shuffled item); longer ones from CTR mode
 _CACHED_BLOCKS = 4096
 
 
+@functools.lru_cache(maxsize=64)
 def _counter_blocks(iv: bytes, n_blocks: int) -> bytes:
     """``IV + i`` for ``i < n_blocks`` as 16-byte big-endian blocks (mod 2^128)."""
-    if n_blocks <= _CACHED_BLOCKS:
-        return _cached_counter_blocks(iv, n_blocks)
-    return _build_counter_blocks(iv, n_blocks)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_counter_blocks(iv: bytes, n_blocks: int) -> bytes:
-    return _build_counter_blocks(iv, n_blocks)
-
-
-def _build_counter_blocks(iv: bytes, n_blocks: int) -> bytes:
     hi, lo = np.frombuffer(iv, dtype=">u8").astype(np.uint64)
     low = lo + np.arange(n_blocks, dtype=np.uint64)  # wraps modulo 2^64 ...
     high = hi + (low < lo).astype(np.uint64)  # ... with the carry into the high word
@@ -69,7 +60,12 @@ def aes_ctr_keystream(key: bytes, iv: bytes, n_bytes: int) -> bytes:
     """The first ``n_bytes`` of the AES-CTR keystream for ``key`` and initial counter ``iv``."""
     if len(iv) != 16:
         raise WrongLength(f"AES-CTR initial counter block must be 16 bytes, got {len(iv)}")
-    blocks = _counter_blocks(iv, -(-n_bytes // 16))
+    n_blocks = -(-n_bytes // 16)
+    if n_blocks > _CACHED_BLOCKS:
+        # a long stream (a dense post's mask): CTR mode over zeros, with no counter blocks to
+        # build; the same keystream (OpenSSL increments all 128 bits, as SP 800-38A does)
+        return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor().update(bytes(n_bytes))
+    blocks = _counter_blocks(iv, n_blocks)
     return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(blocks)[:n_bytes]
 
 
@@ -122,8 +118,12 @@ def expand_seed_runs(seeds: Sequence[bytes], n_words: Sequence[int]) -> npt.NDAr
         raise WrongLength(f"every PRG seed must be {SEED_BYTES} bytes")
     if any(n < 0 for n in n_words):
         raise WrongLength("run lengths must be >= 0")
-    stream = b"".join([_keystream(s, 8 * n) for s, n in zip(seeds, n_words, strict=True)])
-    return np.frombuffer(stream, dtype=_WORD).astype(np.int64)
+    out = np.empty(sum(n_words), dtype=np.int64)
+    at = 0
+    for s, n in zip(seeds, n_words, strict=True):  # one AES context per seed, one copy per run
+        out[at : at + n] = np.frombuffer(_keystream(s, 8 * n), dtype=_WORD)
+        at += n
+    return out
 
 
 def split_with_seed(encoded: npt.NDArray[np.int64], seed: bytes) -> npt.NDArray[np.int64]:

@@ -460,6 +460,15 @@ def test_prg_keystream_matches_nist_sp800_38a_ctr_vector() -> None:
     big = 8 * 5000  # beyond the cached counter-block length
     ref = Cipher(algorithms.AES(key), modes.CTR(PRG_IV)).encryptor().update(bytes(big))
     assert expand_seed(key, 5000).astype("<i8").tobytes() == ref
+    # a long stream (a dense post's mask) takes the CTR path: block i is AES(IV + i mod 2^128),
+    # across the carry, and its prefix is the short path's stream
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    iv = b"\x00" * 8 + b"\xff" * 6 + b"\xf0\x00"
+    long = aes_ctr_keystream(key, iv, 16 * 70_000)
+    assert long[: 16 * 4096] == aes_ctr_keystream(key, iv, 16 * 4096)
+    for i in (4096, 4097, 69_999):
+        block = ((int.from_bytes(iv, "big") + i) % 2**128).to_bytes(16, "big")
+        assert long[16 * i : 16 * (i + 1)] == ecb.update(block)
 
 
 def test_hkdf_matches_rfc5869_test_case_1() -> None:
