@@ -870,6 +870,43 @@ def _linkage(rows: Rows | None, edges: npt.NDArray[np.void]) -> dict[str, Any] |
     }
 
 
+def _dense_linkage(rows: Rows | None, edges: npt.NDArray[np.void]) -> dict[str, Any] | None:
+    """Dense mode: every participant posts a share of every slot, so every (poster, slot) pair a
+    server holds is a candidate edge and the pairs carry nothing by themselves. The attack
+    asserts the pairs whose share is not all zeros — a post left unmasked, or masked by a broken
+    PRG, shows zeros wherever its participant contributed nothing. The verdict is a one-sided
+    z-test of the asserted pairs' precision against the true edges' share of the candidates
+    (hypergeometric: asserted pairs drawn at random from the candidates)."""
+    if rows is None or not len(rows):
+        return None
+    candidates = np.unique(_void(_be(rows.round_id), rows.participant, rows.slot))
+    asserted = np.unique(
+        _void(_be(rows.round_id), rows.participant, rows.slot)[np.any(rows.share != 0, axis=1)]
+    )
+    raw = edges.view(np.uint8).reshape(-1, EDGE_BYTES)
+    e_round = raw[:, :8].copy().view(">i8").ravel().astype(np.int64)
+    covered = edges[np.isin(e_round, np.unique(rows.round_id))]
+    if not len(covered):
+        return None
+    big_n, n = len(candidates), len(asserted)
+    k = int(np.isin(candidates, covered).sum())
+    hits = int(np.isin(asserted, covered).sum())
+    p = k / big_n
+    mean = n * p
+    var = n * p * (1 - p) * (big_n - n) / max(big_n - 1, 1)
+    z = (hits - mean) / math.sqrt(var) if var > 0 else 0.0
+    return {
+        "true_edges": len(covered),
+        "asserted_edges": n,
+        "recall": hits / len(covered),
+        "chance_recall": mean / len(covered),
+        "precision": hits / max(n, 1),
+        "chance_precision": p,
+        "z": z,
+        "linkable": bool(z > Z_CRIT),
+    }
+
+
 def check_linkage(inp: AuditInput, shares: Shares) -> CheckResult:
     """The server's best sender ↔ slot edge recovery against the true contact graph.
 
@@ -878,7 +915,9 @@ def check_linkage(inp: AuditInput, shares: Shares) -> CheckResult:
     slot) edges of each round. Recall of a true edge under chance — senders assigned to the
     server's items at random positions of the batch — is exact (hypergeometric); the verdict
     is a one-sided z-test of the recovered edges against it (``Z_CRIT``). Linkable is a failure
-    in ``shuffled`` mode and documented leakage in ``mailbox``/``plaintext``.
+    in ``shuffled`` mode and documented leakage in ``mailbox``/``plaintext``. In ``dense`` mode
+    every poster holds every slot, and the attack is on the shares (:func:`_dense_linkage`);
+    linkable is a failure there too.
     """
     if inp.truth is None:
         return CheckResult(
@@ -891,7 +930,8 @@ def check_linkage(inp: AuditInput, shares: Shares) -> CheckResult:
         )
     edges = np.unique(table_t.edge)
     results: dict[str, dict[str, Any]] = {}
-    measured = _linkage(shares.rows.get(NEIGHBOURHOOD), edges)
+    attack = _dense_linkage if inp.mode is Mode.DENSE else _linkage
+    measured = attack(shares.rows.get(NEIGHBOURHOOD), edges)
     if measured is not None:
         results[inp.role] = measured
     if not results:
@@ -925,11 +965,11 @@ def check_linkage(inp: AuditInput, shares: Shares) -> CheckResult:
     if not linkable:
         status = Status.PASS
         summary = f"the {inp.role} does not link senders to slots better than chance"
-    elif inp.mode is Mode.SHUFFLED:
+    elif inp.mode in (Mode.SHUFFLED, Mode.DENSE):
         status = Status.FAIL
         summary = (
-            f"shuffled mode promises unlinkability, but {', '.join(linkable)} link(s) senders "
-            "to slots"
+            f"{inp.mode.value} mode promises unlinkability, but {', '.join(linkable)} link(s) "
+            "senders to slots"
         )
     else:
         best = max(linkable, key=lambda r: results[r]["recall"])
@@ -1392,6 +1432,26 @@ PROFILE: dict[str, dict[str, str]] = {
             "everything, including senders (contribution ids link the two shares): outside the "
             "threat model"
         ),
+    },
+    "dense": {
+        "coordinator": (
+            "that each participant posted (one uniform share of every slot: the same size for "
+            "every participant, no slot choice); registrations and fetches; opened aggregates; "
+            "no per-slot counts of contributions"
+        ),
+        "aggregator": (
+            "that each participant posted (a sealed seed: uniform shares of every slot); "
+            "registrations; no per-slot counts of contributions"
+        ),
+        "a device": (
+            "the total of each of its slot groups (its day's beacons: its day's neighbourhood "
+            "sum), never one slot's sum, once per phase"
+        ),
+        "a server (C or A) + t devices": (
+            "the same subtraction on values; the sender of a lone honest contribution stays "
+            "hidden (every participant posts to every slot)"
+        ),
+        "coordinator + aggregator": "everything (they add their shares): outside the threat model",
     },
     "plaintext": {
         "coordinator": "every raw value with its sender and slot (INSECURE baseline)",

@@ -62,7 +62,7 @@ from protocols.secure_sum.protocol import (
     phase_aad,
     post_header,
 )
-from protocols.secure_sum.sharing import expand_seed_runs, expand_seeds
+from protocols.secure_sum.sharing import expand_seed, expand_seed_runs, expand_seeds
 from protocols.secure_sum.slots import DEVICE_ID_BYTES, SLOT_ID_BYTES
 
 #: bytes of a ``round ‖ slot`` key: the round (8 bytes, big endian), then the slot id
@@ -452,18 +452,20 @@ def accepted_registrations(
     if cached is not None:
         return cached
     accepted: dict[tuple[int, bytes], bytes] = {}
-    asked: dict[str, RegisterRequest] = {}
+    asked: dict[str, RegisterRequest | RelayRegister] = {}
+    # C hears registrations from devices; A hears them relayed by C, one at a time
+    from_devices = view.role == "coordinator"
     for r in view.records:
-        if r.peer in ROLES or r.elided or r.deployment != deployment:
+        if (r.peer not in ROLES) != from_devices or r.elided or r.deployment != deployment:
             continue
         if r.direction == "in":
             asked.pop(r.peer, None)
-            if r.kind == "RegisterRequest":
+            if r.kind in ("RegisterRequest", "RelayRegister"):
                 try:
                     msg = decode(r.payload)
                 except SecureSumError:
                     continue
-                assert isinstance(msg, RegisterRequest)
+                assert isinstance(msg, RegisterRequest | RelayRegister)
                 asked[r.peer] = msg
         elif r.kind == "RegisterResponse" and r.peer in asked:
             req = asked.pop(r.peer)
@@ -577,6 +579,8 @@ def server_shares(
     out = {name: _RowBuilder(dim) for name, dim in dims.items()}
     unused: Counter[str] = Counter()
     seen: set[tuple[str, int, str, bytes]] = set()
+    if mode is Mode.DENSE:
+        return _dense_shares(view, out, unused, max_open)
     if view.role == "coordinator":
         posters: dict[tuple[str, int, str], list[tuple[bytes, int]]] = {}
         for r, msg in _decoded(view.records, "in", True):
@@ -675,6 +679,75 @@ def server_shares(
             SEED_BYTES,
             lambda seeds, d=b.dim: expand_seeds(seeds, d),
         )
+    return Shares({k: v.build() for k, v in out.items()}, unused)
+
+
+def dense_directory(view: ServerView, deployment: str, round_id: int) -> bytes:
+    """The slot directory a dense pseudonym post of ``round_id`` follows by position: the round's
+    accepted registrations, in the order accepted (the servers' agreed table)."""
+    cached = view.derived.get(("directory", deployment))
+    if cached is None:
+        cached = {}
+        for (rnd, _), slot_ids in accepted_registrations(view, deployment).items():
+            cached.setdefault(rnd, []).append(slot_ids)
+        cached = {rnd: b"".join(parts) for rnd, parts in cached.items()}
+        view.derived[("directory", deployment)] = cached
+    return cached.get(round_id, b"")
+
+
+def _dense_shares(
+    view: ServerView, out: dict[str, _RowBuilder], unused: Counter[str], max_open: int
+) -> Shares:
+    """Dense mode: every post is one share of every slot of its phase's table (named in an
+    aggregate phase, the round's directory by position in a pseudonym phase). C's rows are the
+    posted C-shares; A's the relayed seeds expanded. A batch of ``P`` posts over ``D`` slots
+    larger than ``max_open`` rows keeps the same fixed-seed sample of slot positions in every
+    post (so the posts stay comparable slot by slot); the rest is counted as not sampled."""
+    coordinator = view.role == "coordinator"
+    batches: dict[tuple[str, int, str], list[tuple[bytes, bytes, bytes]]] = {}
+    seen_posts: set[tuple[str, int, str, bytes]] = set()
+    for r, msg in _decoded(view.records, "in", coordinator):
+        if r.deployment not in out:
+            continue
+        if coordinator and isinstance(msg, MailboxPost):
+            key = (r.deployment, msg.round_id, msg.phase)
+            if (*key, msg.device_id) in seen_posts:
+                unused[REPLAYED] += 1
+                continue
+            seen_posts.add((*key, msg.device_id))
+            batches.setdefault(key, []).append((msg.device_id, msg.slot_ids, msg.share_c))
+        elif not coordinator and isinstance(msg, RelayMailbox):
+            key = (r.deployment, msg.round_id, msg.phase)
+            if key in batches:
+                unused[REPLAYED] += 1
+                continue
+            batches[key] = list(zip(msg.device_ids, msg.slot_ids, msg.sealed_for_a, strict=True))
+    for (dep, round_id, phase), posts in batches.items():
+        b = out[dep]
+        b.batch[(round_id, phase)] = []
+        for device, slot_ids, part in posts:
+            ids = slot_ids or dense_directory(view, dep, round_id)
+            n = len(ids) // SLOT_ID_BYTES
+            if coordinator:
+                if len(part) != 8 * n * b.dim:
+                    unused[MALFORMED_POST] += 1
+                    continue
+                share = np.frombuffer(part, dtype="<i8").astype(np.int64).reshape(n, b.dim)
+            else:
+                header = post_header(device, round_id, phase)
+                try:
+                    inner = open_envelope(view.keys[dep], part, INFO_MAILBOX, header)
+                except SecureSumError:
+                    unused[SEED_NOT_OPENED] += 1
+                    continue
+                share = expand_seed(inner[:SEED_BYTES], n * b.dim).reshape(n, b.dim)
+            keep = _sample(n, max(1, max_open // max(len(posts), 1)), round_id)
+            if len(keep) < n:
+                b.sampled[(round_id, phase)] = (len(keep) * len(posts), n * len(posts))
+                unused[NOT_SAMPLED] += n - len(keep)
+            slots = np.frombuffer(ids, np.uint8).reshape(n, SLOT_ID_BYTES)[keep].tobytes()
+            b.add(round_id, phase, device, slots, share[keep], positions=keep.tolist())
+            b.batch[(round_id, phase)].append((device, len(keep)))
     return Shares({k: v.build() for k, v in out.items()}, unused)
 
 

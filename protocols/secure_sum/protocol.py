@@ -92,6 +92,7 @@ from .sharing import (
     aes_ctr_keystream,
     expand_seed_runs,
     expand_seeds,
+    mask_in_place,
     split_rows,
     split_with_seed,
 )
@@ -259,6 +260,13 @@ def fetch_slot_matrix(slot_ids: bytes) -> npt.NDArray[np.uint8]:
             f"registered slot), got {len(ids)}"
         )
     return ids
+
+
+def dense_slot_ids(p: PhaseSpec, table: SlotTable) -> bytes:
+    """The slot ids a dense-mode post of phase ``p`` names: every aggregate slot, in order (public
+    names, the same in every post; the servers check them against their table), or none for a
+    pseudonym phase, whose posts follow the agreed directory by position."""
+    return table.id_bytes() if p.kind is SlotKind.AGGREGATE else b""
 
 
 def spec_digest(spec: RoundSpec) -> bytes:
@@ -599,6 +607,7 @@ class AggregatorServer(_Server):
             raise MessageError("relay lists have different lengths")
         k, plaintext = p.items_per_device, self.deployment.mode is Mode.PLAINTEXT
         dense = self.deployment.mode is Mode.DENSE
+        dense_ids = dense_slot_ids(p, table)
         # one public-key open per post is inherent; everything after it is batched over items
         n_posts = len(m.device_ids)
         ok = np.zeros(n_posts, dtype=bool)
@@ -607,8 +616,8 @@ class AggregatorServer(_Server):
         for i, (device, slot_ids, sealed) in enumerate(
             zip(m.device_ids, m.slot_ids, m.sealed_for_a, strict=True)
         ):
-            if dense:  # every slot of the table, by position
-                n_items, rest = (0, 1) if slot_ids else (len(table), 0)
+            if dense:  # every slot of the table, in order
+                n_items, rest = (len(table), 0) if slot_ids == dense_ids else (0, 1)
             else:
                 n_items, rest = divmod(len(slot_ids), SLOT_ID_BYTES)
             valid = n_items > 0 if dense else valid_item_count(n_items, k)
@@ -1060,12 +1069,12 @@ class CoordinatorServer(_Server):
         if m.dim != p.dim:
             raise WrongLength(f"phase {m.phase!r} has dim {p.dim}, post has {m.dim}")
         dense = self.deployment.mode is Mode.DENSE
-        if dense and m.slot_ids:
-            raise MessageError(
-                "this deployment runs dense mode: a post names no slots (it covers the whole "
-                "slot table)"
-            )
         table = rnd.table(m.phase)
+        if dense and m.slot_ids != dense_slot_ids(p, table):
+            raise MessageError(
+                "this deployment runs dense mode: a post covers the whole slot table and names "
+                "its slots only in an aggregate phase (every aggregate slot, in order)"
+            )
         if dense:
             n_items = len(table)
         else:
@@ -1420,7 +1429,7 @@ class DeviceClient:
         real_idx = pool.lookup(real)
         encoded_real = self.codec.encode(x).astype(np.int64)
         if self.deployment.mode is Mode.DENSE:
-            return self._dense_post(spec.round_id, p, len(pool), real_idx, encoded_real).to_bytes()
+            return self._dense_post(spec.round_id, p, pool, real_idx, encoded_real).to_bytes()
         n_dummy = n_items - len(real)
         if n_dummy and not pool:
             raise WrongLength(f"phase {phase!r} has no slots to pad with dummies")
@@ -1457,14 +1466,17 @@ class DeviceClient:
         self,
         round_id: int,
         p: PhaseSpec,
-        n_slots: int,
+        table: SlotTable,
         idx: npt.NDArray[np.int64],
         encoded: npt.NDArray[np.int64],
     ) -> MailboxPost:
-        """One C-share of every slot of the phase, in the slot table's order (no slot ids): the
-        participant's contributions summed per slot, zeros elsewhere, masked by one PRG seed
-        sealed to A. Every participant's post covers every slot, so neither server learns
-        which slots it contributed to, nor how many."""
+        """One C-share of every slot of the phase, in the slot table's order: the participant's
+        contributions summed per slot, zeros elsewhere, masked by one PRG seed sealed to A.
+        Every participant's post covers every slot, so neither server learns which slots it
+        contributed to, nor how many. It names the slots of an aggregate phase (public names,
+        the same in every post) and none of a pseudonym phase (the agreed directory, by
+        position: :func:`dense_slot_ids`)."""
+        n_slots = len(table)
         words = n_slots * p.dim
         if words > MAX_DENSE_WORDS:
             raise WrongLength(
@@ -1479,12 +1491,20 @@ class DeviceClient:
         choices = self._choices(round_id, p.name, b"post", content)
         seed = choices.take(b"mailbox-seed", SEED_BYTES)
         header = post_header(self.device_id, round_id, p.name)
-        # the A-part binds an empty slot list: the slots are the agreed table's, by position
-        digest = hashlib.sha256(header).digest()
+        names = dense_slot_ids(p, table)
+        digest = hashlib.sha256(header + names).digest()
         a_pub = self.deployment.aggregator_public
         sealed = choices.seal(b"mailbox", 0, a_pub, seed + digest, INFO_MAILBOX, header)
-        share_c = split_with_seed(dense, seed).astype("<i8").tobytes()
-        return MailboxPost(self.device_id, round_id, p.name, p.dim, b"", share_c, sealed)
+        mask_in_place(dense, seed)  # the C-share, without copying megabytes
+        return MailboxPost(
+            self.device_id,
+            round_id,
+            p.name,
+            p.dim,
+            names,
+            dense.astype("<i8", copy=False).tobytes(),
+            sealed,
+        )
 
     def _shuffled_post(
         self,

@@ -132,6 +132,16 @@ def split_with_seed(encoded: npt.NDArray[np.int64], seed: bytes) -> npt.NDArray[
     return x - expand_seed(seed, x.size).reshape(x.shape)
 
 
+def mask_in_place(x: npt.NDArray[np.int64], seed: bytes) -> None:
+    """Turn ``x`` (int64, C-contiguous, writable) into its C-share ``x − PRG(seed)`` in place:
+    :func:`split_with_seed` without a copy of ``x`` or of the mask (a dense post's megabytes)."""
+    _check_seed(seed)
+    if x.dtype != np.int64 or not x.flags.c_contiguous or not x.flags.writeable:
+        raise WrongLength("mask_in_place needs a writable C-contiguous int64 array")
+    flat = x.reshape(-1)  # a view: x is C-contiguous
+    flat -= np.frombuffer(_keystream(seed, 8 * x.size), dtype=_WORD)
+
+
 def split_rows(encoded: npt.NDArray[np.int64], seeds: Sequence[bytes]) -> npt.NDArray[np.int64]:
     """C-shares of ``(n, dim)`` rows, row ``i`` masked by ``seeds[i]``."""
     x = np.ascontiguousarray(encoded, dtype=np.int64)

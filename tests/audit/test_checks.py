@@ -166,6 +166,47 @@ def test_linkage_fails_in_shuffled_mode_when_servers_keep_arrival_order() -> Non
         assert r.details["servers"][role]["recall"] == 1.0
 
 
+def test_dense_mode_audits_clean_at_both_servers() -> None:
+    """Every participant posts a uniform share of every slot: linkage at chance (the complete
+    poster↔slot graph carries nothing), uniform shares, no message outside the profile, and no
+    single server recovers a value."""
+    for role, inp in crafted(Mode.DENSE).items():
+        shares = shares_of(inp)
+        rows = shares.rows["neighbourhood"]
+        # 40 posts, each a share of all 40 registered slots
+        assert len(rows) == 40 * 40
+        link = check_linkage(inp, shares)
+        assert link.status is Status.PASS, link.summary
+        stats = link.details["servers"][role]
+        assert stats["asserted_edges"] == 40 * 40 and stats["z"] == 0.0
+        assert stats["precision"] == stats["chance_precision"]
+        for check in (check_uniformity(inp, shares), check_profile(inp)):
+            assert check.status is Status.PASS, check.summary
+        rec = check_reconstruction(inp, shares)
+        assert rec.status is Status.PASS, rec.summary
+        result = run_checks(inp)
+        assert result.verdict == "pass", [(r.key, r.summary) for r in result.checks]
+
+
+def test_dense_mode_audit_fails_when_posts_are_not_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken PRG (an all-zero mask) makes every dense post its raw sums: the zeros where a
+    participant contributed nothing name its slots (linkage fails) and its shares are not
+    uniform."""
+    import protocols.secure_sum.sharing as sharing
+
+    monkeypatch.setattr(sharing, "_keystream", lambda seed, n_bytes: bytes(n_bytes))
+    c = crafted(Mode.DENSE)["coordinator"]
+    shares = shares_of(c)
+    link = check_linkage(c, shares)
+    assert link.status is Status.FAIL
+    assert (
+        link.summary
+        == "dense mode promises unlinkability, but coordinator link(s) senders to slots"
+    )
+    assert link.details["servers"]["coordinator"]["precision"] == 1.0
+    assert check_uniformity(c, shares).status is Status.FAIL
+
+
 # -- 4. small cohorts --------------------------------------------------------------------------
 def test_cohorts_counts_slots_below_k(mailbox: dict[str, AuditInput]) -> None:
     inp = mailbox["coordinator"]

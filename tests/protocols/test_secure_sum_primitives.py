@@ -53,6 +53,7 @@ from protocols.secure_sum import (
     expand_seed,
     expand_seed_runs,
     group_sum,
+    mask_in_place,
     open_envelope,
     pseudonym_slot,
     reconstruct,
@@ -128,6 +129,11 @@ def test_share_split_reconstructs_exactly(x: np.ndarray) -> None:
     a = split_with_seed(enc, seed)
     b = expand_seed(seed, enc.size).reshape(enc.shape)
     np.testing.assert_array_equal(reconstruct(a, b), enc)
+    in_place = enc.astype(np.int64)  # a dense post masks its buffer in place: the same share
+    mask_in_place(in_place, seed)
+    np.testing.assert_array_equal(in_place, a)
+    with pytest.raises(WrongLength, match="writable C-contiguous int64"):
+        mask_in_place(np.zeros((2, 3), dtype=np.int64)[:, :2], seed)
     seeds = [os.urandom(16) for _ in range(enc.shape[0])]
     a_rows = split_rows(enc, seeds)
     b_rows = np.stack([expand_seed(s, enc.shape[1]) for s in seeds])
