@@ -2,8 +2,8 @@
 invocation per server, each holding only that server's auditor key.
 
 The issue's acceptance: on ``plaintext`` the audit FAILS (uniformity and reconstruction); on
-``mailbox`` it passes the value checks and reports the graph leakage; on ``shuffled`` it
-passes every check. Each server's transcript is sealed to its own auditor, and one server's
+``mailbox`` it passes the value checks and reports the graph leakage; on ``shuffled`` and
+``dense`` it passes every check. Each server's transcript is sealed to its own auditor, and one server's
 audit runs with the other server's transcript, keys and auditor key out of reach.
 """
 
@@ -101,7 +101,7 @@ def _audit(
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("audit-e2e")
-def test_audit_of_the_three_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_audit_of_the_four_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, plain = _audit(tmp_path, "plaintext", capsys)
     for role in ROLES:
         rc, checks = plain[role]
@@ -142,4 +142,15 @@ def test_audit_of_the_three_modes(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert rc == 0 and checks["verdict"] == "pass"
         assert all(checks[k]["status"] != "fail" for k in checks if k != "verdict")
         assert checks["linkage"]["status"] == "pass"
+        assert checks["uniformity"]["status"] == "pass"
+
+    _, dense = _audit(tmp_path, "dense", capsys)
+    for role in ROLES:
+        rc, checks = dense[role]
+        assert rc == 0 and checks["verdict"] == "pass"
+        assert all(checks[k]["status"] != "fail" for k in checks if k != "verdict")
+        # every participant's share of every slot: the complete poster↔slot graph, at chance
+        link = checks["linkage"]["details"]["servers"][role]
+        assert checks["linkage"]["status"] == "pass" and link["z"] == 0.0
+        assert link["precision"] == link["chance_precision"]
         assert checks["uniformity"]["status"] == "pass"
