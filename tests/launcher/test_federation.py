@@ -202,7 +202,7 @@ class Finished:
     results: dict[str, Any]
 
 
-@pytest.fixture(scope="module", params=["mailbox", "shuffled"])
+@pytest.fixture(scope="module", params=["mailbox", "shuffled", "dense"])
 def finished(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Finished:
     """One whole federated run per posting mode (shared by the equivalence and privacy tests)."""
     spec = make_spec(EQ_SEED, EQ_DAYS, mode=request.param)
@@ -263,7 +263,7 @@ def test_federated_run_equals_central(finished: Finished) -> None:
     db = finished.fed.c_dir / "coordinator.sqlite3"
     days = query(db, "SELECT day, surviving_messages, surviving_observations FROM days")
     # shuffled items carry no sender, so its surviving set counts (padded) items, not senders
-    messages = POOLS if spec.mode == "mailbox" else 400 * spec.items_per_device
+    messages = 400 * spec.items_per_device if spec.mode == "shuffled" else POOLS
     assert sorted(days) == [(d, messages, POOLS) for d in range(EQ_DAYS)]
     own = [observed(finished.fed, i) for i in range(POOLS)]
     for d in range(EQ_DAYS):
@@ -378,7 +378,14 @@ def kill_pool_after_registration(fed: Federation) -> list[Interrupted]:
 
 @pytest.mark.parametrize(
     "scenario",
-    ["coordinator", "aggregator", "pool-0", "coordinator-then-aggregator", "pool-0-registered"],
+    [
+        "coordinator",
+        "aggregator",
+        "pool-0",
+        "coordinator-then-aggregator",
+        "pool-0-registered",
+        "aggregator-dense",
+    ],
 )
 def test_killed_process_resumes_to_the_uninterrupted_results(tmp_path: Path, scenario: str) -> None:
     """SIGKILL a process while a day is open (after a committed day) and restart it: the
@@ -389,8 +396,10 @@ def test_killed_process_resumes_to_the_uninterrupted_results(tmp_path: Path, sce
     ``coordinator``, ``aggregator``, ``pool-0``: killed at whatever point the frozen pools
     reached. ``coordinator-then-aggregator``: the aggregator dies while every pool's
     registration is still to come. ``pool-0-registered``: restarted after its registration
-    closed."""
-    spec = make_spec(CRASH_SEED, CRASH_DAYS, step_timeout_s=20.0)
+    closed. ``aggregator-dense``: the aggregator, in a dense-mode run."""
+    mode = "dense" if scenario.endswith("-dense") else "mailbox"
+    scenario = scenario.removesuffix("-dense")
+    spec = make_spec(CRASH_SEED, CRASH_DAYS, mode=mode, step_timeout_s=20.0)
     fed = Federation(tmp_path / "state", spec, CRASH_SEED)
     db = fed.c_dir / "coordinator.sqlite3"
     with running(fed):
