@@ -30,6 +30,9 @@ from protocols.secure_sum.protocol import DeviceClient, InMemoryNetwork, Insecur
 from protocols.secure_sum.slots import SLOT_ID_BYTES
 
 PHASE = "messages"
+#: most ring words a dense-mode run may post in all (participants × slots × dim): 2.4 GB at
+#: each server
+DENSE_WORDS = 300_000_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +73,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if n % m:
         raise UsageError(f"--devices-per-participant {m} must divide --devices {n}")
     n_part = n // m
+    if mode is Mode.DENSE and n_part * n * d > DENSE_WORDS:
+        # every participant posts a share of every slot (one per device): the work is
+        # participants × slots × dim words, quadratic in devices at a fixed pool size
+        raise UsageError(
+            f"dense mode posts {n_part} participants × {n} slots × dim {d} = {n_part * n * d:,} "
+            f"words, more than this bench's {DENSE_WORDS:,}: raise --devices-per-participant"
+        )
     with warnings.catch_warnings():
         # the plaintext baseline is requested explicitly here; one warning on stderr suffices
         warnings.simplefilter("once", InsecurePlaintextWarning)
@@ -128,7 +138,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     # public-key envelopes sealed and opened per post: one per participant (mailbox A-part), or
     # an outer envelope per participant plus two inner envelopes per item (shuffled); none in
     # plaintext
-    sealed = {Mode.MAILBOX: n_part, Mode.SHUFFLED: n_part + 2 * items, Mode.PLAINTEXT: 0}[mode]
+    sealed = {
+        Mode.MAILBOX: n_part,
+        Mode.DENSE: n_part,
+        Mode.SHUFFLED: n_part + 2 * items,
+        Mode.PLAINTEXT: 0,
+    }[mode]
     return {
         "devices": n,
         "devices_per_participant": m,

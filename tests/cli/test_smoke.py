@@ -427,6 +427,23 @@ def test_bench_securesum_smallest_run(cli: Callable[..., Outcome]) -> None:
         cli("bench", "securesum", "--devices", "1", "--dim", "1", "--items-per-device", "1")
     )
     assert result["exact"] is True and result["items"] == 1
+    dense = _json_line(
+        cli(
+            "bench",
+            "securesum",
+            "--devices",
+            "4",
+            "--dim",
+            "2",
+            "--items-per-device",
+            "2",
+            "--mode",
+            "dense",
+            "--devices-per-participant",
+            "2",
+        )
+    )
+    assert dense["exact"] is True and dense["participants"] == 2 and dense["sealed_envelopes"] == 2
 
 
 def test_bench_ble_smallest_run(cli: Callable[..., Outcome]) -> None:
