@@ -30,8 +30,10 @@ devices' sightings.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from contract.schedule import (
@@ -53,7 +55,7 @@ from protocols.ble.sightings import Sightings
 from protocols.ble.simkeys import SimulatedKeyring
 from protocols.secure_sum import DeviceClient, RoundSpec, pseudonym_slots
 from protocols.secure_sum.errors import SecureSumError
-from protocols.secure_sum.slots import SLOT_ID_BYTES
+from protocols.secure_sum.slots import SLOT_ID_BYTES, SlotTable
 from sim import dual
 from sim.archetypes import labour_force, population_cells
 from sim.model import (
@@ -503,30 +505,56 @@ class DevicePool:
         weight = quantize(torch.from_numpy(trace.weight), W_BITS)
         values = message(q[torch.from_numpy(local)], weight).numpy()
         keep = self._speaking(MESSAGES_PHASE)[local]
-        local, values, rpis = local[keep], values[keep], trace.rpi[keep]
+        local = local[keep]
+        heard = (self.unit_of[local], values[keep], trace.rpi[keep])
+        # the directory is fetched once, here: the participants share it, and from now on only
+        # the sender thread talks to the servers
+        directory = self._nbhd[0].directory(spec.round_id)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="post") as sender:
+            in_flight: Future[bool] | None = None
+            for u, client in enumerate(self._nbhd):
+                self._stage_messages(spec, day, u, directory, heard)
+                if in_flight is not None:
+                    in_flight.result()  # a failed send raises here, before the next one
+                # one participant's post travels while the next is built
+                in_flight = sender.submit(client.resend, spec.round_id, MESSAGES_PHASE)
+            if in_flight is not None:
+                in_flight.result()
+
+    def _stage_messages(
+        self,
+        spec: RoundSpec,
+        day: int,
+        u: int,
+        directory: SlotTable,
+        heard: tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.uint8]],
+    ) -> None:
+        """Build participant ``u``'s messages post and stage it in its client (not sent): its
+        devices' messages (``heard``: unit, message row, RPI of each sighting) summed per heard
+        RPI's slot."""
+        unit, values, rpis = heard
         phase = spec.phase(MESSAGES_PHASE)
-        key = self._nbhd[0].deployment.deployment_key
-        unit = self.unit_of[local]
-        for u, client in enumerate(self._nbhd):
-            rows = np.flatnonzero(unit == u)
-            # one 16-byte key per RPI: a 1-D unique is far faster than a row-wise one
-            keys = np.ascontiguousarray(rpis[rows]).view("V16").ravel()
-            uniq_keys, inverse = np.unique(keys, return_inverse=True)
-            uniq = uniq_keys.view(np.uint8).reshape(-1, 16)
-            budget = phase.items_per_device * int(self.unit_bounds[u + 1] - self.unit_bounds[u])
-            if len(uniq) > budget:
-                raise TraceOverflow(
-                    f"day {day}: participant {u} heard {len(uniq)} distinct RPIs, more than its "
-                    f"budget of {budget} items (items_per_device={phase.items_per_device})"
-                )
-            summed = np.zeros((len(uniq), values.shape[1]), dtype=np.float64)
-            np.add.at(summed, inverse.reshape(-1), values[rows])
-            joined = pseudonym_slots(np.ascontiguousarray(uniq).tobytes(), spec.round_id, key)
-            # a beacon whose owner did not register this round (it dropped out) has no slot:
-            # its message has no recipient, as a phone's would not
-            ids = np.frombuffer(joined, dtype=np.uint8).reshape(-1, SLOT_ID_BYTES)
-            _, registered = client.directory(spec.round_id).find(ids)
-            client.post(spec, MESSAGES_PHASE, ids[registered].tobytes(), summed[registered])
+        client = self._nbhd[u]
+        rows = np.flatnonzero(unit == u)
+        # one 16-byte key per RPI: a 1-D unique is far faster than a row-wise one
+        keys = np.ascontiguousarray(rpis[rows]).view("V16").ravel()
+        uniq_keys, inverse = np.unique(keys, return_inverse=True)
+        uniq = uniq_keys.view(np.uint8).reshape(-1, 16)
+        budget = phase.items_per_device * int(self.unit_bounds[u + 1] - self.unit_bounds[u])
+        if len(uniq) > budget:
+            raise TraceOverflow(
+                f"day {day}: participant {u} heard {len(uniq)} distinct RPIs, more than its "
+                f"budget of {budget} items (items_per_device={phase.items_per_device})"
+            )
+        summed = np.zeros((len(uniq), values.shape[1]), dtype=np.float64)
+        np.add.at(summed, inverse.reshape(-1), values[rows])
+        key = client.deployment.deployment_key
+        joined = pseudonym_slots(np.ascontiguousarray(uniq).tobytes(), spec.round_id, key)
+        # a beacon whose owner did not register this round (it dropped out) has no slot: its
+        # message has no recipient, as a phone's would not
+        ids = np.frombuffer(joined, dtype=np.uint8).reshape(-1, SLOT_ID_BYTES)
+        _, registered = directory.find(ids)
+        client.stage(spec, MESSAGES_PHASE, ids[registered].tobytes(), summed[registered])
 
     def fetch_and_update(self, spec: RoundSpec, day: int) -> None:
         """Each participant fetches its devices' day totals (their ``incoming``); then f.

@@ -1550,9 +1550,20 @@ class DeviceClient:
         values: npt.ArrayLike,
     ) -> bool:
         """Build, remember and send a post; returns False if C saw it already (a replay)."""
+        return self._deliver(self.stage(spec, phase, slots, values))
+
+    def stage(
+        self,
+        spec: RoundSpec,
+        phase: str,
+        slots: bytes | Sequence[bytes | str],
+        values: npt.ArrayLike,
+    ) -> bytes:
+        """Build and remember a post without sending it; :meth:`resend` sends it (a pool
+        sends one participant's post while it builds the next)."""
         raw = self.build_post(spec, phase, slots, values)
         self._outbox[(spec.round_id, phase)] = raw
-        return self._deliver(raw)
+        return raw
 
     def resend(self, round_id: int, phase: str) -> bool:
         """Retry the remembered post byte for byte (safe: C counts it once).
