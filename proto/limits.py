@@ -12,7 +12,10 @@ bytes: version, 8-byte key id, 32-byte ephemeral key, 16-byte tag):
 - mailbox: ``8 · items`` slot ids + ``8 · items · dim`` C-shares + one sealed 48-byte block;
 - shuffled: one outer envelope holding ``items`` sealed C-items of ``57 + 24 + 8 · dim`` bytes
   (16-byte contribution id, 8-byte slot, shares), plus ``items`` sealed A-items of ``57 + 40``
-  bytes each (each with a 4-byte length prefix).
+  bytes each (each with a 4-byte length prefix);
+- dense: ``8 · slots · dim`` C-shares of every slot of the phase (no slot ids in a pseudonym
+  phase, the aggregate names in an aggregate one) + one sealed 48-byte block; at most
+  ``protocols.secure_sum.protocol.MAX_DENSE_WORDS`` (2²²) words, 32 MiB.
 
 A post comes from one secure-sum participant: a phone (one device) or a share of a device pool
 (up to ``device_agent.pool.UNIT_DEVICES`` = 1,024 devices, padded to ``devices ×

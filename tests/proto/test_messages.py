@@ -25,7 +25,7 @@ from proto.framing import Reassembler, fragments
 from protocols.secure_sum import messages as ssm
 from protocols.secure_sum import protocol
 from protocols.secure_sum.config import Mode, PhaseSpec, RoundSpec, SlotKind
-from protocols.secure_sum.protocol import AggregatorServer, InMemoryNetwork
+from protocols.secure_sum.protocol import MAX_DENSE_WORDS, AggregatorServer, InMemoryNetwork
 from protocols.secure_sum.slots import SLOT_ID_BYTES
 from sim.params import BASE_PARAMS
 
@@ -157,7 +157,7 @@ def test_unknown_fields_from_a_newer_peer_survive_a_round_trip() -> None:
 AGG = PhaseSpec("observations", 3, SlotKind.AGGREGATE, 2, ("global/day/0", "global/day/1"))
 
 
-@pytest.mark.parametrize("mode", [Mode.MAILBOX, Mode.SHUFFLED])
+@pytest.mark.parametrize("mode", [Mode.MAILBOX, Mode.SHUFFLED, Mode.DENSE])
 def test_posts_carried_in_rpc_messages_reach_the_exact_sum(mode: Mode) -> None:
     net = InMemoryNetwork(mode)
     spec = RoundSpec(5, (AGG,))
@@ -283,6 +283,24 @@ def test_full_pooled_shuffled_messages_post_fits_the_payload_limit() -> None:
     assert full <= limits.MAX_PAYLOAD_BYTES
     # a pool's batch of 4 full participants' posts fits one request
     assert 4 * (full + 64) <= limits.DEVICE_MAX_REQUEST_BYTES
+
+
+def test_largest_dense_post_fits_the_payload_limit() -> None:
+    """A dense post is ``8 · slots · dim`` bytes of C-shares (no slot ids in a pseudonym phase)
+    plus one sealed seed, checked byte for byte on a real post; at its bound
+    (``MAX_DENSE_WORDS`` words) it fits one payload."""
+    dim = 1 + len(BASE_PARAMS)
+    phase = PhaseSpec("messages", dim, SlotKind.PSEUDONYM, 4)
+    net = InMemoryNetwork(Mode.DENSE, deployment_key=bytes(range(32)))
+    spec = RoundSpec(1, (phase,))
+    net.open_round(spec)
+    slots = net.device().register(1, [bytes([i]) * 16 for i in range(50)])
+    net.coordinator.close_registration(1)
+    raw = net.device().build_post(spec, "messages", slots[:3], np.ones((3, dim)))
+    post = ssm.MailboxPost.from_bytes(raw)
+    assert post.slot_ids == b"" and len(post.share_c) == 8 * 50 * dim
+    assert 0 <= len(raw) - (8 * 50 * dim + _ENVELOPE + 48) <= 1024
+    assert 8 * MAX_DENSE_WORDS + _ENVELOPE + 48 + 1024 <= limits.MAX_PAYLOAD_BYTES
 
 
 # -- real gRPC ---------------------------------------------------------------------------------

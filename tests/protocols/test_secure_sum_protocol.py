@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import protocols.secure_sum.protocol as protocol_module
 from protocols.secure_sum import (
     AlreadyFetched,
     AuthenticationFailed,
@@ -864,6 +865,17 @@ def test_a_registration_must_hold_whole_groups() -> None:
             device.register(ROUND, [os.urandom(16) for _ in range(n)])
     assert server_state(net) == before  # neither C nor A registered anything
     assert len(device.register(ROUND, [os.urandom(16) for _ in range(6)])) == 6  # two groups
+
+
+def test_a_dense_post_past_its_word_bound_is_refused_at_the_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A table of slots × dim words past MAX_DENSE_WORDS would not fit one payload: the device
+    refuses to build the post, naming the bound and the modes that scale."""
+    w = World(Mode.DENSE, 4, k=1)
+    monkeypatch.setattr(protocol_module, "MAX_DENSE_WORDS", 4 * 3 - 1)  # 4 slots × dim 3
+    with pytest.raises(WrongLength, match="MAX_DENSE_WORDS=11: use mailbox or shuffled"):
+        w.devices[0].build_post(w.spec, "messages", [w.slots[1]], np.ones((1, 3)))
 
 
 def test_dense_mode_refuses_a_minimum_cohort() -> None:
