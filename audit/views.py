@@ -702,53 +702,74 @@ def _dense_shares(
     aggregate phase, the round's directory by position in a pseudonym phase). C's rows are the
     posted C-shares; A's the relayed seeds expanded. A batch of ``P`` posts over ``D`` slots
     larger than ``max_open`` rows keeps the same fixed-seed sample of slot positions in every
-    post (so the posts stay comparable slot by slot); the rest is counted as not sampled."""
+    post (so the posts stay comparable slot by slot); the rest is counted as not sampled. Two
+    passes over the records: the first counts each batch's posts, the second turns one post at
+    a time into its sampled rows (a post's megabytes are never all held at once)."""
     coordinator = view.role == "coordinator"
-    batches: dict[tuple[str, int, str], list[tuple[bytes, bytes, bytes]]] = {}
-    seen_posts: set[tuple[str, int, str, bytes]] = set()
+    posts_in: Counter[tuple[str, int, str]] = Counter()
+    for post in _dense_posts(view, out, unused, coordinator, count_replays=True):
+        posts_in[post[:3]] += 1
+    for dep, round_id, phase, device, slot_ids, part in _dense_posts(
+        view, out, unused, coordinator, count_replays=False
+    ):
+        b = out[dep]
+        ids = slot_ids or dense_directory(view, dep, round_id)
+        n = len(ids) // SLOT_ID_BYTES
+        if coordinator:
+            if len(part) != 8 * n * b.dim:
+                unused[MALFORMED_POST] += 1
+                continue
+            share = np.frombuffer(part, dtype="<i8").reshape(n, b.dim)
+        else:
+            header = post_header(device, round_id, phase)
+            try:
+                inner = open_envelope(view.keys[dep], part, INFO_MAILBOX, header)
+            except SecureSumError:
+                unused[SEED_NOT_OPENED] += 1
+                continue
+            share = expand_seed(inner[:SEED_BYTES], n * b.dim).reshape(n, b.dim)
+        keep = _sample(n, max(1, max_open // posts_in[(dep, round_id, phase)]), round_id)
+        if len(keep) < n:
+            b.sampled[(round_id, phase)] = (
+                len(keep) * posts_in[(dep, round_id, phase)],
+                n * posts_in[(dep, round_id, phase)],
+            )
+            unused[NOT_SAMPLED] += n - len(keep)
+        slots = np.frombuffer(ids, np.uint8).reshape(n, SLOT_ID_BYTES)[keep].tobytes()
+        b.add(round_id, phase, device, slots, share[keep].astype(np.int64), positions=keep.tolist())
+        b.batch.setdefault((round_id, phase), []).append((device, len(keep)))
+    return Shares({k: v.build() for k, v in out.items()}, unused)
+
+
+def _dense_posts(
+    view: ServerView,
+    out: dict[str, _RowBuilder],
+    unused: Counter[str],
+    coordinator: bool,
+    count_replays: bool,
+) -> Iterator[tuple[str, int, str, bytes, bytes, bytes]]:
+    """Each distinct dense post of the view, as (deployment, round, phase, participant, slot ids,
+    C-share bytes at C | sealed seed at A); replays (a post again, a relay again) are skipped,
+    and counted once when ``count_replays``."""
+    seen: set[tuple[str, int, str, bytes]] = set()
     for r, msg in _decoded(view.records, "in", coordinator):
         if r.deployment not in out:
             continue
         if coordinator and isinstance(msg, MailboxPost):
-            key = (r.deployment, msg.round_id, msg.phase)
-            if (*key, msg.device_id) in seen_posts:
-                unused[REPLAYED] += 1
+            key = (r.deployment, msg.round_id, msg.phase, msg.device_id)
+            if key in seen:
+                unused[REPLAYED] += count_replays
                 continue
-            seen_posts.add((*key, msg.device_id))
-            batches.setdefault(key, []).append((msg.device_id, msg.slot_ids, msg.share_c))
+            seen.add(key)
+            yield (*key, msg.slot_ids, msg.share_c)
         elif not coordinator and isinstance(msg, RelayMailbox):
-            key = (r.deployment, msg.round_id, msg.phase)
-            if key in batches:
-                unused[REPLAYED] += 1
+            key = (r.deployment, msg.round_id, msg.phase, b"")
+            if key in seen:
+                unused[REPLAYED] += count_replays
                 continue
-            batches[key] = list(zip(msg.device_ids, msg.slot_ids, msg.sealed_for_a, strict=True))
-    for (dep, round_id, phase), posts in batches.items():
-        b = out[dep]
-        b.batch[(round_id, phase)] = []
-        for device, slot_ids, part in posts:
-            ids = slot_ids or dense_directory(view, dep, round_id)
-            n = len(ids) // SLOT_ID_BYTES
-            if coordinator:
-                if len(part) != 8 * n * b.dim:
-                    unused[MALFORMED_POST] += 1
-                    continue
-                share = np.frombuffer(part, dtype="<i8").astype(np.int64).reshape(n, b.dim)
-            else:
-                header = post_header(device, round_id, phase)
-                try:
-                    inner = open_envelope(view.keys[dep], part, INFO_MAILBOX, header)
-                except SecureSumError:
-                    unused[SEED_NOT_OPENED] += 1
-                    continue
-                share = expand_seed(inner[:SEED_BYTES], n * b.dim).reshape(n, b.dim)
-            keep = _sample(n, max(1, max_open // max(len(posts), 1)), round_id)
-            if len(keep) < n:
-                b.sampled[(round_id, phase)] = (len(keep) * len(posts), n * len(posts))
-                unused[NOT_SAMPLED] += n - len(keep)
-            slots = np.frombuffer(ids, np.uint8).reshape(n, SLOT_ID_BYTES)[keep].tobytes()
-            b.add(round_id, phase, device, slots, share[keep], positions=keep.tolist())
-            b.batch[(round_id, phase)].append((device, len(keep)))
-    return Shares({k: v.build() for k, v in out.items()}, unused)
+            seen.add(key)
+            for entry in zip(msg.device_ids, msg.slot_ids, msg.sealed_for_a, strict=True):
+                yield (*key[:3], *entry)
 
 
 def _sample_batch(

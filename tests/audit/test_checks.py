@@ -186,6 +186,12 @@ def test_dense_mode_audits_clean_at_both_servers() -> None:
         assert rec.status is Status.PASS, rec.summary
         result = run_checks(inp)
         assert result.verdict == "pass", [(r.key, r.summary) for r in result.checks]
+        # past --max-open every post keeps the same sampled slot positions
+        sampled = shares_of(inp, max_open=80)
+        small = sampled.rows["neighbourhood"]
+        assert len(small) == 40 * 2 and sampled.unused[NOT_SAMPLED] == 40 * 38
+        assert len({bytes(s) for s in small.slot}) == 2
+        assert check_linkage(inp, sampled).status is Status.PASS
 
 
 def test_dense_mode_audit_fails_when_posts_are_not_masked(monkeypatch: pytest.MonkeyPatch) -> None:
