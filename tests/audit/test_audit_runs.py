@@ -3,8 +3,8 @@ invocation per server, each holding only that server's auditor key.
 
 The issue's acceptance: on ``plaintext`` the audit FAILS (uniformity and reconstruction); on
 ``mailbox`` it passes the value checks and reports the graph leakage; on ``shuffled`` and
-``dense`` it passes every check. Each server's transcript is sealed to its own auditor, and one server's
-audit runs with the other server's transcript, keys and auditor key out of reach.
+``dense`` it passes every check. Each server's transcript is sealed to its own auditor, and one
+server's audit runs with the other server's transcript, keys and auditor key out of reach.
 """
 
 from __future__ import annotations
