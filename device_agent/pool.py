@@ -279,6 +279,21 @@ def _beacons_of(rd: RadioDay, keep: np.ndarray) -> RadioDay:
     )
 
 
+def _distinct_rpis(
+    rpis: npt.NDArray[np.uint8],
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+    """The distinct rows of ``(n, 16)`` RPIs and each row's index among them. The two 64-bit
+    halves are sorted together: several times faster than sorting 16-byte void keys."""
+    halves = np.ascontiguousarray(rpis).view("<u8").reshape(-1, 2)
+    order = np.lexsort((halves[:, 1], halves[:, 0]))
+    ranked = halves[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (ranked[1:] != ranked[:-1]).any(axis=1)
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return rpis[order[first]], inverse
+
+
 class DevicePool:
     """Virtual devices, one agent each, computing the model locally and posting shares.
 
@@ -505,15 +520,19 @@ class DevicePool:
         weight = quantize(torch.from_numpy(trace.weight), W_BITS)
         values = message(q[torch.from_numpy(local)], weight).numpy()
         keep = self._speaking(MESSAGES_PHASE)[local]
-        local = local[keep]
-        heard = (self.unit_of[local], values[keep], trace.rpi[keep])
+        unit = self.unit_of[local[keep]]
+        # each participant's sightings by one stable sort, not one pass over all per participant
+        by_unit = np.argsort(unit, kind="stable")
+        bounds = np.searchsorted(unit[by_unit], np.arange(len(self._nbhd) + 1)).tolist()
+        values, rpis = values[keep][by_unit], trace.rpi[keep][by_unit]
         # the directory is fetched once, here: the participants share it, and from now on only
         # the sender thread talks to the servers
         directory = self._nbhd[0].directory(spec.round_id)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="post") as sender:
             in_flight: Future[bool] | None = None
             for u, client in enumerate(self._nbhd):
-                self._stage_messages(spec, day, u, directory, heard)
+                lo, hi = bounds[u], bounds[u + 1]
+                self._stage_messages(spec, day, u, directory, values[lo:hi], rpis[lo:hi])
                 if in_flight is not None:
                     in_flight.result()  # a failed send raises here, before the next one
                 # one participant's post travels while the next is built
@@ -527,19 +546,15 @@ class DevicePool:
         day: int,
         u: int,
         directory: SlotTable,
-        heard: tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.uint8]],
+        values: npt.NDArray[np.float64],
+        rpis: npt.NDArray[np.uint8],
     ) -> None:
         """Build participant ``u``'s messages post and stage it in its client (not sent): its
-        devices' messages (``heard``: unit, message row, RPI of each sighting) summed per heard
-        RPI's slot."""
-        unit, values, rpis = heard
+        devices' messages (one row per sighting, with the RPI heard) summed per heard RPI's
+        slot."""
         phase = spec.phase(MESSAGES_PHASE)
         client = self._nbhd[u]
-        rows = np.flatnonzero(unit == u)
-        # one 16-byte key per RPI: a 1-D unique is far faster than a row-wise one
-        keys = np.ascontiguousarray(rpis[rows]).view("V16").ravel()
-        uniq_keys, inverse = np.unique(keys, return_inverse=True)
-        uniq = uniq_keys.view(np.uint8).reshape(-1, 16)
+        uniq, inverse = _distinct_rpis(rpis)
         budget = phase.items_per_device * int(self.unit_bounds[u + 1] - self.unit_bounds[u])
         if len(uniq) > budget:
             raise TraceOverflow(
@@ -547,7 +562,7 @@ class DevicePool:
                 f"budget of {budget} items (items_per_device={phase.items_per_device})"
             )
         summed = np.zeros((len(uniq), values.shape[1]), dtype=np.float64)
-        np.add.at(summed, inverse.reshape(-1), values[rows])
+        np.add.at(summed, inverse, values)
         key = client.deployment.deployment_key
         joined = pseudonym_slots(np.ascontiguousarray(uniq).tobytes(), spec.round_id, key)
         # a beacon whose owner did not register this round (it dropped out) has no slot: its
