@@ -1088,7 +1088,10 @@ class CoordinatorServer(_Server):
         plaintext = self.deployment.mode is Mode.PLAINTEXT
         if plaintext == bool(m.sealed_for_a):
             raise MessageError("sealed A-part must be present in mailbox mode, absent in plaintext")
-        shares = np.frombuffer(m.share_c, dtype="<i8").astype(np.int64).reshape(-1, p.dim)
+        # a view of the post (no copy of a dense post's megabytes); the accumulators only read it
+        shares = (
+            np.frombuffer(m.share_c, dtype="<i8").astype(np.int64, copy=False).reshape(-1, p.dim)
+        )
         key = unit_key(m.device_id, m.round_id, m.phase)
         acc = self._accumulator(rnd, m.phase)
         if isinstance(acc, DenseAccumulator):
