@@ -607,7 +607,7 @@ class AggregatorServer(_Server):
             raise MessageError("relay lists have different lengths")
         k, plaintext = p.items_per_device, self.deployment.mode is Mode.PLAINTEXT
         dense = self.deployment.mode is Mode.DENSE
-        dense_ids = dense_slot_ids(p, table)
+        dense_ids = dense_slot_ids(p, table) if dense else b""
         # one public-key open per post is inherent; everything after it is batched over items
         n_posts = len(m.device_ids)
         ok = np.zeros(n_posts, dtype=bool)

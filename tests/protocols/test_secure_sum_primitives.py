@@ -61,7 +61,7 @@ from protocols.secure_sum import (
     split_rows,
     split_with_seed,
 )
-from protocols.secure_sum.accumulator import PhaseState
+from protocols.secure_sum.accumulator import DenseAccumulator, PhaseState
 from protocols.secure_sum.envelope import (
     HEADER_BYTES,
     KEY_ID_BYTES,
@@ -309,6 +309,37 @@ def test_accumulator_idempotence_conflict_bound_and_lifecycle() -> None:
     assert sums.tolist() == [[5, 8], [3, 4], [0, 0]] and counts.tolist() == [3, 1, 0]
     with pytest.raises(PhaseError, match="already agreed"):
         acc.agree(surviving[:1])
+
+
+def test_dense_accumulator_keeps_blocks_and_sums_the_survivors() -> None:
+    """A dense phase's units are whole (slots × dim) blocks: replays ignored, a key with two
+    blocks refused everywhere in a relayed batch, row submissions refused, and the agreed sums
+    add exactly the surviving blocks (int64 wrap-around)."""
+    codec = FixedPointCodec(frac_bits=8, max_abs=100.0, max_summands=3)
+    acc = DenseAccumulator(n_slots=2, dim=2, codec=codec)
+    k1, k2, k3, k4 = (os.urandom(16) for _ in range(4))
+    b1 = np.array([[2**62, 1], [2, 3]], dtype=np.int64)
+    assert acc.submit_block(k1, b1) and not acc.submit_block(k1, b1.copy())
+    with pytest.raises(ConflictingSubmission, match="different content"):
+        acc.submit_block(k1, b1 + 1)
+    with pytest.raises(WrongLength, match="do not cover the 2 slots"):
+        acc.submit_block(k2, np.zeros((3, 2), dtype=np.int64))
+    with pytest.raises(PhaseError, match="whole blocks"):
+        acc.submit(k2, np.array([0, 1]), b1)
+    batch = np.stack([b1, b1 * 2, b1 * 3, b1 * 3 + 1, b1 * 5]).astype(np.int64)
+    res = acc.submit_blocks(k1 + k2 + k3 + k3 + k4, batch)
+    # k1: the stored block again (a replay); k3: two different blocks, refused both times
+    assert (res.accepted, res.replayed, res.conflicting) == (2, 1, 2)
+    assert acc.unit_count == 3
+    with pytest.raises(OverflowBoundError, match="max_summands=3"):
+        acc.submit_block(os.urandom(16), b1)
+    acc.close()
+    keys = acc.sorted_keys()
+    acc.agree(keys[np.isin(keys, np.frombuffer(k1 + k4, dtype=keys.dtype))])
+    sums, counts = acc.sums()
+    assert sums.tolist() == (b1 + b1 * 5).tolist() and counts.tolist() == [2, 2]
+    slots, rows = acc.rows()
+    assert slots.tolist() == [0, 1] * 3 and len(rows) == 6
 
 
 def test_accumulator_agreement_checks_expected_digest() -> None:
