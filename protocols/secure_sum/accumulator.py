@@ -338,13 +338,19 @@ class ShareAccumulator:
             if digest != self._surviving_digest:
                 raise PhaseError("surviving set already agreed; a different set is refused")
             return digest
-        alive = np.isin(self._keys[: len(self._index)], common)[self._rowunit[: self._rows]]
-        self._sums, self._surviving_counts = group_sum(
-            self._slot[: self._rows][alive], self._share[: self._rows][alive], self.n_slots
-        )
+        self._sums, self._surviving_counts = self._surviving_sums(common)
         self._surviving_digest = digest
         self.state = PhaseState.AGREED
         return digest
+
+    def _surviving_sums(
+        self, common: npt.NDArray[np.void]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Per-slot sums and counts of the units whose keys are in ``common``."""
+        alive = np.isin(self._keys[: len(self._index)], common)[self._rowunit[: self._rows]]
+        return group_sum(
+            self._slot[: self._rows][alive], self._share[: self._rows][alive], self.n_slots
+        )
 
     @property
     def surviving_digest(self) -> bytes | None:
@@ -544,24 +550,11 @@ class DenseAccumulator(ShareAccumulator):
             return slots, np.zeros((0, self.dim), dtype=np.int64)
         return slots, np.concatenate(blocks)
 
-    def agree(self, surviving: npt.NDArray[np.void], expected: bytes | None = None) -> bytes:
-        """Fix the surviving set to ``own keys ∩ surviving``; add its blocks; return its digest
-        (see :meth:`ShareAccumulator.agree`)."""
-        common = np.intersect1d(self.sorted_keys(), surviving)
-        digest = key_set_digest(common)
-        if expected is not None and digest != expected:
-            raise AgreementError(
-                "surviving-set digests differ: the servers hold different contributions"
-            )
-        if self.state is PhaseState.AGREED:
-            if digest != self._surviving_digest:
-                raise PhaseError("surviving set already agreed; a different set is refused")
-            return digest
+    def _surviving_sums(
+        self, common: npt.NDArray[np.void]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The surviving blocks added up; every slot counts each surviving unit."""
         total = np.zeros((self.n_slots, self.dim), dtype=np.int64)
         for key in common.tolist():
             total += self._blocks[key]  # int64 additions wrap modulo 2^64: the ring's sum
-        self._sums = total
-        self._surviving_counts = np.full(self.n_slots, len(common), dtype=np.int64)
-        self._surviving_digest = digest
-        self.state = PhaseState.AGREED
-        return digest
+        return total, np.full(self.n_slots, len(common), dtype=np.int64)

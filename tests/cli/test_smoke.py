@@ -108,7 +108,7 @@ COVERED: dict[str, tuple[str, ...]] = {
         "tests/device_agent/test_pilot_radio.py::test_the_device_prints_its_own_trace",
     ),
     # runs the audit command's run() on real federations
-    "audit": ("tests/audit/test_audit_runs.py::test_audit_of_the_three_modes",),
+    "audit": ("tests/audit/test_audit_runs.py::test_audit_of_the_four_modes",),
 }
 
 

@@ -249,26 +249,22 @@ def test_mailbox_run_over_grpc_equals_the_central_run(
     _check_equivalence(run, central, Mode.MAILBOX, participants)
 
 
-def test_shuffled_run_over_grpc_equals_the_central_run(
-    tmp_path: Path, population: Population, central: RunResult
+@pytest.mark.parametrize(
+    ("mode", "unit_devices", "participants"), [(Mode.SHUFFLED, 256, 2), (Mode.DENSE, 32, 4)]
+)
+def test_unlinkable_runs_over_grpc_equal_the_central_run(
+    tmp_path: Path,
+    population: Population,
+    central: RunResult,
+    mode: Mode,
+    unit_devices: int,
+    participants: int,
 ) -> None:
-    stack = Stack(tmp_path, Mode.SHUFFLED)
+    stack = Stack(tmp_path, mode)
     try:
-        run, participants = _run(stack, population, unit_devices=256)
-        assert participants == 2
-        _check_equivalence(run, central, Mode.SHUFFLED, participants)
-    finally:
-        stack.close()
-
-
-def test_dense_run_over_grpc_equals_the_central_run(
-    tmp_path: Path, population: Population, central: RunResult
-) -> None:
-    stack = Stack(tmp_path, Mode.DENSE)
-    try:
-        run, participants = _run(stack, population, unit_devices=32)
-        assert participants == 4
-        _check_equivalence(run, central, Mode.DENSE, participants)
+        run, got = _run(stack, population, unit_devices=unit_devices)
+        assert got == participants
+        _check_equivalence(run, central, mode, participants)
     finally:
         stack.close()
 
