@@ -16,6 +16,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +44,7 @@ from protocols.secure_sum import (
 from protocols.secure_sum import errors as ss_errors
 from protocols.secure_sum.messages import (
     DirectoryRequest,
+    MailboxPost,
     OpenRound,
     RegisterRequest,
     RelayMailbox,
@@ -274,6 +276,77 @@ def _open_probe_round(stack: Stack, round_id: int) -> RoundSpec:
     spec = RoundSpec(round_id, (PhaseSpec(MESSAGES_PHASE, width, SlotKind.PSEUDONYM, 1),))
     stack.services["neighbourhood"].open_round(spec)
     return spec
+
+
+def test_dense_posts_over_grpc_are_checked_and_sum_exactly(tmp_path: Path) -> None:
+    """Through the real gateway in dense mode: a post naming slots, a truncated share block and
+    a post for another round are each refused with a status and message that name the fault
+    and change nothing; the honest posts then sum exactly into the registrant's day total."""
+    stack = Stack(tmp_path, Mode.DENSE)
+    try:
+        rid = 902
+        spec = _open_probe_round(stack, rid)
+        alice_id, bob_id, mallory_id = os.urandom(16), os.urandom(16), os.urandom(16)
+        alice, _ = stack.connector.participant(alice_id)
+        bob, _ = stack.connector.participant(bob_id)
+        mallory, _ = stack.connector.participant(mallory_id)
+        (alice_slot,) = alice.register(rid, [os.urandom(16)])
+        (bob_slot,) = bob.register(rid, [os.urandom(16)])
+        coordinator = stack.services["neighbourhood"].coordinator
+        coordinator.close_registration(rid)
+        width = 1 + len(BASE_PARAMS)
+        good = decode(mallory.build_post(spec, MESSAGES_PHASE, [alice_slot], np.ones((1, width))))
+        assert isinstance(good, MailboxPost) and good.slot_ids == b""
+        named = MailboxPost(**{**vars(good), "slot_ids": bytes(alice_slot)})
+        cut = MailboxPost(**{**vars(good), "share_c": good.share_c[:-8]})
+        stub = pb_grpc.DeviceGatewayStub(stack.connector.channel(mallory_id))
+        refusals = []
+        for msg, routed_round in ((named, rid), (cut, rid), (good, rid + 1)):
+            reply = stub.PostShares(
+                pb.PostSharesRequest(
+                    round=common_pb2.RoundRef(round_id=routed_round, phase=MESSAGES_PHASE),
+                    posts=[
+                        pb.SharePost(
+                            device=common_pb2.DeviceId(value=mallory_id),
+                            item_count=len(msg.slot_ids) // 8,
+                            dim=width,
+                            payload=msg.to_bytes(),
+                        )
+                    ],
+                ),
+                timeout=5,
+            )
+            (result,) = reply.results
+            assert result.WhichOneof("outcome") == "error"
+            refusals.append((grpc.StatusCode(_code(result.error.code)).name, result.error.detail))
+        assert refusals[0] == (
+            "INVALID_ARGUMENT",
+            "this deployment runs dense mode: a post covers the whole slot table and names its "
+            "slots only in an aggregate phase (every aggregate slot, in order)",
+        )
+        assert refusals[1][0] == "INVALID_ARGUMENT"
+        assert refusals[1][1].startswith("share block is 56 bytes; expected 2 × 4 int64")
+        assert refusals[2][0] == "INVALID_ARGUMENT" and "routing field round_id" in refusals[2][1]
+        assert coordinator.rounds[rid].accumulators.get(MESSAGES_PHASE) is None  # nothing kept
+        # the honest posts: each a share of both slots; Bob's day total is Alice's message
+        message = np.array([[0.5, -1.25, 2.0, 0.125]])
+        assert alice.post(spec, MESSAGES_PHASE, [bob_slot], message)
+        assert bob.post(spec, MESSAGES_PHASE, [alice_slot], 2 * message)
+        coordinator.close_phase(rid, MESSAGES_PHASE)
+        codec = bob.codec
+        assert codec.decode(bob.fetch_ring(rid, MESSAGES_PHASE, [bob_slot])).tolist() == (
+            message.tolist()
+        )
+        assert codec.decode(alice.fetch_ring(rid, MESSAGES_PHASE, [alice_slot])).tolist() == (
+            (2 * message).tolist()
+        )
+    finally:
+        stack.close()
+
+
+def _code(value: int) -> tuple[int, str]:
+    """The grpc.StatusCode value of a wire code number."""
+    return next(c.value for c in grpc.StatusCode if c.value[0] == value)
 
 
 def test_fetching_another_devices_slot_is_permission_denied(mailbox: Stack) -> None:
