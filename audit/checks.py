@@ -507,13 +507,15 @@ def _control(rows: Rows, every: _Targets, tally: _Control) -> None:
     Where only a fixed-seed sample of a batch was opened, a (round, slot) holding ``t`` true
     items has an opened row with probability at least ``1 − C(N − t, m) / C(N, m)`` (``m`` of
     the batch's ``N`` items opened; dummies at the slot only raise it): the expectation the
-    tally compares against."""
+    tally compares against. A sampled dense batch opened the same fixed-seed fraction ``m / N``
+    of slot positions in every post: a (round, slot) has rows with that probability."""
     if not len(every.edge):
         return
     guesses = _Guesses()
     guesses.add_rows(rows, _completed(rows, every))
     hit = guesses.hits(every)
-    if len(rows) and rows.known.all():
+    known = not len(rows) or bool(rows.known.all())
+    if known and not rows.sampled:
         tally.add(np.ones(len(every.edge)), hit)
         return
     units, inverse, t = np.unique(every.slot_key, return_inverse=True, return_counts=True)
@@ -528,7 +530,10 @@ def _control(rows: Rows, every: _Targets, tally: _Control) -> None:
         np.asarray([sampled.get(int(r), (0, 0))[i] for r in rnd], dtype=np.int64) for i in (0, 1)
     )
     # a round not sampled (n = 0) was opened whole: each of its units has a row
-    p = np.where(n > 0, 1.0 - _chance_none(m, t.astype(np.int64), n), 1.0)
+    if known:  # dense: every post has a row at each opened position (m / n of them)
+        p = np.where(n > 0, m / np.maximum(n, 1), 1.0)
+    else:
+        p = np.where(n > 0, 1.0 - _chance_none(m, t.astype(np.int64), n), 1.0)
     tally.add(p, unit_hit)
 
 

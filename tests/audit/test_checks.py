@@ -192,6 +192,12 @@ def test_dense_mode_audits_clean_at_both_servers() -> None:
         assert len(small) == 40 * 2 and sampled.unused[NOT_SAMPLED] == 40 * 38
         assert len({bytes(s) for s in small.slot}) == 2
         assert check_linkage(inp, sampled).status is Status.PASS
+        # the control expects only the contributions at the opened positions (2 of 40 slots)
+        rec = check_reconstruction(inp, sampled)
+        assert rec.status is Status.PASS, rec.summary
+        control = rec.details["control"]
+        assert control["expected"] == pytest.approx(control["units"] * 2 / 40)
+        assert 0 < control["recovered"] < control["units"]
 
 
 def test_dense_mode_audit_fails_when_posts_are_not_masked(monkeypatch: pytest.MonkeyPatch) -> None:
