@@ -27,6 +27,7 @@ import math
 import os
 import stat
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,11 +181,11 @@ def check_uniformity(inp: AuditInput, shares: Shares) -> CheckResult:
     """
     role = inp.role
     series: dict[str, npt.NDArray[np.int64]] = {}
-    words = [rows.share.ravel() for rows in shares.rows.values() if len(rows)]
-    if words:
-        series[role] = np.concatenate(words)
-    control = _plaintext_values(inp, shares)
-    tested = {k: v for k, v in series.items() if v.size >= MIN_WORDS}
+    n_words = sum(rows.share.size for rows in shares.rows.values())
+    if n_words:
+        series[role] = _sampled_words(shares, n_words)
+    control = _plaintext_values(inp, shares, n_words)
+    tested = {k: v for k, v in series.items() if n_words >= MIN_WORDS}
     if not tested:
         return CheckResult(
             "uniformity",
@@ -200,7 +201,7 @@ def check_uniformity(inp: AuditInput, shares: Shares) -> CheckResult:
         sample = _subsample(held, i)
         results[name] = {
             **_uniform_tests(sample),
-            "words": int(held.size),
+            "words": int(n_words),
             "tested": int(sample.size),
         }
         hist[name] = np.bincount(
@@ -248,20 +249,44 @@ def check_uniformity(inp: AuditInput, shares: Shares) -> CheckResult:
     )
 
 
-def _plaintext_values(inp: AuditInput, shares: Shares) -> npt.NDArray[np.int64]:
+def _quota(words: npt.NDArray[np.int64], n_words: int, salt: int) -> npt.NDArray[np.int64]:
+    """A fixed-seed share of ``words`` (part of ``n_words`` in all) proportional to its size,
+    so the parts' samples together hold about ``MAX_WORDS`` words."""
+    if n_words <= MAX_WORDS:
+        return words.ravel()
+    k = min(words.size, -(-words.size * MAX_WORDS // n_words))
+    rng = np.random.default_rng(0x5EED + salt)
+    # distinct positions without a permutation of all of them (hundreds of millions of words)
+    return words.ravel()[np.unique(rng.integers(0, words.size, size=k))]
+
+
+def _sampled_words(shares: Shares, n_words: int) -> npt.NDArray[np.int64]:
+    """About ``MAX_WORDS`` of the server's share words (all when fewer), without concatenating
+    its gigabytes of rows first."""
+    parts = [
+        _quota(rows.share, n_words, i) for i, rows in enumerate(shares.rows.values()) if len(rows)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _plaintext_values(inp: AuditInput, shares: Shares, n_words: int) -> npt.NDArray[np.int64]:
     """The ring words a server without secret sharing would hold in place of this server's
     shares: each share row completed from the ground truth (:func:`_completed`: the true value
-    of the item, 0 for a dummy) — the uniformity control."""
+    of the item, 0 for a dummy) — the uniformity control; about ``MAX_WORDS`` of them, computed
+    a round at a time."""
     if inp.truth is None:
         return np.zeros(0, np.int64)
     words = []
-    for dep, codec in inp.codecs.items():
+    for d, (dep, codec) in enumerate(inp.codecs.items()):
         rows = shares.rows.get(dep)
         if rows is None or not len(rows):
             continue
         table = _truth_table(inp.truth, dep)
-        every = _targets(table, codec, np.isin(table.round_id, _view_rounds(rows)))
-        words.append(_completed(rows, every).ravel())
+        for rows_r, at in _per_round(rows, table.round_id):
+            if len(rows_r):
+                every = _targets(table.take(at), codec, np.ones(len(at), dtype=bool))
+                salt = 100 + d * 100_003 + int(rows_r.round_id[0])
+                words.append(_quota(_completed(rows_r, every), n_words, salt))
     return np.concatenate(words) if words else np.zeros(0, np.int64)
 
 
@@ -320,6 +345,33 @@ class _Table:
     @property
     def slot_key(self) -> npt.NDArray[np.void]:
         return _void(_be(self.round_id), self.slot)
+
+    def take(self, idx: npt.NDArray[np.int64]) -> _Table:
+        return _Table(
+            self.round_id[idx],
+            self.participant[idx],
+            self.slot[idx],
+            self.value[idx],
+            self.devices[idx],
+        )
+
+
+def _per_round(
+    rows: Rows, truth_rounds: npt.NDArray[np.int64]
+) -> Iterator[tuple[Rows, npt.NDArray[np.int64]]]:
+    """(the server's rows, the indices of the true contributions) of one round at a time, for
+    every round of either. Every key of the attacks and the control starts with the round, so
+    a run is scored round by round: memory holds one round's joins, not sixty."""
+    # rows come in round order (one post after another): then each round's rows are a view
+    in_order = bool(np.all(rows.round_id[1:] >= rows.round_id[:-1]))
+    r_order = None if in_order else np.argsort(rows.round_id, kind="stable")
+    r_sorted = rows.round_id if r_order is None else rows.round_id[r_order]
+    t_order = np.argsort(truth_rounds, kind="stable")
+    t_sorted = truth_rounds[t_order]
+    for rnd in np.union1d(np.unique(r_sorted), t_sorted).tolist():
+        lo, hi = np.searchsorted(r_sorted, rnd), np.searchsorted(r_sorted, rnd, "right")
+        t_at = t_order[np.searchsorted(t_sorted, rnd) : np.searchsorted(t_sorted, rnd, "right")]
+        yield rows.take(slice(lo, hi) if r_order is None else r_order[lo:hi]), t_at
 
 
 def _truth_table(truth: Truth, dep: str) -> _Table:
@@ -582,31 +634,35 @@ def check_reconstruction(inp: AuditInput, shares: Shares, colluders: int = 1) ->
         )
         unused[OUTSIDE_ROUNDS] += int((~in_run).sum())
         unused[NOT_ENCODABLE] += int((in_run & ~_encodable(table, codec)).sum())
-        is_coll = _rows_in(table.participant, coll_ids)
-        every = _targets(table, codec, in_run)
-        honest = _targets(table, codec, in_run & ~is_coll)
-        if rows is None or not len(honest.edge):
+        if rows is None:
             continue
-        _control(rows, every, control)
-        nonzero = np.any(np.abs(honest.value) > RING_TOLERANCE, axis=1)
-        n_targets += len(honest.edge)
-        n_nonzero += int(nonzero.sum())
-        guesses = {n: _Guesses() for n in names}
-        guesses[role].add_rows(rows, rows.share)
-        if role == "aggregator":  # A holds r of x = (x − r) + r: it tries either sign
-            guesses[role].add_rows(rows, -rows.share)
-        guesses[coll_name].extend(guesses[role])
-        documented = _subtraction_attack(
-            dep, every, honest, coll_ids, regs, rows, guesses[coll_name], groups
-        )
-        n_documented += int((documented & nonzero).sum())
-        for n in names:
-            hit = guesses[n].hits(honest)
-            totals[n] += [
-                int(hit.sum()),
-                int((hit & nonzero).sum()),
-                int((hit & nonzero & ~documented).sum()),
-            ]
+        is_coll = _rows_in(table.participant, coll_ids)
+        for rows_r, at in _per_round(rows, table.round_id):
+            truth_r, run_r = table.take(at), in_run[at]
+            every = _targets(truth_r, codec, run_r)
+            honest = _targets(truth_r, codec, run_r & ~is_coll[at])
+            if not len(honest.edge):
+                continue
+            _control(rows_r, every, control)
+            nonzero = np.any(np.abs(honest.value) > RING_TOLERANCE, axis=1)
+            n_targets += len(honest.edge)
+            n_nonzero += int(nonzero.sum())
+            guesses = {n: _Guesses() for n in names}
+            guesses[role].add_rows(rows_r, rows_r.share)
+            if role == "aggregator":  # A holds r of x = (x − r) + r: it tries either sign
+                guesses[role].add_rows(rows_r, -rows_r.share)
+            guesses[coll_name].extend(guesses[role])
+            documented = _subtraction_attack(
+                dep, every, honest, coll_ids, regs, rows_r, guesses[coll_name], groups
+            )
+            n_documented += int((documented & nonzero).sum())
+            for n in names:
+                hit = guesses[n].hits(honest)
+                totals[n] += [
+                    int(hit.sum()),
+                    int((hit & nonzero).sum()),
+                    int((hit & nonzero & ~documented).sum()),
+                ]
     unused_out = {k: v for k, v in unused.items() if v}
     if not n_targets:
         return CheckResult(
@@ -875,36 +931,39 @@ def _linkage(rows: Rows | None, edges: npt.NDArray[np.void]) -> dict[str, Any] |
     }
 
 
-def _dense_linkage(rows: Rows | None, edges: npt.NDArray[np.void]) -> dict[str, Any] | None:
+def _dense_linkage(rows: Rows | None, truth: _Table) -> dict[str, Any] | None:
     """Dense mode: every participant posts a share of every slot, so every (poster, slot) pair a
     server holds is a candidate edge and the pairs carry nothing by themselves. The attack
     asserts the pairs whose share is not all zeros — a post left unmasked, or masked by a broken
     PRG, shows zeros wherever its participant contributed nothing. The verdict is a one-sided
     z-test of the asserted pairs' precision against the true edges' share of the candidates
-    (hypergeometric: asserted pairs drawn at random from the candidates)."""
+    (hypergeometric: asserted pairs drawn at random from the candidates). Counted a round at
+    a time (every pair and edge names its round)."""
     if rows is None or not len(rows):
         return None
-    candidates = np.unique(_void(_be(rows.round_id), rows.participant, rows.slot))
-    asserted = np.unique(
-        _void(_be(rows.round_id), rows.participant, rows.slot)[np.any(rows.share != 0, axis=1)]
-    )
-    raw = edges.view(np.uint8).reshape(-1, EDGE_BYTES)
-    e_round = raw[:, :8].copy().view(">i8").ravel().astype(np.int64)
-    covered = edges[np.isin(e_round, np.unique(rows.round_id))]
-    if not len(covered):
+    big_n = n = k = hits = n_covered = 0
+    for rows_r, at in _per_round(rows, truth.round_id):
+        if not len(rows_r):
+            continue  # a round this server holds no share of: its edges are not covered
+        pairs = _void(_be(rows_r.round_id), rows_r.participant, rows_r.slot)
+        candidates = np.unique(pairs)
+        asserted = np.unique(pairs[np.any(rows_r.share != 0, axis=1)])
+        covered = np.unique(truth.take(at).edge)
+        big_n, n = big_n + len(candidates), n + len(asserted)
+        n_covered += len(covered)
+        k += int(np.isin(candidates, covered).sum())
+        hits += int(np.isin(asserted, covered).sum())
+    if not n_covered:
         return None
-    big_n, n = len(candidates), len(asserted)
-    k = int(np.isin(candidates, covered).sum())
-    hits = int(np.isin(asserted, covered).sum())
     p = k / big_n
     mean = n * p
     var = n * p * (1 - p) * (big_n - n) / max(big_n - 1, 1)
     z = (hits - mean) / math.sqrt(var) if var > 0 else 0.0
     return {
-        "true_edges": len(covered),
+        "true_edges": n_covered,
         "asserted_edges": n,
-        "recall": hits / len(covered),
-        "chance_recall": mean / len(covered),
+        "recall": hits / n_covered,
+        "chance_recall": mean / n_covered,
         "precision": hits / max(n, 1),
         "chance_precision": p,
         "z": z,
@@ -933,10 +992,12 @@ def check_linkage(inp: AuditInput, shares: Shares) -> CheckResult:
         return CheckResult(
             "linkage", "Linkage attack", Status.SKIP, "no true contacts in the truth"
         )
-    edges = np.unique(table_t.edge)
     results: dict[str, dict[str, Any]] = {}
-    attack = _dense_linkage if inp.mode is Mode.DENSE else _linkage
-    measured = attack(shares.rows.get(NEIGHBOURHOOD), edges)
+    rows = shares.rows.get(NEIGHBOURHOOD)
+    if inp.mode is Mode.DENSE:
+        measured = _dense_linkage(rows, table_t)
+    else:
+        measured = _linkage(rows, np.unique(table_t.edge))
     if measured is not None:
         results[inp.role] = measured
     if not results:
@@ -996,6 +1057,29 @@ def check_linkage(inp: AuditInput, shares: Shares) -> CheckResult:
 
 
 # -- 4. small cohorts -------------------------------------------------------------------------
+def _cohort_sizes(
+    t: _Table, groups: Registrations | None
+) -> tuple[npt.NDArray[np.void], npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[Any]]:
+    """Per released unit (slot, or slot group), sorted by key: the key, the contacts (devices)
+    summed into it, its message mass and its contributing participants. A round at a time:
+    every key names its round, so the rounds' sorted results concatenate in order."""
+    out: list[tuple[Any, ...]] = []
+    order = np.argsort(t.round_id, kind="stable")
+    bounds = np.flatnonzero(np.diff(t.round_id[order])) + 1
+    for at in np.split(order, bounds):
+        r = t.take(at)
+        target_keys = r.slot_key if groups is None else groups.group_of(r.slot_key)
+        slot_keys, inv = np.unique(target_keys, return_inverse=True)
+        inv = inv.reshape(-1)
+        dev = np.bincount(inv, weights=r.devices, minlength=len(slot_keys)).astype(np.int64)
+        mass = np.bincount(inv, weights=np.abs(r.value[:, 0]), minlength=len(slot_keys))
+        pairs = _void(target_keys.view(np.uint8).reshape(-1, RS_BYTES), r.participant)
+        first = np.unique(pairs, return_index=True)[1]
+        out.append((slot_keys, dev, mass, np.bincount(inv[first], minlength=len(slot_keys))))
+    keys, dev, mass, parts = (np.concatenate(col) for col in zip(*out, strict=True))
+    return keys, dev, mass, parts
+
+
 def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
     """How many released slots summed fewer than ``k`` contributors (a slot summing one contact
     reveals that contact's message to its registrant), and whether a configured minimum cohort
@@ -1015,14 +1099,7 @@ def check_cohorts(inp: AuditInput, shares: Shares, k: int = 2) -> CheckResult:
     # is what sums into a group, whichever of its slots each contact posted to.
     groups = registrations(inp.view, inp.group_slots) if inp.group_slots > 1 else None
     what = "slots" if groups is None else "device-days (slot groups)"
-    target_keys = t.slot_key if groups is None else groups.group_of(t.slot_key)
-    slot_keys, inv = np.unique(target_keys, return_inverse=True)
-    inv = inv.reshape(-1)
-    dev = np.bincount(inv, weights=t.devices, minlength=len(slot_keys)).astype(np.int64)
-    mass = np.bincount(inv, weights=np.abs(t.value[:, 0]), minlength=len(slot_keys))
-    pairs = _void(target_keys.view(np.uint8).reshape(-1, RS_BYTES), t.participant)
-    first = np.unique(pairs, return_index=True)[1]
-    parts = np.bincount(inv[first], minlength=len(slot_keys))
+    slot_keys, dev, mass, parts = _cohort_sizes(t, groups)
     n_slots = len(slot_keys)
     small = dev < k
     hist = np.bincount(np.minimum(dev, 20), minlength=21).tolist()

@@ -326,7 +326,8 @@ class Rows:
     """Share rows of one server, one deployment: one row per item it holds a share of.
 
     Attributes:
-        round_id, phase: per row.
+        round_id, phase: per row (the phase names are shared str objects: 8 bytes a row, not
+            a fixed-width copy of the name).
         participant: ``(n, 16)`` uint8 poster ids; all-zero where this server cannot tell
             (shuffled items) — ``known`` says which.
         slot: ``(n, 8)`` uint8 slot ids.
@@ -341,7 +342,7 @@ class Rows:
     """
 
     round_id: npt.NDArray[np.int64]
-    phase: npt.NDArray[np.str_]
+    phase: npt.NDArray[np.object_]
     participant: npt.NDArray[np.uint8]
     known: npt.NDArray[np.bool_]
     slot: npt.NDArray[np.uint8]
@@ -359,17 +360,37 @@ class Rows:
         """Items this server received but the audit did not open (the sampling cap)."""
         return sum(received - opened for opened, received in self.sampled.values())
 
+    def take(self, idx: npt.NDArray[np.int64] | slice) -> Rows:
+        """The rows at ``idx`` (in that order; a slice gives views), with the whole view's
+        batches and samples."""
+        return Rows(
+            self.round_id[idx],
+            self.phase[idx],
+            self.participant[idx],
+            self.known[idx],
+            self.slot[idx],
+            self.share[idx],
+            self.cid[idx],
+            self.position[idx],
+            self.batch,
+            self.sampled,
+        )
+
 
 @dataclass
 class _RowBuilder:
+    """Rows gathered one post (or one relay's items) at a time, as arrays: a sampled Astoria
+    view has millions of rows, and a Python object per row would outweigh the shares."""
+
     dim: int
-    round_id: list[int] = field(default_factory=list)
-    phase: list[str] = field(default_factory=list)
-    participant: list[bytes] = field(default_factory=list)
+    round_id: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    phase: list[npt.NDArray[np.object_]] = field(default_factory=list)
+    participant: list[npt.NDArray[np.uint8]] = field(default_factory=list)
+    known: list[npt.NDArray[np.bool_]] = field(default_factory=list)
     slot: list[bytes] = field(default_factory=list)
     share: list[npt.NDArray[np.int64]] = field(default_factory=list)
     cid: list[bytes] = field(default_factory=list)
-    position: list[int] = field(default_factory=list)
+    position: list[npt.NDArray[np.int64]] = field(default_factory=list)
     batch: dict[tuple[int, str], list[tuple[bytes, int]]] = field(default_factory=dict)
     sampled: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
 
@@ -383,32 +404,37 @@ class _RowBuilder:
         cids: bytes = b"",
         positions: Iterable[int] | None = None,
     ) -> None:
+        """``n`` rows of one poster (``participant``; ``b""``: unknown to this server)."""
         n = len(slots) // SLOT_ID_BYTES
-        self.round_id += [round_id] * n
-        self.phase += [phase] * n
-        self.participant += [participant] * n
+        self.round_id.append(np.full(n, round_id, dtype=np.int64))
+        self.phase.append(np.array([phase], dtype=object).repeat(n))  # one str, n refs
+        poster = np.frombuffer(participant or bytes(DEVICE_ID_BYTES), dtype=np.uint8)
+        self.participant.append(np.broadcast_to(poster, (n, DEVICE_ID_BYTES)))
+        self.known.append(np.full(n, bool(participant)))
         self.slot.append(slots)
-        self.share.append(shares.reshape(n, self.dim))
+        self.share.append(np.asarray(shares, dtype=np.int64).reshape(n, self.dim))
         self.cid.append(cids or bytes(CID_BYTES * n))
-        self.position += list(positions) if positions is not None else list(range(n))
+        self.position.append(
+            np.arange(n, dtype=np.int64)
+            if positions is None
+            else np.fromiter(positions, dtype=np.int64, count=n)
+        )
 
     def build(self) -> Rows:
-        part = [p or bytes(16) for p in self.participant]
-        participant = np.frombuffer(b"".join(part), dtype=np.uint8).reshape(-1, 16)
+        def joined(parts: list[Any], empty: npt.NDArray[Any]) -> npt.NDArray[Any]:
+            return np.concatenate(parts) if parts else empty
+
         slot = np.frombuffer(b"".join(self.slot), dtype=np.uint8).reshape(-1, SLOT_ID_BYTES)
-        share = (
-            np.concatenate(self.share) if self.share else np.zeros((0, self.dim), dtype=np.int64)
-        )
         cid = np.frombuffer(b"".join(self.cid), dtype=np.uint8).reshape(-1, CID_BYTES)
         return Rows(
-            np.asarray(self.round_id, dtype=np.int64),
-            np.asarray(self.phase, dtype=np.str_),
-            participant,
-            np.asarray([bool(p) for p in self.participant], dtype=bool),
+            joined(self.round_id, np.zeros(0, np.int64)),
+            joined(self.phase, np.zeros(0, object)),
+            joined(self.participant, np.zeros((0, DEVICE_ID_BYTES), np.uint8)),
+            joined(self.known, np.zeros(0, bool)),
             slot,
-            share.astype(np.int64),
+            joined(self.share, np.zeros((0, self.dim), np.int64)),
             cid,
-            np.asarray(self.position, dtype=np.int64),
+            joined(self.position, np.zeros(0, np.int64)),
             self.batch,
             self.sampled,
         )
@@ -736,7 +762,7 @@ def _dense_shares(
             )
             unused[NOT_SAMPLED] += n - len(keep)
         slots = np.frombuffer(ids, np.uint8).reshape(n, SLOT_ID_BYTES)[keep].tobytes()
-        b.add(round_id, phase, device, slots, share[keep].astype(np.int64), positions=keep.tolist())
+        b.add(round_id, phase, device, slots, share[keep].astype(np.int64), positions=keep)
         b.batch.setdefault((round_id, phase), []).append((device, len(keep)))
     return Shares({k: v.build() for k, v in out.items()}, unused)
 
@@ -841,14 +867,7 @@ def _open_items(
     cids = mat[:, :CID_BYTES].tobytes()
     slots = mat[:, CID_BYTES : CID_BYTES + SLOT_ID_BYTES].tobytes()
     shares = to_shares(mat[:, CID_BYTES + SLOT_ID_BYTES :].tobytes())
-    n = len(plains)
-    b.round_id += [round_id] * n
-    b.phase += [phase] * n
-    b.participant += [b""] * n
-    b.slot.append(slots)
-    b.share.append(np.asarray(shares, dtype=np.int64).reshape(n, b.dim))
-    b.cid.append(cids)
-    b.position += kept
+    b.add(round_id, phase, b"", slots, shares, cids, kept)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,37 @@ class TranscriptIntegrityError(TranscriptError):
 
 
 @dataclass(frozen=True)
+class SealedPayload:
+    """Where a large record's payload rests in its transcript: opened again on each read, so an
+    audit of gigabytes of posts holds one post at a time, never the file."""
+
+    path: Path
+    offset: int
+    size: int
+    seq: int
+    role: str
+    auditor: KeyPair
+
+    def open(self) -> bytes:
+        """The payload, read and authenticated again.
+
+        Raises:
+            TranscriptIntegrityError: the file changed since it was first read.
+        """
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            envelope = fh.read(self.size)
+        try:
+            plain = open_envelope(self.auditor, envelope, INFO, _aad(self.role, self.seq))
+        except EnvelopeError:
+            raise TranscriptIntegrityError(
+                f"{self.path}: record {self.seq} no longer opens: the file changed while it was "
+                "audited"
+            ) from None
+        return _payload_of(self.seq, plain)
+
+
+@dataclass(frozen=True)
 class TranscriptRecord:
     """One message a server received (``in``) or sent (``out``)."""
 
@@ -81,9 +112,18 @@ class TranscriptRecord:
     peer: str
     kind: str
     round_id: int
-    payload: bytes
+    #: the payload, or (a record larger than ``read_transcript``'s ``keep_bytes``) where to
+    #: open it again
+    stored: bytes | SealedPayload
     #: the payload is ``SHA-256(message) ‖ u64 length`` of a message the transcript determines
     elided: bool = False
+
+    @property
+    def payload(self) -> bytes:
+        """The raw protocol message (or an elided record's digest and length)."""
+        if isinstance(self.stored, bytes):
+            return self.stored
+        return self.stored.open()
 
     def elided_digest(self) -> tuple[bytes, int]:
         """(SHA-256, length) of the message an elided record stands for."""
@@ -138,8 +178,15 @@ def encode_record(
     )
 
 
-def decode_record(seq: int, plain: bytes) -> TranscriptRecord:
-    """Parse a record's plaintext.
+def _payload_of(seq: int, plain: bytes) -> bytes:
+    return decode_record(seq, plain).payload
+
+
+def decode_record(
+    seq: int, plain: bytes, sealed: SealedPayload | None = None, keep_bytes: int | None = None
+) -> TranscriptRecord:
+    """Parse a record's plaintext. A payload longer than ``keep_bytes`` is not kept: the record
+    holds ``sealed`` (where to open it again) instead.
 
     Raises:
         TranscriptError: a malformed record (names the sequence number).
@@ -172,7 +219,7 @@ def decode_record(seq: int, plain: bytes) -> TranscriptRecord:
         texts[1],
         texts[2],
         round_id,
-        payload,
+        sealed if sealed is not None and keep_bytes is not None and n > keep_bytes else payload,
         plain[0] == ELIDED_VERSION,
     )
 
@@ -300,9 +347,14 @@ class Transcript:
     tail_bytes: int = 0
 
 
-def read_transcript(path: Path, auditor: KeyPair) -> Transcript:
+#: records with a larger payload are read again when used (see :class:`SealedPayload`)
+KEEP_BYTES = 1 << 20
+
+
+def read_transcript(path: Path, auditor: KeyPair, keep_bytes: int = KEEP_BYTES) -> Transcript:
     """A transcript, opened with its auditor's key pair (the file is streamed once: memory
-    holds the opened records, not the file).
+    holds the opened records, not the file). A payload over ``keep_bytes`` (a pool's post, up to
+    tens of megabytes in dense mode) is authenticated now and opened again on each use.
 
     Raises:
         TranscriptError: wrong file, or sealed to another auditor's key (both keys named by
@@ -321,6 +373,7 @@ def read_transcript(path: Path, auditor: KeyPair) -> Transcript:
     end = len(_header(role, public))
     with path.open("rb") as fh:
         for seq, (envelope, after) in enumerate(_envelopes(fh, end)):
+            sealed = SealedPayload(path, after - len(envelope), len(envelope), seq, role, auditor)
             end = after
             try:
                 plain = open_envelope(auditor, envelope, INFO, _aad(role, seq))
@@ -330,7 +383,7 @@ def read_transcript(path: Path, auditor: KeyPair) -> Transcript:
                     "reordered or dropped records"
                 ) from None
             try:
-                records.append(decode_record(seq, plain))
+                records.append(decode_record(seq, plain, sealed, keep_bytes))
             except TranscriptError as e:
                 raise TranscriptIntegrityError(f"{path}: {e}") from None
         tail = fh.seek(0, os.SEEK_END) - end  # a record cut short by a crash

@@ -12,6 +12,7 @@ from audit.checks import (
     NOT_ENCODABLE,
     OUTSIDE_ROUNDS,
     Status,
+    _per_round,
     check_cohorts,
     check_dp,
     check_linkage,
@@ -31,6 +32,7 @@ from audit.views import (
     OUTER_NOT_OPENED,
     REPLAYED,
     AuditInput,
+    Rows,
     Truth,
 )
 from contract.transcript import TranscriptRecord, decode_record, encode_record
@@ -342,7 +344,7 @@ def test_profile_rebuilds_every_elided_record_and_fails_a_forged_one(
     i = next(i for i, r in enumerate(records) if r.elided and r.kind == kind)
     forged = bytearray(records[i].payload)
     forged[0] ^= 1
-    records[i] = dataclasses.replace(records[i], payload=bytes(forged))
+    records[i] = dataclasses.replace(records[i], stored=bytes(forged))
     r = check_profile(dataclasses.replace(c, view=dataclasses.replace(c.view, records=records)))
     assert r.status is Status.FAIL
     assert r.details["violations"] == [
@@ -464,3 +466,33 @@ def test_dp_reports_the_guarantee_of_the_configured_noise(mailbox: dict[str, Aud
     assert r.details["privacy"]["releases"] == 3  # no aggregate phase in the views: days
     bad = check_dp(dataclasses.replace(inp, config={"dp": {**conf, "delta": 2.0}}))
     assert bad.status is Status.FAIL and "DP configuration is invalid" in bad.summary
+
+
+def _rows_of_rounds(rounds: list[int]) -> Rows:
+    n = len(rounds)
+    return Rows(
+        np.asarray(rounds, dtype=np.int64),
+        np.array(["messages"], dtype=object).repeat(n),
+        np.zeros((n, 16), np.uint8),
+        np.ones(n, bool),
+        np.arange(n, dtype=np.uint8).repeat(8).reshape(n, 8),
+        np.arange(n * DIM, dtype=np.int64).reshape(n, DIM),
+        np.zeros((n, 16), np.uint8),
+        np.arange(n, dtype=np.int64),
+    )
+
+
+def test_checks_score_a_run_one_round_at_a_time() -> None:
+    """The attacks join on keys that start with the round, so the audit walks the rounds one at
+    a time (memory for one round's joins): each round's rows in their order, and the indices of
+    that round's true contributions, for every round either side has."""
+    truth_rounds = np.asarray([3, 1, 1, 4], dtype=np.int64)
+    unsorted = list(_per_round(_rows_of_rounds([2, 1, 2, 3, 1]), truth_rounds))
+    assert [r.round_id.tolist() for r, _ in unsorted] == [[1, 1], [2, 2], [3], []]
+    assert [r.position.tolist() for r, _ in unsorted] == [[1, 4], [0, 2], [3], []]
+    assert [at.tolist() for _, at in unsorted] == [[1, 2], [], [0], [3]]
+    # rows in round order (as posts arrive) are walked as views, not copies
+    rows = _rows_of_rounds([1, 1, 2, 5])
+    chunks = list(_per_round(rows, truth_rounds))
+    assert [r.position.tolist() for r, _ in chunks] == [[0, 1], [2], [], [], [3]]
+    assert all(np.shares_memory(r.share, rows.share) for r, _ in chunks if len(r))

@@ -11,6 +11,7 @@ import pytest
 
 from contract.transcript import (
     MAGIC,
+    SealedPayload,
     TranscriptError,
     TranscriptIntegrityError,
     TranscriptWriter,
@@ -81,6 +82,26 @@ def test_an_elided_message_is_recorded_as_its_digest(
     )
     with pytest.raises(TranscriptError, match="record 9: an elided record holds 40 bytes, not 41"):
         decode_record(9, plain[:-44] + struct.pack(">I", 41) + plain[-40:] + b"x")
+
+
+def test_large_payloads_are_opened_again_when_read(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """A payload over ``keep_bytes`` (a dense post: megabytes) is not held in memory: the record
+    points into the file and opens it again, authenticated, on each read."""
+    priv, pub = keys
+    path = tmp_path / "c.transcript"
+    big = bytes(range(256)) * 64
+    _write(path, pub, [b"small", big, b"tail"])
+    kp = load_auditor_keypair(priv)
+    recs = read_transcript(path, kp, keep_bytes=1024).records
+    assert [type(r.stored) for r in recs] == [bytes, SealedPayload, bytes]
+    assert [r.payload for r in recs] == [b"small", big, b"tail"]
+    assert read_transcript(path, kp).records[1].stored == big  # the default keeps 16 KiB
+    # the file changed under the audit: the lazy read refuses it, naming the record
+    data = bytearray(path.read_bytes())
+    data[recs[1].stored.offset + 100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(TranscriptIntegrityError, match="record 1 no longer opens"):
+        _ = recs[1].payload
 
 
 def test_tampering_reordering_and_wrong_key_are_refused(
