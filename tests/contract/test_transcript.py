@@ -95,7 +95,7 @@ def test_large_payloads_are_opened_again_when_read(tmp_path: Path, keys: tuple[P
     recs = read_transcript(path, kp, keep_bytes=1024).records
     assert [type(r.stored) for r in recs] == [bytes, SealedPayload, bytes]
     assert [r.payload for r in recs] == [b"small", big, b"tail"]
-    assert read_transcript(path, kp).records[1].stored == big  # the default keeps 16 KiB
+    assert read_transcript(path, kp).records[1].stored == big  # kept: 16 KiB < 1 MiB default
     # the file changed under the audit: the lazy read refuses it, naming the record
     data = bytearray(path.read_bytes())
     data[recs[1].stored.offset + 100] ^= 1
