@@ -413,7 +413,7 @@ class _RowBuilder:
         self.known.append(np.full(n, bool(participant)))
         self.slot.append(slots)
         self.share.append(np.asarray(shares, dtype=np.int64).reshape(n, self.dim))
-        self.cid.append(cids or bytes(CID_BYTES * n))
+        self.cid.append(cids)  # b"": a poster's rows carry no contribution id
         self.position.append(
             np.arange(n, dtype=np.int64)
             if positions is None
@@ -425,7 +425,14 @@ class _RowBuilder:
             return np.concatenate(parts) if parts else empty
 
         slot = np.frombuffer(b"".join(self.slot), dtype=np.uint8).reshape(-1, SLOT_ID_BYTES)
-        cid = np.frombuffer(b"".join(self.cid), dtype=np.uint8).reshape(-1, CID_BYTES)
+        n = len(slot)
+        if any(self.cid):  # shuffled items carry their cids (a poster's rows, zeros)
+            ids = [
+                c or bytes(CID_BYTES * len(r)) for c, r in zip(self.cid, self.round_id, strict=True)
+            ]
+            cid = np.frombuffer(b"".join(ids), dtype=np.uint8).reshape(-1, CID_BYTES)
+        else:  # none (a read-only view of zeros: no memory for millions of rows)
+            cid = np.broadcast_to(np.zeros(CID_BYTES, np.uint8), (n, CID_BYTES))
         return Rows(
             joined(self.round_id, np.zeros(0, np.int64)),
             joined(self.phase, np.zeros(0, object)),
