@@ -1,8 +1,9 @@
 """Fuzzing the coordinator's device gateway over real gRPC with mutual TLS.
 
-An in-process aggregator and coordinator service run a two-day mailbox round schedule for two
-enrolled credentials: Alice (honest) and Mallory (honest in her own steps, but she also sends
-thousands of random and malformed requests). Every refusal must come back with a specific
+An in-process aggregator and coordinator service run a two-day round schedule (mailbox, and
+dense: the same messages under its own rules) for two enrolled credentials: Alice (honest) and
+Mallory (honest in her own steps, but she also sends thousands of random and malformed
+requests). Every refusal must come back with a specific
 status code (per entry in batched RPCs, else as the call's status) and a message naming the
 problem, never UNKNOWN or INTERNAL; afterwards the servers are intact: each step completes,
 the neighbourhood sums and the opened aggregates are exactly the honest posts, and the
@@ -142,13 +143,14 @@ def _enrol_request(token: str, csr_der: bytes, count: int = 1) -> pb.EnrolReques
     return pb.EnrolRequest(token=token, csr_der=csr_der, device_count=count, agent_version="1")
 
 
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    """A real aggregator and coordinator service (mailbox mode) on loopback ports."""
+@pytest.fixture(params=[Mode.MAILBOX, Mode.DENSE], ids=lambda m: m.value)
+def federation(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Federation]:
+    """A real aggregator and coordinator service (mailbox or dense mode) on loopback ports."""
+    mode = request.param
     c_dir, a_dir = tmp_path / "c", tmp_path / "a"
     c_export = coordinator_init(c_dir, ("localhost", "127.0.0.1"))
     a_export = aggregator_init(a_dir, ("localhost", "127.0.0.1"))
-    aggregator = AggregatorService(a_dir, Mode.MAILBOX, c_export)
+    aggregator = AggregatorService(a_dir, mode, c_export)
     a_port = aggregator.serve("127.0.0.1:0")
     spec = RunSpec(
         population="synthetic:300",
@@ -157,6 +159,7 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         items_per_device=ITEMS,
         advertising_intervals=BEACONS,
         step_timeout_s=30,
+        mode=mode.value,
     )
     svc = CoordinatorService(c_dir, spec, f"127.0.0.1:{a_port}", a_export)
     port, enrol_port = svc.serve("127.0.0.1:0", "127.0.0.1:0")
@@ -332,7 +335,7 @@ STRUCTURED = {
     SC.INVALID_ARGUMENT: r"^(aggregator refused: (unsupported )?envelope|slot ids: \d+ bytes is "
     r"not a multiple of 8|a fetch names \d+\.\.\d+ slots|phase '\w+' (has dim|takes m × "
     r"items_per_device)|share block is \d+ bytes|sealed A-part must be present in mailbox mode|"
-    r"this deployment runs mailbox mode)",
+    r"this deployment runs (mailbox|dense) mode)",
     SC.NOT_FOUND: r"^(unknown slot [0-9a-f]{16} \(not registered|slot [0-9a-f]{16} is not "
     r"registered)",
     SC.PERMISSION_DENIED: r"^(aggregator refused: relayed slot list differs from the one the "
@@ -712,6 +715,9 @@ def fuzz_posts(
     client_m = mallory.aggr if aggregates else mallory.nbhd
     client_a = alice.aggr if aggregates else alice.nbhd
     m, a, rid = mallory.pid, alice.pid, spec.round_id
+    # a dense post covers the whole table; in a pseudonym phase it names no slot (n = 0)
+    dense = client_m.deployment.mode is Mode.DENSE
+    names_slots = {SC.INVALID_ARGUMENT: r"^this deployment runs dense mode: a post covers"}
     values = np.ones((len(slots), p.dim))
     good = MailboxPost.from_bytes(client_m.build_post(spec, phase, slots, values))
     raw = good.to_bytes()
@@ -726,6 +732,7 @@ def fuzz_posts(
     bad += [
         Bad(m, raw, {SC.INVALID_ARGUMENT: r"routing field item_count"}, count=n + k)
         for k in (-1, 1, 1000)
+        if n + k >= 0
     ]
     bad += [
         Bad(m, raw, {SC.INVALID_ARGUMENT: r"routing field dim"}, dim=p.dim + k) for k in (-1, 1, 60)
@@ -753,7 +760,10 @@ def fuzz_posts(
             slot_ids=good.slot_ids + good.slot_ids[: S * extra],
             share_c=good.share_c + good.share_c[: 8 * p.dim * extra],
         )
-        bad.append(Bad(m, ragged, {SC.INVALID_ARGUMENT: r"takes m × items_per_device=\d+ items"}))
+        whole = {SC.INVALID_ARGUMENT: r"takes m × items_per_device=\d+ items"}
+        # (dense: a pseudonym post has no slot ids to extend, only its share block grows)
+        grown = {SC.INVALID_ARGUMENT: r"^share block is \d+ bytes; expected"}
+        bad.append(Bad(m, ragged, (grown if n == 0 else names_slots) if dense else whole))
     # rounds that are not open, with the request routed to them
     for k in (1, 5, 1 << 40):
         bad.append(Bad(m, replaced(good, round_id=rid + k), NOT_OPEN, round_id=rid + k))
@@ -773,8 +783,9 @@ def fuzz_posts(
     ]
     # slots the round does not have
     for _ in range(5):
-        stray = replaced(good, slot_ids=rng.randbytes(S * n))
-        bad.append(Bad(m, stray, {SC.NOT_FOUND: r"^unknown slot [0-9a-f]{16} \(not registered"}))
+        stray = replaced(good, slot_ids=rng.randbytes(S * max(n, 1)))
+        unknown = {SC.NOT_FOUND: r"^unknown slot [0-9a-f]{16} \(not registered"}
+        bad.append(Bad(m, stray, names_slots if dense else unknown))
     send_posts(stub, rng, tally, spec, phase, bad, aggregates)
 
     # the other RPC does not carry this phase
