@@ -997,9 +997,10 @@ class CoordinatorServer(_Server):
         return {name: total[i] for i, name in enumerate(p.aggregate_slots)}
 
     # -- device-facing ----------------------------------------------------------------------
-    def handle_device(self, raw: bytes, peer: bytes) -> bytes:
+    def handle_device(self, raw: bytes, peer: bytes, decoded: Message | None = None) -> bytes:
         """Serve one participant request. ``peer`` is the participant id (``device_id``) the
-        transport authenticated.
+        transport authenticated; ``decoded`` is ``raw`` already decoded by the transport, which
+        checked its routing fields (decoding a dense post again would copy megabytes).
 
         Writes are idempotent: an identical registration, post or fetch is answered again
         (receipt ``fresh=0`` for a post, the stored reply otherwise) without changing state.
@@ -1008,14 +1009,14 @@ class CoordinatorServer(_Server):
             SecureSumError: a specific subclass for every refusal; state is unchanged.
         """
         if self.observer is None:
-            return self._serve_device(raw, peer)
+            return self._serve_device(raw, peer, decoded)
         self.observer("in", peer.hex(), raw)
-        reply = self._serve_device(raw, peer)
+        reply = self._serve_device(raw, peer, decoded)
         self.observer("out", peer.hex(), reply)
         return reply
 
-    def _serve_device(self, raw: bytes, peer: bytes) -> bytes:
-        msg = decode(raw)
+    def _serve_device(self, raw: bytes, peer: bytes, decoded: Message | None) -> bytes:
+        msg = decode(raw) if decoded is None else decoded
         claimed = getattr(msg, "device_id", peer)
         if not hmac.compare_digest(claimed, peer):
             raise NotRegistrant("the request names a device other than the authenticated peer")

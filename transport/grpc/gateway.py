@@ -242,7 +242,7 @@ class DeviceGatewayServicer(pb_grpc.DeviceGatewayServicer):
                 )
         try:
             with self.lock:
-                reply = coordinator.handle_device(raw, claimed)
+                reply = coordinator.handle_device(raw, claimed, msg)
         except SecureSumError as err:
             if isinstance(err, ss_errors.RoundLost) and self._service is not None and ref:
                 self._service.round_lost(ref.round_id)
