@@ -539,6 +539,10 @@ class DevicePool:
                 in_flight = sender.submit(client.resend, spec.round_id, MESSAGES_PHASE)
             if in_flight is not None:
                 in_flight.result()
+        # tomorrow's own beacons, derived while the servers close this phase
+        k = self.world.advertising_intervals
+        tomorrow = self.world.first_interval(day + 1) + np.arange(k, dtype=np.int64)
+        self.keyring.prefetch(np.repeat(self._ids_np, k), np.tile(tomorrow, self.n))
 
     def _stage_messages(
         self,

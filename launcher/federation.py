@@ -43,6 +43,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,12 +235,21 @@ class Federation:
         path = state_dir / "stderr.log"
         return path.read_text(errors="replace")[-600:] if path.exists() else ""
 
-    def _run_cli(self, *args: str) -> None:
-        done = subprocess.run(self._cli(*args), env=self.env, capture_output=True, check=False)
-        if done.returncode != 0:
-            raise FederationError(
-                f"decentsim {' '.join(args[:2])} failed: {done.stderr.decode()[-600:]}"
-            )
+    def _run_cli(self, *commands: Sequence[str]) -> None:
+        """Run CLI commands side by side (each start-up imports the stack, ~1.5 s) and wait
+        for all of them."""
+        running = [
+            (args, subprocess.Popen(self._cli(*args), env=self.env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE))
+            for args in commands
+        ]  # fmt: skip
+        failed = []
+        for args, proc in running:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                failed.append(f"decentsim {' '.join(args[:2])} failed: {err.decode()[-600:]}")
+        if failed:
+            raise FederationError("; ".join(failed))
 
     def start(self) -> None:
         """Create identities, mint tokens and start every process."""
@@ -252,33 +262,35 @@ class Federation:
     def start_servers(self) -> None:
         """Create identities, mint one enrolment token per simulated pool, start both servers;
         then, in a run with pilots, one enrolment URI per pilot (``pilot enrol``)."""
-        self.prepare()
         token_file = self.c_dir / "tokens.txt"
-        self._run_cli(
-            "coordinator", "tokens", "--state-dir", str(self.c_dir),
-            "--count", str(self.simulated_pools), "--out", str(token_file),
-        )  # fmt: skip
-        self._tokens = token_file.read_text().split()
+        self.prepare(token_file if self.simulated_pools else None)
+        self._tokens = token_file.read_text().split() if self.simulated_pools else []
         self.start_aggregator()
         self.start_coordinator()
         if self.spec.pilots:
-            self._run_cli(
+            self._run_cli([
                 "pilot", "enrol", "--state-dir", str(self.c_dir),
                 "--run", str(self.root / "run.json"),
                 "--coordinator", f"127.0.0.1:{self.c_port}",
                 "--enrol", f"127.0.0.1:{self.enrol_port}", "--out", str(self.enrolment_dir),
-            )  # fmt: skip
+            ])  # fmt: skip
 
     @property
     def enrolment_dir(self) -> Path:
         """Where ``pilot enrol`` wrote each pilot's enrolment URI and QR code."""
         return self.root / "enrolment"
 
-    def prepare(self) -> None:
-        """Both servers' identities, the simulated world's beacon secret and the run file."""
+    def prepare(self, token_file: Path | None = None) -> None:
+        """Both servers' identities (each server's own CLI, side by side), the simulated
+        world's beacon secret and the run file; with ``token_file``, one enrolment token per
+        simulated pool written there (``coordinator tokens`` creates the identity first)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self._run_cli("coordinator", "init", "--state-dir", str(self.c_dir))
-        self._run_cli("aggregator", "init", "--state-dir", str(self.a_dir))
+        coordinator = ["coordinator", "init", "--state-dir", str(self.c_dir)]
+        if token_file is not None:
+            count = str(self.simulated_pools)
+            coordinator = ["coordinator", "tokens", "--state-dir", str(self.c_dir),
+                           "--count", count, "--out", str(token_file)]  # fmt: skip
+        self._run_cli(coordinator, ["aggregator", "init", "--state-dir", str(self.a_dir)])
         write_secret(self.world_secret, os.urandom(16))
         (self.root / "run.json").write_text(self.spec.to_json())
         # with record_views, each server records a transcript sealed to its own auditor (one

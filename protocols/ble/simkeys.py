@@ -15,6 +15,7 @@ downstream (RPIK, AEMK, RPI, AEM) is the unmodified v1.2 schedule of :mod:`proto
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -40,6 +41,9 @@ class SimulatedKeyring:
         self._day: int | None = None
         self._codes = np.zeros(0, np.int64)
         self._rows = np.zeros((0, gaen.RPI_LEN), np.uint8)
+        # a day's RPIs being derived ahead (prefetch): (day, their codes, the rows to come)
+        self._pending: tuple[int, np.ndarray, Future[np.ndarray]] | None = None
+        self._worker: ThreadPoolExecutor | None = None
 
     def teks(self, devices: np.ndarray, rolling_starts: np.ndarray) -> np.ndarray:
         """TEKs (shape ``(n, 16)``) of ``devices`` for the days starting at ``rolling_starts``."""
@@ -85,10 +89,31 @@ class SimulatedKeyring:
                 return self._cached(dev, enin, int(day[0]))
         return self._compute(dev, enin)
 
+    def prefetch(self, devices: np.ndarray, enins: np.ndarray) -> None:
+        """Start deriving these RPIs (all of one day) on a worker thread; the first :meth:`rpis`
+        call for that day starts from them (waiting if they are not done). A pool asks for
+        tomorrow's own beacons while it waits for the servers, so that registering them does
+        not wait for their key schedules. Anything else is ignored: it only saves time."""
+        dev = np.asarray(devices, dtype=np.int64)
+        enin = np.asarray(enins, dtype=np.int64)
+        if dev.shape != enin.shape or dev.ndim != 1 or not dev.size or dev.min() < 0:
+            return
+        day = enin // gaen.TEK_ROLLING_PERIOD
+        if enin.min() < 0 or enin.max() >= 2**32 or not (day == day[0]).all():
+            return
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyring")
+        codes = dev * gaen.TEK_ROLLING_PERIOD + enin % gaen.TEK_ROLLING_PERIOD
+        self._pending = (int(day[0]), codes, self._worker.submit(self._compute, dev, enin))
+
     def _cached(self, dev: np.ndarray, enin: np.ndarray, day: int) -> np.ndarray:
         if day != self._day:
             self._day, self._codes = day, np.zeros(0, np.int64)
             self._rows = np.zeros((0, gaen.RPI_LEN), np.uint8)
+            pending, self._pending = self._pending, None
+            if pending is not None and pending[0] == day:
+                known, first = np.unique(pending[1], return_index=True)
+                self._codes, self._rows = known, pending[2].result()[first]
         codes = dev * gaen.TEK_ROLLING_PERIOD + enin % gaen.TEK_ROLLING_PERIOD
         out = np.empty((dev.size, gaen.RPI_LEN), dtype=np.uint8)
         pos = np.minimum(np.searchsorted(self._codes, codes), max(self._codes.size - 1, 0))

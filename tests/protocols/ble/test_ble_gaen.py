@@ -140,3 +140,25 @@ def test_simulated_keyring_remembers_a_day_without_changing_an_rpi() -> None:
     assert derived == [1]  # only device 11's beacon was new
     next_day = np.array([3], np.int64), np.array([START + 144], np.int64)
     assert np.array_equal(ring.rpis(*next_day), fresh.rpis(*next_day))
+
+
+def test_simulated_keyring_derives_tomorrow_ahead() -> None:
+    """A pool prefetches tomorrow's own beacons while it waits: asking for them then derives
+    nothing more, every RPI equals a fresh keyring's, and a prefetch for a day that is not
+    the one asked next is dropped (the RPIs are derived as usual)."""
+    ring, fresh = SimulatedKeyring(bytes(range(16))), SimulatedKeyring(bytes(range(16)))
+    tomorrow = np.array([3, 3, 9], np.int64), np.array([START + 144, START + 145, START + 144])
+    ring.prefetch(*tomorrow)
+    derived = []
+    original = ring._compute
+    ring._compute = lambda d, e: derived.append(len(d)) or original(d, e)  # type: ignore[method-assign]
+    assert np.array_equal(ring.rpis(*tomorrow), fresh.rpis(*tomorrow))
+    heard = np.array([9, 4], np.int64), np.array([START + 144, START + 150], np.int64)
+    assert np.array_equal(ring.rpis(*heard), fresh.rpis(*heard))
+    assert derived == [1]  # only device 4's beacon: the prefetched ones were ready
+    ring.prefetch(np.array([3], np.int64), np.array([START + 3 * 144], np.int64))
+    later = np.array([3], np.int64), np.array([START + 2 * 144], np.int64)
+    assert np.array_equal(ring.rpis(*later), fresh.rpis(*later))
+    assert derived == [1, 1] and ring._pending is None
+    ring.prefetch(np.array([3, 4]), np.array([START, START + 144]))  # two days: ignored
+    assert ring._pending is None
