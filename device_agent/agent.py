@@ -115,6 +115,11 @@ def battery_bucket(power_supply: Path = Path("/sys/class/power_supply")) -> int:
     return 0
 
 
+#: participants of a pool with a request in flight at once: the gateway serves concurrent calls
+#: (one at a time into the protocol), so a pool's next request travels while C relays the last
+PARALLEL_CALLS = 4
+
+
 class AgentError(Exception):
     """The agent cannot go on; the message says why."""
 
@@ -348,7 +353,14 @@ class PoolRunner:
                 pilots=pilots,
             )
         return DevicePool.of_population(
-            self.ids, self.population, config, spec.seed, keyring, world, self._connect
+            self.ids,
+            self.population,
+            config,
+            spec.seed,
+            keyring,
+            world,
+            self._connect,
+            parallel=PARALLEL_CALLS,
         )
 
     def follow(self, sched: pb.RoundSchedule) -> bool:
