@@ -115,11 +115,6 @@ def battery_bucket(power_supply: Path = Path("/sys/class/power_supply")) -> int:
     return 0
 
 
-#: participants of a pool with a request in flight at once: the gateway serves concurrent calls
-#: (one at a time into the protocol), so a pool's next request travels while C relays the last
-PARALLEL_CALLS = 4
-
-
 class AgentError(Exception):
     """The agent cannot go on; the message says why."""
 
@@ -353,14 +348,7 @@ class PoolRunner:
                 pilots=pilots,
             )
         return DevicePool.of_population(
-            self.ids,
-            self.population,
-            config,
-            spec.seed,
-            keyring,
-            world,
-            self._connect,
-            parallel=PARALLEL_CALLS,
+            self.ids, self.population, config, spec.seed, keyring, world, self._connect
         )
 
     def follow(self, sched: pb.RoundSchedule) -> bool:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -83,7 +82,6 @@ from sim.populations import AGE_GROUPS, Population
 #: participant's links to the two secure-sum deployments (one per phase kind, as their
 #: fixed-point codecs differ); ``devices`` is how many devices the participant hosts.
 Connect = Callable[[int, int], tuple[DeviceClient, DeviceClient]]
-T = TypeVar("T")
 
 
 class PoolError(Exception):
@@ -311,9 +309,6 @@ class DevicePool:
         unit_devices: most devices per secure-sum participant.
         cell, labour_force: the agents' archetype cells and labour-force flags (their own
             public attributes, ``sim.archetypes``).
-        parallel: participants whose requests (registrations, fetches, observations) are in
-            flight at once; above 1 only over a transport that serves concurrent calls (the
-            gRPC gateway does; an in-memory coordinator does not).
     """
 
     def __init__(
@@ -329,7 +324,6 @@ class DevicePool:
         unit_devices: int = UNIT_DEVICES,
         cell: torch.Tensor | None = None,
         labour_force: torch.Tensor | None = None,
-        parallel: int = 1,
     ) -> None:
         ids = agent_ids.to(torch.int64)
         if ids.ndim != 1 or ids.numel() == 0:
@@ -342,9 +336,6 @@ class DevicePool:
             )
         if unit_devices < 1:
             raise PoolInputError(f"unit_devices must be >= 1, got {unit_devices}")
-        if parallel < 1:
-            raise PoolInputError(f"parallel must be >= 1, got {parallel}")
-        self.parallel = parallel
         self.config = config
         self.seed = seed
         self.keyring = keyring
@@ -389,7 +380,6 @@ class DevicePool:
         world: SimulatedWorld,
         connect: Connect,
         unit_devices: int = UNIT_DEVICES,
-        parallel: int = 1,
     ) -> DevicePool:
         """A pool of ``agent_ids``, each device with its own agent's attributes from
         ``population`` (age group, data-driven seed, archetype cell, labour force)."""
@@ -408,7 +398,6 @@ class DevicePool:
             unit_devices,
             cells[ids],
             labour_force(population)[ids],
-            parallel,
         )
 
     @property
@@ -487,6 +476,7 @@ class DevicePool:
             # RPI it put on the air, else padding), so every device registers k + extra slots
             on_air, aired = self.world.physical_beacons(day, self._ids_np)
             beacons = np.concatenate([beacons, on_air], axis=1)
+        slots: list[bytes] = []
         for u, client in enumerate(self._nbhd):
             lo, hi = int(self.unit_bounds[u]), int(self.unit_bounds[u + 1])
             if extra:
@@ -495,12 +485,8 @@ class DevicePool:
                 ).reshape(hi - lo, extra, gaen.RPI_LEN)
                 physical = beacons[lo:hi, k:]
                 physical[~aired[lo:hi]] = pad[~aired[lo:hi]]
-
-        def register(u: int, client: DeviceClient) -> bytes:
-            lo, hi = int(self.unit_bounds[u]), int(self.unit_bounds[u + 1])
-            return client.register_ids(spec.round_id, beacons[lo:hi].tobytes())
-
-        self._slots = self._each(self._nbhd, register)
+            slots.append(client.register_ids(spec.round_id, beacons[lo:hi].tobytes()))
+        self._slots = slots
         if self.behaviour_row is not None:
             theta, _ = self._require_theta()
             self.world.set_behaviour(dual.value(theta), self.behaviour_row, self.seed)
@@ -608,15 +594,13 @@ class DevicePool:
             )
         # The servers release each device's day total (its k slots' group) as exact ring sums.
         ring = np.zeros((self.n, width), dtype=np.int64)
-
-        def fetch(u: int, client: DeviceClient) -> None:
-            if u >= len(self._slots) or not self._slots[u]:
-                return
+        for u, client in enumerate(self._nbhd):
+            slots = self._slots[u] if u < len(self._slots) else None
+            if not slots:
+                continue
             lo, hi = int(self.unit_bounds[u]), int(self.unit_bounds[u + 1])
             # None: every slot it registered (each device's group, in order), named by none
             ring[lo:hi] = client.fetch_ring(spec.round_id, MESSAGES_PHASE, None, group)
-
-        self._each(self._nbhd, fetch)
         incoming = torch.from_numpy(self._nbhd[0].codec.decode(ring))
         self.apply_update(incoming, day)
 
@@ -701,24 +685,9 @@ class DevicePool:
         per_unit = self.observations().numpy()
         self.last_y = torch.from_numpy(per_unit.sum(0))
         name = day_slot(day)
-        self._each(
-            self._aggr,
-            lambda u, client: client.post(spec, OBSERVATIONS_PHASE, [name], per_unit[u : u + 1]),
-        )
+        for u, client in enumerate(self._aggr):
+            client.post(spec, OBSERVATIONS_PHASE, [name], per_unit[u : u + 1])
         self._y = None
-
-    def _each(
-        self, clients: Sequence[DeviceClient], call: Callable[[int, DeviceClient], T]
-    ) -> list[T]:
-        """``call(u, client)`` for every participant, ``parallel`` at a time (each waits on a
-        round trip through both servers; the coordinator serves them in turn), results in
-        participant order. Every call is made; then the first failure, in participant order,
-        is raised: each request is safe to send again, so a retried step resends them all."""
-        if self.parallel == 1 or len(clients) < 2:
-            return [call(u, client) for u, client in enumerate(clients)]
-        with ThreadPoolExecutor(self.parallel, thread_name_prefix="participant") as pool:
-            running = [pool.submit(call, u, client) for u, client in enumerate(clients)]
-        return [f.result() for f in running]
 
     def stage_counts(self) -> torch.Tensor:
         """Agents per stage (S E I R D) in this pool — a local diagnostic, never sent."""

@@ -318,11 +318,6 @@ def test_pool_refuses_bad_input_and_calls_out_of_order(population: Population) -
         DevicePool(
             ids, population.age_group[ids], CONFIG, SEED, keyring, world, servers.connect, None, 0
         )
-    with pytest.raises(PoolInputError, match="parallel must be >= 1, got 0"):
-        DevicePool(
-            ids, population.age_group[ids], CONFIG, SEED, keyring, world, servers.connect,
-            parallel=0,
-        )  # fmt: skip
     pool = DevicePool(ids, population.age_group[ids], CONFIG, SEED, keyring, world, servers.connect)
     spec = RoundSpec(0, ())
     with pytest.raises(PoolStateError, match="call begin"):
@@ -338,33 +333,3 @@ def test_pool_refuses_bad_input_and_calls_out_of_order(population: Population) -
         pool.local_index(torch.tensor([9]).numpy())
     with pytest.raises(RoundError, match="messages_per_device must be >= 1"):
         RoundDriver(servers.neighbourhood, servers.aggregates, [pool], 0, 1)
-
-
-def test_a_pools_parallel_requests_all_go_out_and_fail_in_participant_order(
-    population: Population,
-) -> None:
-    """With requests in flight at once (as over gRPC), every participant's call is made, the
-    results come back in participant order, and a failure is the first failing participant's,
-    raised after the others were sent (each request is safe to send again)."""
-    keyring = SimulatedKeyring(bytes(16))
-    world = SimulatedWorld(population, CONFIG, IdealRadio(keyring), ADVERTISED)
-    servers = InMemoryServers(Mode.MAILBOX)
-    ids = torch.arange(12)
-    pool = DevicePool(
-        ids, population.age_group[ids], CONFIG, SEED, keyring, world, servers.connect,
-        unit_devices=2, parallel=3,
-    )  # fmt: skip
-    assert pool.n_units == 6
-    called: list[int] = []
-
-    def call(u: int, client: DeviceClient) -> bytes:
-        called.append(u)
-        if u in (2, 4):
-            raise RoundError(f"participant {u} refused")
-        return client.device_id
-
-    with pytest.raises(RoundError, match="participant 2 refused"):
-        pool._each(pool._nbhd, call)
-    assert sorted(called) == list(range(6))
-    ids_in_order = pool._each(pool._nbhd, lambda u, client: client.device_id)
-    assert ids_in_order == [client.device_id for client in pool._nbhd]

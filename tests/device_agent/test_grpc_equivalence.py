@@ -212,7 +212,6 @@ def _run(stack: Stack, population: Population, unit_devices: int) -> tuple[Feder
             world,
             stack.connector.connect,
             unit_devices=unit_devices,
-            parallel=4,  # as the device agent: participants' requests in flight at once
         )
         for ids in (torch.sort(part).values for part in perm.chunk(2))
     ]
