@@ -175,7 +175,7 @@ def _own(root: Path, i: int) -> dict[int, np.ndarray]:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("flower")
-@pytest.mark.parametrize("mode", ["mailbox", "shuffled"])
+@pytest.mark.parametrize("mode", ["mailbox", "shuffled", "dense"])
 def test_flower_transport_equals_grpc(tmp_path: Path, mode: str) -> None:
     """Same population, seed and θ: the opened aggregates, loss, gradient and bytes equal the
     gRPC transport's exactly."""
