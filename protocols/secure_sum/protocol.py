@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import warnings
@@ -130,6 +131,9 @@ MAX_ITEMS_PER_POST = 2**22
 MAX_DENSE_WORDS = 2**22
 #: most slots in one fetch request
 MAX_SLOTS_PER_FETCH = 2**22
+#: most items A expands and adds at once from a mailbox relay (a million phones' posts are
+#: taken a slice at a time: memory for one slice's shares, not the relay's gigabytes)
+RELAY_SLICE_ITEMS = 2**21
 _DERIVE_LABEL = b"decentsim/participant-derive/v1"
 _REQUEST_LABEL = b"decentsim/request-digest/v1"
 _NOISE_LABEL = b"decentsim/agg-noise/v1"
@@ -647,23 +651,34 @@ class AggregatorServer(_Server):
             res = acc.submit_blocks(keys, blocks.reshape(len(good), len(table), p.dim))
             rejected = n_posts - len(good) + res.conflicting + res.over_bound
             return RelayReceipt(res.accepted, res.replayed, rejected)
-        ids = as_id_matrix(b"".join([m.slot_ids[i] for i in good.tolist()]))
-        slot_idx, known = table.find(ids)
-        row_post = np.repeat(np.arange(len(good)), good_sizes)
-        post_known = np.bincount(row_post, weights=~known, minlength=len(good)) == 0
-        if plaintext:
-            shares = np.zeros((len(slot_idx), p.dim), dtype=np.int64)
-        else:
-            # each post's seed expands to its own length; one buffer for the whole relay
-            runs = (good_sizes * p.dim).tolist()
-            shares = expand_seed_runs(seeds, runs).reshape(-1, p.dim)
-        use = post_known[row_post]
-        keys = b"".join(
-            [unit_key(m.device_ids[i], m.round_id, m.phase) for i in good[post_known].tolist()]
-        )
-        res = acc.submit_many(keys, slot_idx[use], shares[use], good_sizes[post_known])
-        rejected = n_posts - int(post_known.sum()) + res.conflicting + res.over_bound
-        return RelayReceipt(res.accepted, res.replayed, rejected)
+        keys = [unit_key(m.device_ids[i], m.round_id, m.phase) for i in good.tolist()]
+        # C relays each unit once, so the slices are independent; a relay naming a unit twice
+        # is taken whole, so that a unit with two contents is refused in both (submit_many)
+        whole = len(set(keys)) < len(keys)
+        accepted = replayed = 0
+        rejected = n_posts - len(good)
+        for lo, hi in _slices(good_sizes, len(good_sizes) if whole else RELAY_SLICE_ITEMS):
+            part = good[lo:hi]
+            ids = as_id_matrix(b"".join([m.slot_ids[i] for i in part.tolist()]))
+            slot_idx, known = table.find(ids)
+            row_post = np.repeat(np.arange(len(part)), good_sizes[lo:hi])
+            post_known = np.bincount(row_post, weights=~known, minlength=len(part)) == 0
+            if plaintext:
+                shares = np.zeros((len(slot_idx), p.dim), dtype=np.int64)
+            else:
+                # each post's seed expands to its own length; one buffer for the slice
+                runs = (good_sizes[lo:hi] * p.dim).tolist()
+                shares = expand_seed_runs(seeds[lo:hi], runs).reshape(-1, p.dim)
+            use = post_known[row_post]
+            res = acc.submit_many(
+                b"".join([keys[lo + j] for j in np.flatnonzero(post_known).tolist()]),
+                slot_idx[use],
+                shares[use],
+                good_sizes[lo:hi][post_known],
+            )
+            accepted, replayed = accepted + res.accepted, replayed + res.replayed
+            rejected += len(part) - int(post_known.sum()) + res.conflicting + res.over_bound
+        return RelayReceipt(accepted, replayed, rejected)
 
     def _on_shuffled(self, m: RelayShuffled) -> Message:
         rnd = self._round(m.round_id)
@@ -774,6 +789,18 @@ class AggregatorServer(_Server):
         AggregateRequest: _on_aggregates,
         RelayFetch: _on_fetch,
     }
+
+
+def _slices(sizes: npt.NDArray[np.int64], max_items: int) -> list[tuple[int, int]]:
+    """Consecutive ``[lo, hi)`` ranges of posts holding at most ``max_items`` items each (a
+    larger post alone), covering every post."""
+    ends = np.cumsum(sizes)
+    bounds = [0]
+    while bounds[-1] < len(sizes):
+        done = int(ends[bounds[-1] - 1]) if bounds[-1] else 0
+        hi = int(np.searchsorted(ends, done + max_items, side="right"))
+        bounds.append(max(hi, bounds[-1] + 1))
+    return list(itertools.pairwise(bounds))
 
 
 def _accept_items(

@@ -938,3 +938,57 @@ def test_a_fetch_naming_no_slot_gets_every_registered_group(mode: Mode) -> None:
     with pytest.raises(NotRegistrant, match="registered no slots this round"):
         late.fetch(ROUND, "messages", None, 2)
     assert server_state(net) == before
+
+
+def test_a_mailbox_relay_is_taken_a_slice_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A expands and adds a relay a slice of posts at a time (bounded memory for a million
+    phones): the sums are exact across slices, a tampered post in one slice is excluded at both
+    servers, and a relay naming a unit twice is taken whole (its copy counts as a replay)."""
+    assert protocol_module._slices(np.array([3, 1, 1, 5, 2]), 4) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    monkeypatch.setattr(protocol_module, "RELAY_SLICE_ITEMS", 2)
+    w = World(Mode.MAILBOX, 6, k=1)
+    posts = [(i, [(i + 1) % 6], np.array([[float(i + 1), -0.5, 0.25]])) for i in range(6)]
+    for p in posts:
+        w.post(*p)
+    victim = w.devices[3].device_id
+
+    def tamper(raw: bytes) -> bytes:
+        m = decode(raw)
+        if not isinstance(m, RelayMailbox):
+            return raw
+        parts = list(m.sealed_for_a)
+        at = m.device_ids.index(victim)
+        parts[at] = parts[at][:-1] + bytes([parts[at][-1] ^ 1])
+        return RelayMailbox(m.round_id, m.phase, m.device_ids, m.slot_ids, tuple(parts)).to_bytes()
+
+    w.net.c_to_a_filter = tamper
+    report = w.c.close_phase(ROUND, "messages")
+    assert (report.accepted_by_aggregator, report.rejected_by_aggregator) == (5, 1)
+    np.testing.assert_array_equal(w.fetch_all(), w.ring_sums(posts[:3] + posts[4:]))
+    # a relay naming a unit twice (identical copies) is taken whole: the copy is a replay
+    w2 = World(Mode.MAILBOX, 4, k=1)
+    for i in range(4):
+        w2.post(i, [(i + 1) % 4], np.array([[1.0, 2.0, 3.0]]))
+    seen: list[RelayReceipt] = []
+
+    def twice(raw: bytes) -> bytes:
+        m = decode(raw)
+        if not isinstance(m, RelayMailbox):
+            return raw
+        return RelayMailbox(
+            m.round_id,
+            m.phase,
+            (*m.device_ids, m.device_ids[0]),
+            (*m.slot_ids, m.slot_ids[0]),
+            (*m.sealed_for_a, m.sealed_for_a[0]),
+        ).to_bytes()
+
+    def receipt(raw: bytes) -> bytes:
+        reply = decode(raw)
+        if isinstance(reply, RelayReceipt):
+            seen.append(reply)
+        return raw
+
+    w2.net.c_to_a_filter, w2.net.a_to_c_filter = twice, receipt
+    w2.c.close_phase(ROUND, "messages")
+    assert [(r.accepted, r.replayed, r.rejected) for r in seen] == [(4, 1, 0)]
