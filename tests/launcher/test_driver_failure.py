@@ -49,3 +49,20 @@ def test_a_crashing_round_driver_fails_the_run_within_seconds(tmp_path: Path) ->
         assert "the coordinator stopped the run" in (fed.pool_dirs[0] / "stderr.log").read_text()
     finally:
         fed.stop()
+
+
+def test_a_server_identity_that_cannot_be_created_is_named(tmp_path: Path) -> None:
+    """The launcher creates both servers' identities side by side; one that fails is reported
+    by its command and reason, after both have finished (nothing is left running)."""
+    spec = make_spec("synthetic:50", 1, population_seed=1, pools=1, seed=1)
+    fed = Federation(tmp_path / "state", spec, 1)
+    fed.root.mkdir(parents=True)
+    fed.c_dir.write_text("not a directory")  # the coordinator's state dir is a file
+    try:
+        with pytest.raises(FederationError, match=r"^decentsim coordinator tokens failed: ") as e:
+            fed.start_servers()
+        assert "aggregator init" not in str(e.value)
+        assert (fed.a_dir / "export" / "ca.pem").exists()  # the other identity was created
+        assert not fed.procs  # no server was started
+    finally:
+        fed.stop()
